@@ -1,0 +1,5 @@
+"""``python -m vit_search`` (what ``accelerate launch -m vit_search`` runs)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""The block registry: every ViT building block, registered by kind and name.
+
+Built-in blocks live in :mod:`vit_search.blocks`; plugins add more, three ways:
+
+* a module name or a ``.py`` file listed under ``plugins:`` in a spec (:meth:`Registry.load_plugin`);
+* an installed distribution declaring the entry-point group ``vit_search.plugins``, imported on
+  first use of the registry (set ``VIT_SEARCH_DISABLE_PLUGIN_AUTOLOAD=1`` to turn that off);
+* a direct call to :func:`register` in the user's own code.
+
+Nothing here imports torch: the registry is read by the command line before any model exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+KINDS = ("patch_embed", "position", "attention", "ffn", "pooling", "head")
+
+# Arguments the model passes to every block of a kind. Everything else in a block's signature is
+# the block's own, and is what a spec may set under that block's YAML key.
+CONVENTION_ARGS: dict[str, tuple[str, ...]] = {
+    "patch_embed": ("in_channels", "dim", "image_size"),
+    "position": ("dim", "num_patches", "grid", "num_prefix_tokens"),
+    "attention": ("dim",),
+    "ffn": ("dim",),
+    "pooling": ("dim",),
+    "head": ("dim", "num_classes"),
+}
+
+ENTRY_POINT_GROUP = "vit_search.plugins"
+AUTOLOAD_ENV = "VIT_SEARCH_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_MODULE = "vit_search.blocks"
+
+
+class RegistryError(ValueError):
+    """A registry lookup, registration or plugin failed; ``path`` names the spec field if known."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+class PluginError(RegistryError):
+    """A plugin could not be found or imported."""
+
+
+def did_you_mean(word: str, candidates: Iterator[str] | list[str]) -> str:
+    """Return "; did you mean 'x'?" for the closest candidate, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class BlockArg:
+    """One of a block's own keyword arguments, as read from its signature."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+    @property
+    def required(self) -> bool:
+        """True when the signature gives no default."""
+        return self.default is inspect.Parameter.empty
+
+    @property
+    def type_name(self) -> str:
+        """The annotation as a reader would write it."""
+        if self.annotation is inspect.Parameter.empty:
+            return "any"
+        if isinstance(self.annotation, type):
+            return self.annotation.__name__
+        return str(self.annotation).replace("typing.", "")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Everything the registry knows of one block: what builds it, its arguments, its origin."""
+
+    kind: str
+    name: str
+    builder: Callable[..., Any]
+    distribution: str | None
+
+    @property
+    def summary(self) -> str:
+        """The first line of the builder's docstring."""
+        doc = inspect.getdoc(self.builder) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    @property
+    def module(self) -> str:
+        """The module the builder is defined in."""
+        return getattr(self.builder, "__module__", "?")
+
+    @property
+    def accepts_any(self) -> bool:
+        """True when the builder takes ``**kwargs`` (unknown arguments are then passed through)."""
+        return any(p.kind is p.VAR_KEYWORD for p in _signature(self.builder).parameters.values())
+
+    @property
+    def args(self) -> tuple[BlockArg, ...]:
+        """The block's own keyword arguments (its YAML keys), in signature order."""
+        convention = CONVENTION_ARGS[self.kind]
+        return tuple(
+            BlockArg(p.name, p.annotation, p.default)
+            for p in _signature(self.builder).parameters.values()
+            if p.name not in convention and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+
+
+def _signature(builder: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(builder, eval_str=True)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated: keep it as text
+        return inspect.signature(builder)
+
+
+class Registry:
+    """Blocks by kind and name; built-ins and entry-point plugins are imported on first use."""
+
+    def __init__(self, builtin_module: str | None = BUILTIN_MODULE, entry_point_group: str = ENTRY_POINT_GROUP):
+        self._blocks: dict[str, dict[str, BlockInfo]] = {kind: {} for kind in KINDS}
+        self._builtin_module = builtin_module
+        self._entry_point_group = entry_point_group
+        self._loaded = False
+        self._loading_distribution: str | None = None
+
+    # -- registration -------------------------------------------------------------------------
+    def register(self, kind: str, name: str | None = None, *, override: bool = False) -> Callable:
+        """Decorator registering a block class or factory as ``kind``/``name``."""
+        self._check_kind(kind)
+
+        def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(kind, name or builder.__name__, builder, override=override)
+            return builder
+
+        return decorator
+
+    def add(self, kind: str, name: str, builder: Callable[..., Any], *, override: bool = False) -> None:
+        """Register ``builder`` as ``kind``/``name``; an existing name needs ``override=True``."""
+        self._check_kind(kind)
+        self._ensure_loaded()
+        if not callable(builder):
+            raise RegistryError(f"cannot register {kind} '{name}': {builder!r} is not a class or function")
+        existing = self._blocks[kind].get(name)
+        if existing is not None and not override and existing.builder is not builder:
+            raise RegistryError(
+                f"{kind} '{name}' is already registered by {existing.module}; "
+                f"pick another name or pass override=True to replace it"
+            )
+        self._blocks[kind][name] = BlockInfo(kind, name, builder, self._loading_distribution)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Callable[..., Any]:
+        """The builder registered as ``kind``/``name``; unknown names get a did-you-mean error."""
+        return self.describe(kind, name).builder
+
+    def describe(self, kind: str, name: str) -> BlockInfo:
+        """A block's :class:`BlockInfo`: arguments with types and defaults, summary and origin."""
+        self._check_kind(kind)
+        self._ensure_loaded()
+        blocks = self._blocks[kind]
+        if name not in blocks:
+            names = sorted(blocks)
+            raise RegistryError(
+                f"unknown {kind} '{name}'{did_you_mean(name, names) or ';'} registered: {', '.join(names) or 'none'}"
+            )
+        return blocks[name]
+
+    def list(self, kind: str | None = None) -> dict[str, list[str]]:
+        """Registered names by kind (all kinds, or only ``kind``)."""
+        if kind is not None:
+            self._check_kind(kind)
+        self._ensure_loaded()
+        kinds = KINDS if kind is None else (kind,)
+        return {k: sorted(self._blocks[k]) for k in kinds}
+
+    def distribution_of(self, info: BlockInfo) -> str | None:
+        """The installed distribution a block comes from, if any."""
+        if info.distribution:
+            return info.distribution
+        top = info.module.split(".")[0]
+        dists = importlib.metadata.packages_distributions().get(top)
+        return dists[0] if dists else None
+
+    # -- arguments ----------------------------------------------------------------------------
+    def check_args(self, kind: str, name: str, kwargs: Mapping[str, Any], path: str) -> dict[str, Any]:
+        """Validate a block's own arguments against its signature; return them type-converted.
+
+        Raises :class:`RegistryError` naming ``path`` and the block for an unknown, missing or
+        mistyped argument, so that a spec fails before any constructor runs.
+        """
+        from pydantic import TypeAdapter, ValidationError
+
+        info = self.describe(kind, name)
+        own = {a.name: a for a in info.args}
+        where = f"{path} ({name})"
+        for key in kwargs:
+            if key in CONVENTION_ARGS[kind]:
+                raise RegistryError(f"{where}: '{key}' is set by the model, not by the spec; remove it", path)
+            if key not in own and not info.accepts_any:
+                hint = did_you_mean(key, own) or f"; arguments: {', '.join(own) or 'none'}"
+                raise RegistryError(f"{where}: unknown argument '{key}'{hint}", f"{path}.{key}")
+        missing = [a.name for a in own.values() if a.required and a.name not in kwargs]
+        if missing:
+            raise RegistryError(f"{where}: missing required argument '{missing[0]}'", path)
+        checked = dict(kwargs)
+        for key, value in kwargs.items():
+            arg = own.get(key)
+            if arg is None or arg.annotation is inspect.Parameter.empty or isinstance(arg.annotation, str):
+                continue
+            try:
+                checked[key] = TypeAdapter(arg.annotation).validate_python(value, strict=False)
+            except ValidationError as err:
+                reason = err.errors()[0]["msg"]
+                raise RegistryError(
+                    f"{where}: argument '{key}' must be {arg.type_name}, got {value!r} ({reason})", f"{path}.{key}"
+                ) from None
+        return checked
+
+    def build(self, kind: str, name: str, kwargs: Mapping[str, Any], context: Mapping[str, Any], path: str) -> Any:
+        """Check ``kwargs`` and call the block's builder with them plus the kind's ``context``.
+
+        A ``ValueError`` from the builder (an impossible combination such as dim not divisible by
+        heads) becomes a :class:`RegistryError` naming ``path`` and the block.
+        """
+        checked = self.check_args(kind, name, kwargs, path)
+        builder = self.get(kind, name)
+        try:
+            return builder(**context, **checked)
+        except RegistryError:
+            raise
+        except ValueError as err:
+            raise RegistryError(f"{path} ({name}): {err}", path) from err
+
+    # -- plugins ------------------------------------------------------------------------------
+    def load_plugin(self, ref: str, base_dir: str | os.PathLike[str] | None = None) -> None:
+        """Import a plugin given as a module name or a ``.py`` path (relative to ``base_dir``)."""
+        self._ensure_loaded()
+        if ref.endswith(".py") or os.sep in ref or "/" in ref:
+            candidates = [Path(ref)] if Path(ref).is_absolute() else [Path(base_dir or ".") / ref, Path(ref)]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                tried = ", ".join(str(p) for p in dict.fromkeys(candidates))
+                raise PluginError(f"plugin file '{ref}' not found (looked at {tried}); check the path")
+            self._import_file(found.resolve())
+            return
+        try:
+            importlib.import_module(ref)
+        except ModuleNotFoundError as err:
+            if err.name and ref.startswith(err.name):
+                raise PluginError(
+                    f"plugin '{ref}' not found: no module named '{err.name}'; "
+                    f"install its package or list a .py file path instead"
+                ) from None
+            raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
+        except Exception as err:
+            raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
+
+    def _import_file(self, path: Path) -> None:
+        module_name = "vit_search_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path))
+        if module_name in sys.modules:  # loading a spec twice must not register twice
+            return
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise PluginError(f"plugin file '{path}' is not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[module_name]
+            raise PluginError(f"plugin file '{path}' failed to import: {type(err).__name__}: {err}") from err
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # set first: the modules imported below call register()
+        if self._builtin_module:
+            importlib.import_module(self._builtin_module)
+        if os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            return
+        for entry_point in importlib.metadata.entry_points(group=self._entry_point_group):
+            dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
+            self._loading_distribution = dist
+            try:
+                loaded = entry_point.load()
+                if callable(loaded) and not inspect.ismodule(loaded):
+                    loaded(self)  # an entry point may name a function that registers into us
+            except Exception as err:
+                raise PluginError(
+                    f"plugin '{entry_point.name}' ({entry_point.value}) from distribution '{dist}' failed to "
+                    f"load: {type(err).__name__}: {err}; fix or uninstall '{dist}', or set {AUTOLOAD_ENV}=1"
+                ) from err
+            finally:
+                self._loading_distribution = None
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise RegistryError(f"unknown block kind '{kind}'{did_you_mean(kind, KINDS) or ';'} kinds: {', '.join(KINDS)}")
+
+
+REGISTRY = Registry()
+"""The registry that specs and :func:`vit_search.build_model` use unless given another."""
+
+
+def register(kind: str, name: str | None = None, *, override: bool = False) -> Callable:
+    """Decorator registering a block in the default registry: ``@register("attention", "mine")``."""
+    return REGISTRY.register(kind, name, override=override)
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+    """The builder of ``kind``/``name`` in the default registry."""
+    return REGISTRY.get(kind, name)
+
+
+def describe(kind: str, name: str) -> BlockInfo:
+    """Describe ``kind``/``name`` in the default registry."""
+    return REGISTRY.describe(kind, name)
+
+
+def list_blocks(kind: str | None = None) -> dict[str, list[str]]:
+    """Registered names by kind in the default registry."""
+    return REGISTRY.list(kind)
+
+
+def load_plugin(ref: str, base_dir: str | os.PathLike[str] | None = None) -> None:
+    """Import a plugin (module name or ``.py`` path) into the default registry."""
+    REGISTRY.load_plugin(ref, base_dir)
