@@ -1,0 +1,89 @@
+"""The block registry: registration, lookup errors, descriptions, argument checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vit_search.registry import REGISTRY, Registry, RegistryError
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry(builtin_module=None)
+
+
+def test_register_then_get_returns_the_builder(registry):
+    @registry.register("ffn", "double")
+    class Double:
+        def __init__(self, dim: int, factor: float = 2.0):
+            self.factor = factor
+
+    assert registry.get("ffn", "double") is Double
+    assert registry.list("ffn") == {"ffn": ["double"]}
+
+
+def test_registering_a_taken_name_raises_unless_override(registry):
+    registry.add("head", "h", lambda dim, num_classes: None)
+    with pytest.raises(RegistryError, match="already registered.*override=True"):
+        registry.add("head", "h", lambda dim, num_classes: None)
+    replacement = lambda dim, num_classes: "new"  # noqa: E731
+    registry.add("head", "h", replacement, override=True)
+    assert registry.get("head", "h") is replacement
+
+
+def test_unknown_name_suggests_the_closest_and_lists_registered():
+    with pytest.raises(RegistryError) as err:
+        REGISTRY.get("attention", "sdpaa")
+    assert str(err.value) == "unknown attention 'sdpaa'; did you mean 'sdpa'? registered: einsum, sdpa"
+
+
+def test_unknown_kind_is_an_error(registry):
+    with pytest.raises(RegistryError, match="unknown block kind 'atention'; did you mean 'attention'"):
+        registry.register("atention", "x")
+
+
+def test_describe_reads_arguments_types_defaults_and_docstring():
+    info = REGISTRY.describe("ffn", "mlp")
+    args = {a.name: a for a in info.args}
+    assert "dim" not in args  # set by the model, not a YAML key
+    assert args["ratio"].type_name == "float" and args["ratio"].default == 4.0
+    assert info.summary.startswith("Linear, activation")
+    assert info.module == "vit_search.blocks.ffn"
+
+
+def test_check_args_names_path_block_and_suggestion():
+    with pytest.raises(RegistryError) as err:
+        REGISTRY.check_args("ffn", "mlp", {"ratoi": 2}, "model.ffn")
+    assert str(err.value) == "model.ffn (mlp): unknown argument 'ratoi'; did you mean 'ratio'?"
+
+
+def test_check_args_rejects_wrong_types_and_converts_right_ones():
+    with pytest.raises(RegistryError, match="argument 'heads' must be int"):
+        REGISTRY.check_args("attention", "sdpa", {"heads": "four"}, "model.attention")
+    assert REGISTRY.check_args("patch_embed", "conv", {"patch_size": [4, 2]}, "model.patch_embed") == {
+        "patch_size": (4, 2)
+    }
+
+
+def test_check_args_rejects_arguments_the_model_sets():
+    with pytest.raises(RegistryError, match="'dim' is set by the model"):
+        REGISTRY.check_args("attention", "sdpa", {"dim": 8}, "model.attention")
+
+
+def test_builder_value_error_becomes_a_registry_error_naming_the_block():
+    with pytest.raises(RegistryError, match=r"model.attention \(sdpa\): dim 10 is not divisible by heads 4"):
+        REGISTRY.build("attention", "sdpa", {"heads": 4}, {"dim": 10}, "model.attention")
+
+
+def test_validation_survives_python_dash_O():
+    # Checks are exceptions, not asserts, so they hold under -O too.
+    code = (
+        "from vit_search.registry import REGISTRY, RegistryError\n"
+        "try:\n    REGISTRY.check_args('ffn', 'mlp', {'ratoi': 2}, 'model.ffn')\n"
+        "except RegistryError as e:\n    print('raised', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("raised model.ffn (mlp): unknown argument 'ratoi'")

@@ -1,0 +1,151 @@
+"""Specs: loading, overrides, presets, derived values, and one clear line per error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vit_search.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """\
+name: t
+data: {dataset: digits, image_size: 16}
+model:
+  dim: 32
+  depth: 2
+  patch_embed: {type: conv, patch_size: 4}
+  attention: {type: sdpa, heads: 4}
+  ffn: {type: mlp, ratio: 2}
+train: {epochs: 1}
+"""
+
+
+def problems(path_or_text, write_spec=None, overrides=()):
+    path = write_spec(path_or_text) if write_spec else path_or_text
+    with pytest.raises(SpecError) as err:
+        load_spec(path, overrides)
+    return err.value.problems
+
+
+def test_design_example_loads_with_derived_values():
+    spec = load_spec(REPO / "experiments" / "digits.yaml")
+    assert spec.model.in_channels == 1 and spec.model.num_classes == 10 and spec.model.image_size == 16
+    assert spec.search.space["model.depth"] == {"int": [2, 8]}
+    assert spec.flat()["model.attention.heads"] == 4
+
+
+def test_every_experiment_file_validates():
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        load_spec(path)
+
+
+def test_set_overrides_values_as_yaml(write_spec):
+    spec = load_spec(write_spec(GOOD), ["model.depth=6", "model.attention.type=einsum", "train.lr=1e-2"])
+    assert spec.model.depth == 6 and spec.model.attention["type"] == "einsum" and spec.train.lr == 0.01
+
+
+def test_preset_fills_the_model_and_keys_override_it(write_spec):
+    spec = load_spec(write_spec("name: p\ndata: {dataset: cifar10, image_size: 224}\n"
+                                "model: {preset: vit_s_16, depth: 6, attention: {heads: 4}}\n"), check_model=False)
+    assert spec.model.dim == 384 and spec.model.depth == 6
+    assert spec.model.attention == {"type": "sdpa", "heads": 4}
+    assert spec.model.patch_embed == {"type": "conv", "patch_size": 16}
+
+
+def test_a_block_may_be_named_by_its_type_alone(write_spec):
+    spec = load_spec(write_spec(GOOD + "\n"), ["model.pooling=mean"])
+    assert spec.model.pooling == {"type": "mean"}
+
+
+def test_resolved_yaml_round_trips(write_spec, tmp_path):
+    spec = load_spec(write_spec(GOOD))
+    again = tmp_path / "again.yaml"
+    again.write_text(spec.to_yaml())
+    assert load_spec(again).to_dict() == spec.to_dict()
+
+
+def test_yaml_syntax_error_names_the_line(write_spec):
+    (line,) = problems("name: t\nmodel: {dim: 3\n", write_spec)
+    assert line.endswith("YAML syntax error: expected ',' or '}', but got '<stream end>'") or "YAML syntax" in line
+    assert line.startswith(str(write_spec("x").parent / "spec.yaml"))
+
+
+def test_empty_file_is_an_error(write_spec):
+    (line,) = problems("", write_spec)
+    assert "the file is empty" in line
+
+
+def test_unknown_key_suggests_the_right_one(write_spec):
+    (line,) = problems(GOOD.replace("depth: 2", "deph: 2"), write_spec)
+    assert line.endswith("spec.yaml:5: model.deph: unknown key 'deph'; did you mean 'depth'?")
+
+
+def test_wrong_type_names_file_line_and_field(write_spec):
+    (line,) = problems(GOOD.replace("epochs: 1", "epochs: many"), write_spec)
+    assert "spec.yaml:9: train.epochs:" in line and "valid integer" in line
+
+
+def test_unknown_block_name_suggests_and_lists(write_spec):
+    (line,) = problems(GOOD.replace("type: sdpa", "type: sdpaa"), write_spec)
+    assert line.endswith("spec.yaml:7: model.attention.type: unknown attention 'sdpaa'; "
+                         "did you mean 'sdpa'? registered: einsum, sdpa")
+
+
+def test_unknown_block_argument_names_the_block(write_spec):
+    (line,) = problems(GOOD.replace("ratio: 2", "ratoi: 2"), write_spec)
+    assert line.endswith("spec.yaml:8: model.ffn.ratoi: model.ffn (mlp): unknown argument 'ratoi'; "
+                         "did you mean 'ratio'?")
+
+
+def test_dim_not_divisible_by_heads(write_spec):
+    (line,) = problems(GOOD.replace("heads: 4", "heads: 5"), write_spec)
+    assert "spec.yaml:7:" in line and "dim 32 is not divisible by heads 5" in line
+
+
+def test_image_size_not_divisible_by_patch_size(write_spec):
+    (line,) = problems(GOOD.replace("image_size: 16", "image_size: 18"), write_spec)
+    assert "spec.yaml:6:" in line and "image size 18x18 is not divisible by patch size 4x4" in line
+
+
+@pytest.mark.parametrize("field,line_no", [("dim: 32", 4), ("depth: 2", 5), ("image_size: 16", 2)])
+def test_non_positive_sizes_are_refused(write_spec, field, line_no):
+    key = field.split(":")[0]
+    (line,) = problems(GOOD.replace(field, f"{key}: 0"), write_spec)
+    assert f"spec.yaml:{line_no}:" in line and key in line
+
+
+def test_missing_plugin_is_a_spec_error(write_spec):
+    (line,) = problems("plugins: [no_such_plugin_module]\n" + GOOD, write_spec)
+    assert "spec.yaml:1: plugins.0: plugin 'no_such_plugin_module' not found" in line
+
+
+def test_several_problems_are_all_reported(write_spec):
+    lines = problems(GOOD.replace("depth: 2", "deph: 2").replace("epochs: 1", "epochs: -1"), write_spec)
+    assert len(lines) == 2
+
+
+def test_bad_override_is_located_at_the_set_flag(write_spec):
+    (line,) = problems(GOOD, write_spec, ["model.deph=3"])
+    assert line.startswith("--set model.deph=3: model.deph: unknown key 'deph'; did you mean 'depth'?")
+
+
+def test_cli_bad_spec_exits_2_with_one_line_and_creates_nothing(write_spec, cli, tmp_path):
+    path = write_spec(GOOD.replace("ratio: 2", "ratoi: 2"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "unknown argument 'ratoi'; did you mean 'ratio'?" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_validate_and_summary_on_a_good_spec(write_spec, cli):
+    path = write_spec(GOOD)
+    result = cli("summary", str(path), "--set", "model.depth=3")
+    assert result.returncode == 0, result.stderr
+    assert "blocks.2" in result.stdout and "total parameters:" in result.stdout and "forward FLOPs" in result.stdout
+    assert yaml.safe_load(path.read_text())["model"]["depth"] == 2  # overrides never edit the file
