@@ -256,10 +256,15 @@ class Registry:
                 raise PluginError(f"plugin file '{ref}' not found (looked at {tried}); check the path")
             self._import_file(found.resolve())
             return
+        # A module name is looked up on sys.path, then beside the spec and in the working directory.
+        extra = [str(Path(d).resolve()) for d in (base_dir, ".") if d is not None]
+        sys.path.extend(p for p in extra if p not in sys.path)
         try:
             importlib.import_module(ref)
         except ModuleNotFoundError as err:
-            if err.name and ref.startswith(err.name):
+            # Missing only if the plugin itself or a package above it is: a module the plugin
+            # imports (whose name may well be a prefix of the plugin's) is the plugin failing.
+            if err.name and (ref == err.name or ref.startswith(err.name + ".")):
                 raise PluginError(
                     f"plugin '{ref}' not found: no module named '{err.name}'; "
                     f"install its package or list a .py file path instead"
@@ -267,6 +272,10 @@ class Registry:
             raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
         except Exception as err:
             raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
+        finally:
+            for path in extra:
+                if path in sys.path:
+                    sys.path.remove(path)
 
     def _import_file(self, path: Path) -> None:
         module_name = "vit_search_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path))
@@ -299,6 +308,7 @@ class Registry:
                 if callable(loaded) and not inspect.ismodule(loaded):
                     loaded(self)  # an entry point may name a function that registers into us
             except Exception as err:
+                self._loaded = False  # fail the same way next time, not with a half-loaded registry
                 raise PluginError(
                     f"plugin '{entry_point.name}' ({entry_point.value}) from distribution '{dist}' failed to "
                     f"load: {type(err).__name__}: {err}; fix or uninstall '{dist}', or set {AUTOLOAD_ENV}=1"

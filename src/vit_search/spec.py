@@ -44,6 +44,9 @@ class AugmentSpec(_Section):
     randaugment: bool = Field(False, description="RandAugment with torchvision's defaults")
     mixup_alpha: float = Field(0.0, ge=0, description="MixUp's Beta(alpha, alpha) (0: off)")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off)")
+    randaugment_chunk: int = Field(
+        16, gt=0, description="tensor-held sets: images sharing one RandAugment draw (1: per image, slowest)"
+    )
 
 
 class DataSpec(_Section):
@@ -62,6 +65,9 @@ class DataSpec(_Section):
     normalize: bool = Field(True, description="standardise with the training set's per-channel mean and std")
     on_device: Literal["auto", "yes", "no"] = Field(
         "auto", description="hold the whole set as tensors on the training device (auto: small sets)"
+    )
+    max_on_device_mb: float = Field(
+        2048, gt=0, description="on_device auto: hold as tensors when the float32 images take at most this many MB"
     )
     num_workers: int = Field(2, ge=0, description="DataLoader workers for large sets")
 
@@ -277,6 +283,9 @@ class _Locator:
         self.overrides = {tuple(o.split("=", 1)[0].strip().split(".")): o for o in overrides}
 
     def __call__(self, path: tuple[str, ...]) -> str:
+        for key, item in self.overrides.items():
+            if key[: len(path)] == path and path:  # an override inside the failing field
+                return f"--set {item}"
         for n in range(len(path), -1, -1):
             if path[:n] in self.overrides:
                 return f"--set {self.overrides[path[:n]]}"
@@ -406,6 +415,7 @@ def load_spec(
             raise SpecError([f"{name}:1: a spec is a mapping of keys (name, data, model, ...), got {type(raw).__name__}"])
     where = _Locator(name, lines, overrides)
     raw = apply_overrides(raw, overrides)
+    registry.list()  # built-ins and installed plugins first: their failure is not this spec's
 
     # Plugins first: they may register the blocks the model section names.
     for i, plugin in enumerate(raw.get("plugins") or []):

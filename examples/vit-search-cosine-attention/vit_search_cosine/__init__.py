@@ -1,0 +1,66 @@
+"""Scaled cosine attention (Liu et al., "Swin Transformer V2", CVPR 2022) as a vit-search block.
+
+Dot-product attention lets the logits of a few token pairs grow without bound as training goes on,
+so that a handful of pairs dominate each head. Cosine attention bounds them: the logit of tokens i
+and j is ``cos(q_i, k_j) * s_h``, where ``s_h`` is a learnable per-head scale (kept in log space and
+clamped at log(100), so at most 100), replacing the fixed ``1/sqrt(d_head)``.
+
+The parameter layout is the built-in attention's (a fused ``qkv`` Linear and an output ``proj``
+Linear), plus one ``logit_scale`` of shape (heads,). It is 1-D, like a bias, so that trainers that
+skip weight decay on 1-D parameters (timm's rule) leave it undecayed, as Swin V2 does.
+
+Importing this module registers the block; the package's entry point does that for you.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vit_search import register
+
+__all__ = ["CosineAttention"]
+
+MAX_LOGIT_SCALE = math.log(100.0)  # Swin V2 clamps the per-head scale at 100
+
+
+@register("attention", "cosine")
+class CosineAttention(nn.Module):
+    """Scaled cosine attention (Swin V2): cos(q, k) times a learnable per-head scale, at most 100."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        qkv_bias: bool = True,
+        attn_dropout: float = 0.0,
+        proj_dropout: float = 0.0,
+        init_logit_scale: float = 10.0,
+    ):
+        super().__init__()
+        if heads <= 0 or dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
+        if not 0 < init_logit_scale <= 100:
+            raise ValueError(f"init_logit_scale must be in (0, 100], got {init_logit_scale}")
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        # log of each head's scale; exp(clamp(.)) keeps the scale positive and at most 100
+        self.logit_scale = nn.Parameter(torch.full((heads,), math.log(init_logit_scale)))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_dropout)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(tokens), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads).unbind(0)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().view(-1, 1, 1)  # (heads, 1, 1)
+        # cos(q, k) * s = (s * q/|q|) . (k/|k|): fold the scale into q and let SDPA do the rest
+        q = F.normalize(q, dim=-1) * scale
+        k = F.normalize(k, dim=-1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, scale=1.0
+        )
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))

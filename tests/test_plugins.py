@@ -1,0 +1,372 @@
+"""Plugins, for real: a module or a .py file named in a spec, an installed entry point, failures.
+
+Also the example plugin package's block itself (examples/vit-search-cosine-attention): its
+forward shape, its formula, its parameter layout, and that it trains.
+
+Plugins register into the global registry, so every test here runs under ``clean_registry``,
+which puts the registry and ``sys.modules`` back as they were: a block registered here must not
+show up in another test's "registered: ..." list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vit_search.registry import AUTOLOAD_ENV, REGISTRY, PluginError
+from vit_search.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "vit-search-cosine-attention"
+EXAMPLE_SPEC = EXAMPLE / "cosine-digits.yaml"
+PLUGIN_MODULE_PREFIXES = ("plugtest_", "vit_search_plugin_", "vit_search_cosine")
+
+# A plugin module as a user would write it: one attention block registered by name.
+MIX_BLOCK = '''
+from torch import nn
+
+from vit_search import register
+
+
+@register("attention", "{name}")
+class TokenMix(nn.Module):
+    """Adds a share of the mean token to every token, then projects (a test block)."""
+
+    def __init__(self, dim: int, share: float = 0.5):
+        super().__init__()
+        self.share = share
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        return self.proj(tokens + self.share * tokens.mean(dim=1, keepdim=True))
+'''
+
+
+@pytest.fixture(autouse=True)
+def clean_registry():
+    """Undo what a test's plugins registered, and forget the plugin modules it imported."""
+    REGISTRY.list()  # load built-ins (and installed plugins) first, so that they are kept
+    # The registry has no public way to unregister; a snapshot of its table is the honest undo.
+    saved = {kind: dict(blocks) for kind, blocks in REGISTRY._blocks.items()}
+    modules_before = set(sys.modules)
+    yield
+    for kind, blocks in REGISTRY._blocks.items():
+        blocks.clear()
+        blocks.update(saved[kind])
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(PLUGIN_MODULE_PREFIXES):
+            del sys.modules[name]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def _spec_using(attention: str, plugins: list[str], args: str = ", share: 0.25") -> str:
+    """A small spec listing ``plugins`` one per line (from line 3 on) and using ``attention``."""
+    items = "".join(f"\n  - {p}" for p in plugins)
+    return f"""\
+name: plugin-test
+plugins:{items}
+data: {{dataset: digits, image_size: 16}}
+model:
+  dim: 32
+  depth: 2
+  attention: {{type: {attention}{args}}}
+"""
+
+
+# -- a module name under plugins: ------------------------------------------------------------------
+def test_module_named_in_plugins_is_imported_and_its_block_builds(tmp_path, monkeypatch):
+    import torch
+
+    from vit_search import build_model
+
+    _write(tmp_path / "plugtest_module_blocks.py", MIX_BLOCK.format(name="plugtest_module_mix"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec_path = _write(tmp_path / "spec.yaml", _spec_using("plugtest_module_mix", ["plugtest_module_blocks"]))
+
+    spec = load_spec(spec_path)
+
+    info = REGISTRY.describe("attention", "plugtest_module_mix")
+    assert info.module == "plugtest_module_blocks"
+    assert [(a.name, a.default) for a in info.args] == [("share", 0.5)]
+    model = build_model(spec)
+    attn = model.blocks[0].attn
+    assert type(attn).__name__ == "TokenMix" and attn.share == 0.25
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_module_plugin_argument_is_checked_against_its_signature(tmp_path, monkeypatch):
+    _write(tmp_path / "plugtest_checked_blocks.py", MIX_BLOCK.format(name="plugtest_checked_mix"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec_path = _write(tmp_path / "spec.yaml",
+                       _spec_using("plugtest_checked_mix", ["plugtest_checked_blocks"], ", shares: 0.25"))
+
+    with pytest.raises(SpecError) as err:
+        load_spec(spec_path)
+
+    assert err.value.problems == [
+        f"{spec_path}:8: model.attention.shares: model.attention (plugtest_checked_mix): "
+        "unknown argument 'shares'; did you mean 'share'?"
+    ]
+
+
+# -- a .py file under plugins: ---------------------------------------------------------------------
+def test_py_file_in_plugins_resolves_against_the_spec_folder_not_the_cwd(tmp_path, monkeypatch):
+    _write(tmp_path / "project" / "blocks" / "plugtest_file_blocks.py", MIX_BLOCK.format(name="plugtest_file_mix"))
+    spec_path = _write(tmp_path / "project" / "spec.yaml",
+                       _spec_using("plugtest_file_mix", ["blocks/plugtest_file_blocks.py"]))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    spec = load_spec(spec_path)
+
+    assert spec.model.attention == {"type": "plugtest_file_mix", "share": 0.25}
+    assert REGISTRY.describe("attention", "plugtest_file_mix").summary.startswith("Adds a share of the mean token")
+
+
+def test_loading_a_spec_with_a_py_plugin_twice_does_not_register_twice(tmp_path):
+    block_file = _write(tmp_path / "project" / "blocks" / "plugtest_twice_blocks.py",
+                        MIX_BLOCK.format(name="plugtest_twice_mix"))
+    spec_path = _write(tmp_path / "project" / "spec.yaml",
+                       _spec_using("plugtest_twice_mix", ["blocks/plugtest_twice_blocks.py"]))
+    # Another spec reaching the same file by another relative path, and one by its absolute path.
+    other = _write(tmp_path / "other" / "spec.yaml",
+                   _spec_using("plugtest_twice_mix", ["../project/blocks/plugtest_twice_blocks.py"]))
+    absolute = _write(tmp_path / "absolute.yaml", _spec_using("plugtest_twice_mix", [str(block_file)]))
+
+    load_spec(spec_path)
+    builder = REGISTRY.get("attention", "plugtest_twice_mix")
+    load_spec(spec_path)
+    load_spec(other)
+    load_spec(absolute)
+
+    assert REGISTRY.get("attention", "plugtest_twice_mix") is builder
+
+
+# -- a missing or broken plugin in a spec ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("plugtest_no_such_module",
+         "plugin 'plugtest_no_such_module' not found: no module named 'plugtest_no_such_module'"),
+        ("blocks/plugtest_absent.py", "plugin file 'blocks/plugtest_absent.py' not found"),
+    ],
+    ids=["module", "py-file"],
+)
+def test_missing_plugin_is_a_spec_error_at_its_line_and_exit_code_2(tmp_path, capsys, ref, message):
+    from vit_search.cli import main
+
+    _write(tmp_path / "plugtest_present_blocks.py", MIX_BLOCK.format(name=f"plugtest_present_{len(ref)}"))
+    spec_path = _write(tmp_path / "spec.yaml", _spec_using("sdpa", ["plugtest_present_blocks.py", ref], ""))
+    expected = f"{spec_path}:4: plugins.1: {message}"  # the second item of the list, on line 4
+
+    with pytest.raises(SpecError) as err:
+        load_spec(spec_path)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(expected)
+
+    assert main(["validate", str(spec_path)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {expected}") and len(stderr.strip().splitlines()) == 1
+
+
+def test_plugin_whose_own_import_is_missing_is_reported_as_failing_not_as_not_found(tmp_path, monkeypatch):
+    # The plugin exists; a module it imports does not. Its name being a prefix of the plugin's
+    # must not make the plugin itself look missing.
+    _write(tmp_path / "plugtest_dep_blocks.py", "import plugtest_dep  # a dependency nobody installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(PluginError) as err:
+        REGISTRY.load_plugin("plugtest_dep_blocks")
+
+    assert str(err.value) == (
+        "plugin 'plugtest_dep_blocks' failed to import: ModuleNotFoundError: No module named 'plugtest_dep'"
+    )
+
+
+def test_missing_submodule_of_a_missing_package_is_reported_as_not_found():
+    with pytest.raises(PluginError) as err:
+        REGISTRY.load_plugin("plugtest_nopkg.blocks")
+
+    assert str(err.value).startswith("plugin 'plugtest_nopkg.blocks' not found: no module named 'plugtest_nopkg'")
+
+
+# -- an installed distribution with a vit_search.plugins entry point -------------------------------
+@pytest.fixture(scope="module")
+def installed_cosine(tmp_path_factory) -> Path:
+    """The example plugin pip-installed (no deps, no build isolation) into a folder of its own."""
+    root = tmp_path_factory.mktemp("cosine-plugin")
+    source = root / "source"  # a copy: an in-tree build would leave build/ and *.egg-info in examples/
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = root / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return target
+
+
+@pytest.fixture(scope="module")
+def broken_distribution(tmp_path_factory) -> Path:
+    """A folder holding an 'installed' distribution whose vit_search.plugins entry point raises."""
+    root = tmp_path_factory.mktemp("broken-plugin")
+    _write(root / "vit_search_broken_plugin-0.0.1.dist-info" / "METADATA",
+           "Metadata-Version: 2.1\nName: vit-search-broken-plugin\nVersion: 0.0.1\n")
+    _write(root / "vit_search_broken_plugin-0.0.1.dist-info" / "entry_points.txt",
+           "[vit_search.plugins]\nbroken = vit_search_broken_plugin\n")
+    _write(root / "vit_search_broken_plugin.py", 'raise RuntimeError("compiled kernel missing")\n')
+    return root
+
+
+def _listed(stdout: str) -> list[str]:
+    """Block names from `vit-search blocks KIND` output."""
+    return [line.split()[0] for line in stdout.splitlines() if line.startswith("  ")]
+
+
+def test_installed_plugin_is_listed_by_blocks(cli, installed_cosine):
+    result = cli("blocks", "attention", env={"PYTHONPATH": str(installed_cosine)})
+
+    assert result.returncode == 0, result.stderr
+    assert _listed(result.stdout) == ["cosine", "einsum", "sdpa"]
+    assert "  cosine       Scaled cosine attention (Swin V2)" in result.stdout
+
+
+def test_describing_an_installed_block_names_its_distribution_and_arguments(cli, installed_cosine):
+    result = cli("blocks", "attention", "cosine", env={"PYTHONPATH": str(installed_cosine)})
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "  from vit_search_cosine (distribution vit-search-cosine-attention)"
+    assert lines[2:] == [
+        "  heads: int (default 8)",
+        "  qkv_bias: bool (default True)",
+        "  attn_dropout: float (default 0.0)",
+        "  proj_dropout: float (default 0.0)",
+        "  init_logit_scale: float (default 10.0)",
+    ]
+
+
+def test_example_spec_validates_with_the_installed_plugin(cli, installed_cosine):
+    result = cli("validate", str(EXAMPLE_SPEC), env={"PYTHONPATH": str(installed_cosine)})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{EXAMPLE_SPEC}: ok (cosine-digits)"
+
+
+def test_disabling_autoload_hides_installed_plugins_even_broken_ones(cli, installed_cosine, broken_distribution):
+    path = os.pathsep.join([str(installed_cosine), str(broken_distribution)])
+    result = cli("blocks", "attention", env={"PYTHONPATH": path, AUTOLOAD_ENV: "1"})
+
+    assert result.returncode == 0, result.stderr
+    assert _listed(result.stdout) == ["einsum", "sdpa"]
+
+
+def test_plugin_failing_to_import_is_one_error_line_naming_it_and_its_distribution(cli, broken_distribution):
+    result = cli("blocks", "attention", env={"PYTHONPATH": str(broken_distribution)})
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: plugin 'broken' (vit_search_broken_plugin) from distribution 'vit-search-broken-plugin' failed to "
+        "load: RuntimeError: compiled kernel missing; fix or uninstall 'vit-search-broken-plugin', "
+        f"or set {AUTOLOAD_ENV}=1"
+    ]
+
+
+# -- the example's block: scaled cosine attention --------------------------------------------------
+@pytest.fixture
+def cosine(monkeypatch):
+    """The example plugin's module, imported from its source folder (registers 'cosine')."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    return importlib.import_module("vit_search_cosine")
+
+
+def test_cosine_attention_keeps_the_token_shape(cosine):
+    import torch
+
+    attn = cosine.CosineAttention(dim=32, heads=4)
+    out = attn(torch.randn(3, 17, 32))
+    assert out.shape == (3, 17, 32) and torch.isfinite(out).all()
+
+
+def test_cosine_attention_rejects_dim_not_divisible_by_heads(cosine):
+    with pytest.raises(ValueError, match="dim 30 is not divisible by heads 4"):
+        cosine.CosineAttention(dim=30, heads=4)
+
+
+def test_cosine_spec_with_indivisible_heads_points_at_the_override(cosine):
+    with pytest.raises(SpecError) as err:
+        load_spec(EXAMPLE_SPEC, ["plugins=[vit_search_cosine]", "model.attention.heads=5"])
+
+    assert err.value.problems == [
+        "--set model.attention.heads=5: model.attention (cosine): "
+        "dim 64 is not divisible by heads 5; choose heads that divide dim"
+    ]
+
+
+def test_cosine_attention_is_scaled_cosine_similarity_with_the_scale_clamped_at_100(cosine):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    attn = cosine.CosineAttention(dim=16, heads=4).eval()
+    with torch.no_grad():
+        attn.logit_scale.copy_(torch.tensor([1.0, 10.0, 100.0, 1000.0]).log())
+    x = torch.randn(2, 5, 16)
+
+    # Written out independently: qkv laid out as (3, heads, head_dim) along the features.
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    scale = torch.tensor([1.0, 10.0, 100.0, 100.0]).view(1, 4, 1, 1)  # 1000 is clamped to 100
+    expected = attn.proj(((cos * scale).softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 5, 16))
+
+    torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
+    assert math.isclose(cosine.MAX_LOGIT_SCALE, math.log(100))
+
+
+def test_cosine_attention_has_the_builtin_parameter_layout_plus_a_per_head_scale(cosine):
+    from vit_search.blocks.attention import SDPAttention
+
+    builtin = SDPAttention(dim=32, heads=4).state_dict()
+    attn = cosine.CosineAttention(dim=32, heads=4)
+
+    result = attn.load_state_dict(builtin, strict=False)
+    assert result.missing_keys == ["logit_scale"] and result.unexpected_keys == []
+    assert attn.logit_scale.shape == (4,)
+
+
+def test_cosine_attention_trains(cosine):
+    import torch
+
+    torch.manual_seed(0)
+    # A task that needs attention: every token must become the mean of all tokens.
+    x = torch.randn(64, 6, 16)
+    target = x.mean(dim=1, keepdim=True).expand_as(x)
+    attn = cosine.CosineAttention(dim=16, heads=2)
+    optimizer = torch.optim.Adam(attn.parameters(), lr=1e-2)
+
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.mse_loss(attn(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            assert attn.logit_scale.grad is not None and attn.logit_scale.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+
+    assert losses[-1] < 0.5 * losses[0], losses
