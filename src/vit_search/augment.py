@@ -1,0 +1,118 @@
+"""Training-time augmentation applied to whole batches on the training device.
+
+Random crop and horizontal flip are written as batched tensor ops (one random draw per image, no
+Python loop over images). MixUp and CutMix are torchvision.transforms.v2's, which are batch
+transforms by nature: one mixing weight per batch, labels become soft (B, num_classes) float.
+
+RandAugment is per image in the paper, but v2.RandAugment draws one op for everything it is given.
+For tensor-held sets it is therefore applied per chunk of ``randaugment_chunk`` images: images in a
+chunk share an op and magnitude, chunks differ. Chunk 1 is per image (faithful, ~B/16 times more
+kernel launches and Python calls); larger chunks are faster but less diverse within a batch. Sets
+decoded by DataLoader workers run RandAugment per image in the workers instead (see data.py), and
+their BatchAugment is built with ``randaugment=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+
+from .spec import AugmentSpec, Size
+
+
+def pair(size: Size) -> tuple[int, int]:
+    """An image size as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def random_crop(images: Tensor, padding: int) -> Tensor:
+    """Zero-pad by ``padding`` then crop back to the input size at a random offset per image.
+
+    Zero is the data set mean once images are normalised, so the border is mean-coloured.
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
+    left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
+    rows = top + torch.arange(h, device=device).view(1, h, 1)
+    cols = left + torch.arange(w, device=device).view(1, 1, w)
+    batch = torch.arange(b, device=device).view(b, 1, 1)
+    # One gather for the whole batch: (B, H, W) pixel coordinates index the channels-last view.
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_hflip(images: Tensor) -> Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
+
+
+class BatchAugment:
+    """Augments a training batch on its device: crop, flip, RandAugment, then MixUp/CutMix.
+
+    ``mean``/``std`` are the normalisation the images carry (None: images are in [0, 1]);
+    RandAugment undoes it, because its colour ops (solarize, posterize, ...) assume [0, 1].
+    ``randaugment`` overrides the spec (data.py passes False where workers already ran it).
+    Random draws use torch's global generators, which Accelerate's ``set_seed`` seeds.
+    """
+
+    def __init__(
+        self,
+        spec: AugmentSpec,
+        num_classes: int,
+        image_size: Size,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        randaugment: bool | None = None,
+    ) -> None:
+        self.spec = spec
+        self.num_classes = num_classes
+        self.image_size = pair(image_size)
+        self.randaugment = spec.randaugment if randaugment is None else randaugment
+        self._randaugment = v2.RandAugment() if self.randaugment else None
+        self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mixers: list[v2.Transform] = []
+        if spec.mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=spec.mixup_alpha, num_classes=num_classes))
+        if spec.cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=spec.cutmix_alpha, num_classes=num_classes))
+        # Both on: each batch gets one of the two, as in timm and torchvision's references.
+        self._mix = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+        self.soft_labels = self._mix is not None
+        self.enabled = bool(spec.random_crop_padding or spec.hflip or self.randaugment or self._mix)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(images, int64 labels) -> augmented images and labels (soft float with MixUp/CutMix)."""
+        if self.spec.random_crop_padding:
+            images = random_crop(images, self.spec.random_crop_padding)
+        if self.spec.hflip:
+            images = random_hflip(images)
+        if self._randaugment is not None:
+            images = self._apply_randaugment(images)
+        if self._mix is not None:
+            images, labels = self._mix(images, labels)
+        return images, labels
+
+    def _apply_randaugment(self, images: Tensor) -> Tensor:
+        if images.shape[1] not in (1, 3):
+            channels = images.shape[1]
+            raise ValueError(f"randaugment needs 1 or 3 image channels, got {channels}; set data.augment.randaugment: false")
+        normalised = self._mean is not None and self._std is not None
+        if normalised:
+            self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)  # once per device
+            images = (images * self._std + self._mean).clamp_(0, 1)
+        chunks = images.split(self.spec.randaugment_chunk)
+        images = torch.cat([self._randaugment(chunk) for chunk in chunks])
+        if normalised:
+            images = (images - self._mean) / self._std
+        return images
+
+    def __repr__(self) -> str:
+        return f"BatchAugment({self.spec!r}, randaugment={self.randaugment}, enabled={self.enabled})"

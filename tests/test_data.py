@@ -1,0 +1,301 @@
+"""Data loading, splitting, normalisation, batching and augmentation.
+
+torchvision sets are tested with tiny fake copies written in their documented on-disk formats
+(no download: there is no network here).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from vit_search.augment import BatchAugment, random_crop, random_hflip
+from vit_search.data import DataError, TensorSplit, load_data, make_loader, stratified_split
+from vit_search.spec import AugmentSpec, DataSpec
+
+
+def spec(**kwargs) -> DataSpec:
+    kwargs.setdefault("num_workers", 0)
+    return DataSpec(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(spec(), seed=0)
+
+
+# -- splitting --------------------------------------------------------------------------------
+def test_stratified_split_is_disjoint_seeded_and_keeps_class_shares():
+    labels = np.repeat(np.arange(5), [100, 50, 30, 10, 10])
+    kept, held = stratified_split(labels, 0.2, seed=3)
+    assert len(held) == 40 and sorted(np.concatenate([kept, held])) == list(range(200))
+    assert np.bincount(labels[held]).tolist() == [20, 10, 6, 2, 2]
+    again, _ = stratified_split(labels, 0.2, seed=3)
+    other, _ = stratified_split(labels, 0.2, seed=4)
+    assert np.array_equal(kept, again) and not np.array_equal(kept, other)
+
+
+def test_stratified_split_falls_back_when_a_class_has_one_image():
+    kept, held = stratified_split(np.array([0, 0, 0, 1, 1, 1, 2]), 0.3, seed=0)
+    assert len(kept) + len(held) == 7 and len(set(kept) & set(held)) == 0
+
+
+def test_digits_splits_shapes_and_stratification(digits):
+    assert (digits.in_channels, digits.num_classes, digits.on_device) == (1, 10, True)
+    assert (len(digits.train), len(digits.val), len(digits.test)) == (1293, 144, 360)
+    assert digits.train.images.shape == (1293, 1, 16, 16) and digits.train.images.dtype == torch.float32
+    for split, n in ((digits.train, 1293), (digits.test, 360)):
+        shares = torch.bincount(split.labels, minlength=10) / n
+        assert torch.allclose(shares, torch.full((10,), 0.1), atol=0.01)
+
+
+def test_digits_split_is_fixed_by_the_seed(digits):
+    again = load_data(spec(), seed=0)
+    other = load_data(spec(), seed=1)
+    assert torch.equal(again.test.images, digits.test.images) and torch.equal(again.train.labels, digits.train.labels)
+    assert not torch.equal(other.test.images, digits.test.images)
+
+
+def test_normalisation_uses_the_training_split_stats(digits):
+    x = digits.train.images
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(1), atol=1e-5)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(1), atol=1e-3)
+    raw = load_data(spec(normalize=False), seed=0)
+    assert raw.mean is None and 0 <= raw.train.images.min() and raw.train.images.max() <= 1
+    assert digits.mean[0] == pytest.approx(raw.train.images.mean().item(), abs=1e-5)
+    restored = digits.test.images * digits.std[0] + digits.mean[0]
+    assert torch.allclose(restored, raw.test.images, atol=1e-5)  # val/test use the train stats too
+
+
+# -- synthetic --------------------------------------------------------------------------------
+def test_synthetic_any_shape_deterministic_and_learnable():
+    s = spec(dataset="synthetic", channels=4, num_classes=5, num_samples=600, image_size=[12, 20])
+    data = load_data(s, seed=7)
+    assert (data.in_channels, data.num_classes) == (4, 5)
+    assert data.train.images.shape[1:] == (4, 12, 20) and len(data.train) + len(data.val) + len(data.test) == 600
+    assert torch.equal(load_data(s, seed=7).train.images, data.train.images)
+    # Nearest class mean, fitted on train, must beat chance (0.2) by far on test.
+    x, y = data.train.images.flatten(1), data.train.labels
+    centroids = torch.stack([x[y == c].mean(0) for c in range(5)])
+    predicted = torch.cdist(data.test.images.flatten(1), centroids).argmin(1)
+    assert (predicted == data.test.labels).float().mean() > 0.6
+
+
+# -- batching ---------------------------------------------------------------------------------
+class _Counting(TensorSplit):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.batches = 0
+
+    def __getitem__(self, index):  # pragma: no cover - must not be reached
+        raise AssertionError("per-item fetch on a TensorSplit")
+
+    def __getitems__(self, indices):
+        self.batches += 1
+        return super().__getitems__(indices)
+
+
+def test_tensor_split_batches_are_one_getitems_call_each():
+    ds = _Counting(torch.arange(100.0).view(100, 1, 1, 1), torch.arange(100))
+    loader = make_loader(ds, 32, shuffle=True, seed=0)
+    batches = list(loader)
+    assert ds.batches == 4 and [len(b[1]) for b in batches] == [32, 32, 32, 4]
+    images, labels = batches[0]
+    assert torch.equal(images.view(-1), labels.float())  # images and labels stay paired
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(100))
+    first = [b[1] for b in make_loader(ds, 32, shuffle=True, seed=0)]
+    assert all(torch.equal(a, b[1]) for a, b in zip(first, batches))  # same seed, same order
+    assert not torch.equal(next(iter(loader))[1], batches[0][1])  # next epoch, new order
+    assert loader.num_workers == 0
+
+
+def test_loader_through_accelerate(digits):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(make_loader(digits.val, 64, shuffle=False, seed=0))
+    labels = torch.cat([accelerator.gather_for_metrics(y) for _, y in loader])
+    assert torch.equal(labels, digits.val.labels)
+
+
+# -- augmentation -----------------------------------------------------------------------------
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = torch.rand(6, 2, 5, 7)
+    out = random_crop(images, 2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    assert out.shape == images.shape
+    for i in range(6):
+        assert any(
+            torch.equal(out[i], padded[i, :, t : t + 5, left : left + 7]) for t in range(5) for left in range(5)
+        )
+
+
+def test_hflip_flips_some_images_whole():
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 4, 4)
+    out = random_hflip(images)
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    assert all(f or torch.equal(o, i) for f, o, i in zip(flipped, out, images)) and 10 < sum(flipped) < 54
+
+
+def test_batch_augment_shapes_and_soft_labels():
+    torch.manual_seed(0)
+    aug = BatchAugment(
+        AugmentSpec(random_crop_padding=2, hflip=True, randaugment=True, mixup_alpha=0.2, cutmix_alpha=1.0, randaugment_chunk=8),
+        num_classes=10, image_size=16, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2],
+    )
+    assert aug.enabled and aug.soft_labels
+    images, labels = aug(torch.randn(20, 3, 16, 16), torch.randint(0, 10, (20,)))
+    assert images.shape == (20, 3, 16, 16) and torch.isfinite(images).all()
+    assert labels.shape == (20, 10) and labels.dtype == torch.float32
+    assert torch.allclose(labels.sum(1), torch.ones(20))
+
+
+def test_batch_augment_off_is_identity_and_randaugment_checks_channels():
+    aug = BatchAugment(AugmentSpec(), num_classes=3, image_size=8)
+    images, labels = torch.rand(4, 5, 8, 8), torch.arange(4)
+    assert not aug.enabled and aug(images, labels) == (images, labels)
+    with pytest.raises(ValueError, match="1 or 3 image channels"):
+        BatchAugment(AugmentSpec(randaugment=True), num_classes=3, image_size=8)(images, labels)
+    with pytest.raises(DataError, match="1 or 3 channels"):
+        load_data(spec(dataset="synthetic", channels=4, augment={"randaugment": True}), seed=0)
+
+
+# -- torchvision sets from fake files ---------------------------------------------------------
+def _idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file: magic 0x08 (uint8) + ndim, big-endian sizes, then the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def _fake_mnist(root: Path, folder: str, n_train: int = 60, n_test: int = 20) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[prefix] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[prefix + "_labels"] = (np.arange(n) % 10).astype(np.uint8)
+        _idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", arrays[prefix])
+        _idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", arrays[prefix + "_labels"])
+    return arrays
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_from_raw_idx_files(tmp_path, dataset, folder):
+    arrays = _fake_mnist(tmp_path, folder)
+    data = load_data(spec(dataset=dataset, root=str(tmp_path), image_size=28, normalize=False, val_fraction=0.2), seed=0)
+    assert (data.in_channels, data.num_classes, data.on_device) == (1, 10, True)
+    assert (len(data.train), len(data.val), len(data.test)) == (48, 12, 20)  # official test split kept whole
+    assert torch.equal((data.test.images[:, 0] * 255).round().byte(), torch.from_numpy(arrays["t10k"]))
+    assert set(data.val.labels.tolist()) == set(range(10))  # stratified: 12 val images cover every class
+
+
+def test_mnist_worker_path_matches_the_tensor_path(tmp_path):
+    _fake_mnist(tmp_path, "MNIST")
+    common = dict(dataset="mnist", root=str(tmp_path), image_size=14, augment={"randaugment": True})
+    held = load_data(spec(**common), seed=0)
+    streamed = load_data(spec(on_device="no", **common), seed=0)
+    assert not streamed.on_device and not isinstance(streamed.test, TensorSplit)
+    assert held.augment.randaugment and not streamed.augment.randaugment  # workers ran it per image
+    images, labels = next(iter(make_loader(streamed.test, 20, shuffle=False, seed=0)))
+    assert images.shape == (20, 1, 14, 14) and torch.equal(labels, held.test.labels)
+    # Same pixels up to uint8 rounding of the resize, same training-set normalisation (all 48 sampled).
+    assert streamed.mean == pytest.approx(held.mean, abs=0.01) and streamed.std == pytest.approx(held.std, abs=0.01)
+    assert torch.allclose(images, held.test.images, atol=0.05)
+    train_images, _ = next(iter(make_loader(streamed.train, 8, shuffle=True, seed=0)))
+    assert train_images.shape == (8, 1, 14, 14)
+
+
+def _fake_cifar(root: Path, cls: type, n: int = 10) -> np.ndarray:
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    label_key = "labels" if cls is torchvision.datasets.CIFAR10 else "fine_labels"
+    classes = 10 if cls is torchvision.datasets.CIFAR10 else 100
+    data = None
+    for name, _ in cls.train_list + cls.test_list:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, label_key: [i % classes for i in range(n)]}, f)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"name{i}" for i in range(classes)]}, f)
+    return data  # the test batch, written last
+
+
+@pytest.mark.parametrize(
+    "dataset, cls", [("cifar10", torchvision.datasets.CIFAR10), ("cifar100", torchvision.datasets.CIFAR100)]
+)
+def test_cifar_from_python_pickles(tmp_path, dataset, cls):
+    test_data = _fake_cifar(tmp_path, cls, n=100 if dataset == "cifar100" else 10)
+    with pytest.warns(UserWarning, match="md5"):  # not the official files: our own reader, said aloud
+        data = load_data(spec(dataset=dataset, root=str(tmp_path), image_size=32, normalize=False, val_fraction=0.2), seed=0)
+    n_train = 100 if dataset == "cifar100" else 50
+    assert data.in_channels == 3 and data.num_classes == len(data.classes) == (100 if dataset == "cifar100" else 10)
+    assert len(data.train) + len(data.val) == n_train and len(data.test) == len(test_data)
+    expected = torch.from_numpy(test_data.reshape(-1, 3, 32, 32))
+    assert torch.equal((data.test.images * 255).round().byte(), expected)  # channel-major rows, as documented
+
+
+@pytest.mark.parametrize("dataset, expected", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_missing_files_error_names_the_expected_place(tmp_path, dataset, expected):
+    with pytest.raises(DataError) as err:
+        load_data(spec(dataset=dataset, root=str(tmp_path)), seed=0)
+    message = str(err.value)
+    assert str(tmp_path / expected) in message and "data.download: true" in message and "\n" not in message
+
+
+def test_failed_download_is_a_data_error(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(DataError, match="could not download.*no network"):
+        load_data(spec(dataset="mnist", root=str(tmp_path), download=True), seed=0)
+
+
+# -- image folders ----------------------------------------------------------------------------
+def _pngs(folder: Path, classes: dict[str, int], size=(10, 6)) -> None:
+    rng = np.random.default_rng(0)
+    for c, (name, count) in enumerate(classes.items()):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.clip(rng.normal(60 + 60 * c, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+def test_imagefolder_split_from_one_folder(tmp_path):
+    _pngs(tmp_path, {"cat": 10, "dog": 10})
+    data = load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
+    assert data.on_device and data.classes == ["cat", "dog"] and (data.in_channels, data.num_classes) == (3, 2)
+    assert (len(data.train), len(data.val), len(data.test)) == (14, 2, 4)
+    assert data.train.images.shape == (14, 3, 8, 8)
+    assert torch.bincount(data.test.labels).tolist() == [2, 2]
+
+
+def test_imagefolder_train_val_folders_and_worker_path(tmp_path):
+    _pngs(tmp_path / "train", {"a": 6, "b": 6, "c": 6})
+    _pngs(tmp_path / "val", {"b": 2, "c": 3})  # a val folder may lack a class: indices follow train's
+    common = dict(dataset="imagefolder", root=str(tmp_path), image_size=[8, 6], num_workers=2)
+    held = load_data(spec(**common), seed=0)
+    streamed = load_data(spec(on_device="no", **common), seed=0)
+    assert len(held.val) == 5 and held.val.labels.tolist() == [1, 1, 2, 2, 2]
+    assert len(held.train) + len(held.test) == 18 and len(held.test) == 4  # test carved from train
+    loader = make_loader(streamed.val, 5, shuffle=False, seed=0, num_workers=2)
+    images, labels = next(iter(loader))
+    assert images.shape == (5, 3, 8, 6) and labels.tolist() == [1, 1, 2, 2, 2]
+    assert streamed.mean == pytest.approx(held.mean, abs=1e-4)  # all 14 training images sampled
+    assert torch.allclose(images, held.val.images, atol=1e-4)  # same decode, resize and normalisation
+
+
+def test_imagefolder_rejects_unknown_val_classes(tmp_path):
+    _pngs(tmp_path / "train", {"a": 3, "b": 3})
+    _pngs(tmp_path / "val", {"zebra": 1})
+    with pytest.raises(DataError, match="zebra"):
+        load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
