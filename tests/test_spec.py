@@ -149,3 +149,37 @@ def test_cli_validate_and_summary_on_a_good_spec(write_spec, cli):
     assert result.returncode == 0, result.stderr
     assert "blocks.2" in result.stdout and "total parameters:" in result.stdout and "forward FLOPs" in result.stdout
     assert yaml.safe_load(path.read_text())["model"]["depth"] == 2  # overrides never edit the file
+
+
+DESIGN_SKETCH = """\
+name: digits-vit
+seed: 0
+plugins: []                      # modules or .py files that register extra blocks
+data: {dataset: digits, image_size: 16}
+model:
+  dim: 64
+  depth: 4
+  patch_embed: {type: conv, patch_size: 4}
+  position: {type: learned}
+  attention: {type: sdpa, heads: 4}
+  ffn: {type: mlp, ratio: 4}
+  pooling: {type: cls}
+train: {epochs: 30, batch_size: 128, lr: 3.0e-3, weight_decay: 0.05}
+search:                          # only `vit-search run` reads this section
+  n_trials: 20
+  metric: val_accuracy
+  direction: maximize
+  sampler: tpe
+  pruner: hyperband
+  space:
+    model.depth: {int: [2, 8]}
+    model.attention.heads: {choice: [2, 4, 8]}
+    model.pooling.type: {choice: [cls, mean]}
+    train.lr: {float: [1.0e-4, 1.0e-2], log: true}
+tracking: {experiment: digits-vit}   # MLflow URI from MLFLOW_TRACKING_URI, else the local default
+"""
+
+
+def test_the_design_documents_sketch_loads_as_written(write_spec):
+    spec = load_spec(write_spec(DESIGN_SKETCH))
+    assert spec.train.epochs == 30 and spec.search.sampler == "tpe" and spec.tracking.experiment == "digits-vit"

@@ -72,6 +72,33 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one spec (its search section is ignored) and log the run to MLflow."""
+    from .train import TrainingDiverged, train
+
+    spec = _load(args)
+    try:
+        result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one report is enough
+        return 0
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"{spec.name}: {metrics}  ({result.parameters:,} parameters, {result.train_seconds:.1f} s training)")
+    if result.run_id:
+        print(f"mlflow run {result.run_id}")
+    return 0
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _spec_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    parser.add_argument("--checkpoint-dir", help="where epoch checkpoints go (default: train.checkpoint_dir)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "blocks": (cmd_blocks, lambda p: (
         p.add_argument("kind", nargs="?", help="block kind (patch_embed, position, attention, ffn, pooling, head)"),
@@ -79,6 +106,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     )),
     "validate": (cmd_validate, _spec_arguments),
     "summary": (cmd_summary, _spec_arguments),
+    "train": (cmd_train, _train_arguments),
 }
 
 

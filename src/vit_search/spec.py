@@ -166,19 +166,38 @@ class TrainSpec(_Section):
     checkpoint_dir: str | None = Field(None, description="where epoch checkpoints go (default runs/<name>)")
 
 
+Direction = Literal["maximize", "minimize"]
+# Objectives: per-epoch validation metrics, or model size. Never a test metric: the test split
+# takes no part in search decisions.
+Objective = Literal["val_accuracy", "val_loss", "train_loss", "parameters", "flops"]
+
+
 class SearchSpec(_Section):
     """The Optuna study; only ``vit-search run`` reads it."""
 
-    n_trials: int | None = Field(20, gt=0)
-    timeout: float | None = Field(None, gt=0, description="seconds")
-    metric: str | list[str] = "val_accuracy"
-    direction: str | list[str] = "maximize"
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
-    storage: str | None = Field(None, description="Optuna storage URL or journal file")
-    space: dict[str, Any] = Field(default_factory=dict)
-    constraints: dict[str, float] = Field(default_factory=dict)
-    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    n_trials: int | None = Field(20, gt=0, description="trials in the whole study, all workers together")
+    timeout: float | None = Field(None, gt=0, description="seconds after which a worker starts no new trial")
+    metric: Objective | list[Objective] = Field("val_accuracy", description="objective(s) of the study")
+    direction: Direction | list[Direction] = "maximize"
+    sampler: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2"] = "tpe"
+    pruner: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
+    storage: str | None = Field(None, description="Optuna storage URL or journal file (default: optuna.db)")
+    study_name: str | None = Field(None, description="default: the spec's name")
+    space: dict[str, Any] = Field(default_factory=dict, description="dotted path -> {choice|int|float: ...}")
+    constraints: dict[Literal["max_params", "min_params", "max_flops", "min_flops"], float] = Field(
+        default_factory=dict, description="trials outside these bounds are pruned before training"
+    )
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running trial says it is alive")
+    grace_seconds: float = Field(60.0, gt=0, description="silence after which a trial's worker counts as dead")
+
+    @model_validator(mode="after")
+    def _objectives_match(self) -> "SearchSpec":
+        metrics = [self.metric] if isinstance(self.metric, str) else self.metric
+        directions = [self.direction] if isinstance(self.direction, str) else self.direction
+        if len(metrics) != len(directions):
+            raise ValueError(f"{len(metrics)} metric(s) but {len(directions)} direction(s); give one direction each")
+        return self
 
 
 class TrackingSpec(_Section):
@@ -203,6 +222,7 @@ class Spec(_Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     _source: str | None = PrivateAttr(None)
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _derive(self) -> "Spec":
@@ -215,6 +235,11 @@ class Spec(_Section):
         if model.num_classes is None:
             model.num_classes = classes
         return self
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The spec as written (overrides applied), before defaults and derived values."""
+        return copy.deepcopy(self._raw)
 
     @property
     def source(self) -> str | None:
@@ -429,6 +454,7 @@ def load_spec(
     except ValidationError as err:
         raise SpecError(_pydantic_problems(err, where)) from None
     spec._source = None if isinstance(source, Mapping) else str(source)
+    spec._raw = raw
 
     problems = check_blocks(spec.model, registry, where)
     if not problems and check_model:

@@ -1,0 +1,201 @@
+"""``vit-search run``: one worker of a study, each trial trained by ``train()`` and logged to MLflow.
+
+MLflow gets one parent run per study, made by whichever worker starts the study first, and one
+nested run per trial (pruned and failed ones included, tagged with their state).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..model import build_model, count_parameters
+from ..spec import Spec, SpecError
+from ..summary import flop_count
+from ..tracking import Tracker, configure
+from ..train import train
+from .study import PARENT_RUN, objective_values, open_study, sample_spec, worker_loop
+
+STATE_TAG = "trial.state"
+
+
+@dataclass
+class SearchResult:
+    """What a worker leaves behind: the study, its storage, this worker's trials, wall time."""
+
+    study: optuna.Study
+    storage: str
+    trials_run: list[int]
+    wall_seconds: float
+    train_seconds: float
+    interrupted: bool
+
+
+class Infeasible(optuna.TrialPruned):
+    """A sampled configuration that cannot be built, or breaks a constraint: pruned before training."""
+
+
+def model_cost(spec: Spec) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image) of a spec's model, computed on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(spec)
+        size = spec.model.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        flops = flop_count(model.eval(), torch.empty(1, spec.model.in_channels, height, width))
+    return count_parameters(model), flops
+
+
+def check_constraints(constraints: dict[str, float], parameters: int, flops: int) -> str | None:
+    """Why a model breaks ``search.constraints``, or None when it fits."""
+    value = {"params": parameters, "flops": flops}
+    for key, bound in constraints.items():
+        side, what = key.split("_", 1)
+        if side == "max" and value[what] > bound:
+            return f"{what} {value[what]:,} > max_{what} {bound:,.0f}"
+        if side == "min" and value[what] < bound:
+            return f"{what} {value[what]:,} < min_{what} {bound:,.0f}"
+    return None
+
+
+def run_search(spec: Spec, storage: str | None = None, progress: bool = True) -> SearchResult:
+    """Run this worker's share of the spec's study; returns when the study has its trials."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    search = spec.search
+    assert search is not None
+    study, url = open_study(spec, storage)
+    experiment_id = configure(spec) if spec.tracking.enabled else None
+    client = MlflowClient() if spec.tracking.enabled else None
+    multi = not isinstance(search.metric, str)
+    train_seconds = 0.0
+
+    def initialise() -> None:  # once per study, under the study lock
+        for values in search.enqueue:
+            study.enqueue_trial(values, skip_if_exists=True)
+        if client is not None:
+            parent = client.create_run(experiment_id, run_name=study.study_name, tags={
+                "optuna.study_name": study.study_name, "optuna.storage": _redact(url),
+                "sampler": search.sampler, "pruner": search.pruner, "mlflow.runName": study.study_name,
+            })
+            client.log_text(parent.info.run_id, spec.to_yaml(), "study.yaml")
+            study.set_system_attr(PARENT_RUN, parent.info.run_id)
+
+    def run_trial(trial: optuna.Trial) -> list[float]:
+        nonlocal train_seconds
+        parent = study.system_attrs.get(PARENT_RUN)
+        tags = {"optuna.trial_number": str(trial.number), "optuna.study_name": study.study_name,
+                "sampler": search.sampler, "pruner": search.pruner}
+        try:
+            trial_spec, drawn = sample_spec(spec, trial)
+        except SpecError as err:
+            raise Infeasible(f"infeasible: {err.problems[0]}") from None
+        parameters, flops = model_cost(trial_spec)
+        trial.set_user_attr("parameters", parameters)
+        trial.set_user_attr("flops", flops)
+        reason = check_constraints(search.constraints, parameters, flops)
+        if reason:
+            trial.set_user_attr("pruned_reason", reason)
+            _log_untrained(trial_spec, parent, trial.number, tags, parameters, flops, reason)
+            raise Infeasible(reason)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if multi or search.metric not in metrics:  # parameters and flops do not change per epoch
+                return
+            trial.report(metrics[search.metric], epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_reason", f"pruned by {search.pruner} after epoch {epoch + 1}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+
+        started = time.perf_counter()
+        try:
+            result = train(trial_spec, on_epoch=on_epoch, parent_run_id=parent, run_name=f"trial {trial.number}",
+                           tags={**tags, "search.keys": ",".join(drawn)},
+                           checkpoint_dir=f"runs/{study.study_name}/trial-{trial.number}", progress=False)
+        finally:
+            train_seconds += time.perf_counter() - started
+        for name, value in result.metrics.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        return objective_values(trial_spec, result.metrics, result.parameters, result.flops)
+
+    bar = _ProgressBar(search.n_trials, multi, enabled=progress and sys.stderr.isatty())
+
+    def on_trial_end(frozen: optuna.trial.FrozenTrial) -> None:
+        bar.update(study, frozen)
+        if client is not None:
+            _tag_child_run(client, study, frozen)
+
+    started = time.perf_counter()
+    report = worker_loop(study, url, search.n_trials, run_trial, timeout=search.timeout,
+                         heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
+                         on_trial_end=on_trial_end, initialise=initialise)
+    bar.close()
+    if client is not None:
+        from .report import update_parent_run
+
+        update_parent_run(client, study, spec)
+    if mlflow.active_run():
+        mlflow.end_run()
+    return SearchResult(study, url, report.trials_run, time.perf_counter() - started, train_seconds,
+                        report.interrupted)
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password, for tags."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
+    return url
+
+
+def _log_untrained(spec: Spec, parent: str | None, number: int, tags: dict[str, str], parameters: int,
+                   flops: int, reason: str) -> None:
+    """A child run for a trial pruned before training: its spec, size and the reason."""
+    tracker = Tracker(spec)
+    with tracker.run(parent_run_id=parent, run_name=f"trial {number}", tags={**tags, "pruned_reason": reason}):
+        tracker.log_start(parameters, flops, "none")
+
+
+def _tag_child_run(client: Any, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Mark a trial's MLflow run with its Optuna state (pruned runs end KILLED, not FAILED)."""
+    parent = study.system_attrs.get(PARENT_RUN)
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id] if parent else [],
+        filter_string=f"tags.`optuna.trial_number` = '{frozen.number}' and "
+                      f"tags.`optuna.study_name` = '{study.study_name}'",
+    ) if parent else []
+    for run in runs:
+        client.set_tag(run.info.run_id, STATE_TAG, frozen.state.name)
+        for key in ("error", "pruned_reason"):
+            if key in frozen.user_attrs:
+                client.set_tag(run.info.run_id, key, str(frozen.user_attrs[key])[:5000])
+        if frozen.state == TrialState.PRUNED:
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+class _ProgressBar:
+    """A bar over the study's trials showing the best value so far (quiet when not a terminal)."""
+
+    def __init__(self, total: int | None, multi: bool, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.multi = multi
+        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
+
+    def update(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        self.bar.update(1)
+        if not self.multi and any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+
+    def close(self) -> None:
+        self.bar.close()
+

@@ -1,0 +1,195 @@
+"""The search space: ``search.space`` of a spec turned into Optuna suggestions.
+
+Keys are dotted paths into the spec; values say how to draw them::
+
+    model.depth: {int: [2, 8]}                           # also step: k, log: true
+    train.lr: {float: [1.0e-4, 1.0e-2], log: true}       # also step: x
+    model.pooling.type: {choice: [cls, mean]}            # scalars, or whole mappings:
+    model.attention: {choice: [{type: sdpa, heads: 4}, {type: einsum, heads: 2}]}
+    model.ffn.type: {choice: [mlp, swiglu]}
+    model.ffn[mlp].ratio: {choice: [2, 4]}               # searched only when model.ffn.type is mlp
+
+A bracket names a block type: ``model.ffn[mlp].ratio`` is drawn only in trials whose ``model.ffn``
+is an ``mlp``, so a block's own arguments are searched only where the block is chosen.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+
+_CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_][\w.]*)\[(?P<type>[\w-]+)\]\.(?P<rest>[\w.]+)$")
+_PLAIN = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*$")
+
+
+class SpaceError(ValueError):
+    """A malformed search-space entry; ``key`` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched value: where it goes, how it is drawn, and when it applies."""
+
+    key: str  # as written in the spec: also the Optuna parameter name
+    path: tuple[str, ...]  # where the value goes in the spec
+    kind: str  # "choice", "int" or "float"
+    choices: tuple[Any, ...] = ()
+    low: float = 0
+    high: float = 0
+    step: float | None = None
+    log: bool = False
+    condition: tuple[tuple[str, ...], str] | None = None  # (block path, block type)
+
+    @property
+    def labels(self) -> list[Any]:
+        """The choices as Optuna stores them: scalars as they are, mappings and lists as YAML text."""
+        return [c if c is None or isinstance(c, (bool, int, float, str)) else _label(c) for c in self.choices]
+
+    def applies(self, spec: Mapping[str, Any]) -> bool:
+        """Whether this dimension is drawn for a (partly filled) spec."""
+        if self.condition is None:
+            return True
+        block_path, block_type = self.condition
+        block = _get(spec, block_path)
+        chosen = block.get("type") if isinstance(block, Mapping) else block
+        return chosen == block_type
+
+    def suggest(self, trial: Any) -> Any:
+        """Draw this dimension's value in an Optuna trial."""
+        if self.kind == "choice":
+            label = trial.suggest_categorical(self.key, self.labels)
+            return copy.deepcopy(self.choices[self.labels.index(label)])
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def values_to_check(self) -> list[Any]:
+        """Values that together exercise this dimension's range: every choice, or both ends."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def grid(self) -> list[Any]:
+        """Every value, for grid search (choices, or each step of an int/float range)."""
+        if self.kind == "choice":
+            return self.labels
+        if self.kind == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            raise SpaceError(self.key, "grid search needs a step for float ranges")
+        count = int(round((self.high - self.low) / self.step))
+        return [self.low + i * self.step for i in range(count + 1)]
+
+
+def _label(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set ``tree[a][b]... = value``, creating mappings (a block given by name becomes {type: name})."""
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if isinstance(child, str):  # `ffn: mlp` written short
+            child = {"type": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def parse_dimension(key: str, raw: Any) -> Dimension:
+    """One ``search.space`` entry -> :class:`Dimension`; raises :class:`SpaceError` when malformed."""
+    match = _CONDITIONAL.match(key)
+    if match:
+        block = tuple(match["block"].split("."))
+        path, condition = block + tuple(match["rest"].split(".")), (block, match["type"])
+    elif _PLAIN.match(key):
+        path, condition = tuple(key.split(".")), None
+    else:
+        raise SpaceError(key, "a key is a dotted path such as model.depth, or model.ffn[mlp].ratio for a "
+                              "block's own argument")
+    if path[0] in ("search", "name", "plugins"):
+        raise SpaceError(key, f"'{path[0]}' cannot be searched")
+    if not isinstance(raw, Mapping):
+        raise SpaceError(key, "expected {choice: [...]}, {int: [low, high]} or {float: [low, high]}")
+    kinds = [k for k in ("choice", "int", "float") if k in raw]
+    extra = set(raw) - {"choice", "int", "float", "step", "log"}
+    if len(kinds) != 1 or extra:
+        raise SpaceError(key, "give exactly one of choice, int or float (with optional step and log)"
+                         + (f"; unknown: {', '.join(sorted(extra))}" if extra else ""))
+    kind = kinds[0]
+    if kind == "choice":
+        choices = raw["choice"]
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(key, "choice needs a non-empty list")
+        if "step" in raw or "log" in raw:
+            raise SpaceError(key, "step and log apply to int and float ranges, not choice")
+        return Dimension(key, path, kind, choices=tuple(choices), condition=condition)
+    bounds = raw[kind]
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
+        raise SpaceError(key, f"{kind} needs [low, high]")
+    low, high = bounds
+    if kind == "int" and not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+        raise SpaceError(key, "int bounds must be integers")
+    if low > high:
+        raise SpaceError(key, f"low {low} is above high {high}")
+    log, step = bool(raw.get("log", False)), raw.get("step")
+    if log and low <= 0:
+        raise SpaceError(key, "a log range needs low > 0")
+    if log and step is not None and kind == "float":
+        raise SpaceError(key, "a float range takes step or log, not both")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise SpaceError(key, "step must be positive")
+    return Dimension(key, path, kind, low=low, high=high, step=step, log=log, condition=condition)
+
+
+def parse_space(space: Mapping[str, Any]) -> list[Dimension]:
+    """All dimensions, unconditional ones first (conditions read the values those set)."""
+    dims = [parse_dimension(key, raw) for key, raw in space.items()]
+    return sorted(dims, key=lambda d: d.condition is not None)
+
+
+def sample(dims: list[Dimension], base: Mapping[str, Any], trial: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Draw a trial's values; returns (the filled raw spec, {key: value} of what was drawn)."""
+    raw = copy.deepcopy(dict(base))
+    drawn: dict[str, Any] = {}
+    for dim in dims:
+        if dim.applies(raw):
+            value = dim.suggest(trial)
+            set_path(raw, dim.path, value)
+            drawn[dim.key] = value
+    return raw, drawn
+
+
+def fill(dims: list[Dimension], base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The raw spec with given values set (for enqueued configurations and exported best trials)."""
+    raw = copy.deepcopy(dict(base))
+    for dim in dims:
+        if dim.key in values and dim.applies(raw):
+            value = values[dim.key]
+            if dim.kind == "choice" and value in dim.labels and value not in dim.choices:
+                value = dim.choices[dim.labels.index(value)]
+            set_path(raw, dim.path, copy.deepcopy(value))
+    return raw

@@ -1,0 +1,126 @@
+"""Where a study lives (an Optuna storage) and the lock that lets several workers share it.
+
+Storage URLs:
+
+* ``sqlite:///path.db``, ``postgresql://...``, ``mysql+pymysql://...``: Optuna's RDBStorage;
+* ``journal:PATH`` or a path ending in ``.log``/``.journal``/``.jsonl``: a JournalStorage file;
+* ``redis://host:port/db``: a JournalStorage on Redis;
+* nothing: ``sqlite:///optuna.db`` beside the MLflow store (its folder when that is a sqlite file,
+  else the working directory).
+
+Workers take each new trial under a lock held in the same place as the study (a file lock beside a
+sqlite or journal file, an advisory lock in PostgreSQL or MySQL, a Redis lock), so that together
+they start exactly ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+
+
+def default_storage_url() -> str:
+    """``sqlite:///optuna.db`` next to MLflow's sqlite store, or in the working directory."""
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return "sqlite:///optuna.db"
+
+
+def journal_path(url: str) -> Path | None:
+    """The journal file a URL names, or None for a database URL."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:"))
+    if "://" not in url and url.endswith(JOURNAL_SUFFIXES):
+        return Path(url)
+    return None
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage for ``url`` (see the module docstring)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+
+    path = journal_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("redis://"):
+        return optuna.storages.JournalStorage(JournalRedisBackend(url))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several local workers write one file: wait for the lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+@contextmanager
+def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[None]:
+    """Hold the study's worker lock (see the module docstring) for the ``with`` body."""
+    path = journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+    if path is not None:
+        lock_file = path.with_name(f"{path.name}.{zlib.crc32(study_name.encode())}.lock")
+        with open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if url.startswith("redis://"):
+        import redis
+
+        with redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=timeout, blocking_timeout=timeout):
+            yield
+        return
+    with _database_lock(url, study_name, timeout):
+        yield
+
+
+@contextmanager
+def _database_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
+    import sqlalchemy
+
+    key = zlib.crc32(f"vit-search:{study_name}".encode()) & 0x7FFFFFFF
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    dialect = engine.dialect.name
+    try:
+        with engine.connect() as conn:
+            if dialect == "postgresql":
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                unlock = ("SELECT pg_advisory_unlock(:k)", {"k": key})
+            elif dialect in ("mysql", "mariadb"):
+                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, :t)"), {"k": str(key), "t": timeout}).scalar()
+                if got != 1:
+                    raise TimeoutError(f"could not take the study lock in {timeout:.0f} s")
+                unlock = ("SELECT RELEASE_LOCK(:k)", {"k": str(key)})
+            else:
+                raise ValueError(f"no worker lock for {dialect} storages; use sqlite, PostgreSQL, MySQL, a journal "
+                                 f"file or Redis")
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text(unlock[0]), unlock[1])
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

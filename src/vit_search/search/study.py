@@ -1,0 +1,242 @@
+"""An Optuna study over a spec: each trial is the spec with sampled values, trained by ``train()``.
+
+Any number of ``vit-search run`` processes pointed at one storage are workers of one study. Each
+takes its next trial under the study's lock (see :mod:`.storage`), so that together they start
+exactly ``n_trials``; a trial whose worker died (its heartbeat went stale, or its process is gone
+on this host) is failed and retried with the same values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from ..spec import Spec, load_spec
+from .space import fill, parse_space, sample
+from .storage import default_storage_url, open_storage, study_lock
+
+HEARTBEAT = "vit_search:heartbeat"
+WORKER = "vit_search:worker"
+RETRIED = "vit_search:retried"
+RETRY_OF = "vit_search:retry_of"
+INITIALISED = "vit_search:initialised"
+PARENT_RUN = "vit_search:mlflow_parent_run_id"
+MAX_RETRIES = 2
+
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    # group + multivariate: TPE models conditional parameters only where they apply; the constant
+    # liar keeps parallel workers from sampling the same point.
+    "tpe": lambda seed, dims, n: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(4, min(10, (n or 20) // 4))),
+    "random": lambda seed, dims, n: optuna.samplers.RandomSampler(seed=seed),
+    "grid": lambda seed, dims, n: optuna.samplers.GridSampler({d.key: d.grid() for d in dims}, seed=seed),
+    "cmaes": lambda seed, dims, n: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "gp": lambda seed, dims, n: optuna.samplers.GPSampler(seed=seed),
+    "nsga2": lambda seed, dims, n: optuna.samplers.NSGAIISampler(seed=seed),
+}
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """A pruner by name, fed one value per epoch."""
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 5))
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class WorkerReport:
+    """What one worker did."""
+
+    study_name: str
+    storage: str
+    trials_run: list[int] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _worker_dead(worker: str | None) -> bool:
+    """A worker on this host whose process is gone (elsewhere only heartbeats tell)."""
+    if not worker or ":" not in worker:
+        return False
+    host, pid = worker.rsplit(":", 1)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Heartbeat:
+    """Stamps a trial's heartbeat every ``interval`` seconds from a background thread."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.study._storage.set_trial_system_attr(self.trial_id, HEARTBEAT, time.time())
+            except Exception:  # a finished trial or a passing storage error: the next beat retries
+                continue
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count towards ``n_trials``: all but failed ones that were retried."""
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.system_attrs.get(RETRIED)))
+
+
+def fail_stale_trials(study: optuna.Study, grace: float) -> list[int]:
+    """Fail RUNNING trials whose worker is gone and enqueue a retry of each; call under the lock."""
+    now, failed = time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = trial.system_attrs.get(HEARTBEAT, trial.datetime_start.timestamp() if trial.datetime_start else now)
+        if now - beat < grace and not _worker_dead(trial.system_attrs.get(WORKER)):
+            continue
+        storage = study._storage
+        storage.set_trial_user_attr(trial._trial_id, "error", "worker died (no heartbeat)")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        failed.append(trial.number)
+        retries = trial.system_attrs.get(RETRY_OF, [])
+        if len(retries) < MAX_RETRIES:
+            storage.set_trial_system_attr(trial._trial_id, RETRIED, True)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
+            storage.set_trial_system_attr(waiting._trial_id, RETRY_OF, [*retries, trial.number])
+    return failed
+
+
+def open_study(spec: Spec, storage_url: str | None = None) -> tuple[optuna.Study, str]:
+    """Create or load the spec's study (load_if_exists: re-running a command resumes it)."""
+    search = spec.search
+    assert search is not None
+    url = storage_url or search.storage or default_storage_url()
+    dims = parse_space(search.space)
+    directions = [search.direction] if isinstance(search.direction, str) else list(search.direction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = SAMPLERS[search.sampler](spec.seed, dims, search.n_trials)
+    # Pruning needs one value per step: Optuna prunes single-objective studies only.
+    pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
+    study = optuna.create_study(
+        study_name=search.study_name or spec.name, storage=open_storage(url), sampler=sampler, pruner=pruner,
+        directions=directions, load_if_exists=True,
+    )
+    return study, url
+
+
+def objective_values(spec: Spec, metrics: dict[str, float], parameters: int, flops: int) -> list[float]:
+    """The study's objectives for one finished trial, in ``search.metric`` order."""
+    names = [spec.search.metric] if isinstance(spec.search.metric, str) else spec.search.metric
+    known = {**metrics, "parameters": float(parameters), "flops": float(flops)}
+    return [known[name] for name in names]
+
+
+def trial_spec(base: Spec, values: dict[str, Any]) -> Spec:
+    """The plain spec of a trial: the base with ``values`` set and the search section dropped."""
+    raw = fill(parse_space(base.search.space), base.raw, values)
+    raw.pop("search", None)
+    return load_spec(raw, check_model=True)
+
+
+def sample_spec(base: Spec, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
+    """Draw a trial's values and build its spec (a SpecError means an infeasible combination)."""
+    raw, drawn = sample(parse_space(base.search.space), base.raw, trial)
+    raw.pop("search", None)
+    return load_spec(raw, check_model=True), drawn
+
+
+def worker_loop(
+    study: optuna.Study,
+    storage_url: str,
+    n_trials: int | None,
+    run_trial: Callable[[optuna.Trial], list[float]],
+    timeout: float | None = None,
+    heartbeat: float = 10.0,
+    grace: float = 60.0,
+    on_trial_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    initialise: Callable[[], None] | None = None,
+) -> WorkerReport:
+    """Take trials until the study has ``n_trials`` (or ``timeout`` passes); run each with ``run_trial``.
+
+    ``run_trial`` returns the objective values, or raises ``optuna.TrialPruned`` (pruned) or any
+    other exception (failed, recorded with its error; the loop goes on). Ctrl-C fails the trial in
+    progress with "interrupted", ends the loop and returns.
+    """
+    report = WorkerReport(study.study_name, storage_url)
+    started = time.monotonic()
+    while True:
+        with study_lock(storage_url, study.study_name):
+            if initialise and not study.system_attrs.get(INITIALISED):
+                initialise()
+                study.set_system_attr(INITIALISED, True)
+            fail_stale_trials(study, grace)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            out_of_time = timeout is not None and time.monotonic() - started > timeout
+            if out_of_time or (not waiting and n_trials is not None and counted(trials) >= n_trials):
+                running = [t for t in trials if t.state == TrialState.RUNNING]
+                if out_of_time or not running:
+                    return report
+                trial = None  # others still run: wait, in case their worker dies and needs a retry
+            else:
+                trial = study.ask()
+                study._storage.set_trial_system_attr(trial._trial_id, WORKER, _worker_id())
+                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+        if trial is None:
+            time.sleep(min(heartbeat, 2.0))
+            continue
+        report.trials_run.append(trial.number)
+        try:
+            with Heartbeat(study, trial._trial_id, heartbeat):
+                values = run_trial(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            study.tell(trial, state=TrialState.FAIL)
+            report.interrupted = True
+            if on_trial_end:
+                on_trial_end(study.get_trials(deepcopy=False)[trial.number])
+            return report
+        except Exception as err:  # a failing trial is recorded and the study goes on
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            if any(not math.isfinite(v) for v in values):
+                trial.set_user_attr("error", f"objective is not finite: {values}")
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, values)
+        if on_trial_end:
+            on_trial_end(study.get_trials(deepcopy=False)[trial.number])
+

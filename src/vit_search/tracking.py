@@ -1,0 +1,143 @@
+"""MLflow logging of one training run: the spec as params, metrics per epoch, weights as artifacts.
+
+The tracking URI is MLflow's own choice (``MLFLOW_TRACKING_URI``, else its local default) unless
+the spec's ``tracking.uri`` names one and the environment does not. Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .spec import Spec
+
+STATE_DICT_ARTIFACT = "model/state_dict.pt"
+SPEC_ARTIFACT = "model/spec.yaml"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def configure(spec: Spec) -> str:
+    """Point MLflow at the spec's store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
+    if uri:  # else MLflow's own default store
+        mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
+    return experiment.experiment_id
+
+
+def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
+    """The commit checked out at ``path`` (None outside a git work tree)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """One MLflow run's bookkeeping; every method is a no-op when tracking is off."""
+
+    def __init__(self, spec: Spec, enabled: bool = True):
+        self.spec = spec
+        self.enabled = enabled and spec.tracking.enabled
+        self.run_id: str | None = None
+
+    @contextmanager
+    def run(
+        self,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator["Tracker"]:
+        """Start (or resume, given ``run_id``) the run; a failure ends it FAILED with the error tagged."""
+        if not self.enabled:
+            yield self
+            return
+        import mlflow
+
+        configure(self.spec)
+        active = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else (run_name or self.spec.name),
+            parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),
+        )
+        self.run_id = active.info.run_id
+        try:
+            yield self
+        except KeyboardInterrupt:
+            mlflow.set_tag("error", "interrupted")
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException as err:
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            mlflow.end_run(status="FAILED")
+            raise
+        else:
+            mlflow.end_run(status="FINISHED")
+
+    def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None) -> None:
+        """Log every resolved spec value as a param, model size and FLOPs, and provenance tags."""
+        if not self.enabled:
+            return
+        import mlflow
+        import torch
+
+        from . import __version__
+
+        params = {k: _param_value(v) for k, v in self.spec.flat().items()}
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+            mlflow.log_params(dict(list(params.items())[start:start + 100]))
+        mlflow.log_metrics({"parameters": parameters, "flops": flops})
+        tags = {"vit_search.version": __version__, "torch.version": torch.__version__, "device": device}
+        commit = git_commit(Path(self.spec.source).parent if self.spec.source else ".")
+        if commit:
+            tags["git.commit"] = commit
+        mlflow.set_tags({**tags, **(extra_tags or {})})
+        mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics, at ``step`` (the epoch) if given."""
+        if self.enabled and metrics:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_model(self, state_dict: Mapping[str, Any]) -> None:
+        """Log the trained weights and the spec that builds them; :func:`load_model` reads them back."""
+        if not (self.enabled and self.spec.tracking.log_model):
+            return
+        import mlflow
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(dict(state_dict), Path(tmp) / "state_dict.pt")
+            (Path(tmp) / "spec.yaml").write_text(self.spec.to_yaml(exclude_search=True))
+            mlflow.log_artifacts(tmp, "model")
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+def load_model(run_id: str, tracking_uri: str | None = None):
+    """The trained model of an MLflow run, rebuilt from its logged spec and weights (eval mode)."""
+    import mlflow
+    import torch
+
+    from .model import build_model
+    from .spec import load_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=tmp,
+                                                    tracking_uri=tracking_uri)
+        spec = load_spec(Path(local) / "spec.yaml", check_model=False)
+        model = build_model(spec)
+        model.load_state_dict(torch.load(Path(local) / "state_dict.pt", map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,259 @@
+"""One training run of a Spec through Hugging Face Accelerate, logged to MLflow.
+
+Accelerate does device placement, mixed precision, gradient accumulation, data sharding across
+processes and metric gathering; this module only says what to train and in what order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import load_data, make_loader
+from .model import build_model, count_parameters
+from .spec import Spec
+from .summary import flop_count
+from .tracking import Tracker
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final metrics, per-epoch history, model size, MLflow run id."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    parameters: int = 0
+    flops: int = 0
+    run_id: str | None = None
+    train_seconds: float = 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only, not on norms, biases, tokens or positions."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith("token") or name.startswith("pos_embed")
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup to 1, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain tensors, ints and lists only, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir_of(spec: Spec) -> Path:
+    """Where a spec's epoch checkpoints go."""
+    return Path(spec.train.checkpoint_dir or Path("runs") / spec.name)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    # Write beside, then rename: a kill mid-write leaves the previous checkpoint intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def train(
+    spec: Spec,
+    on_epoch: EpochCallback | None = None,
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train and evaluate ``spec``; returns final val and test metrics.
+
+    ``on_epoch(epoch, metrics)`` runs after each epoch's validation on the main process (the
+    search uses it to report and prune; an exception it raises ends the run). With ``resume``, a
+    run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, is_mps_available, is_xpu_available, set_seed
+    from tqdm.auto import tqdm
+
+    cfg = spec.train
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        # On a machine without accelerators, say so: Accelerate then joins launched processes into
+        # one gloo group (MULTI_CPU) instead of leaving each to train alone.
+        cpu=cfg.cpu or not (torch.cuda.is_available() or is_mps_available() or is_xpu_available()),
+        # Shuffles from (seed, epoch): a resumed run sees the batches an unbroken one would.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(spec.seed)
+    ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.exists() else None
+
+    data = load_data(spec.data, spec.seed, device=accelerator.device)
+    model = build_model(spec)
+    parameters = count_parameters(model)
+    flops = flop_count(model.eval(), torch.zeros(1, model.in_channels, *_pair(model.image_size)))
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=spec.seed,
+                               num_workers=0 if data.on_device else spec.data.num_workers, drop_last=True)
+    val_loader = make_loader(data.val, cfg.batch_size, shuffle=False, seed=spec.seed,
+                             num_workers=0 if data.on_device else spec.data.num_workers)
+    test_loader = make_loader(data.test, cfg.batch_size, shuffle=False, seed=spec.seed,
+                              num_workers=0 if data.on_device else spec.data.num_workers)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    if cfg.compile:
+        model = torch.compile(model)
+    # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
+    # it once per process per step).
+    steps_per_epoch = max(len(train_loader) // cfg.grad_accum_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
+    )
+    augment = data.augment
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, history, run_id = 0, [], None
+    if checkpoint is not None:
+        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"])
+        start_epoch, history, run_id = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["run_id"]
+
+    tracker = Tracker(spec, enabled=accelerator.is_main_process)
+    show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
+    train_seconds = 0.0
+    with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
+        if checkpoint is None:
+            tracker.log_start(parameters, flops, str(accelerator.device),
+                              {"num_processes": str(accelerator.num_processes)})
+        for epoch in range(start_epoch, cfg.epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)  # reshuffle per epoch, same order on resume
+            model.train()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            seen = steps = 0
+            started = time.perf_counter()
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_bar)
+            for step, (images, labels) in enumerate(bar):
+                if augment.enabled:
+                    images, labels = augment(images, labels)
+                with accelerator.accumulate(model):
+                    loss = criterion(model(images), labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()  # skipped by Accelerate between accumulation boundaries
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                seen += images.shape[0]
+                steps += 1
+                # Checked now and then, not every step: on a GPU each check waits for the device.
+                if step % 25 == 0 and not torch.isfinite(loss_sum):
+                    break
+            epoch_seconds = time.perf_counter() - started
+            train_seconds += epoch_seconds
+            train_loss = accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
+                    f"or use mixed_precision: bf16 instead of fp16"
+                )
+            val = evaluate(model, val_loader, accelerator, "val")
+            images_per_second = seen * accelerator.num_processes / max(epoch_seconds, 1e-9)
+            metrics = {"train_loss": train_loss, **val, "lr": scheduler.get_last_lr()[0],
+                       "images_per_second": images_per_second, "epoch_seconds": epoch_seconds}
+            history.append(metrics)
+            tracker.log_metrics(metrics, step=epoch)
+            if accelerator.is_main_process:
+                _save_checkpoint(ckpt_path, {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
+                })
+            accelerator.wait_for_everyone()
+            if on_epoch is not None and accelerator.is_main_process:
+                on_epoch(epoch, metrics)
+        # Validation after the last epoch is that epoch's: only the test split is new here.
+        test = evaluate(model, test_loader, accelerator, "test")
+        tracker.log_metrics(test, step=cfg.epochs - 1)
+        last = history[-1] if history else evaluate(model, val_loader, accelerator, "val")
+        final = {"val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], **test}
+        if accelerator.is_main_process:
+            tracker.log_model(accelerator.unwrap_model(model).state_dict())
+    return TrainResult(final, history, parameters, flops, tracker.run_id, train_seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, accelerator: Any, prefix: str) -> dict[str, float]:
+    """Loss and accuracy over a whole split, gathered from every process (no sample counted twice)."""
+    model.eval()
+    losses, correct = [], []
+    for images, labels in loader:
+        logits = model(images)
+        per_sample = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        per_sample, hits = accelerator.gather_for_metrics((per_sample, logits.argmax(-1) == labels))
+        losses.append(per_sample)
+        correct.append(hits)
+    loss, hits = torch.cat(losses), torch.cat(correct)
+    return {f"{prefix}_loss": loss.mean().item(), f"{prefix}_accuracy": hits.float().mean().item()}
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+

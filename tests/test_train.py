@@ -1,0 +1,177 @@
+"""`vit-search train`: one spec trained through Accelerate and logged to MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from vit_search.registry import register
+from vit_search.spec import load_spec
+from vit_search.tracking import load_model
+from vit_search.train import TrainingDiverged, train
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"dataset": "digits", "image_size": 8},
+    "model": {"dim": 32, "depth": 2, "patch_embed": {"type": "conv", "patch_size": 2},
+              "attention": {"type": "sdpa", "heads": 2}, "ffn": {"type": "mlp", "ratio": 2}},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 3.0e-3, "warmup_epochs": 0.5},
+}
+
+
+@pytest.fixture(scope="session")
+def sqlite_uri(tmp_path_factory) -> str:
+    # One store for the session: creating MLflow's tables takes seconds.
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    """A fresh working directory with MLflow pointed at the session's sqlite store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def tiny_spec(experiment: str, **train):
+    raw = {**TINY, "tracking": {"experiment": experiment}, "train": {**TINY["train"], **train}}
+    return load_spec(raw)
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_training_on_cpu_learns_and_logs_everything_to_mlflow(workdir):
+    result = train(tiny_spec("logs-everything"))
+    assert result.metrics["val_accuracy"] > 0.4 and result.metrics["test_accuracy"] > 0.4  # chance: 0.1
+    assert len(result.history) == 3
+
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.attention.type"] == "sdpa" and run.data.params["train.epochs"] == "3"
+    assert run.data.params["data.dataset"] == "digits" and run.data.params["model.num_classes"] == "10"
+    for name in ("train_loss", "val_loss", "val_accuracy", "lr", "images_per_second"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, name)]
+        assert steps == [0, 1, 2], name
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    assert run.data.metrics["parameters"] == result.parameters and run.data.metrics["flops"] > 0
+    assert {"vit_search.version", "torch.version", "device"} <= set(run.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
+        a.path for a in client.list_artifacts(result.run_id, "model")}
+    assert {"spec.yaml", "model/state_dict.pt", "model/spec.yaml"} <= artifacts
+
+
+def test_logged_model_loads_back_with_one_call(workdir):
+    import torch
+
+    from vit_search.data import load_data
+
+    spec = tiny_spec("loads-back", epochs=2)
+    result = train(spec)
+    model = load_model(result.run_id)
+    data = load_data(spec.data, spec.seed)
+    images, labels = data.test[list(range(len(data.test)))]
+    with torch.no_grad():
+        accuracy = (model(images).argmax(-1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_seeded_cpu_runs_are_reproducible(workdir):
+    first = train(tiny_spec("reproducible", epochs=2))
+    second = train(tiny_spec("reproducible", epochs=2))
+    assert first.metrics == second.metrics
+
+
+def test_runs_reach_a_real_mlflow_server(workdir, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = train(tiny_spec("server", epochs=1))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
+    assert "model/state_dict.pt" in {a.path for a in client.list_artifacts(result.run_id, "model")}
+    assert load_model(result.run_id, tracking_uri=mlflow_server).num_classes == 10
+
+
+@register("head", "test_nan_head")
+class NanHead:
+    """A head whose logits turn NaN: drives the divergence check."""
+
+    def __new__(cls, dim: int, num_classes: int):
+        import torch
+
+        class Head(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) * float("nan")
+
+        return Head(dim, num_classes)
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workdir):
+    spec = load_spec({**TINY, "tracking": {"experiment": "nan"},
+                      "model": {**TINY["model"], "head": {"type": "test_nan_head"}}})
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
+        train(spec)
+    (run,) = mlflow.search_runs(experiment_names=["nan"], output_format="list")
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_run(workdir, sqlite_uri):
+    raw = {**TINY, "tracking": {"experiment": "resume"}, "train": {**TINY["train"], "epochs": 12}}
+    spec_path = write_yaml(workdir / "resume.yaml", raw)
+    unbroken = train(load_spec(raw), checkpoint_dir=workdir / "unbroken")
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri}
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    result = subprocess.run([sys.executable, "-m", "vit_search", "train", str(spec_path), "--resume"],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    resumed = [line for line in result.stdout.splitlines() if line.startswith("tiny:")][0]
+    assert f"test_accuracy {unbroken.metrics['test_accuracy']:.4f}" in resumed
+    assert f"val_loss {unbroken.metrics['val_loss']:.4f}" in resumed
+
+    runs = mlflow.search_runs(experiment_names=["resume"], output_format="list")
+    killed = [r for r in runs if r.info.run_id != unbroken.run_id]
+    assert len(killed) == 1 and killed[0].info.status == "FINISHED"  # the same run, continued
+    steps = sorted({m.step for m in MlflowClient().get_metric_history(killed[0].info.run_id, "val_accuracy")})
+    assert steps == list(range(12))
+
+
+def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
+    raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3}}
+    spec_path = write_yaml(workdir / "ddp.yaml", raw)
+    result = subprocess.run(
+        # --multi_gpu selects torchrun's launcher; on a machine without GPUs the processes join one
+        # gloo group (accelerate's --cpu flag alone starts a single process unless MPI is set up).
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vit_search", "train", str(spec_path)],
+        cwd=workdir, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("mlflow run ") == 1 and result.stdout.count("tiny: ") == 1
+    (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    assert run.data.tags["num_processes"] == "2" and run.info.status == "FINISHED"
+    assert run.data.metrics["val_accuracy"] > 0.2  # chance: 0.1
