@@ -53,10 +53,32 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a spec without running anything."""
+def _load_study_spec(args: argparse.Namespace):
+    """The spec, with its search section checked too (a typo fails now, not an hour in)."""
+    from .search.space import check_space
+    from .spec import SpecError
+
     spec = _load(args)
-    print(f"{args.spec}: ok ({spec.name})")
+    if spec.search is None:
+        raise BadInput(f"{args.spec}: no 'search:' section; add one (see experiments/digits.yaml), "
+                       f"or use 'vit-search train' for a single run")
+    problems = check_space(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a spec (search section included) without running anything."""
+    from .search.space import check_space
+    from .spec import SpecError
+
+    spec = _load(args)
+    problems = check_space(spec)
+    if problems:
+        raise SpecError(problems)
+    searched = f", {len(spec.search.space)} searched values" if spec.search else ""
+    print(f"{args.spec}: ok ({spec.name}{searched})")
     return 0
 
 
@@ -93,6 +115,120 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the spec's Optuna study (or join it as one more worker); trials are logged to MLflow."""
+    spec = _load_study_spec(args)
+    if args.n_trials is not None:
+        spec.search.n_trials = args.n_trials
+    if args.dry_run:
+        return _dry_run(spec, args.dry_run)
+    from .search.report import top_table
+    from .search.run import run_search
+
+    result = run_search(spec, storage=args.storage)
+    print(top_table(result.study))
+    print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
+          f"({result.train_seconds:.1f} s training); storage {result.storage}")
+    print(f"compare the trials: vit-search ui {args.spec}")
+    return 130 if result.interrupted else 0
+
+
+def _dry_run(spec, count: int) -> int:
+    """Sample ``count`` configurations in memory and print their sizes; nothing is trained or written."""
+    import optuna
+
+    from .search.run import check_constraints, model_cost
+    from .search.study import sample_spec
+    from .spec import SpecError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed))
+    for _ in range(count):
+        trial = study.ask()
+        try:
+            trial_spec, drawn = sample_spec(spec, trial)
+        except SpecError as err:
+            print(f"trial {trial.number}: infeasible: {err.problems[0]}")
+            continue
+        parameters, flops = model_cost(trial_spec)
+        reason = check_constraints(spec.search.constraints, parameters, flops)
+        values = ", ".join(f"{k}={v}" for k, v in drawn.items())
+        print(f"trial {trial.number}: {parameters:,} parameters, {flops / 1e6:,.1f} MFLOPs"
+              f"{'  PRUNED: ' + reason if reason else ''}  [{values}]")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """Print the study's best trial; --export writes it as a plain spec for `vit-search train`."""
+    import optuna
+
+    from .search.report import best_spec, best_trials, top_table
+    from .search.study import open_study
+
+    spec = _load_study_spec(args)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(spec, args.storage).study
+    if not best_trials(study):
+        raise BadInput(f"study '{study.study_name}' has no completed trial yet; run 'vit-search run {args.spec}'")
+    print(top_table(study, limit=args.top))
+    best = best_spec(spec, study)
+    if args.export:
+        from pathlib import Path
+
+        Path(args.export).write_text(best.to_yaml(exclude_search=True))
+        print(f"wrote {args.export}: vit-search train {args.export}")
+    else:
+        print(best.to_yaml(exclude_search=True))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the runs' address."""
+    import os
+    import subprocess
+
+    import mlflow
+
+    from .tracking import configure
+
+    spec = _load(args)
+    experiment_id = configure(spec)
+    uri = mlflow.get_tracking_uri()
+    # MLflow 3 opens in its GenAI view unless asked for the machine-learning runs table.
+    view = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri.rstrip('/')}/{view}")
+        return 0
+    address = f"http://127.0.0.1:{args.port}/{view}"
+    print(f"MLflow UI for {uri}: {address}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    try:
+        return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    _spec_arguments(parser)
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides search.storage)")
+    parser.add_argument("--n-trials", type=int, help="trials in the whole study (overrides search.n_trials)")
+    parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=0, metavar="N",
+                        help="sample N configurations (default 5), print their sizes, train nothing")
+
+
+def _best_arguments(parser: argparse.ArgumentParser) -> None:
+    _spec_arguments(parser)
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides search.storage)")
+    parser.add_argument("--export", metavar="FILE", help="write the best trial as a plain spec")
+    parser.add_argument("--top", type=int, default=5, help="rows of the top-trials table")
+
+
+def _ui_arguments(parser: argparse.ArgumentParser) -> None:
+    _spec_arguments(parser)
+    parser.add_argument("--port", type=int, default=5000)
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
@@ -107,6 +243,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "validate": (cmd_validate, _spec_arguments),
     "summary": (cmd_summary, _spec_arguments),
     "train": (cmd_train, _train_arguments),
+    "run": (cmd_run, _run_arguments),
+    "best": (cmd_best, _best_arguments),
+    "ui": (cmd_ui, _ui_arguments),
 }
 
 

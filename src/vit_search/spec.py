@@ -223,6 +223,7 @@ class Spec(_Section):
 
     _source: str | None = PrivateAttr(None)
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _where: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _derive(self) -> "Spec":
@@ -240,6 +241,10 @@ class Spec(_Section):
     def raw(self) -> dict[str, Any]:
         """The spec as written (overrides applied), before defaults and derived values."""
         return copy.deepcopy(self._raw)
+
+    def locate(self, path: tuple[str, ...]) -> str:
+        """Where a field path was written: ``file:line``, a ``--set`` flag, or the file name."""
+        return self._where(path) if self._where else "<spec>"
 
     @property
     def source(self) -> str | None:
@@ -455,6 +460,7 @@ def load_spec(
         raise SpecError(_pydantic_problems(err, where)) from None
     spec._source = None if isinstance(source, Mapping) else str(source)
     spec._raw = raw
+    spec._where = where
 
     problems = check_blocks(spec.model, registry, where)
     if not problems and check_model:

@@ -18,6 +18,7 @@ from .spec import Spec
 STATE_DICT_ARTIFACT = "model/state_dict.pt"
 SPEC_ARTIFACT = "model/spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def configure(spec: Spec) -> str:
@@ -28,6 +29,9 @@ def configure(spec: Spec) -> str:
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # MLflow 3's UI shows the GenAI (traces) view unless the experiment says it trains models.
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

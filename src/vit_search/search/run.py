@@ -19,7 +19,7 @@ from ..spec import Spec, SpecError
 from ..summary import flop_count
 from ..tracking import Tracker, configure
 from ..train import train
-from .study import PARENT_RUN, objective_values, open_study, sample_spec, worker_loop
+from .study import PARENT_RUN, StudyHandle, objective_values, open_study, sample_spec, worker_loop
 
 STATE_TAG = "trial.state"
 
@@ -71,7 +71,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
 
     search = spec.search
     assert search is not None
-    study, url = open_study(spec, storage)
+    handle = open_study(spec, storage)
+    study, url = handle.study, handle.url
     experiment_id = configure(spec) if spec.tracking.enabled else None
     client = MlflowClient() if spec.tracking.enabled else None
     multi = not isinstance(search.metric, str)
@@ -86,11 +87,11 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
                 "sampler": search.sampler, "pruner": search.pruner, "mlflow.runName": study.study_name,
             })
             client.log_text(parent.info.run_id, spec.to_yaml(), "study.yaml")
-            study.set_system_attr(PARENT_RUN, parent.info.run_id)
+            handle.set_attr(PARENT_RUN, parent.info.run_id)
 
     def run_trial(trial: optuna.Trial) -> list[float]:
         nonlocal train_seconds
-        parent = study.system_attrs.get(PARENT_RUN)
+        parent = handle.attr(PARENT_RUN)
         tags = {"optuna.trial_number": str(trial.number), "optuna.study_name": study.study_name,
                 "sampler": search.sampler, "pruner": search.pruner}
         try:
@@ -124,24 +125,26 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         for name, value in result.metrics.items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        return objective_values(trial_spec, result.metrics, result.parameters, result.flops)
+        return objective_values(spec, result.metrics, result.parameters, result.flops)
 
     bar = _ProgressBar(search.n_trials, multi, enabled=progress and sys.stderr.isatty())
 
     def on_trial_end(frozen: optuna.trial.FrozenTrial) -> None:
         bar.update(study, frozen)
+        if frozen.state == TrialState.FAIL:
+            bar.write(f"trial {frozen.number} failed: {frozen.user_attrs.get('error', 'unknown error')}")
         if client is not None:
-            _tag_child_run(client, study, frozen)
+            _tag_child_run(client, handle, frozen)
 
     started = time.perf_counter()
-    report = worker_loop(study, url, search.n_trials, run_trial, timeout=search.timeout,
+    report = worker_loop(handle, search.n_trials, run_trial, timeout=search.timeout,
                          heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
                          on_trial_end=on_trial_end, initialise=initialise)
     bar.close()
     if client is not None:
         from .report import update_parent_run
 
-        update_parent_run(client, study, spec)
+        update_parent_run(client, handle, spec)
     if mlflow.active_run():
         mlflow.end_run()
     return SearchResult(study, url, report.trials_run, time.perf_counter() - started, train_seconds,
@@ -165,9 +168,9 @@ def _log_untrained(spec: Spec, parent: str | None, number: int, tags: dict[str, 
         tracker.log_start(parameters, flops, "none")
 
 
-def _tag_child_run(client: Any, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+def _tag_child_run(client: Any, handle: StudyHandle, frozen: optuna.trial.FrozenTrial) -> None:
     """Mark a trial's MLflow run with its Optuna state (pruned runs end KILLED, not FAILED)."""
-    parent = study.system_attrs.get(PARENT_RUN)
+    study, parent = handle.study, handle.attr(PARENT_RUN)
     runs = client.search_runs(
         [client.get_run(parent).info.experiment_id] if parent else [],
         filter_string=f"tags.`optuna.trial_number` = '{frozen.number}' and "
@@ -195,6 +198,10 @@ class _ProgressBar:
         self.bar.update(1)
         if not self.multi and any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+
+    def write(self, line: str) -> None:
+        """A line on stderr that does not break the bar."""
+        self.bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

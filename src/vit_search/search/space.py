@@ -193,3 +193,42 @@ def fill(dims: list[Dimension], base: Mapping[str, Any], values: Mapping[str, An
                 value = dim.choices[dim.labels.index(value)]
             set_path(raw, dim.path, copy.deepcopy(value))
     return raw
+
+
+def check_space(spec: Any) -> list[str]:
+    """Problems with ``spec.search.space``, one line each (file:line, key, reason), before any trial.
+
+    Every key must parse, every path must exist in the spec schema (block arguments included), and
+    every choice and both ends of every range must validate when set into the spec.
+    """
+    from ..spec import SpecError, load_spec
+
+    if spec.search is None:
+        return []
+    problems = []
+    base = spec.raw
+    base.pop("search", None)
+    for key, raw_dim in spec.search.space.items():
+        where = spec.locate(("search", "space", key))
+        try:
+            dim = parse_dimension(key, raw_dim)
+        except SpaceError as err:
+            problems.append(f"{where}: search.space.{err}")
+            continue
+        for value in dim.values_to_check():
+            trial_raw = copy.deepcopy(base)
+            if dim.condition is not None:  # the block the argument belongs to, freshly chosen
+                set_path(trial_raw, dim.condition[0], {"type": dim.condition[1]})
+            set_path(trial_raw, dim.path, copy.deepcopy(value))
+            try:
+                load_spec(trial_raw, check_model=False)
+            except SpecError as err:
+                reason = err.problems[0].split(": ", 1)[-1]
+                problems.append(f"{where}: search.space.{key}: value {value!r} does not fit the spec: {reason}")
+                break
+    for i, values in enumerate(spec.search.enqueue):
+        unknown = [k for k in values if k not in spec.search.space]
+        if unknown:
+            problems.append(f"{spec.locate(('search', 'enqueue', str(i)))}: search.enqueue.{i}: "
+                            f"'{unknown[0]}' is not a key of search.space")
+    return problems

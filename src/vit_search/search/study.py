@@ -57,6 +57,35 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 @dataclass
+class StudyHandle:
+    """A study with its storage, for the bookkeeping Optuna keeps out of the Study API."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    url: str
+
+    @property
+    def study_id(self) -> int:
+        return self.storage.get_study_id_from_name(self.study.study_name)
+
+    def attr(self, key: str) -> Any:
+        """A study system attribute (None when unset)."""
+        return self.storage.get_study_system_attrs(self.study_id).get(key)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set a study system attribute."""
+        self.storage.set_study_system_attr(self.study_id, key, value)
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number``."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def set_trial_attr(self, number: int, key: str, value: Any) -> None:
+        """Set a trial system attribute."""
+        self.storage.set_trial_system_attr(self.trial_id(number), key, value)
+
+
+@dataclass
 class WorkerReport:
     """What one worker did."""
 
@@ -89,15 +118,15 @@ def _worker_dead(worker: str | None) -> bool:
 class Heartbeat:
     """Stamps a trial's heartbeat every ``interval`` seconds from a background thread."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
-        self.study, self.trial_id, self.interval = study, trial_id, interval
+    def __init__(self, handle: StudyHandle, number: int, interval: float):
+        self.handle, self.number, self.interval = handle, number, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.study._storage.set_trial_system_attr(self.trial_id, HEARTBEAT, time.time())
+                self.handle.set_trial_attr(self.number, HEARTBEAT, time.time())
             except Exception:  # a finished trial or a passing storage error: the next beat retries
                 continue
 
@@ -115,27 +144,27 @@ def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.system_attrs.get(RETRIED)))
 
 
-def fail_stale_trials(study: optuna.Study, grace: float) -> list[int]:
+def fail_stale_trials(handle: StudyHandle, grace: float) -> list[int]:
     """Fail RUNNING trials whose worker is gone and enqueue a retry of each; call under the lock."""
-    now, failed = time.time(), []
+    study, now, failed = handle.study, time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.system_attrs.get(HEARTBEAT, trial.datetime_start.timestamp() if trial.datetime_start else now)
         if now - beat < grace and not _worker_dead(trial.system_attrs.get(WORKER)):
             continue
-        storage = study._storage
-        storage.set_trial_user_attr(trial._trial_id, "error", "worker died (no heartbeat)")
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        trial_id = handle.trial_id(trial.number)
+        handle.storage.set_trial_user_attr(trial_id, "error", "worker died (no heartbeat)")
+        handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         failed.append(trial.number)
         retries = trial.system_attrs.get(RETRY_OF, [])
         if len(retries) < MAX_RETRIES:
-            storage.set_trial_system_attr(trial._trial_id, RETRIED, True)
+            handle.storage.set_trial_system_attr(trial_id, RETRIED, True)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
-            storage.set_trial_system_attr(waiting._trial_id, RETRY_OF, [*retries, trial.number])
+            handle.set_trial_attr(waiting.number, RETRY_OF, [*retries, trial.number])
     return failed
 
 
-def open_study(spec: Spec, storage_url: str | None = None) -> tuple[optuna.Study, str]:
+def open_study(spec: Spec, storage_url: str | None = None) -> StudyHandle:
     """Create or load the spec's study (load_if_exists: re-running a command resumes it)."""
     search = spec.search
     assert search is not None
@@ -147,11 +176,12 @@ def open_study(spec: Spec, storage_url: str | None = None) -> tuple[optuna.Study
         sampler = SAMPLERS[search.sampler](spec.seed, dims, search.n_trials)
     # Pruning needs one value per step: Optuna prunes single-objective studies only.
     pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
+    storage = open_storage(url)
     study = optuna.create_study(
-        study_name=search.study_name or spec.name, storage=open_storage(url), sampler=sampler, pruner=pruner,
+        study_name=search.study_name or spec.name, storage=storage, sampler=sampler, pruner=pruner,
         directions=directions, load_if_exists=True,
     )
-    return study, url
+    return StudyHandle(study, storage, url)
 
 
 def objective_values(spec: Spec, metrics: dict[str, float], parameters: int, flops: int) -> list[float]:
@@ -176,8 +206,7 @@ def sample_spec(base: Spec, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
 
 
 def worker_loop(
-    study: optuna.Study,
-    storage_url: str,
+    handle: StudyHandle,
     n_trials: int | None,
     run_trial: Callable[[optuna.Trial], list[float]],
     timeout: float | None = None,
@@ -192,14 +221,15 @@ def worker_loop(
     other exception (failed, recorded with its error; the loop goes on). Ctrl-C fails the trial in
     progress with "interrupted", ends the loop and returns.
     """
-    report = WorkerReport(study.study_name, storage_url)
+    study = handle.study
+    report = WorkerReport(study.study_name, handle.url)
     started = time.monotonic()
     while True:
-        with study_lock(storage_url, study.study_name):
-            if initialise and not study.system_attrs.get(INITIALISED):
+        with study_lock(handle.url, study.study_name):
+            if initialise and not handle.attr(INITIALISED):
                 initialise()
-                study.set_system_attr(INITIALISED, True)
-            fail_stale_trials(study, grace)
+                handle.set_attr(INITIALISED, True)
+            fail_stale_trials(handle, grace)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             out_of_time = timeout is not None and time.monotonic() - started > timeout
@@ -210,14 +240,14 @@ def worker_loop(
                 trial = None  # others still run: wait, in case their worker dies and needs a retry
             else:
                 trial = study.ask()
-                study._storage.set_trial_system_attr(trial._trial_id, WORKER, _worker_id())
-                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+                handle.set_trial_attr(trial.number, WORKER, _worker_id())
+                handle.set_trial_attr(trial.number, HEARTBEAT, time.time())
         if trial is None:
             time.sleep(min(heartbeat, 2.0))
             continue
         report.trials_run.append(trial.number)
         try:
-            with Heartbeat(study, trial._trial_id, heartbeat):
+            with Heartbeat(handle, trial.number, heartbeat):
                 values = run_trial(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
