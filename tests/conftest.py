@@ -12,6 +12,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The test models are tiny: one thread each is fastest, and tests that start several worker
+# processes on a 2-core machine must not oversubscribe it (set before torch is imported).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def sqlite_uri(tmp_path_factory) -> str:
+    """One MLflow sqlite store for the session (creating its tables takes seconds); tests keep
+    apart by experiment name."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
 
 @pytest.fixture
 def write_spec(tmp_path: Path):

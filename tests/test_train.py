@@ -29,12 +29,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session")
-def sqlite_uri(tmp_path_factory) -> str:
-    # One store for the session: creating MLflow's tables takes seconds.
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, sqlite_uri):
     """A fresh working directory with MLflow pointed at the session's sqlite store."""

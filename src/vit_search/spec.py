@@ -207,6 +207,7 @@ class TrackingSpec(_Section):
     uri: str | None = Field(None, description="tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's own)")
     enabled: bool = True
     log_model: bool = Field(True, description="log the trained weights as an artifact")
+    plots: bool = Field(True, description="a study's parent run gets Optuna's plots (PNG)")
 
 
 class Spec(_Section):

@@ -104,6 +104,48 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class _Setup:
+    """Everything a run trains with, prepared by Accelerate."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: dict[str, Any]
+    augment: Any
+    parameters: int
+    flops: int
+
+
+def _setup(spec: Spec, accelerator: Any) -> _Setup:
+    cfg = spec.train
+    data = load_data(spec.data, spec.seed, device=accelerator.device)
+    model = build_model(spec)
+    parameters = count_parameters(model)
+    flops = flop_count(model.eval(), torch.zeros(1, model.in_channels, *_pair(model.image_size)))
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    workers = 0 if data.on_device else spec.data.num_workers
+    loaders = {
+        "train": make_loader(data.train, cfg.batch_size, shuffle=True, seed=spec.seed, num_workers=workers,
+                             drop_last=True),
+        "val": make_loader(data.val, cfg.batch_size, shuffle=False, seed=spec.seed, num_workers=workers),
+        "test": make_loader(data.test, cfg.batch_size, shuffle=False, seed=spec.seed, num_workers=workers),
+    }
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared))
+    if cfg.compile:
+        model = torch.compile(model)
+    # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
+    # it once per process per step).
+    steps_per_epoch = max(len(loaders["train"]) // cfg.grad_accum_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
+    )
+    return _Setup(model, optimizer, scheduler, loaders, data.augment, parameters, flops)
+
+
 def train(
     spec: Spec,
     on_epoch: EpochCallback | None = None,
@@ -119,10 +161,10 @@ def train(
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation on the main process (the
     search uses it to report and prune; an exception it raises ends the run). With ``resume``, a
     run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
+    Whatever fails after the start, data loading included, ends the MLflow run FAILED.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, is_mps_available, is_xpu_available, set_seed
-    from tqdm.auto import tqdm
 
     cfg = spec.train
     accelerator = Accelerator(
@@ -137,106 +179,89 @@ def train(
     set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.exists() else None
-
-    data = load_data(spec.data, spec.seed, device=accelerator.device)
-    model = build_model(spec)
-    parameters = count_parameters(model)
-    flops = flop_count(model.eval(), torch.zeros(1, model.in_channels, *_pair(model.image_size)))
-    model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=spec.seed,
-                               num_workers=0 if data.on_device else spec.data.num_workers, drop_last=True)
-    val_loader = make_loader(data.val, cfg.batch_size, shuffle=False, seed=spec.seed,
-                             num_workers=0 if data.on_device else spec.data.num_workers)
-    test_loader = make_loader(data.test, cfg.batch_size, shuffle=False, seed=spec.seed,
-                              num_workers=0 if data.on_device else spec.data.num_workers)
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
-    )
-    if cfg.compile:
-        model = torch.compile(model)
-    # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
-    # it once per process per step).
-    steps_per_epoch = max(len(train_loader) // cfg.grad_accum_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
-    )
-    augment = data.augment
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    start_epoch, history, run_id = 0, [], None
-    if checkpoint is not None:
-        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"])
-        start_epoch, history, run_id = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["run_id"]
-
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
-    show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
-    train_seconds = 0.0
+    run_id = checkpoint["run_id"] if checkpoint else None
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
-        if checkpoint is None:
-            tracker.log_start(parameters, flops, str(accelerator.device),
+        run = _setup(spec, accelerator)
+        start_epoch, history = 0, []
+        if checkpoint is not None:
+            accelerator.unwrap_model(run.model).load_state_dict(checkpoint["model"])
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
+            run.scheduler.load_state_dict(checkpoint["scheduler"])
+            _set_rng_state(checkpoint["rng"])
+            start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
+        else:
+            tracker.log_start(run.parameters, run.flops, str(accelerator.device),
                               {"num_processes": str(accelerator.num_processes)})
+        show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
+        train_seconds = 0.0
         for epoch in range(start_epoch, cfg.epochs):
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)  # reshuffle per epoch, same order on resume
-            model.train()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            seen = steps = 0
-            started = time.perf_counter()
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_bar)
-            for step, (images, labels) in enumerate(bar):
-                if augment.enabled:
-                    images, labels = augment(images, labels)
-                with accelerator.accumulate(model):
-                    loss = criterion(model(images), labels)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.grad_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()  # skipped by Accelerate between accumulation boundaries
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                seen += images.shape[0]
-                steps += 1
-                # Checked now and then, not every step: on a GPU each check waits for the device.
-                if step % 25 == 0 and not torch.isfinite(loss_sum):
-                    break
-            epoch_seconds = time.perf_counter() - started
-            train_seconds += epoch_seconds
-            train_loss = accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(
-                    f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
-                    f"or use mixed_precision: bf16 instead of fp16"
-                )
-            val = evaluate(model, val_loader, accelerator, "val")
-            images_per_second = seen * accelerator.num_processes / max(epoch_seconds, 1e-9)
-            metrics = {"train_loss": train_loss, **val, "lr": scheduler.get_last_lr()[0],
-                       "images_per_second": images_per_second, "epoch_seconds": epoch_seconds}
+            metrics = _train_epoch(spec, run, accelerator, epoch, show_bar)
+            train_seconds += metrics["epoch_seconds"]
+            metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
             history.append(metrics)
             tracker.log_metrics(metrics, step=epoch)
             if accelerator.is_main_process:
                 _save_checkpoint(ckpt_path, {
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "model": accelerator.unwrap_model(run.model).state_dict(),
+                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                 })
             accelerator.wait_for_everyone()
             if on_epoch is not None and accelerator.is_main_process:
                 on_epoch(epoch, metrics)
         # Validation after the last epoch is that epoch's: only the test split is new here.
-        test = evaluate(model, test_loader, accelerator, "test")
+        test = evaluate(run.model, run.loaders["test"], accelerator, "test")
         tracker.log_metrics(test, step=cfg.epochs - 1)
-        last = history[-1] if history else evaluate(model, val_loader, accelerator, "val")
+        last = history[-1] if history else evaluate(run.model, run.loaders["val"], accelerator, "val")
         final = {"val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], **test}
         if accelerator.is_main_process:
-            tracker.log_model(accelerator.unwrap_model(model).state_dict())
-    return TrainResult(final, history, parameters, flops, tracker.run_id, train_seconds)
+            tracker.log_model(accelerator.unwrap_model(run.model).state_dict())
+    return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds)
+
+
+def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar: bool) -> dict[str, float]:
+    """One pass over the training split; returns train loss, learning rate, throughput."""
+    from tqdm.auto import tqdm
+
+    cfg = spec.train
+    loader = run.loaders["train"]
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)  # reshuffle per epoch, same order on resume
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    run.model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = steps = 0
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(
+        tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_bar)
+    ):
+        if run.augment.enabled:
+            images, labels = run.augment(images, labels)
+        with accelerator.accumulate(run.model):
+            loss = criterion(run.model(images), labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.grad_clip:
+                accelerator.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            run.optimizer.step()  # skipped by Accelerate between accumulation boundaries
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        seen += images.shape[0]
+        steps += 1
+        # Checked now and then, not every step: on a GPU each check waits for the device.
+        if step % 25 == 0 and not torch.isfinite(loss_sum):
+            break
+    seconds = time.perf_counter() - started
+    train_loss = accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
+            f"or use mixed_precision: bf16 instead of fp16"
+        )
+    return {"train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
+            "images_per_second": seen * accelerator.num_processes / max(seconds, 1e-9), "epoch_seconds": seconds}
 
 
 @torch.no_grad()

@@ -111,9 +111,10 @@ def update_parent_run(client: Any, handle: StudyHandle, spec: Spec) -> None:
         if top.user_attrs.get("mlflow_run_id"):
             client.set_tag(parent, "best_run_id", top.user_attrs["mlflow_run_id"])
         client.log_text(parent, best_spec(spec, study).to_yaml(exclude_search=True), "best_spec.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in save_plots(study, Path(tmp)):
-            client.log_artifact(parent, str(path), "plots")
+    if spec.tracking.plots:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in save_plots(study, Path(tmp)):
+                client.log_artifact(parent, str(path), "plots")
     active = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     n_trials = spec.search.n_trials if spec.search else None
     if not active and (n_trials is None or counted(trials) >= n_trials):

@@ -19,7 +19,10 @@ from ..spec import Spec, SpecError
 from ..summary import flop_count
 from ..tracking import Tracker, configure
 from ..train import train
-from .study import PARENT_RUN, StudyHandle, objective_values, open_study, sample_spec, worker_loop
+from .storage import study_lock
+from .study import (
+    PARENT_RUN, StudyHandle, objective_values, open_study, sample_spec, storage_url_of, worker_loop,
+)
 
 STATE_TAG = "trial.state"
 
@@ -71,9 +74,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
 
     search = spec.search
     assert search is not None
-    handle = open_study(spec, storage)
-    study, url = handle.study, handle.url
-    experiment_id = configure(spec) if spec.tracking.enabled else None
+    url = storage_url_of(spec, storage)
+    # Workers starting together on fresh sqlite files would race to create the same tables.
+    with study_lock(url, search.study_name or spec.name):
+        handle = open_study(spec, url)
+        experiment_id = configure(spec) if spec.tracking.enabled else None
+    study = handle.study
     client = MlflowClient() if spec.tracking.enabled else None
     multi = not isinstance(search.metric, str)
     train_seconds = 0.0
@@ -98,7 +104,13 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
             trial_spec, drawn = sample_spec(spec, trial)
         except SpecError as err:
             raise Infeasible(f"infeasible: {err.problems[0]}") from None
-        parameters, flops = model_cost(trial_spec)
+        try:
+            parameters, flops = model_cost(trial_spec)
+        except Exception:  # a block that cannot run: fail the trial, with a child run saying why
+            with Tracker(trial_spec, enabled=client is not None).run(
+                parent_run_id=parent, run_name=f"trial {trial.number}", tags=tags
+            ):
+                raise
         trial.set_user_attr("parameters", parameters)
         trial.set_user_attr("flops", flops)
         reason = check_constraints(search.constraints, parameters, flops)
@@ -183,6 +195,8 @@ def _tag_child_run(client: Any, handle: StudyHandle, frozen: optuna.trial.Frozen
                 client.set_tag(run.info.run_id, key, str(frozen.user_attrs[key])[:5000])
         if frozen.state == TrialState.PRUNED:
             client.set_terminated(run.info.run_id, "KILLED")
+        elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died
+            client.set_terminated(run.info.run_id, "FAILED")
 
 
 class _ProgressBar:

@@ -16,13 +16,15 @@ is an ``mlp``, so a block's own arguments are searched only where the block is c
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-_CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_][\w.]*)\[(?P<type>[\w-]+)\]\.(?P<rest>[\w.]+)$")
+_CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_]\w*(?:\.\w+)*)\[(?P<type>[\w-]+)\]\.(?P<rest>\w+(?:\.\w+)*)$")
 _PLAIN = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*$")
 
 
@@ -59,9 +61,7 @@ class Dimension:
         if self.condition is None:
             return True
         block_path, block_type = self.condition
-        block = _get(spec, block_path)
-        chosen = block.get("type") if isinstance(block, Mapping) else block
-        return chosen == block_type
+        return block_type_of(spec, block_path) == block_type
 
     def suggest(self, trial: Any) -> Any:
         """Draw this dimension's value in an Optuna trial."""
@@ -88,8 +88,9 @@ class Dimension:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.step is None:
             raise SpaceError(self.key, "grid search needs a step for float ranges")
-        count = int(round((self.high - self.low) / self.step))
-        return [self.low + i * self.step for i in range(count + 1)]
+        # As Optuna does: the last value is the highest step at or below high, never above it.
+        count = math.floor((self.high - self.low) / self.step + 1e-9)
+        return [min(self.high, float(f"{self.low + i * self.step:.12g}")) for i in range(count + 1)]
 
 
 def _label(value: Any) -> str:
@@ -103,6 +104,31 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
             return None
         node = node[key]
     return node
+
+
+def block_type_of(spec: Mapping[str, Any], block_path: tuple[str, ...]) -> Any:
+    """The type of the block at ``block_path`` in a raw spec: as written (``{type: mlp}`` or ``mlp``),
+    else, for a model block left out or written without a type, the preset's or the default one."""
+    block = _get(spec, block_path)
+    if isinstance(block, Mapping) and "type" in block:
+        return block["type"]
+    if block is not None and not isinstance(block, Mapping):
+        return block
+    if len(block_path) != 2 or block_path[0] != "model":
+        return None
+    from ..spec import ModelSpec
+
+    model = _get(spec, ("model",))
+    preset = model.get("preset") if isinstance(model, Mapping) else None
+    if preset:
+        from ..model import PRESETS
+
+        preset_block = PRESETS.get(preset, {}).get(block_path[1])
+        if isinstance(preset_block, Mapping):
+            return preset_block.get("type")
+    field = ModelSpec.model_fields.get(block_path[1])
+    default = field.default_factory() if field is not None and field.default_factory else None
+    return default.get("type") if isinstance(default, Mapping) else None
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -153,22 +179,37 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
     low, high = bounds
     if kind == "int" and not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
         raise SpaceError(key, "int bounds must be integers")
+    if any(isinstance(b, bool) for b in bounds):
+        raise SpaceError(key, f"{kind} bounds must be numbers")
     if low > high:
         raise SpaceError(key, f"low {low} is above high {high}")
-    log, step = bool(raw.get("log", False)), raw.get("step")
+    log, step = raw.get("log", False), raw.get("step")
+    if not isinstance(log, bool):
+        raise SpaceError(key, f"log must be true or false, got {log!r}")
     if log and low <= 0:
         raise SpaceError(key, "a log range needs low > 0")
+    if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0):
+        raise SpaceError(key, "step must be positive")
+    if step is not None and kind == "int" and not isinstance(step, int):
+        raise SpaceError(key, f"an int range needs an integer step, got {step!r}")
     if log and step is not None and kind == "float":
         raise SpaceError(key, "a float range takes step or log, not both")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-        raise SpaceError(key, "step must be positive")
+    if log and step is not None and step != 1:  # Optuna draws log-scaled ints with step 1 only
+        raise SpaceError(key, "a log int range takes no step (other than 1)")
     return Dimension(key, path, kind, low=low, high=high, step=step, log=log, condition=condition)
 
 
 def parse_space(space: Mapping[str, Any]) -> list[Dimension]:
-    """All dimensions, unconditional ones first (conditions read the values those set)."""
+    """All dimensions, unconditional ones first (conditions read the values those set), and each
+    after any whose path contains its own (``model.attention`` before ``model.attention.heads``,
+    which then sets heads in the drawn block instead of being overwritten by it)."""
     dims = [parse_dimension(key, raw) for key, raw in space.items()]
-    return sorted(dims, key=lambda d: d.condition is not None)
+
+    def order(dim: Dimension) -> tuple[bool, int]:
+        parents = sum(1 for o in dims if len(o.path) < len(dim.path) and dim.path[: len(o.path)] == o.path)
+        return dim.condition is not None, parents
+
+    return sorted(dims, key=order)
 
 
 def sample(dims: list[Dimension], base: Mapping[str, Any], trial: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -199,22 +240,26 @@ def check_space(spec: Any) -> list[str]:
     """Problems with ``spec.search.space``, one line each (file:line, key, reason), before any trial.
 
     Every key must parse, every path must exist in the spec schema (block arguments included), and
-    every choice and both ends of every range must validate when set into the spec.
+    every choice and both ends of every range must validate when set into the spec. A block's own
+    argument (``model.ffn[mlp].ratio``) must name a type the block can take, and every key of an
+    enqueued configuration must be a key of the space.
     """
+    from ..registry import did_you_mean
     from ..spec import SpecError, load_spec
 
     if spec.search is None:
         return []
     problems = []
-    base = spec.raw
+    base = resolved_raw(spec)
     base.pop("search", None)
+    dims: dict[str, Dimension] = {}
     for key, raw_dim in spec.search.space.items():
-        where = spec.locate(("search", "space", key))
         try:
-            dim = parse_dimension(key, raw_dim)
+            dims[key] = parse_dimension(key, raw_dim)
         except SpaceError as err:
-            problems.append(f"{where}: search.space.{err}")
-            continue
+            problems.append(f"{spec.locate(('search', 'space', key))}: search.space.{err}")
+    for key, dim in dims.items():
+        where = spec.locate(("search", "space", key))
         for value in dim.values_to_check():
             trial_raw = copy.deepcopy(base)
             if dim.condition is not None:  # the block the argument belongs to, freshly chosen
@@ -226,9 +271,45 @@ def check_space(spec: Any) -> list[str]:
                 reason = err.problems[0].split(": ", 1)[-1]
                 problems.append(f"{where}: search.space.{key}: value {value!r} does not fit the spec: {reason}")
                 break
+        else:
+            if dim.condition is not None and dim.condition[1] not in _block_types(list(dims.values()), base,
+                                                                                  dim.condition[0]):
+                block = ".".join(dim.condition[0])
+                problems.append(f"{where}: search.space.{key}: never drawn: {block} is never a '{dim.condition[1]}' "
+                                f"(search {block}.type with a choice that includes it)")
     for i, values in enumerate(spec.search.enqueue):
-        unknown = [k for k in values if k not in spec.search.space]
-        if unknown:
-            problems.append(f"{spec.locate(('search', 'enqueue', str(i)))}: search.enqueue.{i}: "
-                            f"'{unknown[0]}' is not a key of search.space")
+        for name in values:
+            if name not in spec.search.space:
+                hint = did_you_mean(name, list(spec.search.space)) or f"; keys: {', '.join(spec.search.space)}"
+                problems.append(f"{spec.locate(('search', 'enqueue', str(i), str(name)))}: search.enqueue.{i}: "
+                                f"'{name}' is not a key of search.space{hint}")
+                break
     return problems
+
+
+def _block_types(dims: list[Dimension], base: Mapping[str, Any], block_path: tuple[str, ...]) -> set[Any]:
+    """The types the block at ``block_path`` can take: as in the spec, or drawn by a dimension."""
+    types = [block_type_of(base, block_path)]
+    for dim in dims:
+        if dim.kind == "choice" and dim.path == block_path + ("type",):
+            types.extend(dim.choices)
+        elif dim.kind == "choice" and dim.path == block_path:  # whole blocks, or blocks named by type
+            types.extend(block_type_of({"block": c}, ("block",)) for c in dim.choices)
+    return {t for t in types if isinstance(t, str)}
+
+
+def resolved_raw(spec: Any) -> dict[str, Any]:
+    """``spec.raw`` with plugin files listed relative to the spec's folder made absolute, so that the
+    raw mapping loads again from any working directory."""
+    raw = spec.raw
+    plugins = raw.get("plugins")
+    if not spec.source or not isinstance(plugins, list):
+        return raw
+    folder = Path(spec.source).parent
+    raw["plugins"] = [
+        str((folder / p).resolve())
+        if isinstance(p, str) and (p.endswith(".py") or "/" in p) and not Path(p).is_absolute()
+        and (folder / p).is_file() else p
+        for p in plugins
+    ]
+    return raw

@@ -144,7 +144,7 @@ def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.system_attrs.get(RETRIED)))
 
 
-def fail_stale_trials(handle: StudyHandle, grace: float) -> list[int]:
+def fail_stale_trials(handle: StudyHandle, grace: float) -> list[optuna.trial.FrozenTrial]:
     """Fail RUNNING trials whose worker is gone and enqueue a retry of each; call under the lock."""
     study, now, failed = handle.study, time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -152,23 +152,30 @@ def fail_stale_trials(handle: StudyHandle, grace: float) -> list[int]:
         if now - beat < grace and not _worker_dead(trial.system_attrs.get(WORKER)):
             continue
         trial_id = handle.trial_id(trial.number)
-        handle.storage.set_trial_user_attr(trial_id, "error", "worker died (no heartbeat)")
-        handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        failed.append(trial.number)
         retries = trial.system_attrs.get(RETRY_OF, [])
-        if len(retries) < MAX_RETRIES:
+        retry = len(retries) < MAX_RETRIES
+        handle.storage.set_trial_user_attr(trial_id, "error", "worker died (no heartbeat)")
+        if retry:  # attributes first: a finished trial takes no more
             handle.storage.set_trial_system_attr(trial_id, RETRIED, True)
+        handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        failed.append(study.get_trials(deepcopy=False)[trial.number])
+        if retry:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
             handle.set_trial_attr(waiting.number, RETRY_OF, [*retries, trial.number])
     return failed
 
 
+def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
+    """The study's storage: ``--storage``, else ``search.storage``, else the default beside MLflow's."""
+    return storage_url or (spec.search.storage if spec.search else None) or default_storage_url()
+
+
 def open_study(spec: Spec, storage_url: str | None = None) -> StudyHandle:
     """Create or load the spec's study (load_if_exists: re-running a command resumes it)."""
     search = spec.search
     assert search is not None
-    url = storage_url or search.storage or default_storage_url()
+    url = storage_url_of(spec, storage_url)
     dims = parse_space(search.space)
     directions = [search.direction] if isinstance(search.direction, str) else list(search.direction)
     with warnings.catch_warnings():
@@ -229,7 +236,9 @@ def worker_loop(
             if initialise and not handle.attr(INITIALISED):
                 initialise()
                 handle.set_attr(INITIALISED, True)
-            fail_stale_trials(handle, grace)
+            for stale in fail_stale_trials(handle, grace):
+                if on_trial_end:
+                    on_trial_end(stale)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             out_of_time = timeout is not None and time.monotonic() - started > timeout

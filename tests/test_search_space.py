@@ -1,0 +1,432 @@
+"""The search space: ``search.space`` entries -> Optuna suggestions, conditional block arguments,
+malformed entries, ``check_space`` (file:line problems before any trial) and the two commands that
+read the space without training (``validate``, ``run --dry-run``).
+
+Real Optuna studies throughout (in memory, or sqlite in tmp_path) and real specs from YAML files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from vit_search.search.space import SpaceError, check_space, fill, parse_dimension, parse_space, sample
+from vit_search.search.study import SAMPLERS, sample_spec, trial_spec
+from vit_search.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BASE = """\
+name: space-test
+seed: 0
+data: {dataset: digits, image_size: 16}
+model:
+  dim: 32
+  depth: 2
+  patch_embed: {type: conv, patch_size: 4}
+  attention: {type: sdpa, heads: 4}
+  ffn: {type: mlp, ratio: 2}
+train: {epochs: 1}
+"""
+
+CONDITIONAL = """\
+model.ffn.type: {choice: [mlp, swiglu]}
+model.ffn[mlp].ratio: {choice: [2, 4]}
+"""
+
+ATTENTION_BLOCKS = "model.attention: {choice: [{type: sdpa, heads: 4}, {type: einsum, heads: 2}]}\n"
+
+
+def study_text(space: str, extra: str = "", base: str = BASE) -> str:
+    """A spec with ``space`` (YAML lines, one entry a line) under search.space, ``extra`` under search."""
+    return (base + "search:\n  sampler: random\n  space:\n" + textwrap.indent(textwrap.dedent(space), "    ")
+            + textwrap.indent(textwrap.dedent(extra), "  "))
+
+
+def line_of(text: str, needle: str) -> int:
+    """The 1-based line of the only line of ``text`` holding ``needle``."""
+    (line,) = [i for i, row in enumerate(text.splitlines(), 1) if needle in row]
+    return line
+
+
+def random_study(seed: int = 0) -> optuna.Study:
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+
+
+def draw(dims, base: dict, n: int, seed: int = 0) -> list[tuple[dict, dict, optuna.trial.FrozenTrial]]:
+    """``n`` trials of a RandomSampler study: (filled raw spec, drawn values, the stored trial)."""
+    study, out = random_study(seed), []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(sample(dims, base, trial))
+        study.tell(trial, 0.0)
+    return [(raw, drawn, frozen) for (raw, drawn), frozen in zip(out, study.get_trials(deepcopy=False))]
+
+
+# -- each distribution kind ---------------------------------------------------------------------
+def test_choice_of_scalars_draws_only_listed_values_and_sets_them_in_the_spec(write_spec):
+    spec = load_spec(write_spec(study_text("model.pooling.type: {choice: [cls, mean]}\n"
+                                           "model.depth: {choice: [1, 3]}\n")))
+    dims = parse_space(spec.search.space)
+    seen = set()
+    for raw, drawn, frozen in draw(dims, spec.raw, 30):
+        assert drawn["model.pooling.type"] in ("cls", "mean") and drawn["model.depth"] in (1, 3)
+        assert raw["model"]["pooling"] == {"type": drawn["model.pooling.type"]}  # a block created by its type
+        assert raw["model"]["depth"] == drawn["model.depth"] and frozen.params == drawn
+        seen.add((drawn["model.pooling.type"], drawn["model.depth"]))
+    assert len(seen) == 4
+
+
+def test_choice_of_whole_blocks_puts_the_mapping_in_the_spec_and_a_yaml_label_in_optuna(write_spec, tmp_path):
+    spec = load_spec(write_spec(study_text(ATTENTION_BLOCKS)))
+    choices = [{"type": "sdpa", "heads": 4}, {"type": "einsum", "heads": 2}]
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="blocks", storage=url, sampler=optuna.samplers.RandomSampler(seed=1))
+    built = {}
+    for _ in range(12):
+        trial = study.ask()
+        trial_spec_, drawn = sample_spec(spec, trial)
+        study.tell(trial, 0.0)
+        assert trial_spec_.model.attention in choices and drawn["model.attention"] == trial_spec_.model.attention
+        assert trial_spec_.search is None  # a trial is a plain spec
+        built[trial.number] = trial_spec_.model.attention
+    assert len({b["type"] for b in built.values()}) == 2
+
+    # What the sqlite storage keeps (read back through a fresh load): YAML text naming each mapping.
+    stored = optuna.load_study(study_name="blocks", storage=url).trials
+    for frozen in stored:
+        label = frozen.params["model.attention"]
+        assert isinstance(label, str) and label in ("{type: sdpa, heads: 4}", "{type: einsum, heads: 2}")
+        assert yaml.safe_load(label) == built[frozen.number]
+        assert frozen.distributions["model.attention"].choices == ("{type: sdpa, heads: 4}", "{type: einsum, heads: 2}")
+
+
+def test_int_range_draws_integers_within_bounds_on_the_step_and_log_scaled(write_spec):
+    spec = load_spec(write_spec(study_text("model.depth: {int: [2, 8], step: 2}\n"
+                                           "train.batch_size: {int: [8, 512], log: true}\n"
+                                           "train.epochs: {int: [1, 3]}\n")))
+    dims = parse_space(spec.search.space)
+    depths, batches, epochs = set(), [], set()
+    for raw, drawn, frozen in draw(dims, spec.raw, 200):
+        depth, batch, epoch = raw["model"]["depth"], raw["train"]["batch_size"], raw["train"]["epochs"]
+        assert all(isinstance(v, int) and not isinstance(v, bool) for v in (depth, batch, epoch))
+        assert depth in (2, 4, 6, 8) and 8 <= batch <= 512 and 1 <= epoch <= 3
+        assert frozen.distributions["train.batch_size"].log and frozen.distributions["model.depth"].step == 2
+        depths.add(depth)
+        epochs.add(epoch)
+        batches.append(batch)
+    assert depths == {2, 4, 6, 8} and epochs == {1, 2, 3}
+    # log-uniform on [8, 512]: half the draws fall below 64 (a uniform draw would put 11% there)
+    assert sum(b < 64 for b in batches) > 0.35 * len(batches)
+
+
+def test_float_range_draws_within_bounds_on_the_step_and_log_scaled(write_spec):
+    spec = load_spec(write_spec(study_text("train.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+                                           "train.weight_decay: {float: [0.0, 0.1], step: 0.025}\n"
+                                           "train.label_smoothing: {float: [0.0, 0.2]}\n")))
+    dims = parse_space(spec.search.space)
+    lrs, decays = [], set()
+    for raw, _, frozen in draw(dims, spec.raw, 200):
+        lr, decay, smoothing = raw["train"]["lr"], raw["train"]["weight_decay"], raw["train"]["label_smoothing"]
+        assert 1.0e-4 <= lr <= 1.0e-2 and 0.0 <= decay <= 0.1 and 0.0 <= smoothing <= 0.2
+        assert abs(decay / 0.025 - round(decay / 0.025)) < 1e-9
+        assert frozen.distributions["train.lr"].log and not frozen.distributions["train.label_smoothing"].log
+        lrs.append(lr)
+        decays.add(round(decay, 9))
+    assert decays == {0.0, 0.025, 0.05, 0.075, 0.1}
+    assert sum(lr < 1.0e-3 for lr in lrs) > 0.35 * len(lrs)  # log-uniform: half below 1e-3 (uniform: 9%)
+
+
+def test_grid_lists_every_value_of_choices_and_stepped_ranges():
+    assert parse_dimension("model.depth", {"int": [2, 8], "step": 2}).grid() == [2, 4, 6, 8]
+    assert parse_dimension("model.depth", {"int": [2, 4]}).grid() == [2, 3, 4]
+    assert parse_dimension("train.weight_decay", {"float": [0.0, 0.1], "step": 0.025}).grid() == [
+        0.0, 0.025, 0.05, 0.075, 0.1]
+    # Never past high, and high itself where a step lands on it despite float rounding.
+    assert parse_dimension("train.lr", {"float": [0.0, 1.0], "step": 0.6}).grid() == [0.0, 0.6]
+    assert parse_dimension("train.lr", {"float": [0.1, 0.7], "step": 0.2}).grid() == [0.1, 0.3, 0.5, 0.7]
+    blocks = parse_dimension("model.attention", yaml.safe_load(ATTENTION_BLOCKS)["model.attention"])
+    assert blocks.grid() == ["{type: sdpa, heads: 4}", "{type: einsum, heads: 2}"]
+
+
+def test_grid_of_a_float_range_without_step_raises_space_error():
+    with pytest.raises(SpaceError, match="grid search needs a step"):
+        parse_dimension("train.lr", {"float": [1.0e-4, 1.0e-2], "log": True}).grid()
+
+
+def test_grid_sampler_visits_every_combination_once_yaml_labels_included(write_spec):
+    spec = load_spec(write_spec(study_text("model.depth: {int: [1, 3]}\n" + ATTENTION_BLOCKS)))
+    dims = parse_space(spec.search.space)
+    study = optuna.create_study(sampler=SAMPLERS["grid"](0, dims, None))
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        built, _ = sample_spec(spec, trial)
+        seen.append((built.model.depth, built.model.attention["type"]))
+        return 0.0
+
+    # optimize(), not ask/tell: GridSampler calls study.stop() once the grid is done, which Optuna
+    # allows only inside optimize().
+    study.optimize(objective, n_trials=20)
+    assert sorted(seen) == [(d, t) for d in (1, 2, 3) for t in ("einsum", "sdpa")]
+    assert {t.params["model.attention"] for t in study.trials} == {"{type: sdpa, heads: 4}", "{type: einsum, heads: 2}"}
+
+
+# -- conditional spaces -------------------------------------------------------------------------
+def test_block_argument_is_drawn_exactly_in_trials_that_choose_its_block(write_spec):
+    spec = load_spec(write_spec(study_text(CONDITIONAL)))
+    study, kinds = random_study(3), set()
+    for _ in range(30):
+        trial = study.ask()
+        built, drawn = sample_spec(spec, trial)
+        study.tell(trial, 0.0)
+        frozen = study.trials[trial.number]
+        ffn_type = frozen.params["model.ffn.type"]
+        assert ("model.ffn[mlp].ratio" in frozen.params) == (ffn_type == "mlp") == ("model.ffn[mlp].ratio" in drawn)
+        assert built.model.ffn["type"] == ffn_type
+        if ffn_type == "mlp":
+            assert built.model.ffn == {"type": "mlp", "ratio": frozen.params["model.ffn[mlp].ratio"]}
+        else:
+            assert built.model.ffn == {"type": "swiglu", "ratio": 2}  # the spec's own ratio stays
+        kinds.add((ffn_type, built.model.ffn["ratio"]))
+    assert kinds == {("mlp", 2), ("mlp", 4), ("swiglu", 2)}
+
+
+def test_block_argument_of_a_block_left_to_its_default_or_preset_is_drawn(write_spec):
+    # No ffn in the spec: the schema's default ffn is an mlp, so its ratio is searched.
+    default = load_spec(write_spec(study_text("model.ffn[mlp].ratio: {choice: [2, 4]}\n",
+                                              base=BASE.replace("  ffn: {type: mlp, ratio: 2}\n", ""))))
+    assert check_space(default) == []
+    for raw, drawn, _ in draw(parse_space(default.search.space), default.raw, 5):
+        assert raw["model"]["ffn"]["ratio"] == drawn["model.ffn[mlp].ratio"] in (2, 4)
+    # A preset's attention is sdpa: `attention: {heads: 2}` keeps that type, so sdpa arguments apply.
+    dims = parse_space({"model.attention[sdpa].qk_norm": {"choice": [True]},
+                        "model.attention[einsum].qk_norm": {"choice": [False]}})
+    raw = fill(dims, {"name": "p", "model": {"preset": "vit_ti_16", "attention": {"heads": 2}}},
+               {"model.attention[sdpa].qk_norm": True, "model.attention[einsum].qk_norm": False})
+    assert raw["model"]["attention"] == {"heads": 2, "qk_norm": True}
+    assert load_spec(raw, check_model=False).model.attention == {"type": "sdpa", "heads": 2, "qk_norm": True}
+
+
+def test_a_whole_block_is_drawn_before_its_own_arguments_whatever_the_written_order(write_spec):
+    spec = load_spec(write_spec(study_text("model.attention.heads: {choice: [8]}\n" + ATTENTION_BLOCKS)))
+    types = set()
+    for raw, drawn, _ in draw(parse_space(spec.search.space), spec.raw, 8):
+        assert raw["model"]["attention"] == {**drawn["model.attention"], "heads": 8}
+        types.add(drawn["model.attention"]["type"])
+    assert types == {"sdpa", "einsum"}
+
+
+def test_fill_sets_given_values_as_sampling_would_and_skips_arguments_of_unchosen_blocks(write_spec):
+    spec = load_spec(write_spec(study_text(CONDITIONAL + ATTENTION_BLOCKS)))
+    dims = parse_space(spec.search.space)
+    values = {"model.ffn.type": "mlp", "model.ffn[mlp].ratio": 4, "model.attention": "{type: einsum, heads: 2}"}
+    raw = fill(dims, spec.raw, values)
+    assert raw["model"]["ffn"] == {"type": "mlp", "ratio": 4}
+    assert raw["model"]["attention"] == {"type": "einsum", "heads": 2}  # the YAML label read back as the mapping
+    raw = fill(dims, spec.raw, {**values, "model.ffn.type": "swiglu"})
+    assert raw["model"]["ffn"] == {"type": "swiglu", "ratio": 2}  # ratio belongs to mlp: not set
+    assert fill(dims, spec.raw, {"model.attention": {"type": "sdpa", "heads": 4}})["model"]["attention"] == {
+        "type": "sdpa", "heads": 4}  # the mapping itself is taken as it is
+
+
+def test_trial_spec_rebuilds_each_sampled_trial_from_its_stored_params(write_spec):
+    spec = load_spec(write_spec(study_text(CONDITIONAL + ATTENTION_BLOCKS)))
+    study = random_study(5)
+    for _ in range(10):
+        trial = study.ask()
+        built, _ = sample_spec(spec, trial)
+        study.tell(trial, 0.0)
+        again = trial_spec(spec, study.trials[trial.number].params)  # what enqueue and best export use
+        assert again.to_dict() == built.to_dict()
+
+
+# -- malformed entries --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "raw", "message"),
+    [
+        ("model..depth", {"int": [1, 2]}, "a key is a dotted path such as model.depth"),
+        ("model.ffn[mlp]ratio", {"int": [1, 2]}, "a key is a dotted path"),
+        ("model.[mlp].ratio", {"int": [1, 2]}, "a key is a dotted path"),
+        ("model.depth", 3, "expected {choice: [...]}, {int: [low, high]} or {float: [low, high]}"),
+        ("model.depth", {"int": [1, 4], "choice": [1, 2]}, "give exactly one of choice, int or float"),
+        ("model.depth", {"low": 1}, "give exactly one of choice, int or float"),
+        ("model.depth", {"int": [1, 4], "steps": 2}, "unknown: steps"),
+        ("model.depth", {"choice": []}, "choice needs a non-empty list"),
+        ("model.depth", {"choice": 3}, "choice needs a non-empty list"),
+        ("model.depth", {"choice": [1, 2], "step": 1}, "step and log apply to int and float ranges, not choice"),
+        ("model.depth", {"int": [8, 2]}, "low 8 is above high 2"),
+        ("model.depth", {"int": [1]}, "int needs [low, high]"),
+        ("train.lr", {"float": [0.0, 1.0], "log": True}, "a log range needs low > 0"),
+        ("train.lr", {"float": [1.0e-4, 1.0], "step": 0.1, "log": True}, "a float range takes step or log, not both"),
+        ("model.depth", {"int": [1.5, 4]}, "int bounds must be integers"),
+        ("train.lr", {"float": [True, 2.0]}, "float bounds must be numbers"),
+        ("model.depth", {"int": [1, 8], "step": 0}, "step must be positive"),
+        ("model.depth", {"int": [1, 8], "step": 1.5}, "an int range needs an integer step"),
+        ("model.depth", {"int": [1, 8], "step": 2, "log": True}, "a log int range takes no step"),
+        ("train.lr", {"float": [1.0e-4, 1.0], "log": "yes"}, "log must be true or false"),
+        ("name", {"choice": ["a", "b"]}, "'name' cannot be searched"),
+        ("search.n_trials", {"int": [1, 2]}, "'search' cannot be searched"),
+    ],
+)
+def test_malformed_entry_raises_space_error_naming_key_and_reason(key, raw, message):
+    with pytest.raises(SpaceError) as err:
+        parse_dimension(key, raw)
+    assert err.value.key == key and str(err.value).startswith(f"{key}: ")
+    assert message in err.value.message
+
+
+def test_int_range_with_step_one_and_log_is_accepted():
+    assert parse_dimension("train.batch_size", {"int": [8, 64], "step": 1, "log": True}).log
+
+
+# -- check_space: problems located at file:line before any trial ----------------------------------
+def check(write_spec, text: str) -> tuple[Path, list[str]]:
+    path = write_spec(text)
+    return path, check_space(load_spec(path))
+
+
+def test_check_space_points_at_a_typo_in_a_path_and_suggests_the_field(write_spec):
+    text = study_text("model.depth: {int: [1, 3]}\nmodel.deph: {int: [2, 4]}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'model.deph')}: search.space.model.deph: value 2 does not fit "
+                        f"the spec: model.deph: unknown key 'deph'; did you mean 'depth'?"]
+
+
+def test_check_space_points_at_an_unknown_block_argument_and_suggests_it(write_spec):
+    text = study_text("model.attention.hedas: {choice: [2, 4]}\n" + CONDITIONAL.replace("].ratio", "].ratoi"))
+    path, problems = check(write_spec, text)
+    assert len(problems) == 2
+    heads, ratio = problems
+    assert heads.startswith(f"{path}:{line_of(text, 'hedas')}: search.space.model.attention.hedas: ")
+    assert "unknown argument 'hedas'; did you mean 'heads'?" in heads
+    assert ratio.startswith(f"{path}:{line_of(text, 'ratoi')}: search.space.model.ffn[mlp].ratoi: ")
+    assert "model.ffn (mlp): unknown argument 'ratoi'; did you mean 'ratio'?" in ratio
+
+
+def test_check_space_points_at_a_range_end_the_spec_rejects(write_spec):
+    text = study_text("model.depth: {int: [0, 3]}\ntrain.lr: {float: [1.0e-4, 1.0e-2], log: true}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'model.depth')}: search.space.model.depth: value 0 does not fit "
+                        f"the spec: model.depth: Input should be greater than 0 (got 0)"]
+
+
+def test_check_space_points_at_an_enqueued_key_outside_the_space(write_spec):
+    text = study_text("model.depth: {int: [1, 3]}\n",
+                      "enqueue:\n  - model.depth: 2\n  - model.depth: 3\n    model.dpth: 3\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'model.dpth')}: search.enqueue.1: 'model.dpth' is not a key of "
+                        f"search.space; did you mean 'model.depth'?"]
+
+
+def test_check_space_reports_malformed_entries_at_their_line_one_each(write_spec):
+    text = study_text("model.depth: {int: [4, 2]}\ntrain.lr: {float: [1, 2], step: 0.5, log: true}\n"
+                      "model.pooling.type: {choice: [cls, mean]}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [
+        f"{path}:{line_of(text, 'model.depth')}: search.space.model.depth: low 4 is above high 2",
+        f"{path}:{line_of(text, 'train.lr')}: search.space.train.lr: a float range takes step or log, not both",
+    ]
+
+
+def test_check_space_flags_a_block_argument_whose_block_is_never_chosen(write_spec):
+    text = study_text("model.ffn[swiglu].hidden_dim: {choice: [48, 64]}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'hidden_dim')}: search.space.model.ffn[swiglu].hidden_dim: never "
+                        f"drawn: model.ffn is never a 'swiglu' (search model.ffn.type with a choice that includes it)"]
+
+
+def test_check_space_finds_no_problem_in_good_spaces(write_spec):
+    assert check_space(load_spec(REPO / "experiments" / "digits.yaml")) == []
+    good = study_text(CONDITIONAL + ATTENTION_BLOCKS + "model.attention[einsum].qk_norm: {choice: [true, false]}\n"
+                      "train.lr: {float: [1.0e-4, 1.0e-2], log: true}\nmodel.depth: {int: [1, 6], step: 1}\n",
+                      "enqueue:\n  - model.ffn.type: mlp\n    model.ffn[mlp].ratio: 4\n")
+    assert check(write_spec, good)[1] == []
+
+
+def test_check_space_loads_plugin_files_beside_the_spec_from_any_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "space_test_plugin_blocks.py").write_text("# a plugin that registers nothing\n")
+    spec_path = folder / "spec.yaml"
+    spec_path.write_text(study_text("model.depth: {int: [1, 3]}\n").replace(
+        "seed: 0\n", "seed: 0\nplugins: [space_test_plugin_blocks.py]\n"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert check_space(load_spec(spec_path)) == []
+
+
+# -- combinations that cannot be built ----------------------------------------------------------
+def test_sample_spec_raises_spec_error_for_a_combination_that_cannot_be_built(write_spec):
+    spec = load_spec(write_spec(study_text("model.dim: {choice: [48, 64]}\nmodel.attention.heads: {choice: [3, 4]}\n")))
+    assert check_space(spec) == []  # every value fits alone; only some combinations are infeasible
+    study = random_study()
+    study.enqueue_trial({"model.dim": 64, "model.attention.heads": 3})
+    study.enqueue_trial({"model.dim": 48, "model.attention.heads": 3})
+    with pytest.raises(SpecError) as err:
+        sample_spec(spec, study.ask())
+    assert len(err.value.problems) == 1 and "heads" in err.value.problems[0] and "64" in err.value.problems[0]
+    built, drawn = sample_spec(spec, study.ask())
+    assert (built.model.dim, built.model.attention["heads"]) == (48, 3)
+    assert drawn == {"model.dim": 48, "model.attention.heads": 3}
+
+
+# -- the command line (one fresh process each: about 5 s of imports) -----------------------------
+def cli(*args: str, cwd: Path, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return subprocess.run([sys.executable, "-m", "vit_search", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def empty_cwd(tmp_path: Path) -> Path:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cwd
+
+
+def test_cli_validate_of_a_bad_space_exits_2_with_one_line_per_problem(write_spec, empty_cwd):
+    text = study_text("model.deph: {int: [2, 4]}\nmodel.attention.hedas: {choice: [2, 4]}\n"
+                      "model.depth: {int: [0, 3]}\nmodel.pooling.type: {choice: [cls, mean]}\n")
+    path = write_spec(text)
+    result = cli("validate", str(path), cwd=empty_cwd)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(": search.space.")[0] for line in lines] == [
+        f"error: {path}:{line_of(text, key)}" for key in ("model.deph", "hedas", "model.depth")]
+    assert "did you mean 'depth'?" in lines[0] and "did you mean 'heads'?" in lines[1]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_cli_dry_run_prints_one_line_per_trial_and_writes_nothing(write_spec, empty_cwd):
+    path = write_spec(study_text(CONDITIONAL + "model.depth: {int: [1, 3]}\n"))
+    result = cli("run", str(path), "--dry-run", "3", cwd=empty_cwd)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for number, line in enumerate(lines):
+        assert line.startswith(f"trial {number}: ") and " parameters, " in line and "MFLOPs" in line
+        assert "model.ffn.type=" in line and "model.depth=" in line
+        assert ("model.ffn[mlp].ratio=" in line) == ("model.ffn.type=mlp" in line)
+    assert list(empty_cwd.iterdir()) == []  # no optuna.db, no mlflow.db or mlruns/, no runs/
+
+
+def test_cli_run_of_a_spec_without_search_section_exits_2_with_one_line(write_spec, empty_cwd):
+    path = write_spec(BASE)
+    result = cli("run", str(path), cwd=empty_cwd, tracking_uri=f"sqlite:///{empty_cwd.parent / 'mlflow.db'}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {path}: no 'search:' section; add one (see experiments/digits.yaml), "
+        f"or use 'vit-search train' for a single run"]
+    assert list(empty_cwd.iterdir()) == []

@@ -1,0 +1,240 @@
+"""`vit-search run`: studies over specs, shared by workers, logged to MLflow as parent and children."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from vit_search.registry import register
+from vit_search.search.run import run_search
+from vit_search.search.study import RETRIED
+from vit_search.spec import load_spec
+
+STUDY = {
+    "name": "study",
+    "seed": 0,
+    "data": {"dataset": "digits", "image_size": 8},
+    "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 2},
+              "attention": {"type": "sdpa", "heads": 2}, "ffn": {"type": "mlp", "ratio": 2}},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 3.0e-3, "warmup_epochs": 0.5},
+    "search": {"n_trials": 4, "sampler": "random", "pruner": "none",
+               "space": {"model.depth": {"int": [1, 2]}, "train.lr": {"float": [1.0e-3, 1.0e-2], "log": True},
+                         "model.pooling.type": {"choice": ["cls", "mean"]}}},
+}
+
+
+def study_raw(name: str, plots: bool = False, **search) -> dict:
+    return {**STUDY, "name": name, "tracking": {"experiment": name, "plots": plots},
+            "search": {"storage": f"sqlite:///{Path.cwd() / 'optuna.db'}", **STUDY["search"], **search}}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    """A fresh working directory (studies go to its optuna.db) and the session's MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def children_of(client: MlflowClient, parent_id: str):
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def worker(spec_path: Path, cwd: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vit_search", "run", str(spec_path), *extra], cwd=cwd,
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
+    result = run_search(load_spec(study_raw("structure", plots=True)), progress=False)
+    trials = result.study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+
+    client = MlflowClient()
+    parent_id = result.study.user_attrs.get("mlflow_parent_run_id") or trials[0].user_attrs and None
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("structure").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sampler"] == "random"
+    children = children_of(client, parent.info.run_id)
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
+    for child in children:
+        number = int(child.data.tags["optuna.trial_number"])
+        assert child.data.tags["trial.state"] == "COMPLETE" and child.info.status == "FINISHED"
+        # The searched values are params under their dotted names, as sampled.
+        assert child.data.params["model.depth"] == str(trials[number].params["model.depth"])
+        assert child.data.params["model.pooling.type"] == trials[number].params["model.pooling.type"]
+    best = result.study.best_trial
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "best_spec.yaml" in artifacts and "plots/optimization_history.png" in plots
+    assert parent_id is None or parent_id == parent.info.run_id
+
+
+def test_constraints_prune_trials_before_any_training(workdir):
+    spec = load_spec(study_raw("constrained", n_trials=3, constraints={"max_params": 1000}))
+    result = run_search(spec, progress=False)
+    trials = result.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert all(t.user_attrs["pruned_reason"].startswith("params ") for t in trials)
+    assert result.train_seconds == 0 and not (workdir / "runs").exists()
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("constrained").experiment_id],
+                              filter_string="tags.`trial.state` = 'PRUNED'")
+    assert len(runs) == 3 and all("max_params" in r.data.tags["pruned_reason"] for r in runs)
+
+
+@register("head", "test_exploding_head")
+class ExplodingHead:
+    """A head that raises in forward: a plugin bug inside one trial."""
+
+    def __new__(cls, dim: int, num_classes: int):
+        import torch
+
+        class Head(torch.nn.Linear):
+            def forward(self, x):
+                raise RuntimeError("plugin bug")
+
+        return Head(dim, num_classes)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
+    spec = load_spec(study_raw("failing", n_trials=4, space={
+        "model.head.type": {"choice": ["linear", "test_exploding_head"]}, "model.depth": {"int": [1, 2]}},
+        enqueue=[{"model.head.type": "test_exploding_head"}, {"model.head.type": "linear"}]))
+    result = run_search(spec, progress=False)
+    trials = result.study.get_trials()
+    assert len(trials) == 4
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["error"] == "RuntimeError: plugin bug"
+    assert trials[1].state == TrialState.COMPLETE
+    client = MlflowClient()
+    failed = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
+                                filter_string="tags.`optuna.trial_number` = '0'")
+    assert failed[0].info.status == "FAILED" and failed[0].data.tags["trial.state"] == "FAIL"
+
+
+def test_best_export_round_trips_through_train(workdir, cli):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("roundtrip", n_trials=2)))
+    result = run_search(load_spec(spec_path), progress=False)
+    exported = cli("best", str(spec_path), "--export", "best.yaml", cwd=workdir)
+    assert exported.returncode == 0, exported.stderr
+    best = yaml.safe_load((workdir / "best.yaml").read_text())
+    assert "search" not in best and best["model"]["depth"] == result.study.best_trial.params["model.depth"]
+    trained = cli("train", "best.yaml", cwd=workdir)
+    assert trained.returncode == 0, trained.stderr
+    assert f"val_accuracy {result.study.best_value:.4f}" in trained.stdout
+
+
+def test_pruner_stops_weak_trials_early(workdir):
+    spec = load_spec(study_raw("pruned", n_trials=6, pruner="median", sampler="random",
+                               space={"train.lr": {"float": [1.0e-6, 1.0e-2], "log": True}},
+                               enqueue=[{"train.lr": 1.0e-2}] * 4 + [{"train.lr": 1.0e-6}] * 2),
+                     ["train.epochs=6"])
+    result = run_search(spec, progress=False)
+    states = [t.state for t in result.study.get_trials()]
+    assert TrialState.PRUNED in states[4:]
+    pruned = [t for t in result.study.get_trials() if t.state == TrialState.PRUNED]
+    assert all(len(t.intermediate_values) < 6 for t in pruned)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_worker_processes_share_one_study_and_run_exactly_n_trials(workdir, storage):
+    url = f"sqlite:///{workdir / 'shared.db'}" if storage == "sqlite" else f"journal:{workdir / 'study.log'}"
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw(f"two-{storage}", n_trials=5, storage=url)))
+    workers = [worker(spec_path, workdir) for _ in range(2)]
+    outputs = [finish(w) for w in workers]
+    study = optuna.load_study(study_name=f"two-{storage}", storage=_storage(url))
+    trials = study.get_trials()
+    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}
+    ran = [int(out.split("this worker: ")[1].split(" trials")[0]) for out in outputs]
+    assert sum(ran) == 5
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(f"two-{storage}").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 5
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # one parent
+
+
+def _storage(url: str):
+    from vit_search.search.storage import open_storage
+
+    return open_storage(url)
+
+
+def test_two_workers_on_a_real_postgresql_server(workdir):
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL storages (pip install -e '.[test]')")
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 (database test, user postgres): {err}")
+    name = f"pg-{os.getpid()}-{int(time.time())}"
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump({**study_raw(name, n_trials=4, storage=url)}))
+    workers = [worker(spec_path, workdir) for _ in range(2)]
+    for w in workers:
+        finish(w)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("killed", n_trials=4), sort_keys=False))
+    # Long enough trials that the kill lands inside one.
+    proc = worker(spec_path, workdir, "--set", "train.epochs=4")
+    storage = _storage(study_raw("killed")["search"]["storage"])
+    client = MlflowClient()
+    deadline = time.monotonic() + 180
+    while True:  # kill it in the middle of training a trial, after one has completed
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no trial started"
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        experiment = client.get_experiment_by_name("killed")
+        training = experiment and client.search_runs(
+            [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        if any(t.state == TrialState.COMPLETE for t in trials) and any(
+            r.data.tags.get("optuna.trial_number") for r in (training or []) if r.info.status == "RUNNING"
+        ):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    finish(worker(spec_path, workdir, "--set", "train.epochs=4"))  # the same command resumes the study
+    trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and killed[0].system_attrs[RETRIED]
+    assert killed[0].user_attrs["error"].startswith("worker died")
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == killed[0].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4 and len(trials) == 5
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    dead = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed[0].number)]
+    assert len(dead) == 1 and dead[0].info.status == "FAILED"
