@@ -19,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
@@ -88,9 +89,11 @@ def compare(rounds: int) -> None:
 def end_to_end(epochs: tuple[int, int]) -> None:
     from vit_search.train import train
 
+    spec_path = Path(__file__).resolve().parents[1] / "experiments" / "digits.yaml"
     with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # MLflow puts a sqlite store's artifacts under ./mlruns
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        base = load_spec(os.path.join(os.path.dirname(__file__), "..", "experiments", "digits.yaml"))
+        base = load_spec(spec_path)
         walls = []
         for n in epochs:
             spec = load_spec(base.to_dict(exclude_search=True),

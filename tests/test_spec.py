@@ -33,7 +33,7 @@ def problems(path_or_text, write_spec=None, overrides=()):
 def test_design_example_loads_with_derived_values():
     spec = load_spec(REPO / "experiments" / "digits.yaml")
     assert spec.model.in_channels == 1 and spec.model.num_classes == 10 and spec.model.image_size == 16
-    assert spec.search.space["model.depth"] == {"int": [2, 8]}
+    assert spec.search.space["model.depth"] == {"int": [2, 6]}
     assert spec.flat()["model.attention.heads"] == 4
 
 

@@ -238,3 +238,21 @@ def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     dead = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed[0].number)]
     assert len(dead) == 1 and dead[0].info.status == "FAILED"
+
+
+def test_grid_search_ends_when_the_grid_is_covered(workdir):
+    spec = load_spec(study_raw("grid", n_trials=10, sampler="grid", space={"model.depth": {"int": [1, 3]}}),
+                     ["train.epochs=1"])
+    result = run_search(spec, progress=False)
+    trials = result.study.get_trials()
+    assert sorted(t.params["model.depth"] for t in trials) == [1, 2, 3]
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+
+
+def test_enqueued_configuration_may_name_a_whole_block(workdir):
+    block = {"type": "einsum", "heads": 4}
+    spec = load_spec(study_raw("enqueue-block", n_trials=1, space={
+        "model.attention": {"choice": [{"type": "sdpa", "heads": 2}, block]}}, enqueue=[{"model.attention": block}]),
+        ["train.epochs=1"])
+    (trial,) = run_search(spec, progress=False).study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.params["model.attention"] == "{type: einsum, heads: 4}"

@@ -448,6 +448,8 @@ def load_spec(
     raw = apply_overrides(raw, overrides)
     registry.list()  # built-ins and installed plugins first: their failure is not this spec's
 
+    if isinstance(raw.get("plugins"), list):  # file paths made absolute: the raw spec loads from anywhere
+        raw["plugins"] = [_absolute_plugin(p, base_dir) for p in raw["plugins"]]
     # Plugins first: they may register the blocks the model section names.
     for i, plugin in enumerate(raw.get("plugins") or []):
         try:
@@ -469,6 +471,15 @@ def load_spec(
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
+    """A plugin file path relative to the spec's folder, made absolute (module names stay)."""
+    if isinstance(plugin, str) and (plugin.endswith(".py") or "/" in plugin) and not Path(plugin).is_absolute():
+        candidate = Path(base_dir) / plugin
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return plugin
 
 
 def check_blocks(model: ModelSpec, registry: Registry, where: _Locator | None = None) -> list[str]:
@@ -498,4 +509,6 @@ def _check_build(model: ModelSpec, registry: Registry, where: _Locator) -> list[
     except RegistryError as err:
         path = tuple((err.path or "model").split("."))
         return [f"{where(path)}: {err.message}"]
+    except Exception as err:  # a plugin block failing in its own way: still one line, not a traceback
+        return [f"{where(('model',))}: model: building it failed: {type(err).__name__}: {err}"]
     return []

@@ -214,7 +214,7 @@ def train(
         test = evaluate(run.model, run.loaders["test"], accelerator, "test")
         tracker.log_metrics(test, step=cfg.epochs - 1)
         last = history[-1] if history else evaluate(run.model, run.loaders["val"], accelerator, "val")
-        final = {"val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], **test}
+        final = {key: last[key] for key in ("train_loss", "val_loss", "val_accuracy") if key in last} | test
         if accelerator.is_main_process:
             tracker.log_model(accelerator.unwrap_model(run.model).state_dict())
     return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds)

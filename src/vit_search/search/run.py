@@ -19,6 +19,7 @@ from ..spec import Spec, SpecError
 from ..summary import flop_count
 from ..tracking import Tracker, configure
 from ..train import train
+from .space import parse_space, to_params
 from .storage import study_lock
 from .study import (
     PARENT_RUN, StudyHandle, objective_values, open_study, sample_spec, storage_url_of, worker_loop,
@@ -85,8 +86,9 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
     train_seconds = 0.0
 
     def initialise() -> None:  # once per study, under the study lock
+        dims = parse_space(search.space)
         for values in search.enqueue:
-            study.enqueue_trial(values, skip_if_exists=True)
+            study.enqueue_trial(to_params(dims, values), skip_if_exists=True)
         if client is not None:
             parent = client.create_run(experiment_id, run_name=study.study_name, tags={
                 "optuna.study_name": study.study_name, "optuna.storage": _redact(url),

@@ -19,7 +19,6 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
@@ -250,7 +249,7 @@ def check_space(spec: Any) -> list[str]:
     if spec.search is None:
         return []
     problems = []
-    base = resolved_raw(spec)
+    base = spec.raw
     base.pop("search", None)
     dims: dict[str, Dimension] = {}
     for key, raw_dim in spec.search.space.items():
@@ -298,18 +297,10 @@ def _block_types(dims: list[Dimension], base: Mapping[str, Any], block_path: tup
     return {t for t in types if isinstance(t, str)}
 
 
-def resolved_raw(spec: Any) -> dict[str, Any]:
-    """``spec.raw`` with plugin files listed relative to the spec's folder made absolute, so that the
-    raw mapping loads again from any working directory."""
-    raw = spec.raw
-    plugins = raw.get("plugins")
-    if not spec.source or not isinstance(plugins, list):
-        return raw
-    folder = Path(spec.source).parent
-    raw["plugins"] = [
-        str((folder / p).resolve())
-        if isinstance(p, str) and (p.endswith(".py") or "/" in p) and not Path(p).is_absolute()
-        and (folder / p).is_file() else p
-        for p in plugins
-    ]
-    return raw
+def to_params(dims: list[Dimension], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values as Optuna stores them (mapping choices as their YAML labels), for ``enqueue_trial``."""
+    params = dict(values)
+    for dim in dims:
+        if dim.kind == "choice" and dim.key in params and params[dim.key] in dim.choices:
+            params[dim.key] = dim.labels[dim.choices.index(params[dim.key])]
+    return params

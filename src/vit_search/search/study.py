@@ -32,13 +32,21 @@ INITIALISED = "vit_search:initialised"
 PARENT_RUN = "vit_search:mlflow_parent_run_id"
 MAX_RETRIES = 2
 
+class _Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, whose end the worker loop reads (``is_exhausted``): the ``study.stop()`` it
+    would call works only inside ``Study.optimize``."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     # group + multivariate: TPE models conditional parameters only where they apply; the constant
     # liar keeps parallel workers from sampling the same point.
     "tpe": lambda seed, dims, n: optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(4, min(10, (n or 20) // 4))),
     "random": lambda seed, dims, n: optuna.samplers.RandomSampler(seed=seed),
-    "grid": lambda seed, dims, n: optuna.samplers.GridSampler({d.key: d.grid() for d in dims}, seed=seed),
+    "grid": lambda seed, dims, n: _Grid({d.key: d.grid() for d in dims}, seed=seed),
     "cmaes": lambda seed, dims, n: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
     "gp": lambda seed, dims, n: optuna.samplers.GPSampler(seed=seed),
     "nsga2": lambda seed, dims, n: optuna.samplers.NSGAIISampler(seed=seed),
@@ -242,7 +250,9 @@ def worker_loop(
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             out_of_time = timeout is not None and time.monotonic() - started > timeout
-            if out_of_time or (not waiting and n_trials is not None and counted(trials) >= n_trials):
+            exhausted = isinstance(study.sampler, _Grid) and study.sampler.is_exhausted(study)
+            enough = n_trials is not None and counted(trials) >= n_trials
+            if out_of_time or (not waiting and (enough or exhausted)):
                 running = [t for t in trials if t.state == TrialState.RUNNING]
                 if out_of_time or not running:
                     return report
