@@ -122,15 +122,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec.search.n_trials = args.n_trials
     if args.dry_run:
         return _dry_run(spec, args.dry_run)
+    if args.jobs != 1 or args.trials_per_gpu != 1:
+        return _run_jobs(args, spec)
     from .search.report import top_table
     from .search.run import run_search
 
     result = run_search(spec, storage=args.storage)
+    if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
+        return 0
+    if args.worker:  # one of --jobs: the parent prints the study's table
+        print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s")
+        return 130 if result.interrupted else 0
     print(top_table(result.study))
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training); storage {result.storage}")
     print(f"compare the trials: vit-search ui {args.spec}")
     return 130 if result.interrupted else 0
+
+
+def _run_jobs(args: argparse.Namespace, spec) -> int:
+    """Several worker processes of the study on this machine (cores or GPUs shared out)."""
+    import os
+
+    import optuna
+    import torch
+
+    from .search.jobs import plan_workers, run_workers
+    from .search.report import top_table
+    from .search.study import open_study, storage_url_of
+
+    try:
+        plans = plan_workers(args.jobs, args.trials_per_gpu, torch.cuda.device_count(), os.cpu_count() or 1)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
+    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], f"--storage={url}", "--worker"]
+    if args.n_trials is not None:
+        arguments.append(f"--n-trials={args.n_trials}")
+    codes = run_workers(arguments, plans)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(top_table(open_study(spec, url).study))
+    failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]
+    if failed:
+        print("; ".join(failed) + " (its trials were failed and retried by the others)", file=sys.stderr)
+        return 1
+    print(f"compare the trials: vit-search ui {args.spec}")
+    return 0
 
 
 def _dry_run(spec, count: int) -> int:
@@ -215,6 +252,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-trials", type=int, help="trials in the whole study (overrides search.n_trials)")
     parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=0, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="worker processes on this machine (0: one per GPU slot, else one per core)")
+    parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
+                        help="with GPUs: K workers share each GPU (small trials)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def _best_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .registry import REGISTRY, Registry, RegistryError
 
@@ -91,12 +92,20 @@ class VisionTransformer(nn.Module):
         self.num_classes = model.num_classes
         self.image_size = model.image_size
         self.in_channels = model.in_channels
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder block in backward instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, N, D), prefix tokens included."""
         x = self.pos_drop(self.pos_embed(self.pool.prepend(self.patch_embed(images))))
         for blk in self.blocks:
-            x = blk(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def forward(self, images: Tensor) -> Tensor:

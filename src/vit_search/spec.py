@@ -160,7 +160,13 @@ class TrainSpec(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: off)")
     grad_accum_steps: int = Field(1, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere"
+    )
+    tf32: bool = Field(True, description="fp32 matmuls on TF32 tensor cores (CUDA only)")
+    fused_optimizer: bool = Field(True, description="fused AdamW kernel (CUDA only)")
+    activation_checkpointing: bool = Field(False, description="recompute encoder blocks in backward: less memory")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: known GPUs)")
     compile: bool = Field(False, description="torch.compile the model")
     cpu: bool = Field(False, description="train on the CPU even where a GPU is present")
     checkpoint_dir: str | None = Field(None, description="where epoch checkpoints go (default runs/<name>)")

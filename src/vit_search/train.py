@@ -20,6 +20,9 @@ from torch import nn
 
 from .data import load_data, make_loader
 from .model import build_model, count_parameters
+from .performance import (
+    cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops, resolve_mixed_precision,
+)
 from .spec import Spec
 from .summary import flop_count
 from .tracking import Tracker
@@ -124,7 +127,9 @@ def _setup(spec: Spec, accelerator: Any) -> _Setup:
     parameters = count_parameters(model)
     flops = flop_count(model.eval(), torch.zeros(1, model.in_channels, *_pair(model.image_size)))
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    model.set_grad_checkpointing(cfg.activation_checkpointing)
+    fused = cfg.fused_optimizer and accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
     workers = 0 if data.on_device else spec.data.num_workers
     loaders = {
         "train": make_loader(data.train, cfg.batch_size, shuffle=True, seed=spec.seed, num_workers=workers,
@@ -164,17 +169,18 @@ def train(
     Whatever fails after the start, data loading included, ends the MLflow run FAILED.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, is_mps_available, is_xpu_available, set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     cfg = spec.train
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    _allow_precision(precision)
+    enable_tf32(cfg.tf32)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        # On a machine without accelerators, say so: Accelerate then joins launched processes into
-        # one gloo group (MULTI_CPU) instead of leaving each to train alone.
-        cpu=cfg.cpu or not (torch.cuda.is_available() or is_mps_available() or is_xpu_available()),
+        cpu=cfg.cpu or cpu_only(),
         # Shuffles from (seed, epoch): a resumed run sees the batches an unbroken one would.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
@@ -191,14 +197,21 @@ def train(
             _set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
         else:
-            tracker.log_start(run.parameters, run.flops, str(accelerator.device),
-                              {"num_processes": str(accelerator.num_processes)})
+            tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
+                "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
+                "attention_kernel": _attention_kernel(run.model, accelerator, precision),
+            })
+        peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         train_seconds = 0.0
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _train_epoch(spec, run, accelerator, epoch, show_bar)
             train_seconds += metrics["epoch_seconds"]
             metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
+            metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
+            utilisation = mfu(run.flops, metrics["images_per_second"], peak)
+            if utilisation is not None:
+                metrics["mfu"] = utilisation
             history.append(metrics)
             tracker.log_metrics(metrics, step=epoch)
             if accelerator.is_main_process:
@@ -208,8 +221,7 @@ def train(
                     "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                 })
             accelerator.wait_for_everyone()
-            if on_epoch is not None and accelerator.is_main_process:
-                on_epoch(epoch, metrics)
+            _epoch_callback(on_epoch, epoch, metrics, accelerator)
         # Validation after the last epoch is that epoch's: only the test split is new here.
         test = evaluate(run.model, run.loaders["test"], accelerator, "test")
         tracker.log_metrics(test, step=cfg.epochs - 1)
@@ -218,6 +230,51 @@ def train(
         if accelerator.is_main_process:
             tracker.log_model(accelerator.unwrap_model(run.model).state_dict())
     return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds)
+
+
+class TrainingStopped(Exception):
+    """Raised on the other processes of a run whose main process stopped it (a pruned trial)."""
+
+
+def _epoch_callback(on_epoch: EpochCallback | None, epoch: int, metrics: dict[str, float], accelerator: Any) -> None:
+    """Run ``on_epoch`` on the main process; if it stops the run, every process stops at this epoch."""
+    stop: BaseException | None = None
+    if on_epoch is not None and accelerator.is_main_process:
+        try:
+            on_epoch(epoch, metrics)
+        except Exception as err:  # re-raised below, once the other processes know
+            stop = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        (stopped,) = broadcast_object_list([stop is not None])
+        if stopped and stop is None:
+            raise TrainingStopped(f"stopped by the main process after epoch {epoch + 1}")
+    if stop is not None:
+        raise stop
+
+
+def _allow_precision(precision: str) -> None:
+    """Let this process's next Accelerator take ``precision`` (search trials may differ in it).
+
+    Accelerate keeps one state per process and refuses a second mixed-precision setting. A
+    single-process run resets it; under ``accelerate launch`` the launcher's setting stands.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision) and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _attention_kernel(model: nn.Module, accelerator: Any, precision: str) -> str:
+    """The fused SDPA kernel the model's attention can use here (a tag: check it is not "math")."""
+    attn = getattr(accelerator.unwrap_model(model).blocks[0], "attn", None)
+    head_dim = getattr(attn, "head_dim", None)
+    if head_dim is None:
+        return "unknown"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return fused_attention_kernel(accelerator.device, dtype, head_dim)
 
 
 def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar: bool) -> dict[str, float]:

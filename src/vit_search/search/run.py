@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..model import build_model, count_parameters
+from ..performance import cpu_only
 from ..spec import Spec, SpecError
 from ..summary import flop_count
 from ..tracking import Tracker, configure
@@ -32,7 +33,7 @@ STATE_TAG = "trial.state"
 class SearchResult:
     """What a worker leaves behind: the study, its storage, this worker's trials, wall time."""
 
-    study: optuna.Study
+    study: optuna.Study | None  # None on the non-main processes of a launched run
     storage: str
     trials_run: list[int]
     wall_seconds: float
@@ -73,8 +74,15 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from accelerate import PartialState
+
     search = spec.search
     assert search is not None
+    # Under `accelerate launch`, each trial trains on all the launched processes: the main one runs
+    # the study and tells the others which spec to train next.
+    state = PartialState(cpu=cpu_only())
+    if not state.is_main_process:
+        return _follow_trials(state)
     url = storage_url_of(spec, storage)
     # Workers starting together on fresh sqlite files would race to create the same tables.
     with study_lock(url, search.study_name or spec.name):
@@ -130,10 +138,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
         started = time.perf_counter()
+        checkpoint_dir = f"runs/{study.study_name}/trial-{trial.number}"
+        _share_trial(state, {"raw": trial_spec.raw, "checkpoint_dir": checkpoint_dir})
         try:
             result = train(trial_spec, on_epoch=on_epoch, parent_run_id=parent, run_name=f"trial {trial.number}",
-                           tags={**tags, "search.keys": ",".join(drawn)},
-                           checkpoint_dir=f"runs/{study.study_name}/trial-{trial.number}", progress=False)
+                           tags={**tags, "search.keys": ",".join(drawn)}, checkpoint_dir=checkpoint_dir,
+                           progress=False)
         finally:
             train_seconds += time.perf_counter() - started
         for name, value in result.metrics.items():
@@ -155,6 +165,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
                          heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
                          on_trial_end=on_trial_end, initialise=initialise)
     bar.close()
+    _share_trial(state, None)  # the other processes may stop
     if client is not None:
         from .report import update_parent_run
 
@@ -163,6 +174,34 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         mlflow.end_run()
     return SearchResult(study, url, report.trials_run, time.perf_counter() - started, train_seconds,
                         report.interrupted)
+
+
+def _share_trial(state: Any, message: dict[str, Any] | None) -> None:
+    """Main process: send the next trial's spec (None: no more) to the other launched processes."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list([message])
+
+
+def _follow_trials(state: Any) -> SearchResult:
+    """Other processes: train each trial the main process sends, until it sends None."""
+    from accelerate.utils import broadcast_object_list
+
+    from ..spec import load_spec
+    from ..train import TrainingStopped
+
+    started, train_seconds = time.perf_counter(), 0.0
+    while True:
+        (message,) = broadcast_object_list([None])
+        if message is None:
+            return SearchResult(None, "", [], time.perf_counter() - started, train_seconds, False)
+        began = time.perf_counter()
+        try:
+            train(load_spec(message["raw"]), checkpoint_dir=message["checkpoint_dir"], progress=False)
+        except TrainingStopped:  # pruned by the main process
+            pass
+        train_seconds += time.perf_counter() - began
 
 
 def _redact(url: str) -> str:

@@ -1,0 +1,64 @@
+"""Trials per hour with ``--jobs 2`` against ``--jobs 1`` on the quickstart study, same trials.
+
+The same configurations are enqueued for both (pruning off, so every trial trains fully), each run
+into a fresh MLflow store and Optuna storage; wall time includes every worker's start-up, as a user
+would see it. Prints trials/hour of each and the ratio (target >= 1.5x on 2 CPU cores).
+
+    python benchmarks/jobs_throughput.py [--trials 6] [--epochs 15] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def configurations(count: int) -> list[dict]:
+    """``count`` distinct points of the quickstart space."""
+    points = [(d, h, p, lr) for d in (2, 4, 6) for h in (2, 4, 8) for p in ("cls", "mean") for lr in (2e-3, 4e-3)]
+    step = max(1, len(points) // count)
+    return [{"model.depth": d, "model.attention.heads": h, "model.pooling.type": p, "train.lr": lr}
+            for d, h, p, lr in points[::step][:count]]
+
+
+def timed_study(jobs: int, trials: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load((REPO / "experiments" / "digits.yaml").read_text())
+        spec["search"].update(n_trials=trials, pruner="none", timeout=None, enqueue=configurations(trials))
+        spec["train"]["epochs"] = epochs
+        spec["tracking"]["plots"] = False
+        path = Path(tmp) / "study.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", str(jobs)],
+                       cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} cores; {args.trials} enqueued trials of {args.epochs} epochs each, no pruning")
+    rates = {}
+    for jobs in (1, args.jobs):
+        wall = timed_study(jobs, args.trials, args.epochs)
+        rates[jobs] = args.trials / wall * 3600
+        print(f"--jobs {jobs}: {wall:.1f} s, {rates[jobs]:.0f} trials/hour", flush=True)
+    print(f"ratio --jobs {args.jobs} / --jobs 1: {rates[args.jobs] / rates[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

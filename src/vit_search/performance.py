@@ -1,0 +1,89 @@
+"""Device efficiency: precision choice, attention kernel check, model FLOP utilisation, peak memory.
+
+Each switch is in the spec (``train``); ``auto`` turns on what helps on the device at hand and
+falls back cleanly elsewhere (on a CPU: fp32, no fused optimizer, no TF32).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, without sparsity) by device name; fp32 runs use the
+# TF32 peak, half of these. A spec's train.peak_tflops overrides the table.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+
+
+def cpu_only() -> bool:
+    """True on a machine without accelerators: Accelerate must then be told ``cpu=True`` to join
+    launched processes into one gloo group (MULTI_CPU) instead of leaving each alone."""
+    from accelerate.utils import is_mps_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_mps_available() or is_xpu_available())
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto``: bf16 on a CUDA GPU that supports it, else fp32 ("no"); other settings unchanged."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def enable_tf32(enabled: bool) -> None:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (CUDA only; a no-op elsewhere)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def fused_attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which fused attention kernel SDPA can use here ("flash", "efficient", "cudnn"), or "math".
+
+    Runs a tiny attention restricted to each fused backend in turn: a backend that cannot serve
+    these shapes, dtype and device raises, so the answer is what torch would pick, not a guess.
+    """
+    candidates = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    if device.type == "cuda":
+        candidates.insert(0, ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
+    for name, backend in candidates:
+        try:
+            with sdpa_kernel([backend]), torch.no_grad():
+                F.scaled_dot_product_attention(q, q, q)
+            return name
+        except RuntimeError:
+            continue
+    return "math"
+
+
+def peak_tflops(device: torch.device, mixed_precision: str, override: float | None) -> float | None:
+    """The device's peak for this precision, or None when unknown (CPUs, unlisted GPUs)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    return peak if mixed_precision in ("bf16", "fp16") else peak / 2
+
+
+def mfu(forward_flops_per_image: int, images_per_second: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation: training FLOPs (3x forward) achieved over the device's peak."""
+    if not peak:
+        return None
+    return 3 * forward_flops_per_image * images_per_second / (peak * 1e12)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux

@@ -1,0 +1,65 @@
+"""``vit-search run --jobs N``: N worker processes of one study on this machine.
+
+Each worker is a plain ``vit-search run`` process on the same storage, so the study's lock, its
+exact trial count and its heartbeats work as they do across machines. On CPUs each worker gets its
+share of the cores (its torch threads); on GPUs each is pinned to one device with
+``CUDA_VISIBLE_DEVICES``, ``trials_per_gpu`` of them to a device. A worker that dies takes no other
+down: its trial is failed and retried by the survivors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerPlan:
+    """How one worker process is started: its environment additions."""
+
+    index: int
+    env: dict[str, str]
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return f"worker {self.index}: " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+
+
+def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) -> list[WorkerPlan]:
+    """Where each worker runs: ``jobs`` workers (default: one per GPU slot, else one per core)."""
+    if trials_per_gpu < 1:
+        raise ValueError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
+    if gpus:
+        jobs = jobs or gpus * trials_per_gpu
+        return [WorkerPlan(i, {"CUDA_VISIBLE_DEVICES": str((i // trials_per_gpu) % gpus)}) for i in range(jobs)]
+    jobs = jobs or max(1, cpus)
+    plans = []
+    for i in range(jobs):
+        # Cores split as evenly as they go; a worker never gets fewer than one thread.
+        threads = max(1, cpus // jobs + (1 if i < cpus % jobs else 0))
+        plans.append(WorkerPlan(i, {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}))
+    return plans
+
+
+def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False) -> list[int]:
+    """Start one ``vit-search run ARGUMENTS`` per plan and wait for all; returns their exit codes.
+
+    Ctrl-C reaches every worker (same process group); each ends its trial's bookkeeping.
+    """
+    processes = []
+    for plan in plans:
+        if not quiet:
+            print(plan.describe(), file=sys.stderr, flush=True)
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "vit_search", "run", *arguments],
+            env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
+        ))
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait())
+        except KeyboardInterrupt:
+            codes.append(process.wait())
+    return codes

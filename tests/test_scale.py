@@ -1,0 +1,175 @@
+"""Scale: several workers on one machine (--jobs), dead workers, device options, many hosts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from vit_search.model import build_model
+from vit_search.search.jobs import plan_workers
+from vit_search.search.run import run_search
+from vit_search.search.study import WORKER
+from vit_search.spec import load_spec
+from vit_search.train import train
+
+from test_study import STUDY, study_raw
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def test_cpu_workers_share_the_cores_out():
+    assert [p.env["OMP_NUM_THREADS"] for p in plan_workers(2, 1, gpus=0, cpus=2)] == ["1", "1"]
+    assert [p.env["OMP_NUM_THREADS"] for p in plan_workers(3, 1, gpus=0, cpus=8)] == ["3", "3", "2"]
+    assert [p.env["OMP_NUM_THREADS"] for p in plan_workers(4, 1, gpus=0, cpus=2)] == ["1"] * 4
+    assert len(plan_workers(0, 1, gpus=0, cpus=2)) == 2  # 0: one per core
+
+
+def test_gpu_workers_are_pinned_and_packed_trials_per_gpu():
+    plans = plan_workers(None, 3, gpus=2, cpus=16)
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "0", "0", "1", "1", "1"]
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_workers(2, 0, gpus=1, cpus=2)
+
+
+def run_jobs(spec_path, cwd, *extra):
+    return subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2", *extra],
+                            cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_jobs_runs_two_workers_on_one_study_with_exactly_n_trials(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("jobs", n_trials=4)))
+    proc = run_jobs(spec_path, workdir)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "study 'jobs': 4 complete" in out and err.count("OMP_NUM_THREADS=1") == 2
+    trials = optuna.load_study(study_name="jobs", storage=study_raw("jobs")["search"]["storage"]).get_trials()
+    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len({t.system_attrs[WORKER] for t in trials}) == 2  # both workers took trials
+
+
+def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("jobs-death", n_trials=4)))
+    storage = study_raw("jobs-death")["search"]["storage"]
+    proc = run_jobs(spec_path, workdir, "--set", "train.epochs=4")
+    client, deadline, victim = MlflowClient(), time.monotonic() + 200, None
+    while victim is None:  # a worker mid-way through training a trial
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+        experiment = client.get_experiment_by_name("jobs-death")
+        if experiment is None:
+            continue
+        running = [r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+                   if "optuna.trial_number" in r.data.tags]
+        if running:
+            number = int(running[0].data.tags["optuna.trial_number"])
+            trial = optuna.load_study(study_name="jobs-death", storage=storage).get_trials()[number]
+            victim = int(trial.system_attrs[WORKER].rsplit(":", 1)[1])
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 1 and "exited -9" in err
+    trials = optuna.load_study(study_name="jobs-death", storage=storage).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    (dead,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert dead.user_attrs["error"].startswith("worker died")
+    assert not [r for r in client.search_runs([client.get_experiment_by_name("jobs-death").experiment_id])
+                if r.info.status == "RUNNING"]
+
+
+def test_device_options_fall_back_cleanly_on_cpu_and_metrics_are_logged(workdir):
+    raw = {**STUDY, "name": "devices", "tracking": {"experiment": "devices"}}
+    raw.pop("search")
+    spec = load_spec(raw, ["train.epochs=1", "train.mixed_precision=auto", "train.compile=false",
+                           "train.fused_optimizer=true", "train.tf32=true", "train.peak_tflops=0.5"])
+    result = train(spec)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["mixed_precision"] == "no"  # auto: fp32 without a GPU
+    assert run.data.tags["attention_kernel"] in ("flash", "efficient", "math")
+    assert run.data.metrics["peak_memory_mb"] > 10
+    assert 0 < run.data.metrics["mfu"] < 1  # measured against the spec's peak
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_model({"dim": 32, "depth": 3, "patch_embed": {"type": "conv", "patch_size": 4},
+                         "attention": {"type": "sdpa", "heads": 4}, "image_size": 16, "in_channels": 3,
+                         "num_classes": 5})
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_trials_may_differ_in_mixed_precision_within_one_worker(workdir):
+    spec = load_spec(study_raw("precisions", n_trials=2, space={"train.mixed_precision": {"choice": ["no", "bf16"]}},
+                               enqueue=[{"train.mixed_precision": "bf16"}, {"train.mixed_precision": "no"}]),
+                     ["train.epochs=1"])
+    trials = run_search(spec, progress=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server):
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL storages")
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 (database test, user postgres): {err}")
+    name = f"hosts-{os.getpid()}-{int(time.time())}"
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw(name, n_trials=6)))
+    # What each host runs: the same command, pointed at one storage and one tracking server.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    workers = [subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--storage", url],
+                                cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    for w in workers:
+        out, err = w.communicate(timeout=400)
+        assert w.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if "optuna.trial_number" in r.data.tags)
+    assert numbers == list(range(6))
+    assert all(t.user_attrs["mlflow_run_id"] in {r.info.run_id for r in runs} for t in trials)
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_trials_of_a_launched_study_train_on_two_processes_and_report_once(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=3, pruner="successive_halving")))
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=3"],
+        cwd=workdir, env=os.environ.copy(), capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("study 'launched':") == 1  # the main process reports
+    trials = optuna.load_study(study_name="launched", storage=study_raw("launched")["search"]["storage"]).get_trials()
+    assert len(trials) == 3 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    client = MlflowClient()
+    children = [r for r in client.search_runs([client.get_experiment_by_name("launched").experiment_id])
+                if "optuna.trial_number" in r.data.tags]
+    assert len(children) == 3 and {r.data.tags["num_processes"] for r in children} == {"2"}
