@@ -65,9 +65,9 @@ def test_jobs_runs_two_workers_on_one_study_with_exactly_n_trials(workdir):
 
 def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir):
     spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(study_raw("jobs-death", n_trials=4)))
+    spec_path.write_text(yaml.safe_dump(study_raw("jobs-death", n_trials=3)))
     storage = study_raw("jobs-death")["search"]["storage"]
-    proc = run_jobs(spec_path, workdir, "--set", "train.epochs=4")
+    proc = run_jobs(spec_path, workdir, "--set", "train.epochs=3")
     client, deadline, victim = MlflowClient(), time.monotonic() + 200, None
     while victim is None:  # a worker mid-way through training a trial
         assert proc.poll() is None and time.monotonic() < deadline
@@ -85,7 +85,7 @@ def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 1 and "exited -9" in err
     trials = optuna.load_study(study_name="jobs-death", storage=storage).get_trials()
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
     (dead,) = [t for t in trials if t.state == TrialState.FAIL]
     assert dead.user_attrs["error"].startswith("worker died")
     assert not [r for r in client.search_runs([client.get_experiment_by_name("jobs-death").experiment_id])

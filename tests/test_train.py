@@ -123,7 +123,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_run(workdir, sqlite_uri):
-    raw = {**TINY, "tracking": {"experiment": "resume"}, "train": {**TINY["train"], "epochs": 12}}
+    raw = {**TINY, "tracking": {"experiment": "resume"}, "train": {**TINY["train"], "epochs": 8}}
     spec_path = write_yaml(workdir / "resume.yaml", raw)
     unbroken = train(load_spec(raw), checkpoint_dir=workdir / "unbroken")
 
@@ -150,7 +150,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
     killed = [r for r in runs if r.info.run_id != unbroken.run_id]
     assert len(killed) == 1 and killed[0].info.status == "FINISHED"  # the same run, continued
     steps = sorted({m.step for m in MlflowClient().get_metric_history(killed[0].info.run_id, "val_accuracy")})
-    assert steps == list(range(12))
+    assert steps == list(range(8))
 
 
 def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
