@@ -1,4 +1,7 @@
-"""Trials per hour with ``--jobs 2`` against ``--jobs 1`` on the quickstart study, same trials.
+"""Trials per hour with ``--jobs N`` against ``--jobs 1`` on the quickstart study, same trials.
+
+On a GPU machine ``--trials-per-gpu K`` compares K packed workers per GPU against one (target 4x
+for K = 8 on one GPU).
 
 The same configurations are enqueued for both (pruning off, so every trial trains fully), each run
 into a fresh MLflow store and Optuna storage; wall time includes every worker's start-up, as a user
@@ -30,7 +33,7 @@ def configurations(count: int) -> list[dict]:
             for d, h, p, lr in points[::step][:count]]
 
 
-def timed_study(jobs: int, trials: int, epochs: int) -> float:
+def timed_study(jobs: int, trials: int, epochs: int, per_gpu: int = 1) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load((REPO / "experiments" / "digits.yaml").read_text())
         spec["search"].update(n_trials=trials, pruner="none", timeout=None, enqueue=configurations(trials))
@@ -40,7 +43,8 @@ def timed_study(jobs: int, trials: int, epochs: int) -> float:
         path.write_text(yaml.safe_dump(spec))
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", str(jobs)],
+        subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", str(jobs),
+                        "--trials-per-gpu", str(per_gpu)],
                        cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - started
 
@@ -50,7 +54,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--trials-per-gpu", type=int, default=0, help="GPU machines: compare K per GPU with 1")
     args = parser.parse_args()
+    if args.trials_per_gpu:
+        one = timed_study(0, args.trials, args.epochs, 1)
+        packed = timed_study(0, args.trials, args.epochs, args.trials_per_gpu)
+        print(f"--trials-per-gpu 1: {args.trials / one * 3600:.0f} trials/hour; --trials-per-gpu "
+              f"{args.trials_per_gpu}: {args.trials / packed * 3600:.0f} trials/hour; ratio {one / packed:.2f}x")
+        return
     print(f"{os.cpu_count()} cores; {args.trials} enqueued trials of {args.epochs} epochs each, no pruning")
     rates = {}
     for jobs in (1, args.jobs):

@@ -128,13 +128,8 @@ def test_trials_may_differ_in_mixed_precision_within_one_worker(workdir):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
-def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server):
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL storages")
-    url = "postgresql://postgres@127.0.0.1:5432/test"
-    try:
-        psycopg.connect(url, connect_timeout=3).close()
-    except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 (database test, user postgres): {err}")
+def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server, postgres_url):
+    url = postgres_url
     name = f"hosts-{os.getpid()}-{int(time.time())}"
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw(name, n_trials=6)))

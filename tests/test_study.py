@@ -182,13 +182,8 @@ def _storage(url: str):
     return open_storage(url)
 
 
-def test_two_workers_on_a_real_postgresql_server(workdir):
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL storages (pip install -e '.[test]')")
-    url = "postgresql://postgres@127.0.0.1:5432/test"
-    try:
-        psycopg.connect(url, connect_timeout=3).close()
-    except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 (database test, user postgres): {err}")
+def test_two_workers_on_a_real_postgresql_server(workdir, postgres_url):
+    url = postgres_url
     name = f"pg-{os.getpid()}-{int(time.time())}"
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump({**study_raw(name, n_trials=4, storage=url)}))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,12 +114,3 @@ def _database_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
     finally:
         engine.dispose()
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
