@@ -169,3 +169,15 @@ def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdi
     (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     assert run.data.tags["num_processes"] == "2" and run.info.status == "FINISHED"
     assert run.data.metrics["val_accuracy"] > 0.2  # chance: 0.1
+
+
+def test_missing_data_files_are_one_error_line_and_exit_2(workdir, cli):
+    spec_path = write_yaml(workdir / "mnist.yaml", {
+        "name": "nomnist", "data": {"dataset": "mnist", "image_size": 28, "root": str(workdir / "data")},
+        "model": {"patch_embed": {"type": "conv", "patch_size": 4}}, "train": {"epochs": 1},
+        "tracking": {"enabled": False}})
+    result = cli("train", str(spec_path), cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "mnist: data files not found in" in line and "data.download: true" in line
+    assert not (workdir / "runs").exists()
