@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from optuna.trial import TrialState
 from vit_search.model import build_model
 from vit_search.search.jobs import plan_workers
 from vit_search.search.run import run_search
-from vit_search.search.study import WORKER
+from vit_search.search.study import WORKER, _worker_dead
 from vit_search.spec import load_spec
 from vit_search.train import train
 
@@ -90,6 +91,21 @@ def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir
     assert dead.user_attrs["error"].startswith("worker died")
     assert not [r for r in client.search_runs([client.get_experiment_by_name("jobs-death").experiment_id])
                 if r.info.status == "RUNNING"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombie detection reads /proc (Linux)")
+def test_an_exited_but_unreaped_worker_counts_as_dead():
+    host = socket.gethostname()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while not _worker_dead(f"{host}:{child.pid}"):  # exited, not yet waited for: a zombie
+            assert time.monotonic() < deadline, "an exited child never counted as dead"
+            time.sleep(0.05)
+    finally:
+        child.wait()
+    assert not _worker_dead(f"{host}:{os.getpid()}")  # this process is alive
+    assert not _worker_dead(f"another-host:{child.pid}")  # other hosts: only heartbeats tell
 
 
 def test_device_options_fall_back_cleanly_on_cpu_and_metrics_are_logged(workdir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 
@@ -56,10 +57,12 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = Fal
             [sys.executable, "-m", "vit_search", "run", *arguments],
             env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
         ))
-    codes = []
-    for process in processes:
+    # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
+    # others, which would then wait out the heartbeat grace before retrying its trial.
+    while True:
         try:
-            codes.append(process.wait())
-        except KeyboardInterrupt:
-            codes.append(process.wait())
-    return codes
+            if all(process.poll() is not None for process in processes):
+                return [process.returncode for process in processes]
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # the workers got it too: wait for their bookkeeping
+            return [process.wait() for process in processes]

@@ -120,7 +120,16 @@ def _worker_dead(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _zombie(int(pid))
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but whose parent has not reaped it yet (Linux; False elsewhere)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # the state follows the parenthesised name
 
 
 class Heartbeat:
