@@ -7,6 +7,10 @@ The same configurations are enqueued for both (pruning off, so every trial train
 into a fresh MLflow store and Optuna storage; wall time includes every worker's start-up, as a user
 would see it. Prints trials/hour of each and the ratio (target >= 1.5x on 2 CPU cores).
 
+First it times one trial alone on one thread and on all cores' threads: the better torch's
+threads already use the cores, the less separate workers can add (two one-thread workers beat one
+two-thread worker by at most 2 / that scaling).
+
     python benchmarks/jobs_throughput.py [--trials 6] [--epochs 15] [--jobs 2]
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,11 +54,34 @@ def timed_study(jobs: int, trials: int, epochs: int, per_gpu: int = 1) -> float:
         return time.perf_counter() - started
 
 
+def train_seconds(threads: int, epochs: int) -> float:
+    """Training time of the quickstart model alone in one process with ``threads`` torch threads."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_search", "train", str(REPO / "experiments" / "digits.yaml"),
+         f"--set=train.epochs={epochs}", "--set=tracking.enabled=false"],
+        env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        check=True, capture_output=True, text=True,
+    ).stdout
+    match = re.search(r"([0-9.]+) s training", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def thread_ceiling(epochs: int, cores: int) -> None:
+    """How well one trial's torch threads already use the cores: the most --jobs can win back."""
+    one, many = train_seconds(1, epochs), train_seconds(cores, epochs)
+    scaling = one / many
+    print(f"one trial alone: {one:.1f} s training on 1 thread, {many:.1f} s on {cores} threads "
+          f"(threads scale {scaling:.2f}x): {cores} one-thread workers can be at most "
+          f"{cores / scaling:.2f}x faster than one {cores}-thread worker", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--skip-ceiling", action="store_true", help="skip timing one trial on 1 and all threads")
     parser.add_argument("--trials-per-gpu", type=int, default=0, help="GPU machines: compare K per GPU with 1")
     args = parser.parse_args()
     if args.trials_per_gpu:
@@ -63,6 +91,8 @@ def main() -> None:
               f"{args.trials_per_gpu}: {args.trials / packed * 3600:.0f} trials/hour; ratio {one / packed:.2f}x")
         return
     print(f"{os.cpu_count()} cores; {args.trials} enqueued trials of {args.epochs} epochs each, no pruning")
+    if not args.skip_ceiling:
+        thread_ceiling(args.epochs, os.cpu_count() or 1)
     rates = {}
     for jobs in (1, args.jobs):
         wall = timed_study(jobs, args.trials, args.epochs)
