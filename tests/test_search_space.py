@@ -115,7 +115,7 @@ def test_int_range_draws_integers_within_bounds_on_the_step_and_log_scaled(write
                                            "train.epochs: {int: [1, 3]}\n")))
     dims = parse_space(spec.search.space)
     depths, batches, epochs = set(), [], set()
-    for raw, drawn, frozen in draw(dims, spec.raw, 200):
+    for raw, _drawn, frozen in draw(dims, spec.raw, 200):
         depth, batch, epoch = raw["model"]["depth"], raw["train"]["batch_size"], raw["train"]["epochs"]
         assert all(isinstance(v, int) and not isinstance(v, bool) for v in (depth, batch, epoch))
         assert depth in (2, 4, 6, 8) and 8 <= batch <= 512 and 1 <= epoch <= 3

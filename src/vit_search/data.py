@@ -203,7 +203,8 @@ def _read_official(cls: type, root: Path, folder: Path) -> tuple[Pairs, list[str
             raise ValueError("torchvision did not accept them") from None
         # torchvision refuses CIFAR files whose md5 is not the official release's (a subset, a
         # re-pickled copy); the format is documented, so read them ourselves and say so.
-        warnings.warn(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles")
+        warnings.warn(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles",
+                      stacklevel=2)
         return _read_cifar(cls, folder)
     return [(np.asarray(s.data), np.asarray(s.targets)) for s in sets], list(sets[0].classes)
 
