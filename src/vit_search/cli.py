@@ -306,6 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Under ``accelerate launch``: all processes leave the process group together before exiting.
+
+    Left to interpreter exit, gloo's connection threads are torn down while joinable and abort the
+    process ("terminate called without an active exception") after a run that succeeded.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -323,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .spec import SpecError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        _leave_process_group()
+        return code
     except SpecError as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
