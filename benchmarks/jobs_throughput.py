@@ -1,7 +1,8 @@
 """Trials per hour with ``--jobs N`` against ``--jobs 1`` on the quickstart study, same trials.
 
 On a GPU machine ``--trials-per-gpu K`` compares K packed workers per GPU against one (target 4x
-for K = 8 on one GPU).
+for K = 8 on one GPU); there the trials default to the quickstart's 100 epochs, two per worker, so
+that start-up does not hide the packing.
 
 The same configurations are enqueued for both (pruning off, so every trial trains fully), each run
 into a fresh MLflow store and Optuna storage; wall time includes every worker's start-up, as a user
@@ -12,6 +13,7 @@ threads already use the cores, the less separate workers can add (two one-thread
 two-thread worker by at most 2 / that scaling).
 
     python benchmarks/jobs_throughput.py [--trials 6] [--epochs 15] [--jobs 2]
+    python benchmarks/jobs_throughput.py --trials-per-gpu 8 [--trials 16] [--epochs 100]
 """
 
 from __future__ import annotations
@@ -78,18 +80,24 @@ def thread_ceiling(epochs: int, cores: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--trials", type=int, help="enqueued trials (default 6; with GPUs 2 per packed worker)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default 15; with GPUs 100)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--skip-ceiling", action="store_true", help="skip timing one trial on 1 and all threads")
     parser.add_argument("--trials-per-gpu", type=int, default=0, help="GPU machines: compare K per GPU with 1")
     args = parser.parse_args()
     if args.trials_per_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--trials-per-gpu compares packings on a GPU; this machine has none")
+        args.trials, args.epochs = args.trials or 2 * args.trials_per_gpu, args.epochs or 100
         one = timed_study(0, args.trials, args.epochs, 1)
         packed = timed_study(0, args.trials, args.epochs, args.trials_per_gpu)
         print(f"--trials-per-gpu 1: {args.trials / one * 3600:.0f} trials/hour; --trials-per-gpu "
               f"{args.trials_per_gpu}: {args.trials / packed * 3600:.0f} trials/hour; ratio {one / packed:.2f}x")
         return
+    args.trials, args.epochs = args.trials or 6, args.epochs or 15
     print(f"{os.cpu_count()} cores; {args.trials} enqueued trials of {args.epochs} epochs each, no pruning")
     if not args.skip_ceiling:
         thread_ceiling(args.epochs, os.cpu_count() or 1)
