@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -154,7 +155,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
 
 
 def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
-    raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3}}
+    raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3, "peak_tflops": 1.0}}
     spec_path = write_yaml(workdir / "ddp.yaml", raw)
     result = subprocess.run(
         # --multi_gpu selects torchrun's launcher; on a machine without GPUs the processes join one
@@ -169,6 +170,10 @@ def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdi
     (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     assert run.data.tags["num_processes"] == "2" and run.info.status == "FINISHED"
     assert run.data.metrics["val_accuracy"] > 0.2  # chance: 0.1
+    # MFU is per device: the images of both processes over two devices' peak.
+    metrics = run.data.metrics
+    expected = 3 * metrics["flops"] * metrics["images_per_second"] / 2 / 1e12
+    assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_missing_data_files_are_one_error_line_and_exit_2(workdir, cli):
@@ -181,3 +186,45 @@ def test_missing_data_files_are_one_error_line_and_exit_2(workdir, cli):
     (line,) = result.stderr.strip().splitlines()
     assert "mnist: data files not found in" in line and "data.download: true" in line
     assert not (workdir / "runs").exists()
+
+
+def test_the_schedule_counts_the_step_accelerate_takes_at_an_epochs_uneven_end(workdir):
+    # 40 batches of 32 with grad_accum_steps 3: 14 optimizer steps an epoch (the last one on 1 batch).
+    spec = load_spec({**TINY, "train": {**TINY["train"], "epochs": 2, "warmup_epochs": 0, "grad_accum_steps": 3},
+                      "tracking": {"enabled": False}})
+    result = train(spec, checkpoint_dir=workdir / "ckpt")
+    # Half the steps done: the cosine is half-way down.
+    assert result.history[0]["lr"] == pytest.approx(0.5 * spec.train.lr, rel=1e-6)
+
+
+def test_a_batch_larger_than_the_training_split_is_one_error_line_and_exit_2(workdir, cli):
+    spec_path = write_yaml(workdir / "big.yaml", {**TINY, "train": {**TINY["train"], "batch_size": 4096},
+                                                  "tracking": {"enabled": False}})
+    result = cli("train", str(spec_path), cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "train.batch_size 4096" in line and "1293 training images" in line and "lower train.batch_size" in line
+
+
+def test_compiled_models_save_weights_under_the_plain_models_names():
+    from accelerate import Accelerator
+
+    from vit_search.model import build_model
+    from vit_search.train import _plain
+
+    model = build_model(load_spec(TINY))
+    accelerator = Accelerator(cpu=True)
+    compiled = torch.compile(accelerator.prepare(model), backend="eager")
+    assert list(_plain(compiled, accelerator).state_dict()) == list(model.state_dict())
+
+
+def test_attention_blocks_that_do_not_call_sdpa_are_tagged_with_no_kernel():
+    from accelerate import Accelerator
+
+    from vit_search.model import build_model
+    from vit_search.train import _attention_kernel
+
+    accelerator = Accelerator(cpu=True)
+    for attention, expected in (("einsum", {"none"}), ("sdpa", {"flash", "efficient", "math"})):
+        spec = load_spec({**TINY, "model": {**TINY["model"], "attention": {"type": attention, "heads": 2}}})
+        assert _attention_kernel(build_model(spec), accelerator, "no") in expected

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import load_data, make_loader
+from .blocks.attention import SDPAttention
+from .data import DataError, load_data, make_loader
 from .model import build_model, count_parameters
 from .performance import (
     cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops, resolve_mixed_precision,
@@ -139,11 +140,17 @@ def _setup(spec: Spec, accelerator: Any) -> _Setup:
     }
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
+    if len(loaders["train"]) == 0:  # drop_last: not one full batch per process
+        raise DataError(
+            f"train.batch_size {cfg.batch_size} x {accelerator.num_processes} process(es) is more than the "
+            f"{len(data.train)} training images: not one full batch; lower train.batch_size"
+        )
     if cfg.compile:
         model = torch.compile(model)
     # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
     # it once per process per step).
-    steps_per_epoch = max(len(loaders["train"]) // cfg.grad_accum_steps, 1)
+    # Accelerate steps at every accumulation boundary and at the end of the epoch.
+    steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
@@ -191,7 +198,7 @@ def train(
         run = _setup(spec, accelerator)
         start_epoch, history = 0, []
         if checkpoint is not None:
-            accelerator.unwrap_model(run.model).load_state_dict(checkpoint["model"])
+            _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
             run.optimizer.load_state_dict(checkpoint["optimizer"])
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             _set_rng_state(checkpoint["rng"])
@@ -203,20 +210,18 @@ def train(
             })
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
-        train_seconds = 0.0
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _train_epoch(spec, run, accelerator, epoch, show_bar)
-            train_seconds += metrics["epoch_seconds"]
             metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
             metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
-            utilisation = mfu(run.flops, metrics["images_per_second"], peak)
+            utilisation = mfu(run.flops, metrics["images_per_second"] / accelerator.num_processes, peak)
             if utilisation is not None:
                 metrics["mfu"] = utilisation
             history.append(metrics)
             tracker.log_metrics(metrics, step=epoch)
             if accelerator.is_main_process:
                 _save_checkpoint(ckpt_path, {
-                    "model": accelerator.unwrap_model(run.model).state_dict(),
+                    "model": _plain(run.model, accelerator).state_dict(),
                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                 })
@@ -228,7 +233,8 @@ def train(
         last = history[-1] if history else evaluate(run.model, run.loaders["val"], accelerator, "val")
         final = {key: last[key] for key in ("train_loss", "val_loss", "val_accuracy") if key in last} | test
         if accelerator.is_main_process:
-            tracker.log_model(accelerator.unwrap_model(run.model).state_dict())
+            tracker.log_model(_plain(run.model, accelerator).state_dict())
+    train_seconds = sum(m["epoch_seconds"] for m in history)
     return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds)
 
 
@@ -267,12 +273,17 @@ def _allow_precision(precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def _plain(model: nn.Module, accelerator: Any) -> nn.Module:
+    """The model without Accelerate's or torch.compile's wrappers: its state dict has our names."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def _attention_kernel(model: nn.Module, accelerator: Any, precision: str) -> str:
     """The fused SDPA kernel the model's attention can use here (a tag: check it is not "math")."""
-    attn = getattr(accelerator.unwrap_model(model).blocks[0], "attn", None)
-    head_dim = getattr(attn, "head_dim", None)
-    if head_dim is None:
-        return "unknown"
+    attn = getattr(_plain(model, accelerator).blocks[0], "attn", None)
+    if not isinstance(attn, SDPAttention):  # other attention blocks (einsum, plugins) pick no SDPA kernel
+        return "none"
+    head_dim = attn.head_dim
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return fused_attention_kernel(accelerator.device, dtype, head_dim)
 
@@ -307,11 +318,12 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
         loss_sum += loss.detach()
         seen += images.shape[0]
         steps += 1
-        # Checked now and then, not every step: on a GPU each check waits for the device.
-        if step % 25 == 0 and not torch.isfinite(loss_sum):
+        # Checked now and then, not every step: on a GPU each check waits for the device. Decided
+        # by all processes together, or one would stop while the others wait for its gradients.
+        if step % 25 == 0 and accelerator.reduce((~torch.isfinite(loss_sum)).float(), reduction="sum").item():
             break
-    seconds = time.perf_counter() - started
     train_loss = accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
+    seconds = time.perf_counter() - started  # after .item(): the device has finished the epoch
     if not math.isfinite(train_loss):
         raise TrainingDiverged(
             f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
