@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from vit_search.model import build_model
-from vit_search.search.jobs import plan_workers
+from vit_search.search.jobs import jobs_exit_code, plan_workers
 from vit_search.search.run import run_search
 from vit_search.search.study import WORKER, _worker_dead
 from vit_search.spec import load_spec
@@ -91,6 +91,41 @@ def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir
     assert dead.user_attrs["error"].startswith("worker died")
     assert not [r for r in client.search_runs([client.get_experiment_by_name("jobs-death").experiment_id])
                 if r.info.status == "RUNNING"]
+
+
+def test_interrupted_workers_exit_130_and_only_dead_ones_exit_1():
+    assert jobs_exit_code([0, 0], interrupted=False) == (0, None)
+    assert jobs_exit_code([130, 130], interrupted=False) == (130, None)  # Ctrl-C reached the workers only
+    assert jobs_exit_code([130, 0], interrupted=True) == (130, None)
+    assert jobs_exit_code([-signal.SIGINT, 130], interrupted=False) == (130, None)  # one died in its imports
+    assert jobs_exit_code([0, -9], interrupted=False) == (
+        1, "worker 1 exited -9 (its trials were failed and retried by the others)")
+
+
+def test_ctrl_c_on_jobs_exits_130_without_blaming_the_workers(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("jobs-ctrl-c", n_trials=2)))
+    storage = study_raw("jobs-ctrl-c")["search"]["storage"]
+    # Its own process group, as a terminal gives it: Ctrl-C reaches the parent and both workers.
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2",
+                             "--set", "train.epochs=50"], cwd=workdir, env=os.environ.copy(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 200
+    while True:  # both workers training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="jobs-ctrl-c", storage=storage).get_trials()
+        except KeyError:
+            continue
+        if sum(t.state == TrialState.RUNNING for t in trials) == 2:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 130, err[-3000:]
+    assert "retried by the others" not in err and "study 'jobs-ctrl-c': 0 complete, 0 pruned, 2 failed" in out
+    trials = optuna.load_study(study_name="jobs-ctrl-c", storage=storage).get_trials()
+    assert {t.user_attrs["error"] for t in trials} == {"interrupted (Ctrl-C)"}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombie detection reads /proc (Linux)")

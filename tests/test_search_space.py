@@ -427,3 +427,17 @@ def test_cli_run_of_a_spec_without_search_section_exits_2_with_one_line(write_sp
         f"error: {path}: no 'search:' section; add one (see experiments/digits.yaml), "
         f"or use 'vit-search train' for a single run"]
     assert list(empty_cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--jobs=-1", "--jobs -1: must be 0 (one worker per GPU slot, else per core) or more"),
+    ("--n-trials=0", "--n-trials 0: must be at least 1 (trials in the whole study)"),
+    ("--dry-run=0", "--dry-run 0: must be at least 1 (configurations to sample), or leave N out for 5"),
+    ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (workers per GPU)"),
+])
+def test_cli_run_refuses_counts_below_their_minimum_with_one_line(write_spec, empty_cwd, flag, message):
+    path = write_spec(study_text("model.depth: {int: [1, 3]}\n"))
+    result = cli("run", str(path), flag, cwd=empty_cwd)  # a study or MLflow store would land in cwd
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: {message}"]
+    assert list(empty_cwd.iterdir()) == []

@@ -250,3 +250,88 @@ def test_enqueued_configuration_may_name_a_whole_block(workdir):
         ["train.epochs=1"])
     (trial,) = run_search(spec, progress=False).study.get_trials()
     assert trial.state == TrialState.COMPLETE and trial.params["model.attention"] == "{type: einsum, heads: 4}"
+
+
+def test_a_trial_another_worker_failed_does_not_stop_its_live_worker(workdir):
+    """A live worker judged dead (stale heartbeat) finds its trial failed and retried: it goes on."""
+    from vit_search.search.study import fail_stale_trials, open_study, worker_loop
+
+    spec = load_spec(study_raw("judged-dead", n_trials=2))
+    handle, other = open_study(spec), open_study(spec)  # this worker's and another worker's view
+
+    def run_trial(trial):
+        if trial.number == 0:
+            fail_stale_trials(other, grace=-1)  # every heartbeat looks stale to the other worker
+            trial.set_user_attr("val_accuracy", 0.5)  # as run_search does after training: refused
+        return [0.5]
+
+    report = worker_loop(handle, 2, run_trial, heartbeat=0.1)
+    trials = handle.study.get_trials()
+    assert report.trials_run == [0, 1, 2] and [t.state for t in trials] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].user_attrs["error"].startswith("worker died") and trials[1].user_attrs["retry_of"] == 0
+
+
+@pytest.mark.parametrize("layout", ["sqlite", "journal"])
+def test_a_storage_in_a_folder_that_does_not_exist_yet_is_created(workdir, layout):
+    url = f"sqlite:///{workdir / 'new' / 'dir' / 's.db'}" if layout == "sqlite" else f"journal:{workdir / 'new' / 's.log'}"
+    spec = load_spec(study_raw(f"new-folder-{layout}", n_trials=1, storage=url, constraints={"max_params": 1000}))
+    (trial,) = run_search(spec, progress=False).study.get_trials()  # pruned by the constraint: nothing trains
+    assert trial.state == TrialState.PRUNED
+
+
+@pytest.mark.parametrize("url, message", [
+    ("foo.db", "storage 'foo.db' is not a storage URL; write sqlite:///foo.db for a SQLite file or journal:foo.db"),
+    ("foo://host/db", "storage 'foo://host/db': unknown database kind 'foo'; use one of sqlite:///"),
+    ("sqlite://", "storage 'sqlite://': an in-memory SQLite database cannot be shared"),
+    ("postgresql+pg8000://user:secret@host/db",
+     "storage 'postgresql+pg8000://user:***@host/db' needs the Python module 'pg8000', which is not installed"),
+])
+def test_an_unusable_storage_url_is_refused_naming_it(url, message):
+    from vit_search.search.storage import StorageError, check_url
+
+    with pytest.raises(StorageError) as raised:
+        check_url(url)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(workdir, cli):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("bad-storage")))
+    before = sorted(workdir.iterdir())
+    result = cli("run", str(spec_path), "--storage", "foo.db", cwd=workdir)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: storage 'foo.db' is not a storage URL; write sqlite:///foo.db for a SQLite file or journal:foo.db "
+        "for a journal file (--storage or search.storage)"]
+    assert sorted(workdir.iterdir()) == before
+
+
+def test_cli_run_of_a_study_stored_with_other_directions_exits_2(workdir, cli):
+    from vit_search.search.study import open_study
+
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("directions"), sort_keys=False))
+    open_study(load_spec(spec_path))  # created maximising val_accuracy
+    result = cli("run", str(spec_path), "--set", "search.metric=[val_loss, parameters]",
+                 "--set", "search.direction=[minimize, minimize]", cwd=workdir)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: --set search.direction=[minimize, minimize]: search.direction [minimize, minimize] "
+                           "does not match study 'directions' in sqlite:///") and "created with maximize" in line
+    assert "set a new search.study_name" in line
+    assert optuna.load_study(study_name="directions", storage=study_raw("x")["search"]["storage"]).get_trials() == []
+
+
+def test_a_recreated_study_does_not_retag_the_runs_of_an_older_study_of_the_same_name(workdir):
+    first = study_raw("recreated", n_trials=1, constraints={"max_params": 1000})  # pruned, untrained
+    run_search(load_spec(first), progress=False)
+    # The same name and experiment in a fresh storage: its trial 0 fails (a head that cannot run).
+    second = study_raw("recreated", n_trials=1, storage=f"sqlite:///{workdir / 'other.db'}",
+                       space={"model.head.type": {"choice": ["test_exploding_head"]}})
+    assert run_search(load_spec(second), progress=False).study.get_trials()[0].state == TrialState.FAIL
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("recreated").experiment_id],
+                              filter_string="tags.`optuna.trial_number` = '0'", order_by=["attributes.start_time"])
+    assert [r.data.tags["trial.state"] for r in runs] == ["PRUNED", "FAIL"]
+    assert "error" not in runs[0].data.tags and runs[0].info.status == "KILLED"

@@ -115,12 +115,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
+    if args.jobs < 0:
+        raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU slot, else per core) or more")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise BadInput(f"--n-trials {args.n_trials}: must be at least 1 (trials in the whole study)")
+    if args.dry_run is not None and args.dry_run < 1:
+        raise BadInput(f"--dry-run {args.dry_run}: must be at least 1 (configurations to sample), "
+                       f"or leave N out for 5")
+    if args.trials_per_gpu < 1:
+        raise BadInput(f"--trials-per-gpu {args.trials_per_gpu}: must be at least 1 (workers per GPU)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the spec's Optuna study (or join it as one more worker); trials are logged to MLflow."""
+    _check_run_numbers(args)
     spec = _load_study_spec(args)
     if args.n_trials is not None:
         spec.search.n_trials = args.n_trials
-    if args.dry_run:
+    if args.dry_run is not None:
         return _dry_run(spec, args.dry_run)
     if args.jobs != 1 or args.trials_per_gpu != 1:
         return _run_jobs(args, spec)
@@ -147,8 +161,9 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
     import optuna
     import torch
 
-    from .search.jobs import plan_workers, run_workers
+    from .search.jobs import jobs_exit_code, plan_workers, run_workers
     from .search.report import top_table
+    from .search.storage import study_lock
     from .search.study import open_study, storage_url_of
 
     try:
@@ -156,18 +171,22 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
     except ValueError as err:
         raise BadInput(str(err)) from None
     url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Open the study once here: a bad storage or a study of other directions is one error line,
+    # not one per worker.
+    with study_lock(url, spec.search.study_name or spec.name):
+        open_study(spec, url)
     arguments = [args.spec, *[f"--set={o}" for o in args.overrides], f"--storage={url}", "--worker"]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
-    codes = run_workers(arguments, plans)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    codes, interrupted = run_workers(arguments, plans)
     print(top_table(open_study(spec, url).study))
-    failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]
-    if failed:
-        print("; ".join(failed) + " (its trials were failed and retried by the others)", file=sys.stderr)
-        return 1
-    print(f"compare the trials: vit-search ui {args.spec}")
-    return 0
+    code, failure = jobs_exit_code(codes, interrupted)
+    if failure:
+        print(failure, file=sys.stderr)
+    elif code == 0:
+        print(f"compare the trials: vit-search ui {args.spec}")
+    return code
 
 
 def _dry_run(spec, count: int) -> int:
@@ -250,7 +269,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
     parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides search.storage)")
     parser.add_argument("--n-trials", type=int, help="trials in the whole study (overrides search.n_trials)")
-    parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=0, metavar="N",
+    parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="worker processes on this machine (0: one per GPU slot, else one per core)")
@@ -336,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from .data import DataError
     from .registry import RegistryError
+    from .search.storage import StorageError  # a light module: optuna is imported by the commands
     from .spec import SpecError
 
     try:
@@ -346,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (RegistryError, DataError, BadInput) as err:
+    except (RegistryError, DataError, BadInput, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ down: its trial is failed and retried by the survivors.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,8 +45,9 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
     return plans
 
 
-def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False) -> list[int]:
-    """Start one ``vit-search run ARGUMENTS`` per plan and wait for all; returns their exit codes.
+def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False) -> tuple[list[int], bool]:
+    """Start one ``vit-search run ARGUMENTS`` per plan and wait for all; returns their exit codes,
+    and whether this process was interrupted (Ctrl-C) while it waited.
 
     Ctrl-C reaches every worker (same process group); each ends its trial's bookkeeping.
     """
@@ -62,7 +64,22 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = Fal
     while True:
         try:
             if all(process.poll() is not None for process in processes):
-                return [process.returncode for process in processes]
+                return [process.returncode for process in processes], False
             time.sleep(0.2)
         except KeyboardInterrupt:  # the workers got it too: wait for their bookkeeping
-            return [process.wait() for process in processes]
+            return [process.wait() for process in processes], True
+
+
+def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None]:
+    """The exit code of ``run --jobs`` from its workers' codes, and the line that explains a failure.
+
+    Ctrl-C (this process interrupted, or a worker that exited 130 or died of SIGINT) gives 130 and
+    no line: its workers failed their trials as interrupted, none died. Any other non-zero code is a
+    worker that died or failed, whose trials the others failed and retried: 1.
+    """
+    if interrupted or any(code in (130, -signal.SIGINT) for code in codes):
+        return 130, None
+    failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]
+    if failed:
+        return 1, "; ".join(failed) + " (its trials were failed and retried by the others)"
+    return 0, None

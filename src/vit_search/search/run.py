@@ -21,7 +21,7 @@ from ..summary import flop_count
 from ..tracking import Tracker, configure
 from ..train import train
 from .space import parse_space, to_params
-from .storage import study_lock
+from .storage import redact, study_lock
 from .study import (
     PARENT_RUN, StudyHandle, objective_values, open_study, sample_spec, storage_url_of, worker_loop,
 )
@@ -99,7 +99,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
             study.enqueue_trial(to_params(dims, values), skip_if_exists=True)
         if client is not None:
             parent = client.create_run(experiment_id, run_name=study.study_name, tags={
-                "optuna.study_name": study.study_name, "optuna.storage": _redact(url),
+                "optuna.study_name": study.study_name, "optuna.storage": redact(url),
                 "sampler": search.sampler, "pruner": search.pruner, "mlflow.runName": study.study_name,
             })
             client.log_text(parent.info.run_id, spec.to_yaml(), "study.yaml")
@@ -161,11 +161,13 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
             _tag_child_run(client, handle, frozen)
 
     started = time.perf_counter()
-    report = worker_loop(handle, search.n_trials, run_trial, timeout=search.timeout,
-                         heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                         on_trial_end=on_trial_end, initialise=initialise)
-    bar.close()
-    _share_trial(state, None)  # the other processes may stop
+    try:
+        report = worker_loop(handle, search.n_trials, run_trial, timeout=search.timeout,
+                             heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
+                             on_trial_end=on_trial_end, initialise=initialise)
+    finally:  # also when the loop raises: the other launched processes must not wait forever
+        bar.close()
+        _share_trial(state, None)  # the other processes may stop
     if client is not None:
         from .report import update_parent_run
 
@@ -204,15 +206,6 @@ def _follow_trials(state: Any) -> SearchResult:
         train_seconds += time.perf_counter() - began
 
 
-def _redact(url: str) -> str:
-    """A storage URL without its password, for tags."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
-    return url
-
-
 def _log_untrained(spec: Spec, parent: str | None, number: int, tags: dict[str, str], parameters: int,
                    flops: int, reason: str) -> None:
     """A child run for a trial pruned before training: its spec, size and the reason."""
@@ -226,8 +219,11 @@ def _tag_child_run(client: Any, handle: StudyHandle, frozen: optuna.trial.Frozen
     study, parent = handle.study, handle.attr(PARENT_RUN)
     runs = client.search_runs(
         [client.get_run(parent).info.experiment_id] if parent else [],
+        # The parent too: an older study of the same name (its storage deleted) has runs of the
+        # same trial numbers in this experiment, which are not this study's.
         filter_string=f"tags.`optuna.trial_number` = '{frozen.number}' and "
-                      f"tags.`optuna.study_name` = '{study.study_name}'",
+                      f"tags.`optuna.study_name` = '{study.study_name}' and "
+                      f"tags.`mlflow.parentRunId` = '{parent}'",
     ) if parent else []
     for run in runs:
         client.set_tag(run.info.run_id, STATE_TAG, frozen.state.name)

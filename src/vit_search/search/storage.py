@@ -23,6 +23,30 @@ from pathlib import Path
 from typing import Any, Iterator
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+EXAMPLES = ("sqlite:///optuna.db, journal:study.log, postgresql://user@host/db, mysql+pymysql://user@host/db "
+            "or redis://host:6379/0")
+# Drivers the docs name, by the module SQLAlchemy (or Optuna) imports: how to install each.
+INSTALL = {"psycopg": "pip install 'vit-search[postgres]'", "redis": "pip install redis",
+           "pymysql": "pip install pymysql",
+           "psycopg2": "write postgresql+psycopg://... and pip install 'vit-search[postgres]', or pip install psycopg2-binary",
+           "MySQLdb": "write mysql+pymysql://... and pip install pymysql, or pip install mysqlclient"}
+
+
+class StorageError(Exception):
+    """A storage URL that cannot be used here: one line naming the URL and the fix (the CLI exits 2)."""
+
+
+class StudyMismatch(StorageError):
+    """A stored study that the spec cannot resume (other objectives): one line, the CLI exits 2."""
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for tags and messages."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
+    return url
 
 
 def default_storage_url() -> str:
@@ -42,11 +66,58 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
+def check_url(url: str) -> None:
+    """Raise StorageError unless ``url`` is a storage this machine can open and lock: a URL that
+    parses, of a kind with a worker lock, whose driver is installed. Connects to nothing."""
+    if journal_path(url) is not None:
+        return
+    if url.startswith("redis://"):
+        _require_driver(url, "redis")
+        return
+    from sqlalchemy import exc
+    from sqlalchemy.engine import make_url
+
+    if ":" not in url:  # a bare path: say how to write it as a URL
+        raise StorageError(f"storage '{url}' is not a storage URL; write sqlite:///{url} for a SQLite file or "
+                           f"journal:{url} for a journal file (--storage or search.storage)")
+    try:
+        dialect = make_url(url).get_dialect()
+    except exc.NoSuchModuleError:
+        raise StorageError(f"storage '{redact(url)}': unknown database kind '{url.split('://')[0]}'; use one of "
+                           f"{EXAMPLES} (--storage or search.storage)") from None
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise StorageError(f"storage '{redact(url)}' is not a storage URL SQLAlchemy can read; use one of "
+                           f"{EXAMPLES} (--storage or search.storage)") from None
+    if dialect.name == "sqlite" and not url.startswith("sqlite:///"):
+        raise StorageError(f"storage '{redact(url)}': an in-memory SQLite database cannot be shared by workers; "
+                           f"name a file, e.g. sqlite:///optuna.db")
+    if dialect.name not in ("sqlite", "postgresql", "mysql", "mariadb"):
+        raise StorageError(f"storage '{redact(url)}': no worker lock for {dialect.name} databases; use one of "
+                           f"{EXAMPLES}")
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise StorageError(_missing_driver(url, err.name or dialect.driver)) from None
+
+
+def _require_driver(url: str, module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as err:
+        raise StorageError(_missing_driver(url, err.name or module)) from None
+
+
+def _missing_driver(url: str, module: str) -> str:
+    fix = INSTALL.get(module.split(".")[0], f"install the package that provides the '{module}' module")
+    return f"storage '{redact(url)}' needs the Python module '{module}', which is not installed; {fix}"
+
+
 def open_storage(url: str) -> Any:
-    """An Optuna storage for ``url`` (see the module docstring)."""
+    """An Optuna storage for ``url`` (see the module docstring); StorageError for a bad URL."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
+    check_url(url)
     path = journal_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +136,15 @@ def open_storage(url: str) -> Any:
 
 @contextmanager
 def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[None]:
-    """Hold the study's worker lock (see the module docstring) for the ``with`` body."""
+    """Hold the study's worker lock (see the module docstring) for the ``with`` body.
+
+    Raises StorageError for a bad URL, before anything is written.
+    """
+    check_url(url)
     path = journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
     if path is not None:
+        # The lock file sits beside the study's file, whose folder may not exist yet.
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = path.with_name(f"{path.name}.{zlib.crc32(study_name.encode())}.lock")
         with open(lock_file, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from ..spec import Spec, load_spec
 from .space import fill, parse_space, sample
-from .storage import default_storage_url, open_storage, study_lock
+from .storage import StudyMismatch, default_storage_url, open_storage, redact, study_lock
 
 HEARTBEAT = "vit_search:heartbeat"
 WORKER = "vit_search:worker"
@@ -189,23 +189,49 @@ def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
 
 
 def open_study(spec: Spec, storage_url: str | None = None) -> StudyHandle:
-    """Create or load the spec's study (load_if_exists: re-running a command resumes it)."""
+    """Create or load the spec's study (load_if_exists: re-running a command resumes it).
+
+    Raises StudyMismatch when the stored study has other directions than the spec's, and
+    StorageError for a storage URL that cannot be used.
+    """
     search = spec.search
     assert search is not None
     url = storage_url_of(spec, storage_url)
     dims = parse_space(search.space)
     directions = [search.direction] if isinstance(search.direction, str) else list(search.direction)
+    name = search.study_name or spec.name
+    storage = open_storage(url)
+    _check_directions(spec, storage, name, url, directions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = SAMPLERS[search.sampler](spec.seed, dims, search.n_trials)
     # Pruning needs one value per step: Optuna prunes single-objective studies only.
     pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
-    storage = open_storage(url)
     study = optuna.create_study(
-        study_name=search.study_name or spec.name, storage=storage, sampler=sampler, pruner=pruner,
-        directions=directions, load_if_exists=True,
+        study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True,
     )
     return StudyHandle(study, storage, url)
+
+
+def _check_directions(spec: Spec, storage: optuna.storages.BaseStorage, name: str, url: str,
+                      directions: list[str]) -> None:
+    """Refuse a stored study of the same name with other directions: load_if_exists would silently
+    keep the stored ones, and every trial would then be judged the wrong way."""
+    try:
+        stored = storage.get_study_directions(storage.get_study_id_from_name(name))
+    except KeyError:  # no such study yet: it is created with the spec's directions
+        return
+    stored_names = [d.name.lower() for d in stored]
+    if stored_names == [d.lower() for d in directions]:
+        return
+    raise StudyMismatch(
+        f"{spec.locate(('search', 'direction'))}: search.direction {_listed(directions)} does not match study "
+        f"'{name}' in {redact(url)}, created with {_listed(stored_names)}; set a new search.study_name to start "
+        f"a new study (or use the old direction and metrics to resume it)")
+
+
+def _listed(directions: list[str]) -> str:
+    return directions[0] if len(directions) == 1 else f"[{', '.join(directions)}]"
 
 
 def objective_values(spec: Spec, metrics: dict[str, float], parameters: int, flops: int) -> list[float]:
@@ -274,27 +300,36 @@ def worker_loop(
             time.sleep(min(heartbeat, 2.0))
             continue
         report.trials_run.append(trial.number)
+        # Below, skip_if_finished and _set_error: another worker may have failed this trial already
+        # (its heartbeat looked stale) and queued a retry; this worker then just goes on.
         try:
             with Heartbeat(handle, trial.number, heartbeat):
                 values = run_trial(trial)
         except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
-            study.tell(trial, state=TrialState.FAIL)
+            _set_error(trial, "interrupted (Ctrl-C)")
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             report.interrupted = True
             if on_trial_end:
                 on_trial_end(study.get_trials(deepcopy=False)[trial.number])
             return report
         except Exception as err:  # a failing trial is recorded and the study goes on
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
+            _set_error(trial, f"{type(err).__name__}: {err}"[:2000])
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
             if any(not math.isfinite(v) for v in values):
-                trial.set_user_attr("error", f"objective is not finite: {values}")
-                study.tell(trial, state=TrialState.FAIL)
+                _set_error(trial, f"objective is not finite: {values}")
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             else:
-                study.tell(trial, values)
+                study.tell(trial, values, skip_if_finished=True)
         if on_trial_end:
             on_trial_end(study.get_trials(deepcopy=False)[trial.number])
 
+
+def _set_error(trial: optuna.Trial, message: str) -> None:
+    """Record why a trial failed, unless it is finished already (failed by another worker)."""
+    try:
+        trial.set_user_attr("error", message)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        pass
