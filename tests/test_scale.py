@@ -125,7 +125,15 @@ def test_ctrl_c_on_jobs_exits_130_without_blaming_the_workers(workdir):
     assert proc.returncode == 130, err[-3000:]
     assert "retried by the others" not in err and "study 'jobs-ctrl-c': 0 complete, 0 pruned, 2 failed" in out
     trials = optuna.load_study(study_name="jobs-ctrl-c", storage=storage).get_trials()
-    assert {t.user_attrs["error"] for t in trials} == {"interrupted (Ctrl-C)"}
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.user_attrs["error"] for t in interrupted} == {"interrupted (Ctrl-C)"}
+    # Both queued again with their values, for the re-run: an interruption uses up no trial.
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted(t.number for t in interrupted)
+    assert all(t.system_attrs["fixed_params"] == trials[t.user_attrs["retry_of"]].params for t in waiting)
+    (parent,) = [r for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("jobs-ctrl-c").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombie detection reads /proc (Linux)")

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from vit_search.registry import register
 from vit_search.search.run import run_search
-from vit_search.search.study import RETRIED
+from vit_search.search.study import PARENT_RUN, RETRIED, open_study
 from vit_search.spec import load_spec
 
 STUDY = {
@@ -241,6 +241,18 @@ def test_grid_search_ends_when_the_grid_is_covered(workdir):
     trials = result.study.get_trials()
     assert sorted(t.params["model.depth"] for t in trials) == [1, 2, 3]
     assert {t.state for t in trials} == {TrialState.COMPLETE}
+    parent = open_study(spec).attr(PARENT_RUN)
+    assert MlflowClient().get_run(parent).info.status == "FINISHED"  # ended, though 3 < n_trials
+
+
+def test_a_grid_point_another_worker_is_training_is_not_drawn_again(workdir):
+    spec = load_spec(study_raw("grid-busy", n_trials=10, sampler="grid", space={"model.depth": {"int": [1, 2]}}))
+    study = open_study(spec).study
+    first, _ = study.ask(), study.ask()  # two workers, each training one point
+    assert {t.system_attrs["grid_id"] for t in study.get_trials()} == {0, 1}
+    assert study.sampler.all_started(study) and not study.sampler.is_exhausted(study)
+    study.tell(first, 0.5)
+    assert study.sampler.all_started(study)  # the second still trains: nothing left to start
 
 
 def test_enqueued_configuration_may_name_a_whole_block(workdir):

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..spec import Spec
-from .study import PARENT_RUN, StudyHandle, counted, trial_spec
+from .study import PARENT_RUN, StudyHandle, trial_spec
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -85,11 +85,12 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return saved
 
 
-def update_parent_run(client: Any, handle: StudyHandle, spec: Spec) -> None:
+def update_parent_run(client: Any, handle: StudyHandle, spec: Spec, interrupted: bool = False) -> None:
     """Give the study's parent run the best trial's metrics and spec, the plots and the counts.
 
-    Called by each worker as it finishes (and so again on resume); the run is ended once the
-    study has all its trials.
+    Called by each worker as it finishes (and so again on resume); the last one to finish ends
+    the run: KILLED when it was interrupted, else FINISHED (all trials run, the grid covered, or
+    the time limit reached; re-running the study reopens it).
     """
     study, parent = handle.study, handle.attr(PARENT_RUN)
     if not parent:
@@ -115,7 +116,7 @@ def update_parent_run(client: Any, handle: StudyHandle, spec: Spec) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for path in save_plots(study, Path(tmp)):
                 client.log_artifact(parent, str(path), "plots")
-    active = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-    n_trials = spec.search.n_trials if spec.search else None
-    if not active and (n_trials is None or counted(trials) >= n_trials):
-        client.set_terminated(parent, "FINISHED")
+    running = any(t.state == TrialState.RUNNING for t in trials)
+    waiting = any(t.state == TrialState.WAITING for t in trials)  # interrupted trials wait for a re-run
+    if not running and (interrupted or not waiting):
+        client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")

@@ -160,6 +160,9 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         if client is not None:
             _tag_child_run(client, handle, frozen)
 
+    parent = handle.attr(PARENT_RUN)
+    if client is not None and parent and client.get_run(parent).info.status != "RUNNING":
+        client.update_run(parent, status="RUNNING")  # the study resumed: its run is open again
     started = time.perf_counter()
     try:
         report = worker_loop(handle, search.n_trials, run_trial, timeout=search.timeout,
@@ -171,7 +174,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
     if client is not None:
         from .report import update_parent_run
 
-        update_parent_run(client, handle, spec)
+        update_parent_run(client, handle, spec, interrupted=report.interrupted)
     if mlflow.active_run():
         mlflow.end_run()
     return SearchResult(study, url, report.trials_run, time.perf_counter() - started, train_seconds,

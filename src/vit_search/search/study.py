@@ -33,11 +33,22 @@ PARENT_RUN = "vit_search:mlflow_parent_run_id"
 MAX_RETRIES = 2
 
 class _Grid(optuna.samplers.GridSampler):
-    """Optuna's grid, whose end the worker loop reads (``is_exhausted``): the ``study.stop()`` it
+    """Optuna's grid, whose end the worker loop reads (``all_started``): the ``study.stop()`` it
     would call works only inside ``Study.optimize``."""
+
+    def __init__(self, search_space: dict[str, list[Any]], seed: int | None = None):
+        super().__init__(search_space, seed=seed)
+        self.size = math.prod(len(values) for values in search_space.values())
 
     def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
         return None
+
+    def all_started(self, study: optuna.Study) -> bool:
+        """Every grid point finished or running. (``is_exhausted`` waits for the running ones, so a
+        worker asking meanwhile would draw a point another worker is training.)"""
+        started = {t.system_attrs.get("grid_id") for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING))}
+        return set(range(self.size)) <= started
 
 
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
@@ -177,10 +188,16 @@ def fail_stale_trials(handle: StudyHandle, grace: float) -> list[optuna.trial.Fr
         handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         failed.append(study.get_trials(deepcopy=False)[trial.number])
         if retry:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
-            handle.set_trial_attr(waiting.number, RETRY_OF, [*retries, trial.number])
+            enqueue_retry(handle, trial, [*retries, trial.number])
     return failed
+
+
+def enqueue_retry(handle: StudyHandle, trial: optuna.trial.FrozenTrial, retry_of: list[int]) -> None:
+    """Queue ``trial``'s values again, ``retry_of`` the failed trials before it; call under the lock."""
+    study = handle.study
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
+    handle.set_trial_attr(waiting.number, RETRY_OF, retry_of)
 
 
 def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
@@ -285,7 +302,7 @@ def worker_loop(
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             out_of_time = timeout is not None and time.monotonic() - started > timeout
-            exhausted = isinstance(study.sampler, _Grid) and study.sampler.is_exhausted(study)
+            exhausted = isinstance(study.sampler, _Grid) and study.sampler.all_started(study)
             enough = n_trials is not None and counted(trials) >= n_trials
             if out_of_time or (not waiting and (enough or exhausted)):
                 running = [t for t in trials if t.state == TrialState.RUNNING]
@@ -309,7 +326,14 @@ def worker_loop(
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except KeyboardInterrupt:
             _set_error(trial, "interrupted (Ctrl-C)")
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            with study_lock(handle.url, study.study_name):
+                frozen = study.get_trials(deepcopy=False)[trial.number]
+                if frozen.state == TrialState.RUNNING:  # not failed by another worker meanwhile
+                    # Queued again, so that re-running the command trains it: an interruption
+                    # uses up neither a trial of n_trials nor one of its retries.
+                    handle.set_trial_attr(trial.number, RETRIED, True)
+                    study.tell(trial, state=TrialState.FAIL)
+                    enqueue_retry(handle, frozen, frozen.system_attrs.get(RETRY_OF, []))
             report.interrupted = True
             if on_trial_end:
                 on_trial_end(study.get_trials(deepcopy=False)[trial.number])
