@@ -183,3 +183,10 @@ tracking: {experiment: digits-vit}   # MLflow URI from MLFLOW_TRACKING_URI, else
 def test_the_design_documents_sketch_loads_as_written(write_spec):
     spec = load_spec(write_spec(DESIGN_SKETCH))
     assert spec.train.epochs == 30 and spec.search.sampler == "tpe" and spec.tracking.experiment == "digits-vit"
+
+
+def test_a_grace_shorter_than_two_heartbeats_is_refused(write_spec):
+    path = write_spec("name: beats\nsearch:\n  heartbeat_seconds: 30\n  space: {}\n")
+    (problem,) = problems(path, overrides=["search.grace_seconds=45"])
+    assert "grace_seconds 45 is less than twice heartbeat_seconds 30" in problem
+    assert load_spec(path, ["search.grace_seconds=60"]).search.grace_seconds == 60

@@ -203,6 +203,10 @@ class SearchSpec(_Section):
         directions = [self.direction] if isinstance(self.direction, str) else self.direction
         if len(metrics) != len(directions):
             raise ValueError(f"{len(metrics)} metric(s) but {len(directions)} direction(s); give one direction each")
+        if self.grace_seconds < 2 * self.heartbeat_seconds:
+            # A late beat or two must not get a live worker's trial failed and trained twice.
+            raise ValueError(f"grace_seconds {self.grace_seconds:g} is less than twice heartbeat_seconds "
+                             f"{self.heartbeat_seconds:g}; raise grace_seconds or lower heartbeat_seconds")
         return self
 
 
