@@ -347,3 +347,19 @@ def test_a_recreated_study_does_not_retag_the_runs_of_an_older_study_of_the_same
                               filter_string="tags.`optuna.trial_number` = '0'", order_by=["attributes.start_time"])
     assert [r.data.tags["trial.state"] for r in runs] == ["PRUNED", "FAIL"]
     assert "error" not in runs[0].data.tags and runs[0].info.status == "KILLED"
+
+
+def test_best_on_a_storage_without_the_study_exits_2_and_creates_nothing(workdir, cli):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("absent")))
+    for storage in (f"sqlite:///{workdir / 'typo.db'}", f"journal:{workdir / 'typo.log'}"):
+        result = cli("best", str(spec_path), "--storage", storage, cwd=workdir)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "no study 'absent'" in line and "--storage" in line
+    assert not list(workdir.glob("typo.*"))
+    other = f"sqlite:///{workdir / 'other.db'}"
+    optuna.create_study(study_name="someone-else", storage=other)
+    result = cli("best", str(spec_path), "--storage", other, cwd=workdir)
+    assert result.returncode == 2 and "no study 'absent'" in result.stderr
+    assert [s.study_name for s in optuna.get_all_study_summaries(other)] == ["someone-else"]

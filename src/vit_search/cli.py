@@ -223,7 +223,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
     spec = _load_study_spec(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(spec, args.storage).study
+    study = open_study(spec, args.storage, create=False).study
     if not best_trials(study):
         raise BadInput(f"study '{study.study_name}' has no completed trial yet; run 'vit-search run {args.spec}'")
     print(top_table(study, limit=args.top))

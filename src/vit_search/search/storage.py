@@ -66,6 +66,11 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a SQLite or journal storage lives in (None for a database server)."""
+    return journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+
+
 def check_url(url: str) -> None:
     """Raise StorageError unless ``url`` is a storage this machine can open and lock: a URL that
     parses, of a kind with a worker lock, whose driver is installed. Connects to nothing."""
@@ -141,7 +146,7 @@ def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[No
     Raises StorageError for a bad URL, before anything is written.
     """
     check_url(url)
-    path = journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+    path = storage_file(url)
     if path is not None:
         # The lock file sits beside the study's file, whose folder may not exist yet.
         path.parent.mkdir(parents=True, exist_ok=True)

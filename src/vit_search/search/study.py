@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from ..spec import Spec, load_spec
 from .space import fill, parse_space, sample
-from .storage import StudyMismatch, default_storage_url, open_storage, redact, study_lock
+from .storage import StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
 
 HEARTBEAT = "vit_search:heartbeat"
 WORKER = "vit_search:worker"
@@ -205,11 +205,12 @@ def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
     return storage_url or (spec.search.storage if spec.search else None) or default_storage_url()
 
 
-def open_study(spec: Spec, storage_url: str | None = None) -> StudyHandle:
+def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) -> StudyHandle:
     """Create or load the spec's study (load_if_exists: re-running a command resumes it).
 
     Raises StudyMismatch when the stored study has other directions than the spec's, and
-    StorageError for a storage URL that cannot be used.
+    StorageError for a storage URL that cannot be used, or (``create=False``) that holds no such
+    study: a mistyped storage then leaves nothing behind.
     """
     search = spec.search
     assert search is not None
@@ -217,7 +218,13 @@ def open_study(spec: Spec, storage_url: str | None = None) -> StudyHandle:
     dims = parse_space(search.space)
     directions = [search.direction] if isinstance(search.direction, str) else list(search.direction)
     name = search.study_name or spec.name
+    missing = f"no study '{name}' in {redact(url)}; run 'vit-search run' on the spec first, or pass its --storage"
+    path = storage_file(url)
+    if not create and path is not None and not path.exists():
+        raise StorageError(missing)
     storage = open_storage(url)
+    if not create and name not in {s.study_name for s in storage.get_all_studies()}:
+        raise StorageError(missing)
     _check_directions(spec, storage, name, url, directions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
