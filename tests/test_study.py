@@ -103,6 +103,14 @@ def test_constraints_prune_trials_before_any_training(workdir):
     assert len(runs) == 3 and all("max_params" in r.data.tags["pruned_reason"] for r in runs)
 
 
+def test_a_combination_that_cannot_be_built_is_pruned_with_its_reason(workdir):
+    spec = load_spec(study_raw("infeasible", n_trials=1, space={"model.attention.heads": {"choice": [3, 4]}},
+                               enqueue=[{"model.attention.heads": 3}]))  # dim 16 does not split into 3 heads
+    (trial,) = run_search(spec, progress=False).study.get_trials()
+    assert trial.state == TrialState.PRUNED and not (workdir / "runs").exists()
+    assert trial.user_attrs["pruned_reason"].startswith("infeasible: ") and "heads" in trial.user_attrs["pruned_reason"]
+
+
 @register("head", "test_exploding_head")
 class ExplodingHead:
     """A head that raises in forward: a plugin bug inside one trial."""

@@ -113,7 +113,9 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         try:
             trial_spec, drawn = sample_spec(spec, trial)
         except SpecError as err:
-            raise Infeasible(f"infeasible: {err.problems[0]}") from None
+            reason = f"infeasible: {err.problems[0]}"
+            trial.set_user_attr("pruned_reason", reason)
+            raise Infeasible(reason) from None
         try:
             parameters, flops = model_cost(trial_spec)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
