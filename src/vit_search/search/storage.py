@@ -16,6 +16,7 @@ they start exactly ``n_trials``.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import zlib
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ def storage_file(url: str) -> Path | None:
     return journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
 
 
+@functools.lru_cache(maxsize=None)  # workers check before every trial's lock: parse once
 def check_url(url: str) -> None:
     """Raise StorageError unless ``url`` is a storage this machine can open and lock: a URL that
     parses, of a kind with a worker lock, whose driver is installed. Connects to nothing."""

@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -137,7 +138,7 @@ def _worker_dead(worker: str | None) -> bool:
 def _zombie(pid: int) -> bool:
     """A process that has exited but whose parent has not reaped it yet (Linux; False elsewhere)."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # the state follows the parenthesised name
@@ -223,9 +224,15 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     if not create and path is not None and not path.exists():
         raise StorageError(missing)
     storage = open_storage(url)
-    if not create and name not in {s.study_name for s in storage.get_all_studies()}:
+    stored = _stored_directions(storage, name)
+    if stored is None and not create:
         raise StorageError(missing)
-    _check_directions(spec, storage, name, url, directions)
+    if stored is not None and stored != [d.lower() for d in directions]:
+        # load_if_exists would silently keep the stored directions, and judge every trial the wrong way.
+        raise StudyMismatch(
+            f"{spec.locate(('search', 'direction'))}: search.direction {_listed(directions)} does not match study "
+            f"'{name}' in {redact(url)}, created with {_listed(stored)}; set a new search.study_name to start "
+            f"a new study (or use the old direction and metrics to resume it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = SAMPLERS[search.sampler](spec.seed, dims, search.n_trials)
@@ -237,21 +244,12 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     return StudyHandle(study, storage, url)
 
 
-def _check_directions(spec: Spec, storage: optuna.storages.BaseStorage, name: str, url: str,
-                      directions: list[str]) -> None:
-    """Refuse a stored study of the same name with other directions: load_if_exists would silently
-    keep the stored ones, and every trial would then be judged the wrong way."""
+def _stored_directions(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
+    """The directions of the stored study ``name`` ("maximize", ...), or None when there is none."""
     try:
-        stored = storage.get_study_directions(storage.get_study_id_from_name(name))
-    except KeyError:  # no such study yet: it is created with the spec's directions
-        return
-    stored_names = [d.name.lower() for d in stored]
-    if stored_names == [d.lower() for d in directions]:
-        return
-    raise StudyMismatch(
-        f"{spec.locate(('search', 'direction'))}: search.direction {_listed(directions)} does not match study "
-        f"'{name}' in {redact(url)}, created with {_listed(stored_names)}; set a new search.study_name to start "
-        f"a new study (or use the old direction and metrics to resume it)")
+        return [d.name.lower() for d in storage.get_study_directions(storage.get_study_id_from_name(name))]
+    except KeyError:
+        return None
 
 
 def _listed(directions: list[str]) -> str:
