@@ -279,13 +279,13 @@ def test_a_trial_another_worker_failed_does_not_stop_its_live_worker(workdir):
     spec = load_spec(study_raw("judged-dead", n_trials=2))
     handle, other = open_study(spec), open_study(spec)  # this worker's and another worker's view
 
-    def run_trial(trial):
+    def run_trial(trial, drawn):
         if trial.number == 0:
             fail_stale_trials(other, grace=-1)  # every heartbeat looks stale to the other worker
             trial.set_user_attr("val_accuracy", 0.5)  # as run_search does after training: refused
         return [0.5]
 
-    report = worker_loop(handle, 2, run_trial, heartbeat=0.1)
+    report = worker_loop(handle, 2, lambda trial: None, run_trial, heartbeat=0.1)
     trials = handle.study.get_trials()
     assert report.trials_run == [0, 1, 2] and [t.state for t in trials] == [
         TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

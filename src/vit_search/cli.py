@@ -194,11 +194,12 @@ def _dry_run(spec, count: int) -> int:
     import optuna
 
     from .search.run import check_constraints, model_cost
-    from .search.study import sample_spec
+    from .search.study import make_sampler, sample_spec
     from .spec import SpecError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed))
+    # In memory, with the study's own sampler: the first points a fresh study would draw.
+    study = optuna.create_study(sampler=make_sampler(spec))
     for _ in range(count):
         trial = study.ask()
         try:

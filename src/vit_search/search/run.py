@@ -105,17 +105,20 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
             client.log_text(parent.info.run_id, spec.to_yaml(), "study.yaml")
             handle.set_attr(PARENT_RUN, parent.info.run_id)
 
-    def run_trial(trial: optuna.Trial) -> list[float]:
-        nonlocal train_seconds
-        parent = handle.attr(PARENT_RUN)
-        tags = {"optuna.trial_number": str(trial.number), "optuna.study_name": study.study_name,
-                "sampler": search.sampler, "pruner": search.pruner}
+    def draw(trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
         try:
-            trial_spec, drawn = sample_spec(spec, trial)
+            return sample_spec(spec, trial)
         except SpecError as err:
             reason = f"infeasible: {err.problems[0]}"
             trial.set_user_attr("pruned_reason", reason)
             raise Infeasible(reason) from None
+
+    def run_trial(trial: optuna.Trial, sampled: tuple[Spec, dict[str, Any]]) -> list[float]:
+        nonlocal train_seconds
+        trial_spec, drawn = sampled
+        parent = handle.attr(PARENT_RUN)
+        tags = {"optuna.trial_number": str(trial.number), "optuna.study_name": study.study_name,
+                "sampler": search.sampler, "pruner": search.pruner}
         try:
             parameters, flops = model_cost(trial_spec)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
@@ -167,7 +170,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         client.update_run(parent, status="RUNNING")  # the study resumed: its run is open again
     started = time.perf_counter()
     try:
-        report = worker_loop(handle, search.n_trials, run_trial, timeout=search.timeout,
+        report = worker_loop(handle, search.n_trials, draw, run_trial, timeout=search.timeout,
                              heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
                              on_trial_end=on_trial_end, initialise=initialise)
     finally:  # also when the loop raises: the other launched processes must not wait forever

@@ -65,11 +65,32 @@ class Dimension:
     def suggest(self, trial: Any) -> Any:
         """Draw this dimension's value in an Optuna trial."""
         if self.kind == "choice":
-            label = trial.suggest_categorical(self.key, self.labels)
-            return copy.deepcopy(self.choices[self.labels.index(label)])
+            return self.value_of(trial.suggest_categorical(self.key, self.labels))
         if self.kind == "int":
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def distribution(self) -> Any:
+        """The Optuna distribution :meth:`suggest` draws from."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return CategoricalDistribution(self.labels)
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def value_of(self, param: Any) -> Any:
+        """The spec value of an Optuna parameter value (a choice's label -> the choice itself)."""
+        if self.kind == "choice" and param in self.labels:
+            return copy.deepcopy(self.choices[self.labels.index(param)])
+        return param
+
+    def size(self) -> int | None:
+        """How many values this dimension has (None: a continuous range)."""
+        if self.kind == "float" and self.step is None:
+            return None
+        return len(self.grid())
 
     def values_to_check(self) -> list[Any]:
         """Values that together exercise this dimension's range: every choice, or both ends."""

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..spec import Spec, load_spec
+from .distinct import DistinctSampler
 from .space import fill, parse_space, sample
 from .storage import StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
 
@@ -54,7 +55,7 @@ class _Grid(optuna.samplers.GridSampler):
 
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     # group + multivariate: TPE models conditional parameters only where they apply; the constant
-    # liar keeps parallel workers from sampling the same point.
+    # liar lets a worker see the points other workers are training (drawn under the study lock).
     "tpe": lambda seed, dims, n: optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(4, min(10, (n or 20) // 4))),
     "random": lambda seed, dims, n: optuna.samplers.RandomSampler(seed=seed),
@@ -63,6 +64,20 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "gp": lambda seed, dims, n: optuna.samplers.GPSampler(seed=seed),
     "nsga2": lambda seed, dims, n: optuna.samplers.NSGAIISampler(seed=seed),
 }
+
+
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """The study's sampler: each trial seeded from (spec seed, trial number), its point distinct
+    from every other trial's (see :mod:`.distinct`); the grid covers its points exactly as it is."""
+    search = spec.search
+    dims = parse_space(search.space)
+
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # multivariate TPE, GP: "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return SAMPLERS[search.sampler](seed, dims, search.n_trials)
+
+    return make(spec.seed) if search.sampler == "grid" else DistinctSampler(make, dims, spec.raw, spec.seed)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -216,7 +231,6 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     search = spec.search
     assert search is not None
     url = storage_url_of(spec, storage_url)
-    dims = parse_space(search.space)
     directions = [search.direction] if isinstance(search.direction, str) else list(search.direction)
     name = search.study_name or spec.name
     missing = f"no study '{name}' in {redact(url)}; run 'vit-search run' on the spec first, or pass its --storage"
@@ -233,9 +247,7 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
             f"{spec.locate(('search', 'direction'))}: search.direction {_listed(directions)} does not match study "
             f"'{name}' in {redact(url)}, created with {_listed(stored)}; set a new search.study_name to start "
             f"a new study (or use the old direction and metrics to resume it)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = SAMPLERS[search.sampler](spec.seed, dims, search.n_trials)
+    sampler = make_sampler(spec)
     # Pruning needs one value per step: Optuna prunes single-objective studies only.
     pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
     study = optuna.create_study(
@@ -280,7 +292,8 @@ def sample_spec(base: Spec, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
 def worker_loop(
     handle: StudyHandle,
     n_trials: int | None,
-    run_trial: Callable[[optuna.Trial], list[float]],
+    draw: Callable[[optuna.Trial], Any],
+    run_trial: Callable[[optuna.Trial, Any], list[float]],
     timeout: float | None = None,
     heartbeat: float = 10.0,
     grace: float = 60.0,
@@ -289,14 +302,19 @@ def worker_loop(
 ) -> WorkerReport:
     """Take trials until the study has ``n_trials`` (or ``timeout`` passes); run each with ``run_trial``.
 
-    ``run_trial`` returns the objective values, or raises ``optuna.TrialPruned`` (pruned) or any
-    other exception (failed, recorded with its error; the loop goes on). Ctrl-C fails the trial in
-    progress with "interrupted", ends the loop and returns.
+    ``draw(trial)`` suggests the trial's values under the study lock, so that the next worker to
+    ask sees them (distinct points, TPE's constant liar); what it returns goes to
+    ``run_trial(trial, drawn)``, which returns the objective values, or raises ``optuna.TrialPruned``
+    (pruned) or any other exception (failed, recorded with its error; the loop goes on). Either may
+    raise those. Ctrl-C fails the trial in progress with "interrupted", queues it again, ends the
+    loop and returns.
     """
     study = handle.study
     report = WorkerReport(study.study_name, handle.url)
     started = time.monotonic()
     while True:
+        drawn: Any = None
+        draw_error: BaseException | None = None
         with study_lock(handle.url, study.study_name):
             if initialise and not handle.attr(INITIALISED):
                 initialise()
@@ -318,6 +336,10 @@ def worker_loop(
                 trial = study.ask()
                 handle.set_trial_attr(trial.number, WORKER, _worker_id())
                 handle.set_trial_attr(trial.number, HEARTBEAT, time.time())
+                try:
+                    drawn = draw(trial)
+                except Exception as err:  # raised again below, where every trial's end is handled
+                    draw_error = err
         if trial is None:
             time.sleep(min(heartbeat, 2.0))
             continue
@@ -326,7 +348,9 @@ def worker_loop(
         # (its heartbeat looked stale) and queued a retry; this worker then just goes on.
         try:
             with Heartbeat(handle, trial.number, heartbeat):
-                values = run_trial(trial)
+                if draw_error is not None:
+                    raise draw_error
+                values = run_trial(trial, drawn)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except KeyboardInterrupt:

@@ -1,0 +1,122 @@
+"""Distinct points: no two trials of a study share a point while unused ones remain, however many
+workers draw, and a resumed study does not draw its earlier points again."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from vit_search.search.distinct import enumerate_points
+from vit_search.search.space import parse_space
+from vit_search.search.study import open_study, sample_spec, worker_loop
+from vit_search.spec import load_spec
+
+from test_study import finish, study_raw, worker
+
+# 2 x 2 x 2 = 8 points: six draws from one seeded random state collide easily, and did.
+SMALL_SPACE = {"model.depth": {"int": [1, 2]}, "model.pooling.type": {"choice": ["cls", "mean"]},
+               "model.attention.heads": {"choice": [1, 2]}}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def points(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.get_trials() if t.params]
+
+
+def run_without_training(spec, n_trials: int) -> optuna.Study:
+    """A worker of the spec's study whose objective is a made-up function of the point: the draws
+    are those of a real worker, without the training."""
+    handle = open_study(spec)
+
+    def draw(trial):
+        return sample_spec(spec, trial)
+
+    def score(trial, sampled):
+        trial_spec, _ = sampled
+        return [trial_spec.model.depth / 10 + (trial_spec.model.pooling["type"] == "mean") / 5 + trial_spec.train.lr]
+
+    worker_loop(handle, n_trials, draw, score, heartbeat=1, grace=5)
+    return handle.study
+
+
+def study_spec(name: str, **search):
+    return load_spec({**study_raw(name, **search), "tracking": {"enabled": False}})
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
+def test_one_worker_with_a_fixed_seed_draws_the_same_sequence_on_a_fresh_study(workdir, sampler):
+    first = run_without_training(study_spec("seq-a", n_trials=10, sampler=sampler), 10)
+    second = run_without_training(study_spec("seq-b", n_trials=10, sampler=sampler), 10)
+    assert points(first) == points(second) and len(set(points(first))) == 10
+    other_seed = load_spec({**study_raw("seq-c", n_trials=10, sampler=sampler), "seed": 1, "tracking": {"enabled": False}})
+    assert points(run_without_training(other_seed, 10)) != points(first)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp"])
+def test_a_resumed_study_does_not_draw_its_earlier_points_again(workdir, sampler):
+    spec = study_spec(f"resume-{sampler}", n_trials=8, sampler=sampler, space=SMALL_SPACE)
+    run_without_training(spec, 4)  # stopped after four trials...
+    study = run_without_training(spec, 8)  # ...and the same command again, a new process's sampler
+    assert len(points(study)) == 8 and len(set(points(study))) == 8
+
+
+def test_workers_asking_in_turn_never_draw_a_point_another_has(workdir):
+    spec = study_spec("in-turn", n_trials=8, sampler="tpe", space=SMALL_SPACE)
+    handles = [open_study(spec) for _ in range(3)]  # three workers' views of one study, same seed
+    trials = []
+    for i in range(8):  # each asks while the others' trials still run (constant liar's blind spot)
+        trial = handles[i % 3].study.ask()
+        sample_spec(spec, trial)
+        trials.append(trial)
+    assert len(set(points(handles[0].study))) == 8
+
+
+def test_an_exhausted_space_repeats_points_instead_of_stopping(workdir):
+    spec = study_spec("exhausted", n_trials=6, sampler="tpe", space={"model.depth": {"int": [1, 2]},
+                                                                     "model.pooling.type": {"choice": ["cls", "mean"]}})
+    study = run_without_training(spec, 6)
+    drawn = points(study)
+    assert len(drawn) == 6 and len(set(drawn[:4])) == 4 and set(drawn[4:]) <= set(drawn[:4])
+
+
+def test_queued_points_are_not_drawn_again(workdir):
+    queued = {"model.depth": 1, "model.pooling.type": "cls", "model.attention.heads": 1}
+    spec = study_spec("queued", n_trials=8, sampler="random", space=SMALL_SPACE, enqueue=[queued])
+    assert len(set(points(run_without_training(spec, 8)))) == 8
+
+
+def test_conditional_points_enumerate_only_where_their_block_applies():
+    dims = parse_space({"model.ffn.type": {"choice": ["mlp", "swiglu"]}, "model.ffn[mlp].ratio": {"choice": [2, 4]}})
+    assert sorted(map(str, enumerate_points(dims, {}, 100))) == sorted(map(str, [
+        {"model.ffn.type": "mlp", "model.ffn[mlp].ratio": 2}, {"model.ffn.type": "mlp", "model.ffn[mlp].ratio": 4},
+        {"model.ffn.type": "swiglu"}]))
+
+
+def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(workdir):
+    spec_path = workdir / "study.yaml"
+    raw = study_raw("three-processes", n_trials=6, sampler="tpe", space=SMALL_SPACE)
+    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
+    processes = [worker(spec_path, workdir, "--set", "train.epochs=1") for _ in range(3)]
+    for proc in processes:
+        finish(proc)
+    study = optuna.load_study(study_name="three-processes", storage=raw["search"]["storage"])
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
+    assert len(set(points(study))) == 6
+
+
+def test_jobs_workers_draw_pairwise_distinct_points(workdir, cli):
+    spec_path = workdir / "study.yaml"
+    raw = study_raw("jobs-distinct", n_trials=6, sampler="tpe", space=SMALL_SPACE)
+    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
+    result = cli("run", str(spec_path), "--jobs", "3", "--set", "train.epochs=1", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="jobs-distinct", storage=raw["search"]["storage"])
+    assert len(study.get_trials()) == 6 and len(set(points(study))) == 6
