@@ -25,7 +25,7 @@ import torch
 from vit_search.model import build_model
 from vit_search.performance import enable_tf32, fused_attention_kernel, peak_tflops
 from vit_search.spec import load_spec
-from vit_search.summary import flop_count
+from vit_search.model.cost import flop_count
 from vit_search.train import train
 
 

@@ -17,9 +17,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from vit_search.augment import BatchAugment, random_crop, random_hflip
 from vit_search.data import DataError, TensorSplit, load_data, make_loader, stratified_split
-from vit_search.spec import AugmentSpec, DataSpec
+from vit_search.data.augment import BatchAugment, random_crop, random_hflip
+from vit_search.schema import AugmentSpec, DataSpec
 
 
 def spec(**kwargs) -> DataSpec:

@@ -370,3 +370,73 @@ def test_cosine_attention_trains(cosine):
         losses.append(loss.item())
 
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# -- blocks declare what the trainer needs ---------------------------------------------------------
+DECLARING_BLOCKS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit_search import register
+
+
+@register("attention", "plugtest_sdpa")
+class PlainSDPA(nn.Module):
+    """Separate q, k, v projections and torch's fused attention (a test block)."""
+
+    fused_attn = True  # it calls F.scaled_dot_product_attention
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, tokens):
+        b, n, d = tokens.shape
+        split = lambda x: x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(split(self.q(tokens)), split(self.k(tokens)), split(self.v(tokens)))
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+@register("ffn", "plugtest_gated")
+class Gated(nn.Module):
+    """An MLP with a learned 2-D gate table that weight decay must not shrink (a test block)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.gate = nn.Parameter(torch.ones(4, dim))
+
+    def no_weight_decay(self):
+        return {"gate"}
+
+    def forward(self, tokens):
+        return self.fc(tokens) * self.gate.mean(0)
+'''
+
+
+def test_a_plugin_attention_that_calls_sdpa_is_tagged_with_its_kernel(tmp_path):
+    from accelerate import Accelerator
+
+    from vit_search import build_model
+    from vit_search.train import _attention_kernel
+
+    _write(tmp_path / "declaring.py", DECLARING_BLOCKS)
+    spec = load_spec(_write(tmp_path / "spec.yaml", _spec_using("plugtest_sdpa", ["declaring.py"], args="")))
+    kernel = _attention_kernel(build_model(spec), Accelerator(cpu=True), "no")
+    assert kernel in {"flash", "efficient", "math"}  # not "none": the block said it calls SDPA
+
+
+def test_a_plugin_parameter_can_opt_out_of_weight_decay(tmp_path):
+    from vit_search import build_model
+    from vit_search.train import param_groups
+
+    _write(tmp_path / "declaring.py", DECLARING_BLOCKS)
+    text = _spec_using("sdpa", ["declaring.py"], args=", heads: 2") + "  ffn: plugtest_gated\n"
+    model = build_model(load_spec(_write(tmp_path / "spec.yaml", text)))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): name for name, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"blocks.0.ffn.gate", "blocks.1.ffn.gate", "pool.cls_token", "pos_embed.weight"} <= skipped
+    assert "blocks.0.ffn.fc.weight" in {names[id(p)] for p in decay["params"]} and decay["weight_decay"] == 0.05

@@ -18,14 +18,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer as TorchvisionViT
 
-from vit_search.model import (
-    _model_section_from_state_dict,
-    _torchvision_key,
-    build_model,
-    count_parameters,
-    from_torchvision,
-)
-from vit_search.registry import RegistryError
+from vit_search.errors import WeightsError
+from vit_search.model import build_model, count_parameters, from_torchvision
+from vit_search.model.weights import _model_section_from_state_dict, _torchvision_key
 
 TOLERANCE = 1e-5  # max abs difference of fp32 logits in eval mode
 
@@ -232,7 +227,7 @@ def test_a_wrong_head_count_changes_the_outputs(reference):
 
 
 def test_state_dict_of_unusual_width_without_heads_is_a_registry_error(reference):
-    with pytest.raises(RegistryError, match="cannot infer the number of heads for width 48.*pass heads="):
+    with pytest.raises(WeightsError, match="cannot infer the number of heads for width 48.*pass heads="):
         from_torchvision(reference("small").module.state_dict())
 
 
@@ -243,17 +238,17 @@ def test_state_dict_of_unusual_width_without_heads_is_a_registry_error(reference
 def test_state_dict_with_unknown_key_is_a_registry_error(reference, extra_key):
     state = dict(reference("small").module.state_dict())
     state[extra_key] = torch.zeros(1)
-    with pytest.raises(RegistryError, match=f"unexpected key '{extra_key}'"):
+    with pytest.raises(WeightsError, match=f"unexpected key '{extra_key}'"):
         from_torchvision(state, heads=SMALL["num_heads"])
 
 
 def test_state_dict_missing_a_tensor_is_a_registry_error(reference):
     state = dict(reference("small").module.state_dict())
     del state["encoder.layers.encoder_layer_1.ln_2.bias"]
-    with pytest.raises(RegistryError, match="(?s)does not fit.*Missing.*blocks.1.norm2.bias"):
+    with pytest.raises(WeightsError, match="(?s)does not fit.*Missing.*blocks.1.norm2.bias"):
         from_torchvision(state, heads=SMALL["num_heads"])
     del state["heads.head.weight"]
-    with pytest.raises(RegistryError, match="no 'heads.head.weight'"):
+    with pytest.raises(WeightsError, match="no 'heads.head.weight'"):
         from_torchvision(state, heads=SMALL["num_heads"])
 
 
@@ -270,5 +265,5 @@ def test_state_dict_missing_a_tensor_is_a_registry_error(reference):
     ids=["pre_logits", "conv_stem", "not_a_vit"],
 )
 def test_unsupported_torchvision_models_are_registry_errors(module, message):
-    with pytest.raises(RegistryError, match=message):
+    with pytest.raises(WeightsError, match=message):
         from_torchvision(module)

@@ -21,9 +21,9 @@ _EXPORTS = {
     "build_model": "vit_search.model",
     "from_torchvision": "vit_search.model",
     "VisionTransformer": "vit_search.model",
-    "PRESETS": "vit_search.model",
+    "PRESETS": "vit_search.presets",
     "load_spec": "vit_search.spec",
-    "Spec": "vit_search.spec",
+    "Spec": "vit_search.schema",
     "SpecError": "vit_search.spec",
 }
 

@@ -9,11 +9,14 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from .errors import UserError
+from .registry import KINDS
+
 EXIT_BAD_INPUT = 2
 
 
-class BadInput(Exception):
-    """A user error: printed as one line per problem, exit code 2, no traceback."""
+class BadInput(UserError):
+    """A bad command-line argument: printed as one line, exit code 2, no traceback."""
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +35,7 @@ def _load(args: argparse.Namespace, check_model: bool = True):
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     """List registered blocks, or describe one."""
-    from .registry import KINDS, REGISTRY
+    from .registry import REGISTRY
 
     if args.name:
         info = REGISTRY.describe(args.kind, args.name)
@@ -84,13 +87,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Print the model's per-stage table, parameters and FLOPs."""
+    import torch
+
     from .model import build_model
-    from .summary import summarize
+    from .model.summary import summarize
 
     spec = _load(args)
     print(f"{spec.name}: image {spec.model.image_size}, {spec.model.in_channels} channels, "
           f"{spec.model.num_classes} classes")
-    print(summarize(build_model(spec)).table())
+    with torch.device("meta"):  # shapes, parameters and FLOPs need no weights
+        model = build_model(spec)
+    print(summarize(model).table())
     return 0
 
 
@@ -193,7 +200,8 @@ def _dry_run(spec, count: int) -> int:
     """Sample ``count`` configurations in memory and print their sizes; nothing is trained or written."""
     import optuna
 
-    from .search.run import check_constraints, model_cost
+    from .model.cost import model_cost
+    from .search.run import check_constraints
     from .search.study import make_sampler, sample_spec
     from .spec import SpecError
 
@@ -207,7 +215,7 @@ def _dry_run(spec, count: int) -> int:
         except SpecError as err:
             print(f"trial {trial.number}: infeasible: {err.problems[0]}")
             continue
-        parameters, flops = model_cost(trial_spec)
+        parameters, flops = model_cost(trial_spec.model)
         reason = check_constraints(spec.search.constraints, parameters, flops)
         values = ", ".join(f"{k}={v}" for k, v in drawn.items())
         print(f"trial {trial.number}: {parameters:,} parameters, {flops / 1e6:,.1f} MFLOPs"
@@ -299,7 +307,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "blocks": (cmd_blocks, lambda p: (
-        p.add_argument("kind", nargs="?", help="block kind (patch_embed, position, attention, ffn, pooling, head)"),
+        p.add_argument("kind", nargs="?", help=f"block kind ({', '.join(KINDS)})"),
         p.add_argument("name", nargs="?", help="block name, to describe its arguments"),
     )),
     "validate": (cmd_validate, _spec_arguments),
@@ -354,9 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from .data import DataError
-    from .registry import RegistryError
-    from .search.storage import StorageError  # a light module: optuna is imported by the commands
     from .spec import SpecError
 
     try:
@@ -367,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (RegistryError, DataError, BadInput, StorageError) as err:
+    except UserError as err:  # registry, data, weights, storage, arguments
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

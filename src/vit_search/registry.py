@@ -23,25 +23,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-KINDS = ("patch_embed", "position", "attention", "ffn", "pooling", "head")
+from .errors import UserError
 
-# Arguments the model passes to every block of a kind. Everything else in a block's signature is
-# the block's own, and is what a spec may set under that block's YAML key.
-CONVENTION_ARGS: dict[str, tuple[str, ...]] = {
-    "patch_embed": ("in_channels", "dim", "image_size"),
-    "position": ("dim", "num_patches", "grid", "num_prefix_tokens"),
-    "attention": ("dim",),
-    "ffn": ("dim",),
-    "pooling": ("dim",),
-    "head": ("dim", "num_classes"),
-}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of block: what the model passes to each block of it, the type a spec gets when it names
+    none, and the block's job in the model."""
+
+    name: str
+    convention: tuple[str, ...]  # arguments the model passes; everything else is the block's own (YAML keys)
+    default: str
+    role: str
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("patch_embed", ("in_channels", "dim", "image_size"), "conv", "images (B, C, H, W) -> tokens (B, N, D)"),
+    Kind("position", ("dim", "num_patches", "grid", "num_prefix_tokens"), "learned", "tokens -> tokens"),
+    Kind("attention", ("dim",), "sdpa", "tokens -> tokens"),
+    Kind("ffn", ("dim",), "mlp", "tokens -> tokens"),
+    Kind("pooling", ("dim",), "cls", "may prepend tokens before the encoder; tokens (B, N, D) -> (B, D) after it"),
+    Kind("head", ("dim", "num_classes"), "linear", "(B, D) -> logits"),
+)}
+"""Every block kind: the one table the spec schema, the model, the CLI and the docs read."""
+
+CONVENTION_ARGS: dict[str, tuple[str, ...]] = {name: kind.convention for name, kind in KINDS.items()}
 
 ENTRY_POINT_GROUP = "vit_search.plugins"
 AUTOLOAD_ENV = "VIT_SEARCH_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_MODULE = "vit_search.blocks"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A registry lookup, registration or plugin failed; ``path`` names the spec field if known."""
 
     def __init__(self, message: str, path: str | None = None):
@@ -183,7 +197,7 @@ class Registry:
         if kind is not None:
             self._check_kind(kind)
         self._ensure_loaded()
-        kinds = KINDS if kind is None else (kind,)
+        kinds = tuple(KINDS) if kind is None else (kind,)
         return {k: sorted(self._blocks[k]) for k in kinds}
 
     def distribution_of(self, info: BlockInfo) -> str | None:

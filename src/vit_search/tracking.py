@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .spec import Spec
+from .schema import Spec
 
-STATE_DICT_ARTIFACT = "model/state_dict.pt"
-SPEC_ARTIFACT = "model/spec.yaml"
+MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
+STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
@@ -120,9 +120,9 @@ class Tracker:
         import torch
 
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(dict(state_dict), Path(tmp) / "state_dict.pt")
-            (Path(tmp) / "spec.yaml").write_text(self.spec.to_yaml(exclude_search=True))
-            mlflow.log_artifacts(tmp, "model")
+            torch.save(dict(state_dict), Path(tmp) / STATE_DICT_FILE)
+            (Path(tmp) / SPEC_FILE).write_text(self.spec.to_yaml(exclude_search=True))
+            mlflow.log_artifacts(tmp, MODEL_ARTIFACTS)
 
 
 def _param_value(value: Any) -> str:
@@ -139,9 +139,9 @@ def load_model(run_id: str, tracking_uri: str | None = None):
     from .spec import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=tmp,
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACTS, dst_path=tmp,
                                                     tracking_uri=tracking_uri)
-        spec = load_spec(Path(local) / "spec.yaml", check_model=False)
+        spec = load_spec(Path(local) / SPEC_FILE, check_model=False)
         model = build_model(spec)
-        model.load_state_dict(torch.load(Path(local) / "state_dict.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(Path(local) / STATE_DICT_FILE, map_location="cpu", weights_only=True))
     return model.eval()

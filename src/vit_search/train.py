@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks.attention import SDPAttention
-from .data import DataError, load_data, make_loader
-from .model import build_model, count_parameters
+from .data.loading import load_data, make_loader
+from .errors import DataError
+from .model import build_model
+from .model.cost import model_cost
 from .performance import (
     cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops, resolve_mixed_precision,
 )
-from .spec import Spec
-from .summary import flop_count
+from .schema import Spec
 from .tracking import Tracker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -49,13 +49,14 @@ class TrainResult:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only, not on norms, biases, tokens or positions."""
+    """AdamW groups: decay on weight matrices only; not on 1-D parameters (norm scales, biases), nor on
+    what the model's blocks declare in ``no_weight_decay()`` (tokens, position embeddings, a plugin's own)."""
+    declared = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or name.endswith("token") or name.startswith("pos_embed")
-        (no_decay if skip else decay).append(param)
+        (no_decay if param.ndim <= 1 or name in declared else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -125,9 +126,7 @@ def _setup(spec: Spec, accelerator: Any) -> _Setup:
     cfg = spec.train
     data = load_data(spec.data, spec.seed, device=accelerator.device)
     model = build_model(spec)
-    parameters = count_parameters(model)
-    flops = flop_count(model.eval(), torch.zeros(1, model.in_channels, *_pair(model.image_size)))
-    model.train()
+    parameters, flops = model_cost(spec.model)
     model.set_grad_checkpointing(cfg.activation_checkpointing)
     fused = cfg.fused_optimizer and accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
@@ -279,13 +278,16 @@ def _plain(model: nn.Module, accelerator: Any) -> nn.Module:
 
 
 def _attention_kernel(model: nn.Module, accelerator: Any, precision: str) -> str:
-    """The fused SDPA kernel the model's attention can use here (a tag: check it is not "math")."""
+    """The fused SDPA kernel the model's attention can use here (a tag: check it is not "math").
+
+    Attention blocks declare whether they call ``F.scaled_dot_product_attention`` (``fused_attn``,
+    as in timm) and their ``head_dim``; those that do not (einsum, many plugins) pick no kernel.
+    """
     attn = getattr(_plain(model, accelerator).blocks[0], "attn", None)
-    if not isinstance(attn, SDPAttention):  # other attention blocks (einsum, plugins) pick no SDPA kernel
+    if not getattr(attn, "fused_attn", False) or not isinstance(getattr(attn, "head_dim", None), int):
         return "none"
-    head_dim = attn.head_dim
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return fused_attention_kernel(accelerator.device, dtype, head_dim)
+    return fused_attention_kernel(accelerator.device, dtype, attn.head_dim)
 
 
 def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar: bool) -> dict[str, float]:
@@ -346,8 +348,3 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any, prefix: str) -> di
         correct.append(hits)
     loss, hits = torch.cat(losses), torch.cat(correct)
     return {f"{prefix}_loss": loss.mean().item(), f"{prefix}_accuracy": hits.float().mean().item()}
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
-

@@ -32,6 +32,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # Swin V2 clamps the per-head scale at 100
 class CosineAttention(nn.Module):
     """Scaled cosine attention (Swin V2): cos(q, k) times a learnable per-head scale, at most 100."""
 
+    fused_attn = True  # it calls F.scaled_dot_product_attention: runs are tagged with the kernel it gets
+
     def __init__(
         self,
         dim: int,
@@ -46,7 +48,7 @@ class CosineAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
         if not 0 < init_logit_scale <= 100:
             raise ValueError(f"init_logit_scale must be in (0, 100], got {init_logit_scale}")
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         # log of each head's scale; exp(clamp(.)) keeps the scale positive and at most 100

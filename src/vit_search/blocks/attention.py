@@ -52,6 +52,8 @@ class _MultiHeadSelfAttention(nn.Module):
 class SDPAttention(_MultiHeadSelfAttention):
     """Fused qkv and torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
 
+    fused_attn = True  # calls F.scaled_dot_product_attention: the trainer tags the kernel it gets
+
     def forward(self, tokens: Tensor) -> Tensor:
         q, k, v = self._split_heads(tokens)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
@@ -61,6 +63,8 @@ class SDPAttention(_MultiHeadSelfAttention):
 @register("attention", "einsum")
 class EinsumAttention(_MultiHeadSelfAttention):
     """The same attention written out with einsum, for reading and for checking ``sdpa``."""
+
+    fused_attn = False
 
     def forward(self, tokens: Tensor) -> Tensor:
         q, k, v = self._split_heads(tokens)

@@ -7,19 +7,12 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from ..registry import register
-
-
-def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``16`` -> ``(16, 16)``; a pair stays a pair (height, width)."""
-    if isinstance(value, int):
-        return value, value
-    height, width = value
-    return int(height), int(width)
+from ..sizes import pair
 
 
 def patch_grid(image_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> tuple[int, int]:
     """Rows and columns of patches; raises ValueError when the image does not divide into patches."""
-    (h, w), (ph, pw) = to_pair(image_size), to_pair(patch_size)
+    (h, w), (ph, pw) = pair(image_size), pair(patch_size)
     if min(h, w, ph, pw) <= 0:
         raise ValueError(f"image size {h}x{w} and patch size {ph}x{pw} must be positive")
     if h % ph or w % pw:
@@ -40,7 +33,7 @@ class ConvPatchEmbed(nn.Module):
         super().__init__()
         self.grid = patch_grid(image_size, patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=to_pair(patch_size), stride=to_pair(patch_size))
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=pair(patch_size), stride=pair(patch_size))
 
     def forward(self, images: Tensor) -> Tensor:
         return rearrange(self.proj(images), "b d h w -> b (h w) d")
@@ -56,7 +49,7 @@ class LinearPatchEmbed(nn.Module):
         super().__init__()
         self.grid = patch_grid(image_size, patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
-        ph, pw = to_pair(patch_size)
+        ph, pw = pair(patch_size)
         self.to_patches = Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw)
         self.proj = nn.Linear(ph * pw * in_channels, dim)
 

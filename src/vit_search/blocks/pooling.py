@@ -17,7 +17,12 @@ class ClsPooling(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.cls_token, std=1e-6)
+        # std 1e-6 as in timm; truncated (at +-2, which never binds) because normal_ on the meta
+        # device, where specs are checked, imports torch's compiler: 1-2 s per command.
+        nn.init.trunc_normal_(self.cls_token, std=1e-6)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
 
     def prepend(self, tokens: Tensor) -> Tensor:
         return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)

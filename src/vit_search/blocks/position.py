@@ -17,6 +17,9 @@ class LearnedPosition(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, num_prefix_tokens + num_patches, dim))
         nn.init.trunc_normal_(self.weight, std=std)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"weight"}
+
     def forward(self, tokens: Tensor) -> Tensor:
         return tokens + self.weight
 

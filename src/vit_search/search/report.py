@@ -1,9 +1,7 @@
-"""What a study tells its user: the best trial (or Pareto front), a table of top trials, plots, and
-the study's MLflow parent run brought up to date."""
+"""What a study tells its user: the best trial (or Pareto front), a table of top trials, plots."""
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,8 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..spec import Spec
-from .study import PARENT_RUN, StudyHandle, trial_spec
+from ..schema import Spec
+from .study import trial_spec
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -83,40 +81,3 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
         plt.close(figure)
         saved.append(path)
     return saved
-
-
-def update_parent_run(client: Any, handle: StudyHandle, spec: Spec, interrupted: bool = False) -> None:
-    """Give the study's parent run the best trial's metrics and spec, the plots and the counts.
-
-    Called by each worker as it finishes (and so again on resume); the last one to finish ends
-    the run: KILLED when it was interrupted, else FINISHED (all trials run, the grid covered, or
-    the time limit reached; re-running the study reopens it).
-    """
-    study, parent = handle.study, handle.attr(PARENT_RUN)
-    if not parent:
-        return
-    trials = study.get_trials(deepcopy=False)
-    counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials)
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    for key, value in counts.items():
-        client.log_metric(parent, key, value)
-    best = best_trials(study)
-    if best:
-        top = best[0]
-        client.set_tag(parent, "best_trial", str(top.number))
-        if len(best) > 1:
-            client.set_tag(parent, "pareto_front", ",".join(str(t.number) for t in best))
-        for key, value in top.user_attrs.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                client.log_metric(parent, f"best_{key}", float(value))
-        if top.user_attrs.get("mlflow_run_id"):
-            client.set_tag(parent, "best_run_id", top.user_attrs["mlflow_run_id"])
-        client.log_text(parent, best_spec(spec, study).to_yaml(exclude_search=True), "best_spec.yaml")
-    if spec.tracking.plots:
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in save_plots(study, Path(tmp)):
-                client.log_artifact(parent, str(path), "plots")
-    running = any(t.state == TrialState.RUNNING for t in trials)
-    waiting = any(t.state == TrialState.WAITING for t in trials)  # interrupted trials wait for a re-run
-    if not running and (interrupted or not waiting):
-        client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")

@@ -23,6 +23,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..registry import KINDS, did_you_mean
+from ..schema import block_type, set_path
+from ..spec import SpecError, load_spec
+
 _CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_]\w*(?:\.\w+)*)\[(?P<type>[\w-]+)\]\.(?P<rest>\w+(?:\.\w+)*)$")
 _PLAIN = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*$")
 
@@ -59,8 +63,8 @@ class Dimension:
         """Whether this dimension is drawn for a (partly filled) spec."""
         if self.condition is None:
             return True
-        block_path, block_type = self.condition
-        return block_type_of(spec, block_path) == block_type
+        block_path, wanted = self.condition
+        return block_type_of(spec, block_path) == wanted
 
     def suggest(self, trial: Any) -> Any:
         """Draw this dimension's value in an Optuna trial."""
@@ -129,40 +133,10 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 def block_type_of(spec: Mapping[str, Any], block_path: tuple[str, ...]) -> Any:
     """The type of the block at ``block_path`` in a raw spec: as written (``{type: mlp}`` or ``mlp``),
     else, for a model block left out or written without a type, the preset's or the default one."""
+    if len(block_path) == 2 and block_path[0] == "model" and block_path[1] in KINDS:
+        return block_type(_get(spec, ("model",)), block_path[1])
     block = _get(spec, block_path)
-    if isinstance(block, Mapping) and "type" in block:
-        return block["type"]
-    if block is not None and not isinstance(block, Mapping):
-        return block
-    if len(block_path) != 2 or block_path[0] != "model":
-        return None
-    from ..spec import ModelSpec
-
-    model = _get(spec, ("model",))
-    preset = model.get("preset") if isinstance(model, Mapping) else None
-    if preset:
-        from ..model import PRESETS
-
-        preset_block = PRESETS.get(preset, {}).get(block_path[1])
-        if isinstance(preset_block, Mapping):
-            return preset_block.get("type")
-    field = ModelSpec.model_fields.get(block_path[1])
-    default = field.default_factory() if field is not None and field.default_factory else None
-    return default.get("type") if isinstance(default, Mapping) else None
-
-
-def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    """Set ``tree[a][b]... = value``, creating mappings (a block given by name becomes {type: name})."""
-    node = tree
-    for key in path[:-1]:
-        child = node.get(key)
-        if isinstance(child, str):  # `ffn: mlp` written short
-            child = {"type": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[key] = child
-        node = child
-    node[path[-1]] = value
+    return block.get("type") if isinstance(block, Mapping) else block
 
 
 def parse_dimension(key: str, raw: Any) -> Dimension:
@@ -264,9 +238,6 @@ def check_space(spec: Any) -> list[str]:
     argument (``model.ffn[mlp].ratio``) must name a type the block can take, and every key of an
     enqueued configuration must be a key of the space.
     """
-    from ..registry import did_you_mean
-    from ..spec import SpecError, load_spec
-
     if spec.search is None:
         return []
     problems = []

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import UserError
+
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 EXAMPLES = ("sqlite:///optuna.db, journal:study.log, postgresql://user@host/db, mysql+pymysql://user@host/db "
             "or redis://host:6379/0")
@@ -33,7 +35,7 @@ INSTALL = {"psycopg": "pip install 'vit-search[postgres]'", "redis": "pip instal
            "MySQLdb": "write mysql+pymysql://... and pip install pymysql, or pip install mysqlclient"}
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """A storage URL that cannot be used here: one line naming the URL and the fix (the CLI exits 2)."""
 
 

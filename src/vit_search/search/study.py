@@ -21,8 +21,11 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from ..spec import Spec, load_spec
+from ..schema import Spec
+from ..spec import load_spec
 from .distinct import DistinctSampler
+from .grid import Grid
+from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
 from .storage import StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
 
@@ -33,38 +36,6 @@ RETRY_OF = "vit_search:retry_of"
 INITIALISED = "vit_search:initialised"
 PARENT_RUN = "vit_search:mlflow_parent_run_id"
 MAX_RETRIES = 2
-
-class _Grid(optuna.samplers.GridSampler):
-    """Optuna's grid, whose end the worker loop reads (``all_started``): the ``study.stop()`` it
-    would call works only inside ``Study.optimize``."""
-
-    def __init__(self, search_space: dict[str, list[Any]], seed: int | None = None):
-        super().__init__(search_space, seed=seed)
-        self.size = math.prod(len(values) for values in search_space.values())
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        return None
-
-    def all_started(self, study: optuna.Study) -> bool:
-        """Every grid point finished or running. (``is_exhausted`` waits for the running ones, so a
-        worker asking meanwhile would draw a point another worker is training.)"""
-        started = {t.system_attrs.get("grid_id") for t in study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING))}
-        return set(range(self.size)) <= started
-
-
-SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    # group + multivariate: TPE models conditional parameters only where they apply; the constant
-    # liar lets a worker see the points other workers are training (drawn under the study lock).
-    "tpe": lambda seed, dims, n: optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=max(4, min(10, (n or 20) // 4))),
-    "random": lambda seed, dims, n: optuna.samplers.RandomSampler(seed=seed),
-    "grid": lambda seed, dims, n: _Grid({d.key: d.grid() for d in dims}, seed=seed),
-    "cmaes": lambda seed, dims, n: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-    "gp": lambda seed, dims, n: optuna.samplers.GPSampler(seed=seed),
-    "nsga2": lambda seed, dims, n: optuna.samplers.NSGAIISampler(seed=seed),
-}
-
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     """The study's sampler: each trial seeded from (spec seed, trial number), its point distinct
@@ -82,13 +53,7 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """A pruner by name, fed one value per epoch."""
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 5))
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
+    return PRUNERS[name](epochs)
 
 
 @dataclass
@@ -325,7 +290,7 @@ def worker_loop(
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             out_of_time = timeout is not None and time.monotonic() - started > timeout
-            exhausted = isinstance(study.sampler, _Grid) and study.sampler.all_started(study)
+            exhausted = isinstance(study.sampler, Grid) and study.sampler.all_started(study)
             enough = n_trials is not None and counted(trials) >= n_trials
             if out_of_time or (not waiting and (enough or exhausted)):
                 running = [t for t in trials if t.state == TrialState.RUNNING]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from .model import VisionTransformer, count_parameters
+from ..sizes import pair
+from .cost import flop_count
+from .vit import VisionTransformer, count_parameters
 
 
 @dataclass
@@ -42,30 +41,16 @@ class Summary:
         return "\n".join(lines)
 
 
-def _stages(model: VisionTransformer) -> list[tuple[str, nn.Module]]:
-    named = [("patch_embed", model.patch_embed), ("pos_embed", model.pos_embed)]
-    named += [(f"blocks.{i}", blk) for i, blk in enumerate(model.blocks)]
-    return named + [("norm", model.norm), ("pool", model.pool), ("head", model.head)]
-
-
-def flop_count(model: nn.Module, images: torch.Tensor) -> int:
-    """Forward FLOPs of ``model`` on ``images`` (torch.utils.flop_counter; a multiply-add is 2)."""
-    counter = FlopCounterMode(display=False)
-    # The counter has no formula for some fused CPU attention kernels; the math backend is plain
-    # matmuls and softmax, which it counts, and computes the same thing.
-    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(images)
-    return counter.get_total_flops()
-
-
 def summarize(model: VisionTransformer) -> Summary:
-    """Run one image through ``model`` on the CPU and record each stage."""
-    height, width = (model.image_size, model.image_size) if isinstance(model.image_size, int) else model.image_size
-    images = torch.zeros(1, model.in_channels, height, width)
+    """Run one image through ``model`` (on its device: the meta device gives shapes without arithmetic)
+    and record each stage."""
+    device = next(model.parameters()).device
+    images = torch.zeros(1, model.in_channels, *pair(model.image_size), device=device)
+    stages = model.stages()
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
         module.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-        for name, module in _stages(model)
+        for name, module in stages
     ]
     was_training = model.training
     model.eval()
@@ -75,6 +60,5 @@ def summarize(model: VisionTransformer) -> Summary:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    stages = [Stage(name, shapes[name], count_parameters(module)) for name, module in _stages(model)]
-    return Summary(stages, count_parameters(model), flops)
-
+    rows = [Stage(name, shapes[name], count_parameters(module)) for name, module in stages]
+    return Summary(rows, count_parameters(model), flops)

@@ -8,7 +8,7 @@ RandAugment is per image in the paper, but v2.RandAugment draws one op for every
 For tensor-held sets it is therefore applied per chunk of ``randaugment_chunk`` images: images in a
 chunk share an op and magnitude, chunks differ. Chunk 1 is per image (faithful, ~B/16 times more
 kernel launches and Python calls); larger chunks are faster but less diverse within a batch. Sets
-decoded by DataLoader workers run RandAugment per image in the workers instead (see data.py), and
+decoded by DataLoader workers run RandAugment per image in the workers instead (see loading.py), and
 their BatchAugment is built with ``randaugment=False``.
 """
 
@@ -21,12 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
-from .spec import AugmentSpec, Size
-
-
-def pair(size: Size) -> tuple[int, int]:
-    """An image size as (height, width)."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+from ..schema import AugmentSpec
+from ..sizes import pair
 
 
 def random_crop(images: Tensor, padding: int) -> Tensor:
@@ -57,7 +53,7 @@ class BatchAugment:
 
     ``mean``/``std`` are the normalisation the images carry (None: images are in [0, 1]);
     RandAugment undoes it, because its colour ops (solarize, posterize, ...) assume [0, 1].
-    ``randaugment`` overrides the spec (data.py passes False where workers already ran it).
+    ``randaugment`` overrides the spec (loading.py passes False where workers already ran it).
     Random draws use torch's global generators, which Accelerate's ``set_seed`` seeds.
     """
 
@@ -65,7 +61,7 @@ class BatchAugment:
         self,
         spec: AugmentSpec,
         num_classes: int,
-        image_size: Size,
+        image_size: int | tuple[int, int],
         *,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,

@@ -1,10 +1,8 @@
-"""Data sets: loading, a seeded stratified train/val/test split, normalisation, and batching.
+"""A data set made ready to train on: its splits held as tensors or decoded by workers, normalised, batched.
 
-Sources (``data.dataset``): ``digits`` (scikit-learn's 8x8 digits, offline), ``mnist``,
-``fashion_mnist``, ``cifar10``, ``cifar100`` (torchvision), ``imagefolder`` (``root/<class>/<image>``,
-or ``root/train``, ``root/val``, ``root/test``) and ``synthetic`` (class patterns plus noise).
-torchvision's files live in ``data.root``, else ``$VIT_SEARCH_DATA``, else ``~/.cache/vit-search/data``
-(one place for every working directory, so a search never downloads twice).
+The images come from a :mod:`.sources` entry (``data.dataset``). torchvision's files live in
+``data.root``, else ``$VIT_SEARCH_DATA``, else ``~/.cache/vit-search/data`` (one place for every
+working directory, so a search never downloads twice).
 
 A split is held one of two ways:
 
@@ -17,36 +15,25 @@ A split is held one of two ways:
 
 from __future__ import annotations
 
-import os
-import pickle
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import BatchAugment, pair
-from .spec import DataSpec
+from ..errors import DataError
+from ..schema import DataSpec
+from ..sizes import pair
+from .augment import BatchAugment
+from .sources import DATASETS, Arrays, Items
 
-__all__ = [
-    "BatchAugment", "DataError", "DataSplits", "TensorSplit", "default_root", "load_data", "make_loader", "stratified_split",
-]
-
-_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
 _STATS_SAMPLE = 1024  # worker-path sets: training images decoded to estimate mean and std
 Stats = tuple[float, ...] | None  # per-channel normalisation (None: not normalised)
-
-
-class DataError(ValueError):
-    """Data that cannot be found or read; the message says where it was expected and what to do."""
 
 
 class TensorSplit(Dataset):
@@ -89,184 +76,6 @@ class DataSplits:
     std: tuple[float, ...] | None = None
     classes: list[str] = field(default_factory=list)
     augment: BatchAugment | None = None  # data.augment, built to match how the splits are held
-
-
-def default_root() -> Path:
-    """Where torchvision data sets live when ``data.root`` is unset."""
-    return Path(os.environ.get("VIT_SEARCH_DATA") or Path.home() / ".cache" / "vit-search" / "data").expanduser()
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices (kept, held out) with ``fraction`` held out, class shares kept; same seed, same split."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    state = seed % 2**32
-    try:
-        kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=state)
-    except ValueError:
-        # A class with a single image, or fewer held-out slots than classes: shuffle unstratified.
-        try:
-            kept, held = train_test_split(index, test_size=fraction, random_state=state)
-        except ValueError as err:
-            raise DataError(f"cannot split {len(labels)} images with fraction {fraction}: {err}") from None
-    return np.sort(kept), np.sort(held)
-
-
-def _three_way(labels: np.ndarray, spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """train/val/test indices: test_fraction of all, then val_fraction of the rest."""
-    rest, test = stratified_split(labels, spec.test_fraction, seed)
-    train, val = stratified_split(labels[rest], spec.val_fraction, seed)
-    return rest[train], rest[val], test
-
-
-# -- sources held in memory: (images uint8 or float in [0, 1], (N, C, h, w); labels) per split ------
-Arrays = dict[str, tuple[Tensor, Tensor]]
-
-
-def _digits(spec: DataSpec, seed: int) -> tuple[Arrays, list[str]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # 17 grey levels, 0..16
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
-    parts = _three_way(digits.target, spec, seed)
-    arrays = {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}
-    return arrays, [str(d) for d in range(10)]
-
-
-def _synthetic(spec: DataSpec, seed: int) -> tuple[Arrays, list[str]]:
-    """Each class a smooth random pattern (4x4 upsampled, so any patch size sees it) plus uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = pair(spec.image_size)
-    coarse = torch.rand(spec.num_classes, spec.channels, 4, 4, generator=g)
-    patterns = TF.resize(coarse, [h, w], antialias=True)
-    labels = torch.randperm(spec.num_samples, generator=g) % spec.num_classes  # balanced classes
-    noise = torch.rand(spec.num_samples, spec.channels, h, w, generator=g)
-    images = 0.5 * patterns[labels] + 0.5 * noise
-    parts = _three_way(labels.numpy(), spec, seed)
-    names = [f"class_{i}" for i in range(spec.num_classes)]
-    return {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}, names
-
-
-def _torchvision(spec: DataSpec, seed: int) -> tuple[Arrays, list[str]]:
-    """The official train split divided into train/val (seeded, stratified); the official test split."""
-    cls = getattr(torchvision.datasets, _TORCHVISION[spec.dataset])
-    root = Path(spec.root).expanduser() if spec.root else default_root()
-    if issubclass(cls, torchvision.datasets.MNIST):
-        folder = root / cls.__name__ / "raw"
-        names = [os.path.splitext(name)[0] for name, _ in cls.resources]
-    else:
-        folder = root / cls.base_folder
-        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing and spec.download:
-        try:
-            cls(str(root), train=True, download=True)
-        except (RuntimeError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(
-                f"{spec.dataset}: could not download into {folder} ({first}); "
-                f"check the network, or place {', '.join(names)} there"
-            ) from None
-        missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise DataError(
-            f"{spec.dataset}: data files not found in {folder} (missing {', '.join(missing)}); "
-            f"set data.download: true to fetch them, or place the files there (data.root sets the folder above it)"
-        )
-    try:
-        splits, classes = _read_official(cls, root, folder)
-    except (AssertionError, TypeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
-        raise DataError(f"{spec.dataset}: cannot read the files in {folder} ({err}); delete them and download again") \
-            from None
-    # (N, H, W) grey or (N, H, W, 3) colour -> (N, C, H, W)
-    (train_x, train_y), (test_x, test_y) = [
-        (torch.as_tensor(x).unsqueeze(1) if x.ndim == 3 else torch.as_tensor(x).permute(0, 3, 1, 2),
-         torch.as_tensor(y, dtype=torch.int64))
-        for x, y in splits
-    ]
-    keep, val = stratified_split(train_y.numpy(), spec.val_fraction, seed)
-    arrays = {"train": (train_x[keep], train_y[keep]), "val": (train_x[val], train_y[val]), "test": (test_x, test_y)}
-    return arrays, classes
-
-
-Pairs = list[tuple[np.ndarray, np.ndarray]]  # (images, labels) of the train and test splits
-
-
-def _read_official(cls: type, root: Path, folder: Path) -> tuple[Pairs, list[str]]:
-    """(images, labels) of the train and test splits through torchvision's own class."""
-    try:
-        sets = [cls(str(root), train=train) for train in (True, False)]
-    except RuntimeError:
-        if issubclass(cls, torchvision.datasets.MNIST):
-            raise ValueError("torchvision did not accept them") from None
-        # torchvision refuses CIFAR files whose md5 is not the official release's (a subset, a
-        # re-pickled copy); the format is documented, so read them ourselves and say so.
-        warnings.warn(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles",
-                      stacklevel=2)
-        return _read_cifar(cls, folder)
-    return [(np.asarray(s.data), np.asarray(s.targets)) for s in sets], list(sets[0].classes)
-
-
-def _read_cifar(cls: type, folder: Path) -> tuple[Pairs, list[str]]:
-    """CIFAR's python pickles: 'data' (N, 3072) uint8, 'labels' or 'fine_labels'; HWC like torchvision."""
-    splits = []
-    for files in (cls.train_list, cls.test_list):
-        xs, ys = [], []
-        for name, _ in files:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")  # the format is pickle; torchvision loads it too
-            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-        splits.append((np.concatenate(xs), np.asarray(ys)))
-    with open(folder / cls.meta["filename"], "rb") as f:
-        classes = list(pickle.load(f, encoding="latin1")[cls.meta["key"]])
-    return splits, classes
-
-
-# -- image folders: (dataset of (PIL image, label), indices) per split ------------------------------
-Items = dict[str, tuple[Dataset, np.ndarray]]
-
-
-class _ClassesOf(torchvision.datasets.ImageFolder):
-    """An ImageFolder that uses the training folder's class indices (val may lack some classes)."""
-
-    def __init__(self, root: Path, class_to_idx: dict[str, int]) -> None:
-        self._fixed = class_to_idx
-        super().__init__(str(root), allow_empty=True)
-
-    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
-        unknown = sorted({e.name for e in os.scandir(directory) if e.is_dir()} - set(self._fixed))
-        if unknown:
-            raise DataError(f"{directory}: class folders {', '.join(unknown)} are not in the training folder")
-        return list(self._fixed), dict(self._fixed)
-
-
-def _imagefolder(spec: DataSpec, seed: int) -> tuple[Items, list[str]]:
-    root = Path(spec.root or ".").expanduser()
-    has_train = (root / "train").is_dir()
-    try:
-        base = torchvision.datasets.ImageFolder(str(root / "train" if has_train else root))
-    except (FileNotFoundError, OSError) as err:
-        raise DataError(f"imagefolder: cannot read {root}: {err}") from None
-    labels = np.asarray(base.targets)
-    if not has_train:
-        train, val, test = _three_way(labels, spec, seed)
-        return {"train": (base, train), "val": (base, val), "test": (base, test)}, base.classes
-    # root/train exists: root/val and root/test are used where present, else carved from train.
-    items: Items = {}
-    kept = np.arange(len(labels))
-    for name, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
-        if (root / name).is_dir():
-            folder = _ClassesOf(root / name, base.class_to_idx)
-            items[name] = (folder, np.arange(len(folder)))
-        else:
-            keep, held = stratified_split(labels[kept], fraction, seed)
-            items[name] = (base, kept[held])
-            kept = kept[keep]
-    items["train"] = (base, kept)
-    return items, base.classes
 
 
 class _ArrayImages(Dataset):
@@ -315,17 +124,18 @@ def load_data(spec: DataSpec, seed: int, device: torch.device | str = "cpu") -> 
     """
     device = torch.device(device)
     size = pair(spec.image_size)
+    source = DATASETS[spec.dataset]
+    read, classes = source.read(spec, seed)
     if spec.dataset == "imagefolder":
-        items, classes = _imagefolder(spec, seed)
-        count, channels = sum(len(i) for _, i in items.values()), 3  # ImageFolder decodes to RGB
+        items: Items = read
+        count, channels = sum(len(i) for _, i in items.values()), source.shape(spec)[0]
     else:
-        loader = {"digits": _digits, "synthetic": _synthetic}.get(spec.dataset, _torchvision)
-        arrays, classes = loader(spec, seed)
+        arrays: Arrays = read
         count, channels = sum(len(y) for _, y in arrays.values()), arrays["train"][0].shape[1]
     if spec.augment.randaugment and channels not in (1, 3):
         raise DataError(f"data.augment.randaugment needs 1 or 3 channels, the data has {channels}")
     megabytes = count * channels * size[0] * size[1] * 4 / 2**20
-    in_memory = spec.dataset in ("digits", "synthetic")  # nothing to decode: always tensors
+    in_memory = source.in_memory  # nothing to decode: always tensors
     small = spec.on_device == "auto" and megabytes <= spec.max_on_device_mb
     tensors = in_memory or spec.on_device == "yes" or small
     on_device = tensors and spec.on_device != "no"

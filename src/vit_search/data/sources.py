@@ -1,0 +1,260 @@
+"""Where images come from: one table of data sets, which the spec schema takes its names from.
+
+Each source reads its images and splits them train/val/test (seeded, stratified). In-memory
+sources return ``(images, labels)`` tensors per split; ``imagefolder`` returns a dataset of files
+and the indices of each split, decoded later (see :mod:`.loading`). torch, torchvision and
+scikit-learn are imported when a source is read, not when the table is: a spec validates without
+them. Adding a data set is an entry in ``DATASETS`` and its reader.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
+    from ..schema import DataSpec
+
+Arrays = dict[str, tuple["Tensor", "Tensor"]]  # split -> (images (N, C, h, w) uint8 or [0, 1] float, labels)
+Items = dict[str, tuple["Dataset", np.ndarray]]  # split -> (dataset of (PIL image, label), indices)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data set: how to read it, and its (channels, classes) without reading the images."""
+
+    read: Callable[["DataSpec", int], tuple[Any, list[str]]]
+    shape: Callable[["DataSpec"], tuple[int, int]]
+    in_memory: bool  # small and already decoded: always held as tensors
+
+
+def default_root() -> Path:
+    """Where torchvision data sets live when ``data.root`` is unset."""
+    return Path(os.environ.get("VIT_SEARCH_DATA") or Path.home() / ".cache" / "vit-search" / "data").expanduser()
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (kept, held out) with ``fraction`` held out, class shares kept; same seed, same split."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    state = seed % 2**32
+    try:
+        kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=state)
+    except ValueError:
+        # A class with a single image, or fewer held-out slots than classes: shuffle unstratified.
+        try:
+            kept, held = train_test_split(index, test_size=fraction, random_state=state)
+        except ValueError as err:
+            raise DataError(f"cannot split {len(labels)} images with fraction {fraction}: {err}") from None
+    return np.sort(kept), np.sort(held)
+
+
+def _three_way(labels: np.ndarray, spec: "DataSpec", seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """train/val/test indices: test_fraction of all, then val_fraction of the rest."""
+    rest, test = stratified_split(labels, spec.test_fraction, seed)
+    train, val = stratified_split(labels[rest], spec.val_fraction, seed)
+    return rest[train], rest[val], test
+
+
+# -- in memory ------------------------------------------------------------------------------------
+def read_digits(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
+    """scikit-learn's 8x8 digits (1,797 images, 17 grey levels), shipped with it: works offline."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # 17 grey levels, 0..16
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    parts = _three_way(digits.target, spec, seed)
+    arrays = {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}
+    return arrays, [str(d) for d in range(10)]
+
+
+def read_synthetic(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
+    """Each class a smooth random pattern (4x4 upsampled, so any patch size sees it) plus uniform noise."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from ..sizes import pair
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = pair(spec.image_size)
+    coarse = torch.rand(spec.num_classes, spec.channels, 4, 4, generator=g)
+    patterns = TF.resize(coarse, [h, w], antialias=True)
+    labels = torch.randperm(spec.num_samples, generator=g) % spec.num_classes  # balanced classes
+    noise = torch.rand(spec.num_samples, spec.channels, h, w, generator=g)
+    images = 0.5 * patterns[labels] + 0.5 * noise
+    parts = _three_way(labels.numpy(), spec, seed)
+    names = [f"class_{i}" for i in range(spec.num_classes)]
+    return {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}, names
+
+
+def torchvision_set(class_name: str) -> Callable[["DataSpec", int], tuple[Arrays, list[str]]]:
+    """A reader of one of torchvision's data sets: the official train split divided into train/val
+    (seeded, stratified), the official test split."""
+
+    def read(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
+        import torch
+        import torchvision
+
+        cls = getattr(torchvision.datasets, class_name)
+        root = Path(spec.root).expanduser() if spec.root else default_root()
+        if issubclass(cls, torchvision.datasets.MNIST):
+            folder = root / cls.__name__ / "raw"
+            names = [os.path.splitext(name)[0] for name, _ in cls.resources]
+        else:
+            folder = root / cls.base_folder
+            names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing and spec.download:
+            try:
+                cls(str(root), train=True, download=True)
+            except (RuntimeError, OSError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise DataError(
+                    f"{spec.dataset}: could not download into {folder} ({first}); "
+                    f"check the network, or place {', '.join(names)} there"
+                ) from None
+            missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(
+                f"{spec.dataset}: data files not found in {folder} (missing {', '.join(missing)}); set "
+                f"data.download: true to fetch them, or place the files there (data.root sets the folder above it)"
+            )
+        try:
+            splits, classes = _read_official(cls, root, folder)
+        except (AssertionError, TypeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
+            raise DataError(f"{spec.dataset}: cannot read the files in {folder} ({err}); delete them and download "
+                            f"again") from None
+        # (N, H, W) grey or (N, H, W, 3) colour -> (N, C, H, W)
+        (train_x, train_y), (test_x, test_y) = [
+            (torch.as_tensor(x).unsqueeze(1) if x.ndim == 3 else torch.as_tensor(x).permute(0, 3, 1, 2),
+             torch.as_tensor(y, dtype=torch.int64))
+            for x, y in splits
+        ]
+        keep, val = stratified_split(train_y.numpy(), spec.val_fraction, seed)
+        arrays = {"train": (train_x[keep], train_y[keep]), "val": (train_x[val], train_y[val]),
+                  "test": (test_x, test_y)}
+        return arrays, classes
+
+    read.__doc__ = f"torchvision's {class_name}, read from data.root (or downloaded with data.download)."
+    return read
+
+
+Pairs = list[tuple[np.ndarray, np.ndarray]]  # (images, labels) of the train and test splits
+
+
+def _read_official(cls: type, root: Path, folder: Path) -> tuple[Pairs, list[str]]:
+    """(images, labels) of the train and test splits through torchvision's own class."""
+    import torchvision
+
+    try:
+        sets = [cls(str(root), train=train) for train in (True, False)]
+    except RuntimeError:
+        if issubclass(cls, torchvision.datasets.MNIST):
+            raise ValueError("torchvision did not accept them") from None
+        # torchvision refuses CIFAR files whose md5 is not the official release's (a subset, a
+        # re-pickled copy); the format is documented, so read them ourselves and say so.
+        warnings.warn(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles",
+                      stacklevel=2)
+        return _read_cifar(cls, folder)
+    return [(np.asarray(s.data), np.asarray(s.targets)) for s in sets], list(sets[0].classes)
+
+
+def _read_cifar(cls: type, folder: Path) -> tuple[Pairs, list[str]]:
+    """CIFAR's python pickles: 'data' (N, 3072) uint8, 'labels' or 'fine_labels'; HWC like torchvision."""
+    splits = []
+    for files in (cls.train_list, cls.test_list):
+        xs, ys = [], []
+        for name, _ in files:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")  # the format is pickle; torchvision loads it too
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        splits.append((np.concatenate(xs), np.asarray(ys)))
+    with open(folder / cls.meta["filename"], "rb") as f:
+        classes = list(pickle.load(f, encoding="latin1")[cls.meta["key"]])
+    return splits, classes
+
+
+# -- image folders --------------------------------------------------------------------------------
+def class_folders(spec: "DataSpec") -> list[Path]:
+    """The class folders of an image folder: ``root/train/<class>``, else ``root/<class>``."""
+    root = Path(spec.root or ".").expanduser()
+    train = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    if not classes:
+        raise ValueError(f"data.root '{root}' has no class folders; imagefolder expects root/<class>/<image>")
+    return classes
+
+
+def read_imagefolder(spec: "DataSpec", seed: int) -> tuple[Items, list[str]]:
+    """Images in ``root/<class>/`` (or ``root/train``, ``root/val``, ``root/test``), decoded to RGB."""
+    import torchvision
+
+    root = Path(spec.root or ".").expanduser()
+    has_train = (root / "train").is_dir()
+    try:
+        base = torchvision.datasets.ImageFolder(str(root / "train" if has_train else root))
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"imagefolder: cannot read {root}: {err}") from None
+    labels = np.asarray(base.targets)
+    if not has_train:
+        train, val, test = _three_way(labels, spec, seed)
+        return {"train": (base, train), "val": (base, val), "test": (base, test)}, base.classes
+    # root/train exists: root/val and root/test are used where present, else carved from train.
+    items: Items = {}
+    kept = np.arange(len(labels))
+    for name, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
+        if (root / name).is_dir():
+            folder = _folder_with_classes(root / name, base.class_to_idx)
+            items[name] = (folder, np.arange(len(folder)))
+        else:
+            keep, held = stratified_split(labels[kept], fraction, seed)
+            items[name] = (base, kept[held])
+            kept = kept[keep]
+    items["train"] = (base, kept)
+    return items, base.classes
+
+
+def _folder_with_classes(root: Path, class_to_idx: dict[str, int]) -> "Dataset":
+    """An ImageFolder that uses the training folder's class indices (val may lack some classes)."""
+    import torchvision
+
+    class ClassesOf(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+            unknown = sorted({e.name for e in os.scandir(directory) if e.is_dir()} - set(class_to_idx))
+            if unknown:
+                raise DataError(f"{directory}: class folders {', '.join(unknown)} are not in the training folder")
+            return list(class_to_idx), dict(class_to_idx)
+
+    return ClassesOf(str(root), allow_empty=True)
+
+
+def _fixed(channels: int, classes: int) -> Callable[["DataSpec"], tuple[int, int]]:
+    return lambda spec: (channels, classes)
+
+
+DATASETS: dict[str, Source] = {
+    "digits": Source(read_digits, _fixed(1, 10), in_memory=True),
+    "mnist": Source(torchvision_set("MNIST"), _fixed(1, 10), in_memory=False),
+    "fashion_mnist": Source(torchvision_set("FashionMNIST"), _fixed(1, 10), in_memory=False),
+    "cifar10": Source(torchvision_set("CIFAR10"), _fixed(3, 10), in_memory=False),
+    "cifar100": Source(torchvision_set("CIFAR100"), _fixed(3, 100), in_memory=False),
+    # ImageFolder decodes every image to RGB.
+    "imagefolder": Source(read_imagefolder, lambda spec: (3, len(class_folders(spec))), in_memory=False),
+    "synthetic": Source(read_synthetic, lambda spec: (spec.channels, spec.num_classes), in_memory=True),
+}
+"""``data.dataset`` name -> :class:`Source`."""

@@ -1,0 +1,31 @@
+"""What a model costs: parameters and forward FLOPs per image, counted on the meta device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..schema import ModelSpec
+from ..sizes import pair
+from .vit import build_model, count_parameters
+
+
+def flop_count(model: nn.Module, images: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on ``images`` (torch.utils.flop_counter; a multiply-add is 2)."""
+    counter = FlopCounterMode(display=False)
+    # The counter has no formula for some fused CPU attention kernels; the math backend is plain
+    # matmuls and softmax, which it counts, and computes the same thing.
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(images)
+    return counter.get_total_flops()
+
+
+def model_cost(model: ModelSpec) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image) of a model section, built on the meta device: no memory,
+    no arithmetic, so a ViT-H costs what a ViT-Ti does."""
+    with torch.device("meta"):
+        built = build_model(model).eval()
+        flops = flop_count(built, torch.empty(1, model.in_channels, *pair(model.image_size)))
+    return count_parameters(built), flops

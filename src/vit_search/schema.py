@@ -1,0 +1,315 @@
+"""The spec's schema: every section and key, its type, default and check, as pydantic models.
+
+Names that must agree with an implementation come from that implementation's table: block kinds
+from :data:`~vit_search.registry.KINDS`, data sets from :data:`~vit_search.data.sources.DATASETS`,
+samplers and pruners from :mod:`~vit_search.search.samplers`, presets from
+:mod:`~vit_search.presets`. Loading YAML into these models, with errors located in the file, is
+:mod:`~vit_search.spec`'s job. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
+
+from .data.sources import DATASETS
+from .presets import PRESETS
+from .registry import KINDS, did_you_mean
+from .search.samplers import PRUNERS, SAMPLERS
+from .sizes import Size
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentSpec(_Section):
+    """Training-time augmentation (torchvision.transforms.v2), applied in batches."""
+
+    random_crop_padding: int = Field(0, ge=0, description="pad then randomly crop back (0: off)")
+    hflip: bool = Field(False, description="random horizontal flip (not for digits or text-like data)")
+    randaugment: bool = Field(False, description="RandAugment with torchvision's defaults")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp's Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off)")
+    randaugment_chunk: int = Field(
+        16, gt=0, description="tensor-held sets: images sharing one RandAugment draw (1: per image, slowest)"
+    )
+
+
+class DataSpec(_Section):
+    """Where images come from and how they are split and transformed."""
+
+    dataset: Literal[tuple(DATASETS)] = "digits"  # type: ignore[valid-type]
+    image_size: Size = Field(16, description="images are resized to this (int or [height, width])")
+    root: str | None = Field(None, description="data directory (torchvision sets, imagefolder)")
+    download: bool = Field(False, description="let torchvision download a missing data set")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training data held out for validation")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for test where no test split exists")
+    channels: int = Field(3, gt=0, description="synthetic: image channels")
+    num_classes: int = Field(10, gt=1, description="synthetic: number of classes")
+    num_samples: int = Field(1024, gt=0, description="synthetic: number of images before splitting")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    normalize: bool = Field(True, description="standardise with the training set's per-channel mean and std")
+    on_device: Literal["auto", "yes", "no"] = Field(
+        "auto", description="hold the whole set as tensors on the training device (auto: small sets)"
+    )
+    max_on_device_mb: float = Field(
+        2048, gt=0, description="on_device auto: hold as tensors when the float32 images take at most this many MB"
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader workers for large sets")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: Size) -> Size:
+        sizes = (value,) if isinstance(value, int) else value
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"image_size must be positive, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _dataset_readable(self) -> "DataSpec":
+        dataset_shape(self)  # an imagefolder without class folders fails here, at data
+        return self
+
+
+BlockSpec = dict[str, Any]
+
+
+def with_preset(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw model section with its preset filled in: the preset's section, with what ``raw`` sets on
+    top (a block of the same type keeps the preset's arguments; another type starts afresh)."""
+    name = raw.get("preset")
+    if not name:
+        return dict(raw)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'{did_you_mean(name, PRESETS) or ';'} presets: {', '.join(PRESETS)}")
+    merged = copy.deepcopy(PRESETS[name])
+    for key, value in raw.items():
+        base = merged.get(key)
+        if isinstance(base, dict) and isinstance(value, Mapping) and value.get("type", base["type"]) == base["type"]:
+            merged[key] = {**base, **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def block_type(raw_model: Any, kind: str) -> Any:
+    """The type of the ``kind`` block in a raw model section: as written (``{type: mlp}`` or ``mlp``),
+    else its preset's, else the kind's default. The one resolver the schema and the search share."""
+    raw = raw_model if isinstance(raw_model, Mapping) else {}
+    try:
+        raw = with_preset(raw)
+    except ValueError:  # an unknown preset: reported by the schema, not here
+        pass
+    block = raw.get(kind, {"type": KINDS[kind].default})
+    return block.get("type") if isinstance(block, Mapping) else block
+
+
+class _ModelSizes(_Section):
+    preset: str | None = Field(None, description="start from a named preset (vit_b_16, ...) and override")
+    dim: int = Field(64, gt=0, description="token width D")
+    depth: int = Field(4, gt=0, description="number of encoder blocks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        return with_preset(raw) if isinstance(raw, Mapping) else raw
+
+    @field_validator(*KINDS, mode="before", check_fields=False)
+    @classmethod
+    def _block_spec(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `attention: sdpa` is short for `attention: {type: sdpa}`
+            return {"type": value}
+        if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
+            raise ValueError("a block is a mapping with a 'type' naming a registered block, e.g. {type: sdpa}")
+        return dict(value)
+
+
+# One field per block kind, in the order of KINDS, each defaulting to the kind's default block.
+_ModelBlocks: Any = create_model("_ModelBlocks", __base__=_ModelSizes, **{
+    name: (BlockSpec, Field(default_factory=lambda kind=kind: {"type": kind.default},
+                            description=f"{name} block: {kind.role}"))
+    for name, kind in KINDS.items()
+})
+
+
+class ModelSpec(_ModelBlocks):
+    """The ViT: sizes, one block spec per kind (``{type: name, **arguments}``), regularisation."""
+
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth at the last block (linear ramp)")
+    layer_scale: float | None = Field(None, gt=0, description="LayerScale initial value (None: off)")
+    pos_dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the position embedding")
+    norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon")
+    image_size: Size | None = Field(None, description="derived from data.image_size")
+    in_channels: int | None = Field(None, gt=0, description="derived from the data set")
+    num_classes: int | None = Field(None, gt=0, description="derived from the data set")
+
+    def block(self, kind: str) -> tuple[str, dict[str, Any]]:
+        """The (type, own arguments) of the block of ``kind``."""
+        spec = dict(getattr(self, kind))
+        return spec.pop("type"), spec
+
+
+class TrainSpec(_Section):
+    """Optimisation: AdamW with cosine schedule and linear warmup, through Accelerate."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0, description="per process")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
+    weight_decay: float = Field(0.05, ge=0, description="decoupled; not applied to norms, biases and tokens")
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length, in epochs")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: off)")
+    grad_accum_steps: int = Field(1, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere"
+    )
+    tf32: bool = Field(True, description="fp32 matmuls on TF32 tensor cores (CUDA only)")
+    fused_optimizer: bool = Field(True, description="fused AdamW kernel (CUDA only)")
+    activation_checkpointing: bool = Field(False, description="recompute encoder blocks in backward: less memory")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: known GPUs)")
+    compile: bool = Field(False, description="torch.compile the model")
+    cpu: bool = Field(False, description="train on the CPU even where a GPU is present")
+    checkpoint_dir: str | None = Field(None, description="where epoch checkpoints go (default runs/<name>)")
+
+
+Direction = Literal["maximize", "minimize"]
+# Objectives: per-epoch validation metrics, or model size. Never a test metric: the test split
+# takes no part in search decisions.
+Objective = Literal["val_accuracy", "val_loss", "train_loss", "parameters", "flops"]
+
+
+class SearchSpec(_Section):
+    """The Optuna study; only ``vit-search run`` reads it."""
+
+    n_trials: int | None = Field(20, gt=0, description="trials in the whole study, all workers together")
+    timeout: float | None = Field(None, gt=0, description="seconds after which a worker starts no new trial")
+    metric: Objective | list[Objective] = Field("val_accuracy", description="objective(s) of the study")
+    direction: Direction | list[Direction] = "maximize"
+    sampler: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
+    pruner: Literal[tuple(PRUNERS)] = "hyperband"  # type: ignore[valid-type]
+    storage: str | None = Field(None, description="Optuna storage URL or journal file (default: optuna.db)")
+    study_name: str | None = Field(None, description="default: the spec's name")
+    space: dict[str, Any] = Field(default_factory=dict, description="dotted path -> {choice|int|float: ...}")
+    constraints: dict[Literal["max_params", "min_params", "max_flops", "min_flops"], float] = Field(
+        default_factory=dict, description="trials outside these bounds are pruned before training"
+    )
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running trial says it is alive")
+    grace_seconds: float = Field(60.0, gt=0, description="silence after which a trial's worker counts as dead")
+
+    @model_validator(mode="after")
+    def _objectives_match(self) -> "SearchSpec":
+        metrics = [self.metric] if isinstance(self.metric, str) else self.metric
+        directions = [self.direction] if isinstance(self.direction, str) else self.direction
+        if len(metrics) != len(directions):
+            raise ValueError(f"{len(metrics)} metric(s) but {len(directions)} direction(s); give one direction each")
+        if self.grace_seconds < 2 * self.heartbeat_seconds:
+            # A late beat or two must not get a live worker's trial failed and trained twice.
+            raise ValueError(f"grace_seconds {self.grace_seconds:g} is less than twice heartbeat_seconds "
+                             f"{self.heartbeat_seconds:g}; raise grace_seconds or lower heartbeat_seconds")
+        return self
+
+
+class TrackingSpec(_Section):
+    """MLflow: where runs go (MLFLOW_TRACKING_URI wins over ``uri``) and what is logged."""
+
+    experiment: str | None = Field(None, description="MLflow experiment (default: the spec's name)")
+    uri: str | None = Field(None, description="tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's own)")
+    enabled: bool = True
+    log_model: bool = Field(True, description="log the trained weights as an artifact")
+    plots: bool = Field(True, description="a study's parent run gets Optuna's plots (PNG)")
+
+
+class Spec(_Section):
+    """A whole experiment: data, model, training, and optionally a search."""
+
+    name: str = Field(min_length=1)
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files registering blocks")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    search: SearchSpec | None = None
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    _source: str | None = PrivateAttr(None)
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _where: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Spec":
+        channels, classes = dataset_shape(self.data)
+        model = self.model
+        if model.image_size is None:
+            model.image_size = self.data.image_size
+        if model.in_channels is None:
+            model.in_channels = channels
+        if model.num_classes is None:
+            model.num_classes = classes
+        return self
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The spec as written (overrides applied), before defaults and derived values."""
+        return copy.deepcopy(self._raw)
+
+    def locate(self, path: tuple[str, ...]) -> str:
+        """Where a field path was written: ``file:line``, a ``--set`` flag, or the file name."""
+        return self._where(path) if self._where else "<spec>"
+
+    @property
+    def source(self) -> str | None:
+        """The file this spec was loaded from, if any."""
+        return self._source
+
+    def to_dict(self, exclude_search: bool = False) -> dict[str, Any]:
+        """The resolved spec as plain data (what a YAML file would hold)."""
+        data = self.model_dump(mode="json", exclude={"search"} if exclude_search else None)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
+
+    def to_yaml(self, exclude_search: bool = False) -> str:
+        """The resolved spec as YAML; loading it gives the same spec."""
+        return yaml.safe_dump(self.to_dict(exclude_search), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved value under its dotted path (``model.attention.type``), search excluded."""
+        return flatten(self.to_dict(exclude_search=True))
+
+
+def dataset_shape(data: DataSpec) -> tuple[int, int]:
+    """(channels, classes) of the configured data set, without reading its images."""
+    return DATASETS[data.dataset].shape(data)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": value}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def set_path(tree: dict[str, Any], path: tuple[str, ...] | list[str], value: Any) -> None:
+    """Set ``tree[a][b]... = value``, creating mappings (a block given by name becomes {type: name})."""
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if isinstance(child, str):  # `ffn: mlp` written short
+            child = {"type": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[key] = child
+        node = child
+    node[path[-1]] = value

@@ -1,0 +1,143 @@
+"""A study's MLflow runs: one parent run per study, one nested run per trial, their tags and states.
+
+Everything a study logs to MLflow is decided here; a trial's own run (its params, metrics and
+weights) is written by :func:`~vit_search.train.train` through :class:`~vit_search.tracking.Tracker`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from optuna.trial import FrozenTrial, TrialState
+
+from ..schema import Spec
+from ..tracking import Tracker, configure
+from .report import best_spec, best_trials, save_plots
+from .storage import redact
+from .study import PARENT_RUN, StudyHandle
+
+STATE_TAG = "trial.state"
+
+
+class StudyRuns:
+    """The MLflow side of one worker's study (every method does nothing when tracking is off)."""
+
+    def __init__(self, spec: Spec, handle: StudyHandle):
+        from mlflow.tracking import MlflowClient
+
+        self.spec, self.handle = spec, handle
+        self.enabled = spec.tracking.enabled
+        self.experiment_id = configure(spec) if self.enabled else None
+        self.client = MlflowClient() if self.enabled else None
+
+    @property
+    def parent_id(self) -> str | None:
+        """The study's parent run (made by the worker that started the study)."""
+        return self.handle.attr(PARENT_RUN) if self.enabled else None
+
+    def study_tags(self) -> dict[str, str]:
+        """Tags on the parent run and on every trial's run."""
+        search = self.spec.search
+        return {"optuna.study_name": self.handle.study.study_name, "sampler": search.sampler, "pruner": search.pruner}
+
+    def trial_tags(self, number: int, searched: list[str]) -> dict[str, str]:
+        """Tags of trial ``number``'s run (``searched``: the keys drawn for it)."""
+        return {**self.study_tags(), "optuna.trial_number": str(number), "search.keys": ",".join(searched)}
+
+    def create_parent(self) -> None:
+        """Make the study's parent run; once per study, under the study lock."""
+        if not self.enabled:
+            return
+        name = self.handle.study.study_name
+        parent = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **self.study_tags(), "optuna.storage": redact(self.handle.url), "mlflow.runName": name})
+        self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
+        self.handle.set_attr(PARENT_RUN, parent.info.run_id)
+
+    def reopen_parent(self) -> None:
+        """A resumed study: its parent run is RUNNING again until the study ends."""
+        parent = self.parent_id
+        if parent and self.client.get_run(parent).info.status != "RUNNING":
+            self.client.update_run(parent, status="RUNNING")
+
+    def trial_run(self, trial_spec: Spec, number: int, searched: list[str], extra_tags: dict[str, str] | None = None):
+        """A child run for a trial that does not reach training (``with``: ended FAILED on an error)."""
+        tracker = Tracker(trial_spec, enabled=self.enabled)
+        return tracker, tracker.run(parent_run_id=self.parent_id, run_name=f"trial {number}",
+                                    tags={**self.trial_tags(number, searched), **(extra_tags or {})})
+
+    def log_untrained(self, trial_spec: Spec, number: int, searched: list[str], parameters: int, flops: int,
+                      reason: str) -> None:
+        """A child run for a trial pruned before training: its spec, size and the reason."""
+        tracker, run = self.trial_run(trial_spec, number, searched, {"pruned_reason": reason})
+        with run:
+            tracker.log_start(parameters, flops, "none")
+
+    def record_trial_end(self, frozen: FrozenTrial) -> None:
+        """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED)."""
+        parent = self.parent_id
+        if not parent:
+            return
+        runs = self.client.search_runs(
+            [self.client.get_run(parent).info.experiment_id],
+            # The parent too: an older study of the same name (its storage deleted) has runs of the
+            # same trial numbers in this experiment, which are not this study's.
+            filter_string=f"tags.`optuna.trial_number` = '{frozen.number}' and "
+                          f"tags.`optuna.study_name` = '{self.handle.study.study_name}' and "
+                          f"tags.`mlflow.parentRunId` = '{parent}'",
+        )
+        for run in runs:
+            self.client.set_tag(run.info.run_id, STATE_TAG, frozen.state.name)
+            for key in ("error", "pruned_reason"):
+                if key in frozen.user_attrs:
+                    self.client.set_tag(run.info.run_id, key, str(frozen.user_attrs[key])[:5000])
+            if frozen.state == TrialState.PRUNED:
+                self.client.set_terminated(run.info.run_id, "KILLED")
+            elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def finish(self, interrupted: bool = False) -> None:
+        """Give the parent run the best trial's metrics and spec, the plots and the counts.
+
+        Called by each worker as it finishes (and so again on resume); the last one to finish ends
+        the run: KILLED when it was interrupted, else FINISHED (all trials run, the grid covered, or
+        the time limit reached; re-running the study reopens it).
+        """
+        parent = self.parent_id
+        if not parent:
+            return
+        client, study = self.client, self.handle.study
+        trials = study.get_trials(deepcopy=False)
+        counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials)
+                  for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        for key, value in counts.items():
+            client.log_metric(parent, key, value)
+        best = best_trials(study)
+        if best:
+            top = best[0]
+            client.set_tag(parent, "best_trial", str(top.number))
+            if len(best) > 1:
+                client.set_tag(parent, "pareto_front", ",".join(str(t.number) for t in best))
+            for key, value in top.user_attrs.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    client.log_metric(parent, f"best_{key}", float(value))
+            if top.user_attrs.get("mlflow_run_id"):
+                client.set_tag(parent, "best_run_id", top.user_attrs["mlflow_run_id"])
+            client.log_text(parent, best_spec(self.spec, study).to_yaml(exclude_search=True), "best_spec.yaml")
+        if self.spec.tracking.plots:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in save_plots(study, Path(tmp)):
+                    client.log_artifact(parent, str(path), "plots")
+        running = any(t.state == TrialState.RUNNING for t in trials)
+        waiting = any(t.state == TrialState.WAITING for t in trials)  # interrupted trials wait for a re-run
+        if not running and (interrupted or not waiting):
+            client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+
+
+def end_active_run() -> None:
+    """End a fluent MLflow run left open in this process (a trial stopped between runs)."""
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.end_run()
+

@@ -1,0 +1,152 @@
+"""The house: each name table and the schema read from it agree, modules import without circles, and
+commands that read no data import no data code."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from vit_search.data.sources import DATASETS
+from vit_search.registry import KINDS, REGISTRY
+from vit_search.schema import DataSpec, ModelSpec, SearchSpec, Spec
+from vit_search.search.samplers import PRUNERS, SAMPLERS
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "vit_search"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def allowed(model, field: str) -> set[str]:
+    return set(get_args(model.model_fields[field].annotation))
+
+
+def test_the_schema_takes_samplers_pruners_and_data_sets_from_their_tables():
+    assert allowed(SearchSpec, "sampler") == set(SAMPLERS)
+    assert allowed(SearchSpec, "pruner") == set(PRUNERS)
+    assert allowed(DataSpec, "dataset") == set(DATASETS)
+
+
+def test_every_block_kind_is_a_model_field_with_a_registered_default_and_a_stage():
+    from vit_search.model import build_model
+
+    kind_fields = [f for f in ModelSpec.model_fields if f in KINDS]
+    assert kind_fields == list(KINDS)
+    for name, kind in KINDS.items():
+        assert ModelSpec().block(name)[0] == kind.default
+        assert kind.default in REGISTRY.list(name)[name]
+    model = build_model({"dim": 16, "depth": 1, "image_size": 8, "in_channels": 1, "num_classes": 2,
+                         "patch_embed": {"type": "conv", "patch_size": 4}, "attention": {"type": "sdpa", "heads": 2}})
+    staged = {type(module) for _, module in model.stages()}
+    assert all(type(getattr(model, attr)) in staged for attr in ("patch_embed", "pos_embed", "pool", "head"))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_in_the_table_draws_a_study(name, tmp_path):
+    from vit_search.search.study import open_study, sample_spec, worker_loop
+    from vit_search.spec import load_spec
+
+    metrics = ["val_accuracy", "parameters"] if name == "nsga2" else "val_accuracy"
+    directions = ["maximize", "minimize"] if name == "nsga2" else "maximize"
+    spec = load_spec({"name": f"table-{name}", "tracking": {"enabled": False}, "search": {
+        "n_trials": 3, "sampler": name, "metric": metrics, "direction": directions,
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "space": {"model.depth": {"int": [1, 3]}, "train.lr": {"float": [1e-3, 1e-2], "step": 1e-3}}}})
+    handle = open_study(spec)
+    worker_loop(handle, 3, lambda trial: sample_spec(spec, trial),
+                lambda trial, drawn: [drawn[0].model.depth / 3] + ([1.0] if name == "nsga2" else []))
+    assert len(handle.study.get_trials()) == 3
+
+
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+def test_every_pruner_in_the_table_is_made(name):
+    import optuna
+
+    assert isinstance(PRUNERS[name](10), optuna.pruners.BasePruner)
+
+
+def test_docs_name_every_sampler_pruner_data_set_and_block_kind():
+    search, spec = (DOCS / "search.md").read_text(), (DOCS / "spec.md").read_text()
+    assert all(f"`{name}`" in search for name in [*SAMPLERS, *PRUNERS])
+    assert all(f"`{name}`" in spec for name in [*DATASETS, *KINDS])
+
+
+def _imports(path: Path) -> set[str]:
+    """The vit_search modules a source file imports, at the top or inside functions."""
+    module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    tree = ast.parse(path.read_text())
+    for block in ast.walk(tree):  # imports for type checkers only never run
+        if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING":
+            block.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if node.module is None:  # `from . import x`: the submodules named
+                found |= {f"{target}.{alias.name}" for alias in node.names}
+            else:
+                found.add(target)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.startswith("vit_search")}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    files = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in SRC.rglob("*.py")}
+    graph = {name: {i for i in _imports(path) if i in files and i != name} for name, path in files.items()}
+    # A package's __init__ is imported with each of its modules: an edge into a module is one into its packages.
+    for name in list(graph):
+        graph[name] |= {p for i in graph[name] for p in _parents(i) if p in files and p != name and
+                        not name.startswith(p + ".")}
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
+
+
+@pytest.mark.parametrize("command", [["--help"], ["blocks"], ["validate", "experiments/digits.yaml"],
+                                     ["summary", "experiments/digits.yaml"]])
+def test_commands_that_read_no_data_import_no_data_code(command):
+    probe = ("import sys, contextlib, io\nfrom vit_search.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('vit_search.data.loading', 'torchvision', 'sklearn', "
+             "'vit_search.train', 'optuna', 'mlflow'))))")
+    out = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True,
+                         cwd=SRC.parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_spec_round_trips_through_its_yaml():
+    from vit_search.spec import load_spec
+
+    spec = load_spec(SRC.parents[1] / "experiments" / "digits.yaml")
+    again = load_spec(__import__("yaml").safe_load(spec.to_yaml()))
+    assert again.to_dict() == spec.to_dict() and isinstance(again, Spec)
