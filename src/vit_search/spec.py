@@ -1,10 +1,10 @@
 """YAML -> validated :class:`~vit_search.schema.Spec`: errors name the file, the line and the field path.
 
-A spec is loaded with ``yaml.safe_load``, overridden with ``--set a.b=value`` pairs, validated against
-the schema (:mod:`.schema`), then checked against the block registry (unknown blocks and arguments)
-and built once on torch's meta device (:func:`~vit_search.model.build_on_meta`), so impossible
-shapes (dim not divisible by heads, image not divisible by patch) fail here, before anything runs
-or is written.
+A spec is read as YAML within bounds (:mod:`.safe_yaml`: size, depth, aliases, finite numbers),
+overridden with ``--set a.b=value`` pairs, validated against the schema (:mod:`.schema`), then
+checked against the block registry (unknown blocks and arguments) and built once on torch's meta
+device (:func:`~vit_search.model.build_on_meta`), so impossible shapes (dim not divisible by heads,
+image not divisible by patch) fail here, before anything runs or is written.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin
 
-import yaml
 from pydantic import ValidationError
 
 from .errors import UserError
 from .registry import KINDS, REGISTRY, RegistryError, did_you_mean
+from .safe_yaml import MAX_CHARS, YamlError, clip, load_yaml, load_yaml_value
 from .schema import ModelSpec, Spec, set_path
 
 
@@ -52,28 +52,6 @@ class _Locator:
         return self.source
 
 
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Field path -> 1-based line of its key, from the YAML node tree."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = path + (str(key.value),)
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[path + (str(i),)] = item.start_mark.line + 1
-                walk(item, path + (str(i),))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        lines[()] = 1
-        walk(root, ())
-    return lines
-
-
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
     """The field names a pydantic model accepts at ``loc`` (for did-you-mean on unknown keys)."""
     cls: Any = Spec
@@ -103,7 +81,7 @@ def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
         else:
             message = e["msg"].removeprefix("Value error, ")
             if e["type"] not in ("value_error", "assertion_error") and "input" in e:
-                message += f" (got {e['input']!r})"
+                message += f" (got {clip(repr(e['input']))})"
         problems.append(f"{where(loc)}: {path}: {message}")
     return problems
 
@@ -115,9 +93,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SpecError([f"--set {item}: expected PATH=VALUE, e.g. --set model.depth=6"])
     path, value = item.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        raise SpecError([f"--set {item}: the value is not valid YAML"]) from None
+        parsed = load_yaml_value(value, f"--set {item}") if value.strip() else None
+    except YamlError as err:
+        raise SpecError([err.problem]) from None
     return path.strip().split("."), parsed
 
 
@@ -148,19 +126,18 @@ def load_spec(
         path = Path(source)
         name, base_dir = str(path), path.parent
         try:
+            if path.stat().st_size > MAX_CHARS * 4:  # before reading: a spec is a few KB
+                raise SpecError([f"{name}: the file is {path.stat().st_size:,} bytes; a spec is a few KB (at most "
+                                 f"{MAX_CHARS:,} characters)"])
             text = path.read_text()
         except FileNotFoundError:
             raise SpecError([f"{name}: no such file; check the path"]) from None
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
             raise SpecError([f"{name}: cannot read the spec: {err}"]) from None
         try:
-            raw = yaml.safe_load(text)
-            lines = _line_map(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}" if mark else name
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise SpecError([f"{where}: YAML syntax error: {problem}"]) from None
+            raw, lines = load_yaml(text, name)
+        except YamlError as err:
+            raise SpecError([err.problem]) from None
         if raw is None:
             raise SpecError([f"{name}: the file is empty; a spec needs at least 'name:' (see experiments/)"])
         if not isinstance(raw, dict):
