@@ -90,40 +90,33 @@ def test_synthetic_any_shape_deterministic_and_learnable():
 
 
 # -- batching ---------------------------------------------------------------------------------
-class _Counting(TensorSplit):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.batches = 0
-
-    def __getitem__(self, index):  # pragma: no cover - must not be reached
-        raise AssertionError("per-item fetch on a TensorSplit")
-
-    def __getitems__(self, indices):
-        self.batches += 1
-        return super().__getitems__(indices)
-
-
-def test_tensor_split_batches_are_one_getitems_call_each():
-    ds = _Counting(torch.arange(100.0).view(100, 1, 1, 1), torch.arange(100))
+def test_tensor_split_batches_are_slices_of_one_seeded_order_per_epoch():
+    ds = TensorSplit(torch.arange(100.0).view(100, 1, 1, 1), torch.arange(100))
     loader = make_loader(ds, 32, shuffle=True, seed=0)
     batches = list(loader)
-    assert ds.batches == 4 and [len(b[1]) for b in batches] == [32, 32, 32, 4]
+    assert [len(b[1]) for b in batches] == [32, 32, 32, 4]
     images, labels = batches[0]
     assert torch.equal(images.view(-1), labels.float())  # images and labels stay paired
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(100))
     first = [b[1] for b in make_loader(ds, 32, shuffle=True, seed=0)]
     assert all(torch.equal(a, b[1]) for a, b in zip(first, batches))  # same seed, same order
+    loader.set_epoch(1)
     assert not torch.equal(next(iter(loader))[1], batches[0][1])  # next epoch, new order
-    assert loader.num_workers == 0
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader))[1], batches[0][1])  # a resumed epoch draws its own order again
+    dropped = make_loader(ds, 32, shuffle=True, seed=0, drop_last=True)
+    assert len(dropped) == 3 and all(len(b[1]) == 32 for b in dropped)  # training: one shape every step
 
 
-def test_loader_through_accelerate(digits):
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(make_loader(digits.val, 64, shuffle=False, seed=0))
-    labels = torch.cat([accelerator.gather_for_metrics(y) for _, y in loader])
-    assert torch.equal(labels, digits.val.labels)
+def test_device_batches_shard_a_split_over_processes_without_overlap(digits):
+    shards = [torch.cat([y for _, y in make_loader(digits.val, 64, shuffle=False, seed=0, rank=r, num_processes=2)])
+              for r in (0, 1)]
+    assert sorted(torch.cat(shards).tolist()) == sorted(digits.val.labels.tolist())  # each sample once
+    numbered = TensorSplit(torch.arange(101.0).view(101, 1, 1, 1), torch.arange(101))
+    train = [make_loader(numbered, 16, shuffle=True, seed=0, drop_last=True, rank=r, num_processes=2) for r in (0, 1)]
+    taken = [torch.cat([y for _, y in t]).tolist() for t in train]
+    assert len(train[0]) == len(train[1]) == 3  # the processes step together: 50 each, 3 full batches
+    assert not set(taken[0]) & set(taken[1])  # no sample on both
 
 
 # -- augmentation -----------------------------------------------------------------------------

@@ -160,8 +160,23 @@ def test_device_options_fall_back_cleanly_on_cpu_and_metrics_are_logged(workdir)
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["mixed_precision"] == "no"  # auto: fp32 without a GPU
     assert run.data.tags["attention_kernel"] in ("flash", "efficient", "math")
+    assert run.data.tags["cuda_graph"] == "off: no CUDA device"  # the eager step, and the tag says why
     assert run.data.metrics["peak_memory_mb"] > 10
     assert 0 < run.data.metrics["mfu"] < 1  # measured against the spec's peak
+
+
+def test_a_step_without_graph_capture_says_why_in_its_tag(workdir):
+    from vit_search.train_step import graph_blocker
+
+    spec = load_spec({**STUDY, "name": "graphs", "search": None, "tracking": {"enabled": False}})
+    cuda = torch.device("cuda")
+    assert graph_blocker(cuda, True, "bf16", spec.train, 1) is None  # where a GPU is, this run is captured
+    train = spec.train.model_copy(update={"grad_accum_steps": 2})
+    assert graph_blocker(cuda, True, "no", train, 1) == "gradient accumulation"
+    assert graph_blocker(cuda, False, "no", spec.train, 1) == "data not held on the device"
+    assert graph_blocker(cuda, True, "fp16", spec.train, 1) == "fp16 needs a loss scaler"
+    assert graph_blocker(cuda, True, "no", spec.train, 2) == "several processes"
+    assert graph_blocker(torch.device("cpu"), True, "no", spec.train, 1) == "no CUDA device"
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -174,6 +174,10 @@ class TrainSpec(_Section):
     activation_checkpointing: bool = Field(False, description="recompute encoder blocks in backward: less memory")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: known GPUs)")
     compile: bool = Field(False, description="torch.compile the model")
+    cuda_graph: bool = Field(True, description="capture each training step as one CUDA graph where it applies "
+                                               "(CUDA, data on the device, fp32/bf16, no accumulation)")
+    eval_batch_size: int | None = Field(None, gt=0, description="batch size for validation and test (default: "
+                                                                  "4 x batch_size; no gradients are kept)")
     cpu: bool = Field(False, description="train on the CPU even where a GPU is present")
     checkpoint_dir: str | None = Field(None, description="where epoch checkpoints go (default runs/<name>)")
 

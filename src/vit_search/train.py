@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.batches import DeviceBatches
 from .data.loading import load_data, make_loader
 from .errors import DataError
 from .model import build_model
@@ -27,6 +29,7 @@ from .performance import (
 )
 from .schema import Spec
 from .tracking import Tracker
+from .train_step import EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -118,27 +121,39 @@ class _Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loaders: dict[str, Any]
     augment: Any
+    criterion: nn.Module
     parameters: int
     flops: int
+    graph_blocker: str | None  # why the step cannot be a CUDA graph (None: it can)
+    step: Callable[..., torch.Tensor] | None = None  # made once the state is final
 
 
-def _setup(spec: Spec, accelerator: Any) -> _Setup:
+def _setup(spec: Spec, accelerator: Any, precision: str) -> _Setup:
     cfg = spec.train
     data = load_data(spec.data, spec.seed, device=accelerator.device)
     model = build_model(spec)
     parameters, flops = model_cost(spec.model)
     model.set_grad_checkpointing(cfg.activation_checkpointing)
+    blocker = graph_blocker(accelerator.device, data.on_device, precision, cfg, accelerator.num_processes) \
+        if cfg.cuda_graph else "train.cuda_graph is false"
     fused = cfg.fused_optimizer and accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused,
+                                  capturable=blocker is None)
+    if blocker is None:
+        device_learning_rates(optimizer)
     workers = 0 if data.on_device else spec.data.num_workers
+    shard = {"rank": accelerator.process_index, "num_processes": accelerator.num_processes}
+    eval_batch = cfg.eval_batch_size or 4 * cfg.batch_size
     loaders = {
         "train": make_loader(data.train, cfg.batch_size, shuffle=True, seed=spec.seed, num_workers=workers,
-                             drop_last=True),
-        "val": make_loader(data.val, cfg.batch_size, shuffle=False, seed=spec.seed, num_workers=workers),
-        "test": make_loader(data.test, cfg.batch_size, shuffle=False, seed=spec.seed, num_workers=workers),
+                             drop_last=True, **shard),
+        "val": make_loader(data.val, eval_batch, shuffle=False, seed=spec.seed, num_workers=workers, **shard),
+        "test": make_loader(data.test, eval_batch, shuffle=False, seed=spec.seed, num_workers=workers, **shard),
     }
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared))
+    # Accelerate shards DataLoaders; device-held splits are drawn and sharded on the device already.
+    to_prepare = [name for name, loader in loaders.items() if not isinstance(loader, DeviceBatches)]
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *(loaders[name] for name in to_prepare))
+    loaders.update(zip(to_prepare, prepared))
     if len(loaders["train"]) == 0:  # drop_last: not one full batch per process
         raise DataError(
             f"train.batch_size {cfg.batch_size} x {accelerator.num_processes} process(es) is more than the "
@@ -147,14 +162,38 @@ def _setup(spec: Spec, accelerator: Any) -> _Setup:
     if cfg.compile:
         model = torch.compile(model)
     # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
-    # it once per process per step).
-    # Accelerate steps at every accumulation boundary and at the end of the epoch.
+    # it once per process per step). Accelerate steps at every accumulation boundary and at the end
+    # of the epoch.
     steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
     )
-    return _Setup(model, optimizer, scheduler, loaders, data.augment, parameters, flops)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker)
+
+
+def _make_step(spec: Spec, run: _Setup, accelerator: Any) -> str:
+    """Give ``run`` its step, captured as a CUDA graph where it can be; returns the ``cuda_graph`` tag.
+
+    Called once the weights, optimizer state and random state are final (a resumed run's loaded):
+    a graph keeps the addresses of the tensors it was captured with.
+    """
+    eager = EagerStep(run.model, run.optimizer, run.scheduler, run.criterion, spec.train.grad_clip, accelerator)
+    run.step = eager
+    if run.graph_blocker is not None:
+        return f"off: {run.graph_blocker}"
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # Accelerate's wrapper holds the AdamW
+    try:
+        with torch.random.fork_rng(devices=[accelerator.device]):  # the shapes, without drawing the run's numbers
+            images, labels = next(iter(run.loaders["train"]))
+            if run.augment.enabled:
+                images, labels = run.augment(images, labels)
+            run.step = GraphedStep(run.model, optimizer, run.scheduler, run.criterion, spec.train.grad_clip,
+                                   images, labels)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # capture failed: the eager step it is
+        return f"off: capture failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return "on"
 
 
 def train(
@@ -166,11 +205,14 @@ def train(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train and evaluate ``spec``; returns final val and test metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation on the main process (the
-    search uses it to report and prune; an exception it raises ends the run). With ``resume``, a
+    search uses it to report and prune; an exception it raises ends the run). ``stop``, once set,
+    ends the run at the next step as Ctrl-C would (KeyboardInterrupt): how a worker stops the
+    trials it trains in other threads. With ``resume``, a
     run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
     Whatever fails after the start, data loading included, ends the MLflow run FAILED.
     """
@@ -194,23 +236,26 @@ def train(
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else None
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
-        run = _setup(spec, accelerator)
+        run = _setup(spec, accelerator, precision)
         start_epoch, history = 0, []
         if checkpoint is not None:
             _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
             run.optimizer.load_state_dict(checkpoint["optimizer"])
+            if run.graph_blocker is None:
+                device_learning_rates(run.optimizer)  # the loaded groups carry their rates as saved
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             _set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
-        else:
+        graph = _make_step(spec, run, accelerator)
+        if checkpoint is None:
             tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
                 "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
-                "attention_kernel": _attention_kernel(run.model, accelerator, precision),
+                "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
             })
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         for epoch in range(start_epoch, cfg.epochs):
-            metrics = _train_epoch(spec, run, accelerator, epoch, show_bar)
+            metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
             metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
             metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
             utilisation = mfu(run.flops, metrics["images_per_second"] / accelerator.num_processes, peak)
@@ -290,15 +335,14 @@ def _attention_kernel(model: nn.Module, accelerator: Any, precision: str) -> str
     return fused_attention_kernel(accelerator.device, dtype, attn.head_dim)
 
 
-def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar: bool) -> dict[str, float]:
+def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar: bool,
+                 stop: threading.Event | None) -> dict[str, float]:
     """One pass over the training split; returns train loss, learning rate, throughput."""
     from tqdm.auto import tqdm
 
     cfg = spec.train
     loader = run.loaders["train"]
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)  # reshuffle per epoch, same order on resume
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loader.set_epoch(epoch)  # reshuffle per epoch, same order on resume
     run.model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     seen = steps = 0
@@ -306,18 +350,13 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
     for step, (images, labels) in enumerate(
         tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_bar)
     ):
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt("stopped by the worker")
         if run.augment.enabled:
             images, labels = run.augment(images, labels)
-        with accelerator.accumulate(run.model):
-            loss = criterion(run.model(images), labels)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.grad_clip:
-                accelerator.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-            run.optimizer.step()  # skipped by Accelerate between accumulation boundaries
-            if accelerator.sync_gradients:
-                run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        # The optimizer steps every grad_accum_steps batches and at the end of the epoch.
+        sync = (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == len(loader)
+        loss_sum += run.step(images, labels, sync)
         seen += images.shape[0]
         steps += 1
         # Checked now and then, not every step: on a GPU each check waits for the device. Decided
@@ -331,20 +370,27 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
             f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
             f"or use mixed_precision: bf16 instead of fp16"
         )
-    return {"train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
+    return {"train_loss": train_loss, "lr": float(run.scheduler.get_last_lr()[0]),
             "images_per_second": seen * accelerator.num_processes / max(seconds, 1e-9), "epoch_seconds": seconds}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, accelerator: Any, prefix: str) -> dict[str, float]:
-    """Loss and accuracy over a whole split, gathered from every process (no sample counted twice)."""
+    """Loss and accuracy over a whole split, from every process, no sample counted twice; the sums
+    stay on the device until the end (one wait for it per split, not one per batch)."""
     model.eval()
-    losses, correct = [], []
+    sums = torch.zeros(3, device=accelerator.device)  # loss, hits, samples
+    sharded = isinstance(loader, DeviceBatches)  # else a prepared DataLoader, whose last batches Accelerate pads
     for images, labels in loader:
         logits = model(images)
         per_sample = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        per_sample, hits = accelerator.gather_for_metrics((per_sample, logits.argmax(-1) == labels))
-        losses.append(per_sample)
-        correct.append(hits)
-    loss, hits = torch.cat(losses), torch.cat(correct)
-    return {f"{prefix}_loss": loss.mean().item(), f"{prefix}_accuracy": hits.float().mean().item()}
+        hits = logits.argmax(-1) == labels
+        if not sharded and accelerator.num_processes > 1:
+            per_sample, hits = accelerator.gather_for_metrics((per_sample, hits))
+        sums[0] += per_sample.sum()
+        sums[1] += hits.sum()
+        sums[2] += hits.numel()  # a number into a device tensor: no copy from the host to wait for
+    if sharded and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    loss, hits, count = sums.tolist()
+    return {f"{prefix}_loss": loss / max(count, 1), f"{prefix}_accuracy": hits / max(count, 1)}

@@ -7,8 +7,8 @@ working directory, so a search never downloads twice).
 A split is held one of two ways:
 
 * :class:`TensorSplit`: every image resized and normalised once, stored as one float32 tensor on
-  the training device; a batch is one tensor index through ``__getitems__`` (no per-image Python,
-  no workers). digits and synthetic always; the others when ``on_device`` says so (auto: when
+  the training device; batches are drawn on the device (:mod:`.batches`: no per-image Python, no
+  workers, no host work per step). digits and synthetic always; the others when ``on_device`` says so (auto: when
   the float32 images fit in ``max_on_device_mb``).
 * Otherwise a Dataset that DataLoader workers decode, resize, (RandAugment) and normalise per image.
 """
@@ -29,6 +29,7 @@ from ..errors import DataError
 from ..schema import DataSpec
 from ..sizes import pair
 from .augment import BatchAugment
+from .batches import DeviceBatches
 from .sources import DATASETS, Arrays, Items
 
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
@@ -37,7 +38,10 @@ Stats = tuple[float, ...] | None  # per-channel normalisation (None: not normali
 
 
 class TensorSplit(Dataset):
-    """A split held as tensors: images (N, C, H, W) float32 and labels (N,) int64 on one device."""
+    """A split held as tensors: images (N, C, H, W) float32 and labels (N,) int64 on one device.
+
+    Training batches it through :class:`.batches.DeviceBatches` (drawn on the device), not a DataLoader.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if len(images) != len(labels):
@@ -49,16 +53,6 @@ class TensorSplit(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        # DataLoader's fetcher calls this with a whole batch of indices: one gather, not B items.
-        index = torch.as_tensor(indices, device=self.labels.device)
-        return self.images[index], self.labels[index]
-
-
-def _passthrough(batch: Any) -> Any:
-    """collate_fn for TensorSplit: ``__getitems__`` already returns the stacked batch."""
-    return batch
 
 
 @dataclass
@@ -225,17 +219,17 @@ def _channel_stats(
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, drop_last: bool = False
-) -> DataLoader:
-    """A plain DataLoader (Accelerate shards its batch_sampler); TensorSplits get whole-batch fetches, no workers.
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, drop_last: bool = False,
+    rank: int = 0, num_processes: int = 1,
+) -> DataLoader | DeviceBatches:
+    """Batches of a split: drawn on the device for a TensorSplit (this process's shard); else a plain
+    DataLoader, which Accelerate shards when it prepares it.
 
     The shuffle order is a seeded generator's: the same seed gives the same batches every run.
     """
     if isinstance(dataset, TensorSplit):
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=_passthrough,
-            generator=torch.Generator().manual_seed(seed), num_workers=0,
-        )
+        return DeviceBatches(dataset.images, dataset.labels, batch_size, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, rank=rank, num_processes=num_processes)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
