@@ -1,8 +1,9 @@
 """Trials per hour with ``--jobs N`` against ``--jobs 1`` on the quickstart study, same trials.
 
-On a GPU machine ``--trials-per-gpu K`` compares K packed workers per GPU against one (target 4x
-for K = 8 on one GPU); there the trials default to the quickstart's 100 epochs, two per worker, so
-that start-up does not hide the packing.
+On a GPU machine ``--trials-per-gpu K`` compares K trials packed into each GPU's worker against
+one (target 4x for K = 8 on one GPU); there the trials default to the quickstart's 100 epochs, two
+per packed slot, so that start-up does not hide the packing. (benchmarks/gpu_suite.py measures
+this and the rest of the GPU figures in one command.)
 
 The same configurations are enqueued for both (pruning off, so every trial trains fully), each run
 into a fresh MLflow store and Optuna storage; wall time includes every worker's start-up, as a user
@@ -29,21 +30,15 @@ from pathlib import Path
 
 import yaml
 
+from quickstart_points import distinct_points
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def configurations(count: int) -> list[dict]:
-    """``count`` distinct points of the quickstart space."""
-    points = [(d, h, p, lr) for d in (2, 4, 6) for h in (2, 4, 8) for p in ("cls", "mean") for lr in (2e-3, 4e-3)]
-    step = max(1, len(points) // count)
-    return [{"model.depth": d, "model.attention.heads": h, "model.pooling.type": p, "train.lr": lr}
-            for d, h, p, lr in points[::step][:count]]
 
 
 def timed_study(jobs: int, trials: int, epochs: int, per_gpu: int = 1) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load((REPO / "experiments" / "digits.yaml").read_text())
-        spec["search"].update(n_trials=trials, pruner="none", timeout=None, enqueue=configurations(trials))
+        spec["search"].update(n_trials=trials, pruner="none", timeout=None, enqueue=distinct_points(trials))
         spec["train"]["epochs"] = epochs
         spec["tracking"]["plots"] = False
         path = Path(tmp) / "study.yaml"

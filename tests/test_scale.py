@@ -40,9 +40,10 @@ def test_cpu_workers_share_the_cores_out():
     assert len(plan_workers(0, 1, gpus=0, cpus=2)) == 2  # 0: one per core
 
 
-def test_gpu_workers_are_pinned_and_packed_trials_per_gpu():
-    plans = plan_workers(None, 3, gpus=2, cpus=16)
-    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "0", "0", "1", "1", "1"]
+def test_gpu_workers_are_pinned_one_per_gpu_and_pack_their_trials():
+    plans = plan_workers(None, 3, gpus=2, cpus=16)  # 3 trials at once in each worker's threads
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1"]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(4, 1, gpus=2, cpus=16)] == ["0", "1", "0", "1"]
     with pytest.raises(ValueError, match="at least 1"):
         plan_workers(2, 0, gpus=1, cpus=2)
 

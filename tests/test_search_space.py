@@ -430,10 +430,10 @@ def test_cli_run_of_a_spec_without_search_section_exits_2_with_one_line(write_sp
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--jobs=-1", "--jobs -1: must be 0 (one worker per GPU slot, else per core) or more"),
+    ("--jobs=-1", "--jobs -1: must be 0 (one worker per GPU, else per core) or more"),
     ("--n-trials=0", "--n-trials 0: must be at least 1 (trials in the whole study)"),
     ("--dry-run=0", "--dry-run 0: must be at least 1 (configurations to sample), or leave N out for 5"),
-    ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (workers per GPU)"),
+    ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (trials at once in each worker)"),
 ])
 def test_cli_run_refuses_counts_below_their_minimum_with_one_line(write_spec, empty_cwd, flag, message):
     path = write_spec(study_text("model.depth: {int: [1, 3]}\n"))

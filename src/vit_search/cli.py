@@ -125,14 +125,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
     if args.jobs < 0:
-        raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU slot, else per core) or more")
+        raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU, else per core) or more")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInput(f"--n-trials {args.n_trials}: must be at least 1 (trials in the whole study)")
     if args.dry_run is not None and args.dry_run < 1:
         raise BadInput(f"--dry-run {args.dry_run}: must be at least 1 (configurations to sample), "
                        f"or leave N out for 5")
     if args.trials_per_gpu < 1:
-        raise BadInput(f"--trials-per-gpu {args.trials_per_gpu}: must be at least 1 (workers per GPU)")
+        raise BadInput(f"--trials-per-gpu {args.trials_per_gpu}: must be at least 1 (trials at once in each worker)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -143,12 +143,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec.search.n_trials = args.n_trials
     if args.dry_run is not None:
         return _dry_run(spec, args.dry_run)
-    if args.jobs != 1 or args.trials_per_gpu != 1:
+    if args.jobs != 1:
         return _run_jobs(args, spec)
     from .search.report import top_table
     from .search.run import run_search
 
-    result = run_search(spec, storage=args.storage)
+    result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu)
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     if args.worker:  # one of --jobs: the parent prints the study's table
@@ -183,7 +183,8 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
     # not one per worker.
     with study_lock(url, spec.search.study_name or spec.name):
         open_study(spec, url)
-    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], f"--storage={url}", "--worker"]
+    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], f"--storage={url}", "--worker",
+                 f"--trials-per-gpu={args.trials_per_gpu}"]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
     codes, interrupted = run_workers(arguments, plans)
@@ -281,9 +282,10 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="worker processes on this machine (0: one per GPU slot, else one per core)")
+                        help="worker processes on this machine (0: one per GPU, else one per core)")
     parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
-                        help="with GPUs: K workers share each GPU (small trials)")
+                        help="train K trials at once in each worker process (small trials share a GPU; "
+                             "each on its own CUDA stream)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 

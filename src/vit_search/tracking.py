@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .schema import Spec
 
@@ -51,6 +51,7 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled and spec.tracking.enabled
         self.run_id: str | None = None
+        self._pending: list[Any] = []  # metrics logged in the background, waited for before the run ends
 
     @contextmanager
     def run(
@@ -75,15 +76,23 @@ class Tracker:
         try:
             yield self
         except KeyboardInterrupt:
+            self._wait_for_metrics()
             mlflow.set_tag("error", "interrupted")
             mlflow.end_run(status="KILLED")
             raise
         except BaseException as err:
+            self._wait_for_metrics()
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
             mlflow.end_run(status="FAILED")
             raise
         else:
+            self._wait_for_metrics()
             mlflow.end_run(status="FINISHED")
+
+    def _wait_for_metrics(self) -> None:
+        pending, self._pending = self._pending, []
+        for operations in pending:
+            operations.wait()
 
     def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None) -> None:
         """Log every resolved spec value as a param, model size and FLOPs, and provenance tags."""
@@ -105,12 +114,17 @@ class Tracker:
         mlflow.set_tags({**tags, **(extra_tags or {})})
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log metrics, at ``step`` (the epoch) if given."""
-        if self.enabled and metrics:
-            import mlflow
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> Callable[[], None]:
+        """Log metrics, at ``step`` (the epoch) if given: in the background (MLflow's asynchronous
+        logging), so that training does not wait for the store; the run waits for them before it ends.
+        Returns a function that waits until these metrics are stored."""
+        if not (self.enabled and metrics):
+            return lambda: None
+        import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        operations = mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+        self._pending.append(operations)
+        return operations.wait
 
     def log_model(self, state_dict: Mapping[str, Any]) -> None:
         """Log the trained weights and the spec that builds them; :func:`load_model` reads them back."""

@@ -33,6 +33,7 @@ from .train_step import EagerStep, GraphedStep, device_learning_rates, graph_blo
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINT_FILE = "checkpoint.pt"
+_ACCELERATE_STATE = threading.Lock()
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,8 +109,63 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     # Write beside, then rename: a kill mid-write leaves the previous checkpoint intact.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file helps no one, and may fill the disk
+        raise
     tmp.replace(path)
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a (nested) state on the CPU: what the device holds changes with the next step."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+class _CheckpointWriter:
+    """Writes epoch checkpoints in a background thread: the next epoch trains while one is written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
+        """Copy ``payload`` off the device now and write it in the background (one write at a time),
+        once ``after`` returns: a checkpoint of epoch e is never on disk before e's metrics are in
+        MLflow, so a run resumed from it misses none."""
+        self.wait()
+        snapshot = _to_cpu(payload)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, after), name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _write(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
+        try:
+            after()
+            _save_checkpoint(self.path, payload)
+        except BaseException as err:  # raised in the training thread by wait()
+            self._error = err
+
+    def close(self) -> None:
+        """Wait for the write in flight, whatever happened to it (the run is ending on another error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise what it failed with."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @dataclass
@@ -217,19 +273,22 @@ def train(
     Whatever fails after the start, data loading included, ends the MLflow run FAILED.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
 
     cfg = spec.train
     precision = resolve_mixed_precision(cfg.mixed_precision)
-    _allow_precision(precision)
     enable_tf32(cfg.tf32)
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        cpu=cfg.cpu or cpu_only(),
-        # Shuffles from (seed, epoch): a resumed run sees the batches an unbroken one would.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-    )
+    with _ACCELERATE_STATE:  # one process-wide state, which trials packed into threads share
+        _allow_precision(precision)
+        accelerator = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            cpu=cfg.cpu or cpu_only(),
+            # Shuffles from (seed, epoch): a resumed run sees the batches an unbroken one would.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+            # A captured step cannot use autocast's cache of casted weights.
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+        )
     set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.exists() else None
@@ -254,23 +313,28 @@ def train(
             })
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
-        for epoch in range(start_epoch, cfg.epochs):
-            metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
-            metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
-            metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
-            utilisation = mfu(run.flops, metrics["images_per_second"] / accelerator.num_processes, peak)
-            if utilisation is not None:
-                metrics["mfu"] = utilisation
-            history.append(metrics)
-            tracker.log_metrics(metrics, step=epoch)
-            if accelerator.is_main_process:
-                _save_checkpoint(ckpt_path, {
-                    "model": _plain(run.model, accelerator).state_dict(),
-                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                    "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
-                })
-            accelerator.wait_for_everyone()
-            _epoch_callback(on_epoch, epoch, metrics, accelerator)
+        checkpoints = _CheckpointWriter(ckpt_path)
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
+                metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
+                metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
+                utilisation = mfu(run.flops, metrics["images_per_second"] / accelerator.num_processes, peak)
+                if utilisation is not None:
+                    metrics["mfu"] = utilisation
+                history.append(metrics)
+                logged = tracker.log_metrics(metrics, step=epoch)
+                if accelerator.is_main_process:
+                    checkpoints.save({
+                        "model": _plain(run.model, accelerator).state_dict(),
+                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                        "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
+                    }, after=logged)
+                accelerator.wait_for_everyone()
+                _epoch_callback(on_epoch, epoch, metrics, accelerator)
+            checkpoints.wait()  # the last checkpoint is on disk before the run counts as done
+        finally:
+            checkpoints.close()  # no write left running behind an error
         # Validation after the last epoch is that epoch's: only the test split is new here.
         test = evaluate(run.model, run.loaders["test"], accelerator, "test")
         tracker.log_metrics(test, step=cfg.epochs - 1)

@@ -3,8 +3,9 @@
 Each worker is a plain ``vit-search run`` process on the same storage, so the study's lock, its
 exact trial count and its heartbeats work as they do across machines. On CPUs each worker gets its
 share of the cores (its torch threads); on GPUs each is pinned to one device with
-``CUDA_VISIBLE_DEVICES``, ``trials_per_gpu`` of them to a device. A worker that dies takes no other
-down: its trial is failed and retried by the survivors.
+``CUDA_VISIBLE_DEVICES``, and trains ``--trials-per-gpu`` trials at once in threads of its own (see
+:func:`~vit_search.search.run.run_search`). A worker that dies takes no other down: its trial is
+failed and retried by the survivors.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ class WorkerPlan:
 
 
 def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) -> list[WorkerPlan]:
-    """Where each worker runs: ``jobs`` workers (default: one per GPU slot, else one per core)."""
+    """Where each worker runs: ``jobs`` workers (default: one per GPU, else one per core); each packs
+    ``trials_per_gpu`` trials at once (one process per GPU pays start-up once for all of them)."""
     if trials_per_gpu < 1:
         raise ValueError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
     if gpus:
-        jobs = jobs or gpus * trials_per_gpu
-        return [WorkerPlan(i, {"CUDA_VISIBLE_DEVICES": str((i // trials_per_gpu) % gpus)}) for i in range(jobs)]
+        jobs = jobs or gpus
+        return [WorkerPlan(i, {"CUDA_VISIBLE_DEVICES": str(i % gpus)}) for i in range(jobs)]
     jobs = jobs or max(1, cpus)
     plans = []
     for i in range(jobs):

@@ -7,22 +7,27 @@ nested run per trial (pruned and failed ones included, tagged with their state):
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
 
+from ..errors import UserError
 from ..model.cost import model_cost
 from ..performance import cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..train import TrainingStopped, train
+from .epoch_reports import reporter
 from .space import parse_space, to_params
 from .storage import study_lock
-from .study import StudyHandle, objective_values, open_study, sample_spec, storage_url_of, worker_loop
+from .study import StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
 from .study_runs import StudyRuns, end_active_run
 
 
@@ -54,8 +59,12 @@ def check_constraints(constraints: dict[str, float], parameters: int, flops: int
     return None
 
 
-def run_search(spec: Spec, storage: str | None = None, progress: bool = True) -> SearchResult:
-    """Run this worker's share of the spec's study; returns when the study has its trials."""
+def run_search(spec: Spec, storage: str | None = None, progress: bool = True, trials_at_once: int = 1) -> SearchResult:
+    """Run this worker's share of the spec's study; returns when the study has its trials.
+
+    ``trials_at_once`` > 1 packs that many trials into this process, each in a thread of its own
+    (on a GPU, each on its own CUDA stream), so that small trials overlap on one device.
+    """
     from accelerate import PartialState
 
     search = spec.search
@@ -63,6 +72,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
     # Under `accelerate launch`, each trial trains on all the launched processes: the main one runs
     # the study and tells the others which spec to train next.
     state = PartialState(cpu=cpu_only())
+    _check_packing(spec, trials_at_once, state.num_processes)
     if not state.is_main_process:
         return _follow_trials()
     url = storage_url_of(spec, storage)
@@ -71,28 +81,114 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True) ->
         handle = open_study(spec, url)
         runs = StudyRuns(spec, handle)
     runs.reopen_parent()
-    trials = TrialRunner(spec, handle, runs, state.num_processes)
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty())
+    stop = threading.Event()
+    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop) for _ in range(trials_at_once)]
+
+    def loop(runner: TrialRunner) -> WorkerReport:
+        return worker_loop(handle, search.n_trials, runner.draw, runner.run, timeout=search.timeout,
+                           heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
+                           on_trial_end=lambda frozen: (bar.update(handle.study, frozen), runs.record_trial_end(frozen)),
+                           initialise=runner.initialise, stop=stop)
+
     started = time.perf_counter()
     try:
-        report = worker_loop(handle, search.n_trials, trials.draw, trials.run, timeout=search.timeout,
-                             heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                             on_trial_end=lambda frozen: (bar.update(handle.study, frozen), runs.record_trial_end(frozen)),
-                             initialise=trials.initialise)
+        with _ctrl_c_sets(stop, enabled=state.num_processes == 1):
+            reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
     finally:  # also when the loop raises: the other launched processes must not wait forever
         bar.close()
         _share_trial(state.num_processes, None)  # the other processes may stop
-    runs.finish(interrupted=report.interrupted)
+    interrupted = any(r.interrupted for r in reports)
+    runs.finish(interrupted=interrupted)
     end_active_run()
-    return SearchResult(handle.study, url, report.trials_run, time.perf_counter() - started, trials.train_seconds,
-                        report.interrupted)
+    return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
+                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted)
+
+
+def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
+    """Refuse packings that cannot work, before anything is written (UserError, exit 2)."""
+    if trials_at_once < 1:
+        raise UserError(f"--trials-per-gpu {trials_at_once}: must be at least 1 (trials at once in a worker)")
+    if trials_at_once == 1:
+        return
+    if num_processes > 1:
+        raise UserError("--trials-per-gpu packs trials into one process; under accelerate launch each trial already "
+                        "spans the launched processes: drop one of the two")
+    if any(d.path == ("train", "mixed_precision") for d in parse_space(spec.search.space)):
+        # Accelerate keeps one precision per process: packed trials share it.
+        raise UserError(f"{spec.locate(('search', 'space'))}: search.space: train.mixed_precision cannot be searched "
+                        f"with --trials-per-gpu above 1 (packed trials share one process's precision); remove it "
+                        f"from the space or pack 1")
+
+
+def _in_threads(loop: Callable[[TrialRunner], WorkerReport], runners: list[TrialRunner],
+                stop: threading.Event) -> list[WorkerReport]:
+    """Run ``loop`` once per runner, each in its own thread; Ctrl-C stops them all, each trial queued again."""
+    reports: list[WorkerReport | None] = [None] * len(runners)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with _own_stream():
+                reports[i] = loop(runners[i])
+        except BaseException as err:  # raised again in the main thread, after the others stopped
+            errors.append(err)
+            stop.set()
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"trial-slot-{i}") for i in range(len(runners))]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.2)
+    except KeyboardInterrupt:  # only the main thread hears it: the others stop at their next step
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return [r for r in reports if r is not None]
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(stop: threading.Event, enabled: bool = True) -> Iterator[None]:
+    """Ctrl-C sets ``stop`` instead of raising wherever the worker happens to be (in a database
+    write, an import, MLflow's client): each trial in training then ends at its next step, failed as
+    interrupted and queued again, and the worker returns. A second Ctrl-C raises at once."""
+    if not enabled or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping: trials in training end after their current step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _own_stream() -> Any:
+    """A CUDA stream of this thread's own, so that packed trials' kernels can overlap on the device."""
+    import torch
+
+    return torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 class TrialRunner:
     """How this worker starts the study, draws a trial's spec, and trains it."""
 
-    def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, num_processes: int):
+    def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, num_processes: int,
+                 stop: threading.Event | None = None):
         self.spec, self.handle, self.runs, self.num_processes = spec, handle, runs, num_processes
+        self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
         self.train_seconds = 0.0
 
     def initialise(self) -> None:
@@ -129,24 +225,18 @@ class TrialRunner:
             self.runs.log_untrained(trial_spec, number, searched, parameters, flops, reason)
             raise Infeasible(reason)
 
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            # Only single-objective studies prune; parameters and flops do not change per epoch.
-            if not isinstance(search.metric, str) or search.metric not in metrics:
-                return
-            trial.report(metrics[search.metric], epoch)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_reason", f"pruned by {search.pruner} after epoch {epoch + 1}")
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
         checkpoint_dir = f"runs/{self.handle.study.study_name}/trial-{number}"
         _share_trial(self.num_processes, {"raw": trial_spec.raw, "checkpoint_dir": checkpoint_dir})
+        reports = reporter(trial, search)  # only single-objective studies report epochs and prune
         started = time.perf_counter()
         try:
-            result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
+            result = train(trial_spec, on_epoch=reports, parent_run_id=self.runs.parent_id,
                            run_name=f"trial {number}", tags=self.runs.trial_tags(number, searched),
-                           checkpoint_dir=checkpoint_dir, progress=False)
+                           checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop)
         finally:
             self.train_seconds += time.perf_counter() - started
+            if reports is not None:
+                reports.close()
         for name, value in result.metrics.items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("mlflow_run_id", result.run_id)

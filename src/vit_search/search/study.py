@@ -264,6 +264,7 @@ def worker_loop(
     grace: float = 60.0,
     on_trial_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
     initialise: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> WorkerReport:
     """Take trials until the study has ``n_trials`` (or ``timeout`` passes); run each with ``run_trial``.
 
@@ -271,13 +272,17 @@ def worker_loop(
     ask sees them (distinct points, TPE's constant liar); what it returns goes to
     ``run_trial(trial, drawn)``, which returns the objective values, or raises ``optuna.TrialPruned``
     (pruned) or any other exception (failed, recorded with its error; the loop goes on). Either may
-    raise those. Ctrl-C fails the trial in progress with "interrupted", queues it again, ends the
-    loop and returns.
+    raise those. Ctrl-C (a KeyboardInterrupt in ``run_trial``) fails the trial in progress with
+    "interrupted", queues it again, ends the loop and returns; so does ``stop`` once set, for loops
+    in threads, which Ctrl-C does not reach (``run_trial`` must then raise KeyboardInterrupt too).
     """
     study = handle.study
     report = WorkerReport(study.study_name, handle.url)
     started = time.monotonic()
     while True:
+        if stop is not None and stop.is_set():
+            report.interrupted = True
+            return report
         drawn: Any = None
         draw_error: BaseException | None = None
         with study_lock(handle.url, study.study_name):
@@ -306,7 +311,7 @@ def worker_loop(
                 except Exception as err:  # raised again below, where every trial's end is handled
                     draw_error = err
         if trial is None:
-            time.sleep(min(heartbeat, 2.0))
+            (stop or threading.Event()).wait(min(heartbeat, 2.0))
             continue
         report.trials_run.append(trial.number)
         # Below, skip_if_finished and _set_error: another worker may have failed this trial already

@@ -1,0 +1,201 @@
+"""Trials per GPU-hour, in one command (under 5 minutes on one H100): every figure of the trials-per-GPU work.
+
+Prints, with the device's name:
+
+1. the quickstart trial (experiments/digits.yaml, 100 epochs): training seconds and the process's
+   wall, and its test accuracy over 3 seeds (median; target >= 0.985), with the run's cuda_graph tag;
+2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--trials-per-gpu 1``
+   and ``8`` (no pruning) and the ratio (target >= 4x);
+3. repeated points in a seeded, non-enqueued study of 8 trials packed 8 to the GPU (target 0);
+4. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
+   (target <= 60 s for its 16 trials);
+5. ViT-B/16 bf16 batch 256 training img/s and MFU, eager and compiled: ours beside timm's
+   ``vit_base_patch16_224`` measured the same way in the same process (timm if installed).
+
+    python benchmarks/gpu_suite.py               # on a GPU machine
+    python benchmarks/gpu_suite.py --cpu-smoke   # tiny sizes on the CPU: checks the script, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart_points import distinct_points  # noqa: E402  (a module beside this script)
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "experiments" / "digits.yaml"
+
+
+def cli(args: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[str, float]:
+    """Run ``python -m vit_search ARGS``; returns (stdout, wall seconds)."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "vit_search", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                         check=True, capture_output=True, text=True)
+    return out.stdout, time.perf_counter() - started
+
+
+def quickstart_trial(epochs: int, seeds: int) -> None:
+    """The quickstart's single trial: training seconds, wall, test accuracy per seed."""
+    accuracies, train_times, walls = [], [], []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            out, wall = cli(["train", str(QUICKSTART), f"--set=seed={seed}", f"--set=train.epochs={epochs}",
+                             "--set=tracking.enabled=false"], tmp)
+        accuracies.append(float(re.search(r"test_accuracy ([0-9.]+)", out).group(1)))
+        train_times.append(float(re.search(r"([0-9.]+) s training", out).group(1)))
+        walls.append(wall)
+    graph = _graph_tag(epochs)
+    print(f"quickstart trial ({epochs} epochs): training {statistics.median(train_times):.2f} s (median of "
+          f"{seeds}; {', '.join(f'{t:.2f}' for t in train_times)}), process wall {statistics.median(walls):.1f} s; "
+          f"test accuracy median {statistics.median(accuracies):.4f} ({', '.join(f'{a:.4f}' for a in accuracies)}); "
+          f"cuda_graph: {graph}", flush=True)
+
+
+def _graph_tag(epochs: int) -> str:
+    """The quickstart run's cuda_graph tag (does the step run as one CUDA graph here?)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cli(["train", str(QUICKSTART), "--set=train.epochs=1"], tmp,
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        (run,) = mlflow.search_runs(experiment_names=["digits-vit"], output_format="list")
+        return run.data.tags.get("cuda_graph", "?")
+
+
+def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list]:
+    """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load(QUICKSTART.read_text())
+        spec["search"].update(n_trials=trials, pruner="none", timeout=None,
+                              enqueue=distinct_points(trials) if enqueue else [])
+        spec["train"]["epochs"] = epochs
+        spec["tracking"]["plots"] = False
+        path = Path(tmp) / "study.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        _, wall = cli(["run", str(path), "--jobs", jobs, "--trials-per-gpu", str(per_gpu)], tmp,
+                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+        import optuna
+
+        points = [tuple(sorted(t.params.items())) for t in
+                  optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
+    return wall, points
+
+
+def packing(trials: int, epochs: int, packed: int) -> None:
+    one, _ = study(trials, epochs, 1, enqueue=True)
+    many, _ = study(trials, epochs, packed, enqueue=True)
+    print(f"{trials} distinct enqueued trials of {epochs} epochs, no pruning: --trials-per-gpu 1: "
+          f"{trials / one * 3600:,.0f} trials/hour ({one:.1f} s); --trials-per-gpu {packed}: "
+          f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s); ratio {one / many:.2f}x", flush=True)
+    _, points = study(packed, epochs, packed, enqueue=False)
+    print(f"seeded study of {packed} trials packed {packed} at once, nothing enqueued: "
+          f"{len(points) - len(set(points))} repeated points of {len(points)}", flush=True)
+
+
+def quickstart_study(packed: int, cpu_smoke: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = ["--set=train.epochs=2", "--n-trials=4"] if cpu_smoke else []
+        out, wall = cli(["run", str(QUICKSTART), "--jobs", "0", "--trials-per-gpu", str(packed), *extra], tmp,
+                        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+    header = next((line for line in out.splitlines() if line.startswith("study ")), "")
+    print(f"vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu {packed}: {wall:.1f} s wall with "
+          f"start-up; {header}", flush=True)
+
+
+def vit_b16(cpu_smoke: bool) -> None:
+    """Ours and timm's ViT-B/16, bf16, eager and compiled: img/s and MFU, same steps, same process."""
+    import torch
+
+    from vit_search.model import build_model
+    from vit_search.model.cost import flop_count
+    from vit_search.performance import enable_tf32, peak_tflops
+
+    device = torch.device("cpu" if cpu_smoke else "cuda")
+    preset, size, batch, steps = ("vit_ti_16", 32, 4, 2) if cpu_smoke else ("vit_b_16", 224, 256, 30)
+    enable_tf32(True)
+    models = {"ours": lambda: build_model({"preset": preset, "image_size": size, "in_channels": 3,
+                                           "num_classes": 1000})}
+    try:
+        import timm
+
+        name = "vit_tiny_patch16_224" if cpu_smoke else "vit_base_patch16_224"
+        models["timm"] = lambda: timm.create_model(name, pretrained=False, img_size=size, num_classes=1000)
+    except ImportError:
+        print("timm is not installed: ours only (pip install timm to compare)")
+    flops = flop_count(models["ours"]().eval(), torch.zeros(1, 3, size, size))
+    peak = peak_tflops(device, "bf16", None)
+    for compiled in (False, True):
+        rates = {}
+        for label, make in models.items():
+            rates[label] = _img_per_second(make().to(device), device, batch, size, steps, compiled)
+        mfu = {k: f", MFU {3 * flops * v / (peak * 1e12):.1%}" if peak else "" for k, v in rates.items()}
+        line = "; ".join(f"{k} {v:,.0f} img/s{mfu[k]}" for k, v in rates.items())
+        ratio = f"; ours/timm {rates['ours'] / rates['timm']:.3f}x" if "timm" in rates else ""
+        print(f"{preset} bf16 batch {batch} {'compiled' if compiled else 'eager'}: {line}{ratio}", flush=True)
+
+
+def _img_per_second(model, device, batch: int, size: int, steps: int, compiled: bool) -> float:
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(min(5, steps)):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the script")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: trial,packing,study,vit")
+    args = parser.parse_args()
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this suite measures a GPU (--cpu-smoke checks the script)")
+    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else 'CPU'}; "
+          f"torch {torch.__version__}", flush=True)
+    skip = set(args.skip.split(","))
+    epochs, seeds, trials, packed = (2, 1, 4, 2) if args.cpu_smoke else (100, 3, 16, 8)
+    if "trial" not in skip:
+        quickstart_trial(epochs, seeds)
+    if "packing" not in skip:
+        packing(trials, 2 if args.cpu_smoke else 20, packed)
+    if "study" not in skip:
+        quickstart_study(packed, args.cpu_smoke)
+    if "vit" not in skip:
+        vit_b16(args.cpu_smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Packed trials: K trials at once in one worker process, each in its own thread (own CUDA stream on a GPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from vit_search.search.run import run_search
+from vit_search.search.study import PARENT_RUN, open_study
+from vit_search.spec import load_spec
+
+from test_study import children_of, study_raw
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def test_packed_trials_in_one_worker_finish_exactly_n_trials_each_with_its_mlflow_run(workdir):
+    spec = load_spec(study_raw("packed", n_trials=5), ["train.epochs=2"])
+    result = run_search(spec, progress=False, trials_at_once=2)
+    trials = result.study.get_trials()
+    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert result.trials_run == [0, 1, 2, 3, 4]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5  # distinct points, drawn by two threads
+    # The two slots trained at the same time: some trial started before another one ended.
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    parent = open_study(spec).attr(PARENT_RUN)
+    client = MlflowClient()
+    children = children_of(client, parent)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2, 3, 4]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["trial.state"] for r in children} == {"COMPLETE"}
+    for run in children:  # each run holds its own trial's values, not the other thread's
+        number = int(run.data.tags["optuna.trial_number"])
+        assert int(run.data.params["model.depth"]) == trials[number].params["model.depth"]
+        assert float(run.data.metrics["val_accuracy"]) == pytest.approx(trials[number].user_attrs["val_accuracy"])
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("packed-ctrl-c", n_trials=2)))
+    storage = study_raw("packed-ctrl-c")["search"]["storage"]
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--trials-per-gpu", "2",
+                             "--set", "train.epochs=50"], cwd=workdir, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 200
+    while True:  # both slots training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="packed-ctrl-c", storage=storage).get_trials()
+        except KeyError:
+            continue
+        if sum(t.state == TrialState.RUNNING and "model.depth" in t.params for t in trials) == 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 130, err[-3000:]
+    trials = optuna.load_study(study_name="packed-ctrl-c", storage=storage).get_trials()
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 2 and {t.user_attrs["error"] for t in interrupted} == {"interrupted (Ctrl-C)"}
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted(t.number for t in interrupted)
+    experiment = MlflowClient().get_experiment_by_name("packed-ctrl-c").experiment_id
+    runs = MlflowClient().search_runs([experiment])
+    assert {r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {"KILLED"}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_packing_refuses_a_searched_precision_with_one_line(workdir, cli):
+    spec_path = workdir / "study.yaml"
+    space = {**study_raw("x")["search"]["space"], "train.mixed_precision": {"choice": ["no", "bf16"]}}
+    raw = study_raw("packed-precision", n_trials=2, space=space)
+    spec_path.write_text(yaml.safe_dump(raw))
+    result = cli("run", str(spec_path), "--trials-per-gpu", "2", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "train.mixed_precision cannot be searched with --trials-per-gpu above 1" in line
+
+
+def test_the_pruners_verdict_on_an_epoch_stops_the_trial_one_epoch_later():
+    from vit_search.search.epoch_reports import EpochReports
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    reports = EpochReports(trial, "val_accuracy", "threshold")
+    reports(0, {"val_accuracy": 0.1})  # below the threshold: pruned, but the verdict arrives in the background
+    with pytest.raises(optuna.TrialPruned, match="pruned after epoch 1"):
+        reports(1, {"val_accuracy": 0.9})
+    reports.close()
+    assert trial.user_attrs["pruned_reason"] == "pruned by threshold after epoch 1"
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert frozen.intermediate_values == {0: 0.1, 1: 0.9}  # every epoch that trained is reported
