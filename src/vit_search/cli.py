@@ -103,12 +103,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one spec (its search section is ignored) and log the run to MLflow."""
-    from .train import TrainingDiverged, train
+    from .train import TrainingFailed, train
 
     spec = _load(args)
     try:
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir)
-    except TrainingDiverged as err:
+    except TrainingFailed as err:  # diverged, or a checkpoint that could not be written
         print(f"error: {err}", file=sys.stderr)
         return 1
     from accelerate import PartialState
@@ -145,18 +145,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _dry_run(spec, args.dry_run)
     if args.jobs != 1:
         return _run_jobs(args, spec)
-    from .search.report import top_table
+    from .redaction import redact
+    from .search.report import all_failed, top_table
     from .search.run import run_search
 
-    result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu)
+    result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
+                        checkpoint_dir=args.checkpoint_dir)
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
+    failed = all_failed(result.study, result.trials_run)
     if args.worker:  # one of --jobs: the parent prints the study's table
         print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s")
-        return 130 if result.interrupted else 0
+        return 130 if result.interrupted else 1 if failed else 0
     print(top_table(result.study))
+    if failed and not result.interrupted:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
-          f"({result.train_seconds:.1f} s training); storage {result.storage}")
+          f"({result.train_seconds:.1f} s training); storage {redact(result.storage)}")
     print(f"compare the trials: vit-search ui {args.spec}")
     return 130 if result.interrupted else 0
 
@@ -170,7 +176,7 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
 
     from .search.jobs import jobs_exit_code, plan_workers, run_workers
     from .search.report import top_table
-    from .search.storage import study_lock
+    from .search.storage import STORAGE_ENV, study_lock
     from .search.study import open_study, storage_url_of
 
     try:
@@ -183,11 +189,12 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
     # not one per worker.
     with study_lock(url, spec.search.study_name or spec.name):
         open_study(spec, url)
-    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], f"--storage={url}", "--worker",
-                 f"--trials-per-gpu={args.trials_per_gpu}"]
+    # The storage goes by environment, not argument: a password in it must not show in `ps`.
+    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker", f"--trials-per-gpu={args.trials_per_gpu}",
+                 *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
-    codes, interrupted = run_workers(arguments, plans)
+    codes, interrupted = run_workers(arguments, plans, env={STORAGE_ENV: url})
     print(top_table(open_study(spec, url).study))
     code, failure = jobs_exit_code(codes, interrupted)
     if failure:
@@ -277,7 +284,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
-    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides search.storage)")
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides $VIT_SEARCH_STORAGE and "
+                                          "search.storage; a password is better kept in the environment)")
     parser.add_argument("--n-trials", type=int, help="trials in the whole study (overrides search.n_trials)")
     parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
@@ -286,6 +294,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
                         help="train K trials at once in each worker process (small trials share a GPU; "
                              "each on its own CUDA stream)")
+    parser.add_argument("--checkpoint-dir", help="where trials' epoch checkpoints go: DIR/<study>/trial-<n> "
+                                                 "(default: train.checkpoint_dir, else runs/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 

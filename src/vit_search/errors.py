@@ -16,3 +16,7 @@ class DataError(UserError):
 
 class WeightsError(UserError):
     """Weights that cannot be loaded into the model: the file, its format or its shapes."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be written, or a checkpoint that cannot be resumed from."""

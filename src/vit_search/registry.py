@@ -284,7 +284,7 @@ class Registry:
                     f"install its package or list a .py file path instead"
                 ) from None
             raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # a plugin calling sys.exit() is a plugin failing
             raise PluginError(f"plugin '{ref}' failed to import: {type(err).__name__}: {err}") from err
         finally:
             for path in extra:
@@ -302,7 +302,7 @@ class Registry:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             del sys.modules[module_name]
             raise PluginError(f"plugin file '{path}' failed to import: {type(err).__name__}: {err}") from err
 
@@ -321,7 +321,7 @@ class Registry:
                 loaded = entry_point.load()
                 if callable(loaded) and not inspect.ismodule(loaded):
                     loaded(self)  # an entry point may name a function that registers into us
-            except Exception as err:
+            except (Exception, SystemExit) as err:
                 self._loaded = False  # fail the same way next time, not with a half-loaded registry
                 raise PluginError(
                     f"plugin '{entry_point.name}' ({entry_point.value}) from distribution '{dist}' failed to "

@@ -183,7 +183,9 @@ def _load(text: str, where: Callable[[int | None], str], with_lines: bool) -> tu
         data = loader.construct_document(root)
         return data, lines if with_lines else {}
     except _Problem as problem:
-        field = "" if problem.path is None else f"{clip('.'.join(problem.path)) or '(top level)'}: "
+        # A --set value's own top level is the field its flag names: no path to add.
+        top = problem.path == () and not with_lines
+        field = "" if problem.path is None or top else f"{clip('.'.join(problem.path)) or '(top level)'}: "
         raise YamlError(f"{where(problem.line)}: {field}{problem.message}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark

@@ -17,13 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, fi
 
 from .data.sources import DATASETS
 from .presets import PRESETS
+from .redaction import redact
 from .registry import KINDS, did_you_mean
 from .search.samplers import PRUNERS, SAMPLERS
 from .sizes import Size
 
 
+MAX_IMAGE_SIDE = 8192  # pixels: beyond any ViT, and bounded so that no size estimate overflows
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No infinities or NaNs: a learning rate of .inf validates, then trains to NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentSpec(_Section):
@@ -48,9 +53,9 @@ class DataSpec(_Section):
     download: bool = Field(False, description="let torchvision download a missing data set")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training data held out for validation")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for test where no test split exists")
-    channels: int = Field(3, gt=0, description="synthetic: image channels")
-    num_classes: int = Field(10, gt=1, description="synthetic: number of classes")
-    num_samples: int = Field(1024, gt=0, description="synthetic: number of images before splitting")
+    channels: int = Field(3, gt=0, le=64, description="synthetic: image channels")
+    num_classes: int = Field(10, gt=1, le=1_000_000, description="synthetic: number of classes")
+    num_samples: int = Field(1024, gt=0, le=10_000_000, description="synthetic: number of images before splitting")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     normalize: bool = Field(True, description="standardise with the training set's per-channel mean and std")
     on_device: Literal["auto", "yes", "no"] = Field(
@@ -65,8 +70,8 @@ class DataSpec(_Section):
     @classmethod
     def _positive_size(cls, value: Size) -> Size:
         sizes = (value,) if isinstance(value, int) else value
-        if any(s <= 0 for s in sizes):
-            raise ValueError(f"image_size must be positive, got {value}")
+        if any(s <= 0 or s > MAX_IMAGE_SIDE for s in sizes):
+            raise ValueError(f"image_size must be between 1 and {MAX_IMAGE_SIDE} pixels a side, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -110,8 +115,8 @@ def block_type(raw_model: Any, kind: str) -> Any:
 
 class _ModelSizes(_Section):
     preset: str | None = Field(None, description="start from a named preset (vit_b_16, ...) and override")
-    dim: int = Field(64, gt=0, description="token width D")
-    depth: int = Field(4, gt=0, description="number of encoder blocks")
+    dim: int = Field(64, gt=0, le=65_536, description="token width D")
+    depth: int = Field(4, gt=0, le=1024, description="number of encoder blocks")
 
     @model_validator(mode="before")
     @classmethod
@@ -156,8 +161,8 @@ class ModelSpec(_ModelBlocks):
 class TrainSpec(_Section):
     """Optimisation: AdamW with cosine schedule and linear warmup, through Accelerate."""
 
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(128, gt=0, description="per process")
+    epochs: int = Field(10, gt=0, le=1_000_000)
+    batch_size: int = Field(128, gt=0, le=1_048_576, description="per process")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
     weight_decay: float = Field(0.05, ge=0, description="decoupled; not applied to norms, biases and tokens")
@@ -165,7 +170,7 @@ class TrainSpec(_Section):
     warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length, in epochs")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: off)")
-    grad_accum_steps: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(1, gt=0, le=65_536)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere"
     )
@@ -273,10 +278,15 @@ class Spec(_Section):
         return self._source
 
     def to_dict(self, exclude_search: bool = False) -> dict[str, Any]:
-        """The resolved spec as plain data (what a YAML file would hold)."""
+        """The resolved spec as plain data (what a YAML file would hold), passwords in URLs as ``***``:
+        what is written of a spec (artifacts, exports) never carries a secret."""
         data = self.model_dump(mode="json", exclude={"search"} if exclude_search else None)
         if data.get("search") is None:
             data.pop("search", None)
+        elif data["search"].get("storage"):
+            data["search"]["storage"] = redact(data["search"]["storage"])
+        if data["tracking"].get("uri"):
+            data["tracking"]["uri"] = redact(data["tracking"]["uri"])
         return data
 
     def to_yaml(self, exclude_search: bool = False) -> str:

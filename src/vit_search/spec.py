@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin
@@ -65,12 +66,15 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+_SCHEMA_PART = re.compile(r"^(int|str|float|bool|bytes|none|(tuple|list|dict|set|literal|union|function-\w+)\[.*\])$")
+
+
 def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        # Union members show up as extra loc parts ("int", "tuple[int, int]"): keep the field path.
-        loc = tuple(p for p in loc if not p.startswith(("int", "tuple[", "str", "float", "list[", "dict[")))
+        # Union members and validators show up as extra loc parts ("int", "tuple[int, int]",
+        # "function-after[...]"): keep the field path, and every key, whatever its name begins with.
+        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and _SCHEMA_PART.match(p)))
         path = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _fields_at(loc[:-1])
@@ -196,11 +200,17 @@ def check_blocks(model: ModelSpec, where: _Locator | None = None) -> list[str]:
     return problems
 
 
+MAX_PARAMETERS = 100_000_000_000  # a model beyond this is a typo (ViT-22B has 2.2e10)
+
+
 def _check_build(model: ModelSpec, where: _Locator) -> list[str]:
-    from .model import build_on_meta
+    from .model import build_on_meta, count_parameters
 
     try:
-        build_on_meta(model)
+        parameters = count_parameters(build_on_meta(model))
+        if parameters > MAX_PARAMETERS:
+            return [f"{where(('model',))}: model: {parameters:,} parameters is more than {MAX_PARAMETERS:,}; "
+                    f"check dim, depth and the blocks' sizes"]
     except RegistryError as err:
         path = tuple((err.path or "model").split("."))
         return [f"{where(path)}: {err.message}"]

@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from .errors import UserError
+from .files import sqlite_problem
+from .redaction import redact
 from .schema import Spec
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
@@ -22,17 +25,45 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 
 def configure(spec: Spec) -> str:
-    """Point MLflow at the spec's store and experiment; returns the experiment id."""
+    """Point MLflow at the spec's store and experiment; returns the experiment id.
+
+    A store file that is no database is one line (TrackingError, exit 2), before MLflow touches it.
+    """
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
+    check_store(spec)
+    try:
+        experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
+    except Exception as err:
+        if type(err).__module__.startswith("sqlalchemy") or "DatabaseError" in type(err).__name__:
+            raise TrackingError(f"MLflow store {redact(mlflow.get_tracking_uri())} cannot be opened: "
+                                f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; move a damaged file away, "
+                                f"or set MLFLOW_TRACKING_URI to another store") from None
+        raise
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         # MLflow 3's UI shows the GenAI (traces) view unless the experiment says it trains models.
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+class TrackingError(UserError):
+    """An MLflow store that cannot be used: one line naming it (exit 2)."""
+
+
+def check_store(spec: Spec) -> None:
+    """Refuse an MLflow store file that is no usable database, before MLflow (or a study) writes anything."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        problem = sqlite_problem(path)
+        if problem:
+            raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
+                                f"another store")
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:

@@ -7,7 +7,6 @@ processes and metric gathering; this module only says what to train and in what 
 from __future__ import annotations
 
 import math
-import random
 import sys
 import threading
 import time
@@ -15,28 +14,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from .data.batches import DeviceBatches
 from .data.loading import load_data, make_loader
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .model import build_model
 from .model.cost import model_cost
 from .performance import (
     cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops, resolve_mixed_precision,
+)
+from .checkpoints import (
+    CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_writable, checkpoint_dir_of, load_checkpoint, rng_state,
+    set_rng_state,
 )
 from .schema import Spec
 from .tracking import Tracker
 from .train_step import EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-CHECKPOINT_FILE = "checkpoint.pt"
 _ACCELERATE_STATE = threading.Lock()
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TrainingFailed):
     """The loss became NaN or infinite."""
 
 
@@ -74,98 +75,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-def _rng_state() -> dict[str, Any]:
-    # Plain tensors, ints and lists only, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [version, list(internal), gauss],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dir_of(spec: Spec) -> Path:
-    """Where a spec's epoch checkpoints go."""
-    return Path(spec.train.checkpoint_dir or Path("runs") / spec.name)
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    # Write beside, then rename: a kill mid-write leaves the previous checkpoint intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(payload, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written file helps no one, and may fill the disk
-        raise
-    tmp.replace(path)
-
-
-def _to_cpu(value: Any) -> Any:
-    """A copy of a (nested) state on the CPU: what the device holds changes with the next step."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
-
-
-class _CheckpointWriter:
-    """Writes epoch checkpoints in a background thread: the next epoch trains while one is written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
-        """Copy ``payload`` off the device now and write it in the background (one write at a time),
-        once ``after`` returns: a checkpoint of epoch e is never on disk before e's metrics are in
-        MLflow, so a run resumed from it misses none."""
-        self.wait()
-        snapshot = _to_cpu(payload)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, after), name="checkpoint", daemon=True)
-        self._thread.start()
-
-    def _write(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
-        try:
-            after()
-            _save_checkpoint(self.path, payload)
-        except BaseException as err:  # raised in the training thread by wait()
-            self._error = err
-
-    def close(self) -> None:
-        """Wait for the write in flight, whatever happened to it (the run is ending on another error)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def wait(self) -> None:
-        """Wait for the write in flight; raise what it failed with."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 @dataclass
@@ -291,19 +200,26 @@ def train(
         )
     set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.exists() else None
+    checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if accelerator.is_main_process:
+        check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else None
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
         run = _setup(spec, accelerator, precision)
         start_epoch, history = 0, []
         if checkpoint is not None:
-            _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
-            run.optimizer.load_state_dict(checkpoint["optimizer"])
+            try:
+                _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
+                run.optimizer.load_state_dict(checkpoint["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:  # another model's checkpoint
+                raise CheckpointError(f"{ckpt_path}: its weights do not fit this spec's model "
+                                      f"({str(err).splitlines()[0][:160]}); run without --resume to start afresh, or "
+                                      f"point --checkpoint-dir elsewhere") from None
             if run.graph_blocker is None:
                 device_learning_rates(run.optimizer)  # the loaded groups carry their rates as saved
             run.scheduler.load_state_dict(checkpoint["scheduler"])
-            _set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
         graph = _make_step(spec, run, accelerator)
         if checkpoint is None:
@@ -313,7 +229,7 @@ def train(
             })
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
-        checkpoints = _CheckpointWriter(ckpt_path)
+        checkpoints = CheckpointWriter(ckpt_path)
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
@@ -328,7 +244,7 @@ def train(
                     checkpoints.save({
                         "model": _plain(run.model, accelerator).state_dict(),
                         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                        "rng": _rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
+                        "rng": rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                     }, after=logged)
                 accelerator.wait_for_everyone()
                 _epoch_callback(on_epoch, epoch, metrics, accelerator)

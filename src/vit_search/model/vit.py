@@ -136,11 +136,11 @@ def build_model(spec: Spec | ModelSpec | Mapping[str, Any]) -> VisionTransformer
     return VisionTransformer(spec)
 
 
-def build_on_meta(model: ModelSpec) -> None:
+def build_on_meta(model: ModelSpec) -> VisionTransformer:
     """Build the model on torch's meta device (shapes only: no memory, no arithmetic), so that an
     impossible combination fails as it would for real; raises what building raises."""
     with torch.device("meta"):
-        build_model(model)
+        return build_model(model)
 
 
 def count_parameters(model: nn.Module) -> int:

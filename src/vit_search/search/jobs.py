@@ -47,9 +47,10 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
     return plans
 
 
-def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False) -> tuple[list[int], bool]:
-    """Start one ``vit-search run ARGUMENTS`` per plan and wait for all; returns their exit codes,
-    and whether this process was interrupted (Ctrl-C) while it waited.
+def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False,
+                env: dict[str, str] | None = None) -> tuple[list[int], bool]:
+    """Start one ``vit-search run ARGUMENTS`` per plan (``env`` added to each one's environment) and
+    wait for all; returns their exit codes, and whether this process was interrupted (Ctrl-C).
 
     Ctrl-C reaches every worker (same process group); each ends its trial's bookkeeping.
     """
@@ -59,7 +60,7 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = Fal
             print(plan.describe(), file=sys.stderr, flush=True)
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "vit_search", "run", *arguments],
-            env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
+            env={**os.environ, **(env or {}), **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
         ))
     # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
     # others, which would then wait out the heartbeat grace before retrying its trial.

@@ -81,3 +81,14 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
         plt.close(figure)
         saved.append(path)
     return saved
+
+
+def all_failed(study: optuna.Study, numbers: list[int]) -> str | None:
+    """When every one of these trials failed (a full disk, a broken block): one line saying so, with the
+    last trial's error; None when any trained or was pruned."""
+    trials = study.get_trials(deepcopy=False)
+    mine = [trials[n] for n in numbers if n < len(trials)]
+    if not mine or any(t.state != TrialState.FAIL for t in mine):
+        return None
+    return (f"all {len(mine)} trials this worker ran failed; the last: "
+            f"{mine[-1].user_attrs.get('error', 'no error recorded')}")

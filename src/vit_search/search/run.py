@@ -13,20 +13,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
 
+from ..checkpoints import check_writable
 from ..errors import UserError
 from ..model.cost import model_cost
 from ..performance import cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
+from ..tracking import check_store
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .space import parse_space, to_params
-from .storage import study_lock
+from .storage import check_file, check_url, study_lock
 from .study import StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
 from .study_runs import StudyRuns, end_active_run
 
@@ -59,11 +62,14 @@ def check_constraints(constraints: dict[str, float], parameters: int, flops: int
     return None
 
 
-def run_search(spec: Spec, storage: str | None = None, progress: bool = True, trials_at_once: int = 1) -> SearchResult:
+def run_search(spec: Spec, storage: str | None = None, progress: bool = True, trials_at_once: int = 1,
+               checkpoint_dir: str | None = None) -> SearchResult:
     """Run this worker's share of the spec's study; returns when the study has its trials.
 
     ``trials_at_once`` > 1 packs that many trials into this process, each in a thread of its own
-    (on a GPU, each on its own CUDA stream), so that small trials overlap on one device.
+    (on a GPU, each on its own CUDA stream), so that small trials overlap on one device. Trials'
+    checkpoints go to ``checkpoint_dir/<study>/trial-<n>`` (default: ``train.checkpoint_dir``, else
+    ``runs``).
     """
     from accelerate import PartialState
 
@@ -76,6 +82,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     if not state.is_main_process:
         return _follow_trials()
     url = storage_url_of(spec, storage)
+    root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / (search.study_name or spec.name)
+    check_url(url)
+    check_file(url)
+    if spec.tracking.enabled:
+        check_store(spec)
+    check_writable(root)  # before anything is written: a folder that cannot take checkpoints is one line, exit 2
     # Workers starting together on fresh sqlite files would race to create the same tables.
     with study_lock(url, search.study_name or spec.name):
         handle = open_study(spec, url)
@@ -83,7 +95,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     runs.reopen_parent()
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty())
     stop = threading.Event()
-    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop) for _ in range(trials_at_once)]
+    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root) for _ in range(trials_at_once)]
 
     def loop(runner: TrialRunner) -> WorkerReport:
         return worker_loop(handle, search.n_trials, runner.draw, runner.run, timeout=search.timeout,
@@ -186,8 +198,9 @@ class TrialRunner:
     """How this worker starts the study, draws a trial's spec, and trains it."""
 
     def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, num_processes: int,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, checkpoints: Path = Path("runs")):
         self.spec, self.handle, self.runs, self.num_processes = spec, handle, runs, num_processes
+        self.checkpoints = checkpoints  # trial n's go to checkpoints / trial-n
         self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
         self.train_seconds = 0.0
 
@@ -225,7 +238,7 @@ class TrialRunner:
             self.runs.log_untrained(trial_spec, number, searched, parameters, flops, reason)
             raise Infeasible(reason)
 
-        checkpoint_dir = f"runs/{self.handle.study.study_name}/trial-{number}"
+        checkpoint_dir = str(self.checkpoints / f"trial-{number}")
         _share_trial(self.num_processes, {"raw": trial_spec.raw, "checkpoint_dir": checkpoint_dir})
         reports = reporter(trial, search)  # only single-objective studies report epochs and prune
         started = time.perf_counter()

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from ..files import sqlite_problem
+from ..redaction import redact  # noqa: F401  (storage messages and tags use it from here too)
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 EXAMPLES = ("sqlite:///optuna.db, journal:study.log, postgresql://user@host/db, mysql+pymysql://user@host/db "
@@ -43,13 +45,8 @@ class StudyMismatch(StorageError):
     """A stored study that the spec cannot resume (other objectives): one line, the CLI exits 2."""
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password, for tags and messages."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
-    return url
+STORAGE_ENV = "VIT_SEARCH_STORAGE"
+"""The storage URL, when ``--storage`` is not given: keeps a password off the command line (``ps``)."""
 
 
 def default_storage_url() -> str:
@@ -127,20 +124,43 @@ def open_storage(url: str) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     check_url(url)
+    check_file(url)
     path = journal_path(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("redis://"):
-        return optuna.storages.JournalStorage(JournalRedisBackend(url))
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several local workers write one file: wait for the lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("redis://"):
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        engine_kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # Several local workers write one file: wait for the lock instead of failing at once.
+            engine_kwargs = {"connect_args": {"timeout": 60}}
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            engine_kwargs = {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except (ValueError, KeyError, TypeError) as err:  # a journal whose lines are not Optuna's (JSON decode, ...)
+        raise StorageError(f"storage '{redact(url)}' cannot be read: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:160] if str(err) else ''}; move the file away, or pass "
+                           f"another --storage") from None
+    except Exception as err:  # SQLAlchemy: a file that is not a database, a server that refuses us
+        if type(err).__module__.startswith("sqlalchemy"):
+            first = str(getattr(err, "orig", err)).splitlines()[0][:200]
+            raise StorageError(f"storage '{redact(url)}' cannot be opened: {redact(first)}; check the URL and that "
+                               f"the database answers, or move a damaged file away") from None
+        raise
+
+
+def check_file(url: str) -> None:
+    """Refuse a storage file that exists but is no usable SQLite database (a garbage or truncated
+    file), before anything opens or changes it."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    problem = sqlite_problem(path)
+    if problem:
+        raise StorageError(f"{path}: {problem}, not an Optuna storage; move it away, or pass another --storage")
 
 
 @contextmanager
@@ -150,6 +170,7 @@ def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[No
     Raises StorageError for a bad URL, before anything is written.
     """
     check_url(url)
+    check_file(url)  # a damaged file gets no lock file beside it either
     path = storage_file(url)
     if path is not None:
         # The lock file sits beside the study's file, whose folder may not exist yet.

@@ -27,7 +27,7 @@ from .distinct import DistinctSampler
 from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
-from .storage import StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
+from .storage import STORAGE_ENV, StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
 
 HEARTBEAT = "vit_search:heartbeat"
 WORKER = "vit_search:worker"
@@ -182,8 +182,10 @@ def enqueue_retry(handle: StudyHandle, trial: optuna.trial.FrozenTrial, retry_of
 
 
 def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
-    """The study's storage: ``--storage``, else ``search.storage``, else the default beside MLflow's."""
-    return storage_url or (spec.search.storage if spec.search else None) or default_storage_url()
+    """The study's storage: ``--storage``, else ``$VIT_SEARCH_STORAGE``, else ``search.storage``, else
+    the default beside MLflow's."""
+    return (storage_url or os.environ.get(STORAGE_ENV) or (spec.search.storage if spec.search else None)
+            or default_storage_url())
 
 
 def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) -> StudyHandle:
@@ -200,8 +202,8 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     name = search.study_name or spec.name
     missing = f"no study '{name}' in {redact(url)}; run 'vit-search run' on the spec first, or pass its --storage"
     path = storage_file(url)
-    if not create and path is not None and not path.exists():
-        raise StorageError(missing)
+    if not create and path is not None and (not path.exists() or path.stat().st_size == 0):
+        raise StorageError(missing)  # an empty file holds no study, and must not become a database here
     storage = open_storage(url)
     stored = _stored_directions(storage, name)
     if stored is None and not create:

@@ -1,0 +1,283 @@
+"""Faults and hostile input: one line and the right exit code, bounded time and memory, nothing lost,
+nothing half-written, no secret shown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from test_study import study_raw
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "tiny", "seed": 0, "data": {"dataset": "digits", "image_size": 8},
+        "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 4},
+                  "attention": {"type": "sdpa", "heads": 2}},
+        "train": {"epochs": 2, "batch_size": 64}, "tracking": {"enabled": False}}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def bounded_cli(*args: str, cwd: Path, memory_gb: float = 6, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line under an address-space cap: a regression that expands its input fails on
+    memory (exit 1 with a traceback), not on a clock."""
+    limit = int(memory_gb * 2**30)
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))"
+    return subprocess.run([sys.executable, "-c", f"{cap}\nfrom vit_search.cli import main\nraise SystemExit(main())", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 400, lines[:3]
+    return lines[0]
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+# -- hostile specs ----------------------------------------------------------------------------------
+BOMB = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BOMB, "YAML aliases expand to more than"),
+    ("name: x\nmodel:\n  attention:\n" + textwrap.indent(BOMB, "    "), "YAML aliases expand to more than"),
+    ("name: x\nseed: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than 50 levels"),
+    ("name: x\nseed: " + "9" * 5000 + "\n", "has more than 100 digits"),
+    ("name: x\ntrain: {lr: .inf}\n", "train.lr: .inf is not a finite number"),
+    ("name: x\ntrain: {epochs: 1.0e+12}\n", "train.epochs: Input should be less than or equal to 1000000"),
+    ("name: x\nmodel: {depth: 1000000000}\n", "model.depth: Input should be less than or equal to 1024"),
+    ("name: x\nmodel: {ffn: {type: mlp, hidden_dim: 1000000000}}\n", "parameters is more than"),
+    ("name: x\nsearch: {stride: 2}\n", "search.stride: unknown key 'stride'"),
+    ("name: x\ntrain: {interval: 1}\n", "train.interval: unknown key 'interval'"),
+])
+def test_a_hostile_spec_is_one_line_and_exit_2_in_bounded_memory(workdir, text, expected):
+    spec = write(workdir / "spec.yaml", text)
+    assert expected in one_line(bounded_cli("validate", str(spec), cwd=workdir))
+
+
+def test_a_huge_spec_file_is_refused_before_it_is_read(workdir):
+    spec = workdir / "spec.yaml"
+    with open(spec, "w") as handle:
+        handle.write("name: x\n")
+        handle.write("# padding\n" * 5_000_000)  # 50 MB
+    assert "a spec is a few KB" in one_line(bounded_cli("validate", str(spec), cwd=workdir))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seed=[&a [1,2,3], *a, *a]", None),  # modest aliases: fine
+    ("seed=" + "[&a0 [" + ", ".join(["x"] * 9) + "], " + ", ".join(
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)) + "]", "YAML aliases expand to more than"),
+    ("model.depth=1000000000", "less than or equal to 1024"),
+    ("train.lr=.nan", "is not a finite number"),
+])
+def test_a_hostile_set_value_is_one_short_line(workdir, override, expected):
+    spec = write(workdir / "spec.yaml", TINY)
+    result = bounded_cli("validate", str(spec), "--set", override, cwd=workdir)
+    if expected is None:
+        assert result.returncode == 2 and "seed" in result.stderr  # a list is no seed: refused, not expanded
+    else:
+        assert expected in one_line(result)
+
+
+def test_a_search_range_that_ends_beyond_the_limits_is_refused_at_its_line(workdir):
+    raw = {**TINY, "search": {"space": {"model.depth": {"int": [1, 1000000000]}}}}
+    line = one_line(bounded_cli("validate", str(write(workdir / "spec.yaml", raw)), cwd=workdir))
+    assert "search.space.model.depth: value 1000000000 does not fit" in line
+
+
+def test_a_plugin_that_calls_sys_exit_is_a_plugin_error(workdir):
+    write(workdir / "quitter.py", "import sys\nsys.exit(0)\n")
+    spec = write(workdir / "spec.yaml", {**TINY, "plugins": ["quitter.py"]})
+    line = one_line(bounded_cli("validate", str(spec), cwd=workdir))
+    assert "plugins.0: plugin file" in line and "SystemExit" in line
+
+
+# -- damaged files ------------------------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+@pytest.mark.parametrize("command", ["run", "best"])
+def test_a_damaged_optuna_db_is_one_line_and_nothing_changes(workdir, content, command):
+    raw = {**study_raw("damaged"), "tracking": {"enabled": False}}
+    raw["search"]["storage"] = "sqlite:///optuna.db"
+    spec = write(workdir / "spec.yaml", raw)
+    if content == "garbage":
+        (workdir / "optuna.db").write_bytes(os.urandom(5000))
+    else:
+        good = workdir / "good.db"
+        optuna.create_study(study_name="damaged", storage=f"sqlite:///{good}")
+        (workdir / "optuna.db").write_bytes(good.read_bytes()[:20000])
+        good.unlink()
+    before = _snapshot(workdir)
+    line = one_line(bounded_cli(command, str(spec), cwd=workdir))
+    assert "optuna.db:" in line and "move it away" in line
+    assert _snapshot(workdir) == before
+
+
+def test_best_on_an_empty_optuna_db_says_there_is_no_study_and_leaves_it_empty(workdir):
+    raw = {**study_raw("empty"), "tracking": {"enabled": False}}
+    raw["search"]["storage"] = "sqlite:///optuna.db"
+    spec = write(workdir / "spec.yaml", raw)
+    (workdir / "optuna.db").write_bytes(b"")
+    assert "no study 'empty'" in one_line(bounded_cli("best", str(spec), cwd=workdir))
+    assert (workdir / "optuna.db").stat().st_size == 0
+
+
+def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
+    raw = study_raw("mlflow-damaged")
+    raw["search"]["storage"] = "sqlite:///optuna.db"
+    spec = write(workdir / "spec.yaml", raw)
+    (workdir / "mlflow.db").write_bytes(os.urandom(5000))
+    before = _snapshot(workdir)
+    line = one_line(bounded_cli("run", str(spec), cwd=workdir, env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}))
+    assert "mlflow.db: not a SQLite database" in line
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "keyless"])
+def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damage):
+    import torch
+
+    spec = write(workdir / "spec.yaml", TINY)
+    checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    if damage in ("truncated", "keyless"):
+        torch.save({"model": {"w": torch.zeros(1000)}}, checkpoint)
+        if damage == "truncated":
+            checkpoint.write_bytes(checkpoint.read_bytes()[:500])
+    else:
+        checkpoint.write_bytes(os.urandom(3000) if damage == "garbage" else b"")
+    line = one_line(bounded_cli("train", str(spec), "--resume", cwd=workdir))
+    assert str(checkpoint) in line.replace(str(workdir) + "/", "") or "checkpoint.pt" in line
+    assert "without --resume" in line and "weights_only" not in line
+
+
+# -- a full disk, a folder that cannot be written --------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs: a disk that fills up (skips where this process cannot mount one)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk ({result.stderr.strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_train_with_one_line_and_leaves_no_temporary_file(workdir, tiny_disk):
+    raw = {**TINY, "model": {**TINY["model"], "dim": 256, "depth": 2}}  # checkpoints of a few MB
+    spec = write(workdir / "spec.yaml", raw)
+    line = one_line(bounded_cli("train", str(spec), "--checkpoint-dir", str(tiny_disk), cwd=workdir), code=1)
+    assert f"no space left in {tiny_disk}" in line
+    assert not list(tiny_disk.glob("*.tmp"))
+
+
+def test_a_study_whose_every_trial_hit_a_full_disk_exits_1(workdir, tiny_disk):
+    raw = {**study_raw("full-disk", n_trials=2), "tracking": {"enabled": False}}
+    raw["model"] = {**raw["model"], "dim": 256}
+    spec = write(workdir / "spec.yaml", raw)
+    result = bounded_cli("run", str(spec), "--checkpoint-dir", str(tiny_disk), cwd=workdir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "all 2 trials this worker ran failed; the last: CheckpointNotWritten: no space left in" in result.stderr
+    trials = optuna.load_study(study_name="full-disk", storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert not list(tiny_disk.rglob("*.tmp"))
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(workdir):
+    (workdir / "a-file").write_text("")
+    spec = write(workdir / "spec.yaml", TINY)
+    line = one_line(bounded_cli("train", str(spec), "--checkpoint-dir", str(workdir / "a-file" / "sub"), cwd=workdir))
+    assert "cannot write checkpoints in" in line and "--checkpoint-dir" in line
+
+
+# -- secrets ---------------------------------------------------------------------------------------
+SECRET = "s3cretPW"
+
+
+def test_a_storage_password_is_never_printed_logged_written_or_on_a_command_line(workdir, postgres_url, sqlite_uri):
+    url = postgres_url.replace("postgres@", f"postgres:{SECRET}@")  # trust auth: any password is let in
+    name = f"secret-{os.getpid()}-{int(time.time())}"
+    raw = {**study_raw(name, n_trials=2), "tracking": {"experiment": name}}
+    raw["search"]["storage"] = url + "?connect_timeout=10"  # in the spec too: its study.yaml artifact is redacted
+    spec = write(workdir / "spec.yaml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--jobs", "2"], cwd=workdir,
+                            env={**os.environ, "VIT_SEARCH_STORAGE": url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen_workers = False
+    while proc.poll() is None:  # every vit-search process's command line, while they run
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "vit_search" in text and "--worker" in text:
+                seen_workers = True
+                assert SECRET not in text
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert seen_workers and SECRET not in out + err
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert len(runs) == 3
+    for run in runs:
+        assert SECRET not in repr(run.data.tags) + repr(run.data.params)
+        for artifact in client.list_artifacts(run.info.run_id):
+            if artifact.path.endswith(".yaml"):
+                text = Path(client.download_artifacts(run.info.run_id, artifact.path, str(workdir))).read_text()
+                assert SECRET not in text
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    assert parent.data.tags["optuna.storage"].startswith("postgresql://postgres:***@")
+    optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+# -- Ctrl-C anywhere --------------------------------------------------------------------------------
+def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(workdir):
+    spec = write(workdir / "spec.yaml", study_raw("early-ctrl-c", n_trials=2))
+    storage = study_raw("early-ctrl-c")["search"]["storage"]
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=30"],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:  # the first trial exists: it is being drawn, or set up, or training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        try:
+            if optuna.load_study(study_name="early-ctrl-c", storage=storage).get_trials():
+                break
+        except KeyError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    trials = optuna.load_study(study_name="early-ctrl-c", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert [t.user_attrs.get("error") for t in trials if t.state == TrialState.FAIL] == ["interrupted (Ctrl-C)"]
+    assert len([t for t in trials if t.state == TrialState.WAITING]) == 1
+
