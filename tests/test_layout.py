@@ -12,8 +12,9 @@ from typing import get_args
 import pytest
 
 from vit_search.data.sources import DATASETS
+from vit_search.init_sources import INIT_KEYS, INIT_SOURCES
 from vit_search.registry import KINDS, REGISTRY
-from vit_search.schema import DataSpec, ModelSpec, SearchSpec, Spec
+from vit_search.schema import DataSpec, InitSpec, ModelSpec, SearchSpec, Spec
 from vit_search.search.samplers import PRUNERS, SAMPLERS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vit_search"
@@ -28,6 +29,17 @@ def test_the_schema_takes_samplers_pruners_and_data_sets_from_their_tables():
     assert allowed(SearchSpec, "sampler") == set(SAMPLERS)
     assert allowed(SearchSpec, "pruner") == set(PRUNERS)
     assert allowed(DataSpec, "dataset") == set(DATASETS)
+
+
+def test_every_init_source_in_the_table_is_in_the_schema_has_a_reader_and_a_valid_example():
+    from vit_search.model.pretrained import READERS
+
+    assert allowed(InitSpec, "source") == set(INIT_SOURCES) == set(READERS)
+    for name, source in INIT_SOURCES.items():
+        example = __import__("yaml").safe_load(source.example)
+        assert example["from"] == name and set(example) - {"from"} == set(source.required)
+        assert InitSpec.model_validate(example).source == name
+        assert set(source.required + source.optional) <= set(INIT_KEYS)
 
 
 def test_every_block_kind_is_a_model_field_with_a_registered_default_and_a_stage():
@@ -71,7 +83,7 @@ def test_every_pruner_in_the_table_is_made(name):
 def test_docs_name_every_sampler_pruner_data_set_and_block_kind():
     search, spec = (DOCS / "search.md").read_text(), (DOCS / "spec.md").read_text()
     assert all(f"`{name}`" in search for name in [*SAMPLERS, *PRUNERS])
-    assert all(f"`{name}`" in spec for name in [*DATASETS, *KINDS])
+    assert all(f"`{name}`" in spec for name in [*DATASETS, *KINDS, *INIT_SOURCES])
 
 
 def _imports(path: Path) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vit_search.spec import SpecError, load_spec
@@ -37,9 +38,27 @@ def test_design_example_loads_with_derived_values():
     assert spec.flat()["model.attention.heads"] == 4
 
 
-def test_every_experiment_file_validates():
+def test_every_experiment_file_validates(tmp_path):
+    from vit_search.model import build_vit
+    from vit_search.search.space import check_space
+    from vit_search.train import checkpoint_dir_of
+
+    # finetune-digits.yaml starts from the checkpoint that training pretrain-synthetic.yaml writes; a
+    # stand-in of the same model (fresh weights, recorded as `vit-search train` records it) takes its place.
+    pretrain = load_spec(REPO / "experiments" / "pretrain-synthetic.yaml")
+    stand_in = tmp_path / "checkpoint.pt"
+    torch.save({"model": build_vit(pretrain).state_dict(),
+                "model_spec": pretrain.model.model_dump(mode="json", by_alias=True)}, stand_in)
+    written = yaml.safe_load((REPO / "experiments" / "finetune-digits.yaml").read_text())["model"]["init"]["path"]
+    # The documented command, run from the repository root, writes the file the fine-tuning spec names.
+    assert (REPO / "experiments" / written).resolve() == (REPO / checkpoint_dir_of(pretrain) / "checkpoint.pt").resolve()
     for path in sorted((REPO / "experiments").glob("*.yaml")):
-        load_spec(path)
+        overrides = [f"model.init.path={stand_in}"] if path.name == "finetune-digits.yaml" else []
+        spec = load_spec(path, overrides)
+        assert check_space(spec) == [], path
+        if path.name == "finetune-digits.yaml":
+            assert (spec.model.dim, spec.model.depth, spec.model.patch_embed["patch_size"]) == (192, 12, 8)
+            assert spec.model.num_classes == 10 and spec.model.in_channels == 1
 
 
 def test_set_overrides_values_as_yaml(write_spec):

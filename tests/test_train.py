@@ -228,3 +228,69 @@ def test_attention_blocks_that_do_not_call_sdpa_are_tagged_with_no_kernel():
     for attention, expected in (("einsum", {"none"}), ("sdpa", {"flash", "efficient", "math"})):
         spec = load_spec({**TINY, "model": {**TINY["model"], "attention": {"type": attention, "heads": 2}}})
         assert _attention_kernel(build_model(spec), accelerator, "no") in expected
+
+
+def test_layer_decay_gives_each_layer_its_rate_and_the_schedule_keeps_the_ratios():
+    from accelerate import Accelerator
+
+    from vit_search.train import _setup
+
+    spec = load_spec({**TINY, "train": {**TINY["train"], "layer_decay": 0.5, "warmup_epochs": 1},
+                      "tracking": {"enabled": False}})
+    run = _setup(spec, Accelerator(cpu=True), "no")
+    group_of = {id(p): g for g in run.optimizer.param_groups for p in g["params"]}
+    lr = spec.train.lr
+    expected = {"patch_embed.proj.weight": lr / 8, "pos_embed.weight": lr / 8, "pool.cls_token": lr / 8,
+                "blocks.0.attn.qkv.weight": lr / 4, "blocks.1.ffn.fc2.bias": lr / 2, "norm.weight": lr,
+                "head.fc.weight": lr}
+    named = dict(run.model.named_parameters())
+    # The peak rates (the schedule's warmup has already scaled "lr" for step 0).
+    assert {name: group_of[id(named[name])]["initial_lr"] for name in expected} == pytest.approx(expected)
+    # Weight decay still only on matrices, in every layer.
+    assert group_of[id(named["blocks.0.attn.qkv.weight"])]["weight_decay"] == spec.train.weight_decay
+    assert group_of[id(named["blocks.0.attn.qkv.bias"])]["weight_decay"] == 0.0
+    assert group_of[id(named["pos_embed.weight"])]["weight_decay"] == 0.0
+    for _ in range(7):  # into the warmup and past it: every group moves by the same factor
+        run.optimizer.step()
+        run.scheduler.step()
+        head = group_of[id(named["head.fc.weight"])]["lr"]
+        assert group_of[id(named["patch_embed.proj.weight"])]["lr"] == pytest.approx(head / 8)
+        assert group_of[id(named["blocks.1.ffn.fc2.bias"])]["lr"] == pytest.approx(head / 2)
+
+
+def test_frozen_parameters_stay_as_loaded_and_the_trainable_count_is_logged(workdir):
+    from vit_search.model import build_vit
+
+    source = build_vit(load_spec(TINY))
+    torch.save(source.state_dict(), workdir / "start.pth")
+    frozen = ["patch_embed.*", "pos_embed.*", "pool.*", "blocks.[0-0].*"]
+    spec = load_spec({**TINY, "model": {"init": {"from": "file", "path": str(workdir / "start.pth")},
+                                        "attention": {"heads": 2}},
+                      "train": {**TINY["train"], "epochs": 1, "freeze": frozen}, "tracking": {"experiment": "freeze"}})
+    result = train(spec)
+    trained = load_model(result.run_id)
+    after, before = trained.state_dict(), source.state_dict()
+    kept = [name for name in before if name.startswith(("patch_embed.", "pos_embed.", "pool.", "blocks.0."))]
+    assert kept and all(torch.equal(after[name], before[name]) for name in kept)
+    assert not torch.equal(after["blocks.1.attn.qkv.weight"], before["blocks.1.attn.qkv.weight"])
+    trainable = sum(p.numel() for name, p in source.named_parameters() if name not in kept)
+    assert result.trainable_parameters == trainable
+    assert MlflowClient().get_run(result.run_id).data.metrics["trainable_parameters"] == trainable
+
+
+def test_freeze_patterns_are_checked_when_the_spec_loads():
+    from vit_search.spec import SpecError
+
+    with pytest.raises(SpecError, match="train.freeze.1: 'patch_embd.*' matches no parameter"):
+        load_spec({**TINY, "train": {**TINY["train"], "freeze": ["blocks.*", "patch_embd.*"]}})
+    with pytest.raises(SpecError, match="train.freeze: freezes every parameter"):
+        load_spec({**TINY, "train": {**TINY["train"], "freeze": ["*"]}})
+    with pytest.raises(SpecError, match="train.layer_decay: Input should be less than or equal to 1"):
+        load_spec({**TINY, "train": {**TINY["train"], "layer_decay": 1.5}})
+
+
+def test_the_logged_lr_is_the_heads_under_layer_decay(workdir):
+    spec = load_spec({**TINY, "train": {**TINY["train"], "epochs": 2, "warmup_epochs": 0, "layer_decay": 0.5},
+                      "tracking": {"enabled": False}})
+    result = train(spec, checkpoint_dir=workdir / "ckpt")
+    assert result.history[0]["lr"] == pytest.approx(0.5 * spec.train.lr, rel=1e-6)  # half-way down the cosine

@@ -20,6 +20,8 @@ _EXPORTS = {
     "REGISTRY": "vit_search.registry",
     "build_model": "vit_search.model",
     "from_torchvision": "vit_search.model",
+    "from_timm": "vit_search.model",
+    "resample_position_embedding": "vit_search.model",
     "VisionTransformer": "vit_search.model",
     "PRESETS": "vit_search.presets",
     "load_spec": "vit_search.spec",

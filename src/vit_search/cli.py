@@ -89,14 +89,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
     """Print the model's per-stage table, parameters and FLOPs."""
     import torch
 
-    from .model import build_model
+    from .model import build_vit
     from .model.summary import summarize
 
     spec = _load(args)
     print(f"{spec.name}: image {spec.model.image_size}, {spec.model.in_channels} channels, "
           f"{spec.model.num_classes} classes")
+    if spec.model.init is not None:
+        from .model.pretrained import init_report
+
+        print(f"weights: {init_report(spec.model)}")
     with torch.device("meta"):  # shapes, parameters and FLOPs need no weights
-        model = build_model(spec)
+        model = build_vit(spec)
     print(summarize(model).table())
     return 0
 
@@ -106,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingFailed, train
 
     spec = _load(args)
+    _prepare_weights(spec)
     try:
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir)
     except TrainingFailed as err:  # diverged, or a checkpoint that could not be written
@@ -120,6 +125,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.run_id:
         print(f"mlflow run {result.run_id}")
     return 0
+
+
+def _prepare_weights(spec) -> None:
+    """Download or read ``model.init``'s weights before anything runs: a missing file is one line (exit 2)
+    here, not a failed MLflow run or one failed trial after another."""
+    if spec.model.init is not None:
+        from .errors import WeightsError
+        from .model.pretrained import prepare
+        from .spec import SpecError
+
+        try:
+            prepare(spec.model)
+        except WeightsError as err:
+            raise SpecError([f"{spec.locate(('model', 'init'))}: model.init: {err}"]) from None
 
 
 def _check_run_numbers(args: argparse.Namespace) -> None:
@@ -143,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec.search.n_trials = args.n_trials
     if args.dry_run is not None:
         return _dry_run(spec, args.dry_run)
+    _prepare_weights(spec)
     if args.jobs != 1:
         return _run_jobs(args, spec)
     from .redaction import redact

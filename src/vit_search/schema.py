@@ -3,19 +3,23 @@
 Names that must agree with an implementation come from that implementation's table: block kinds
 from :data:`~vit_search.registry.KINDS`, data sets from :data:`~vit_search.data.sources.DATASETS`,
 samplers and pruners from :mod:`~vit_search.search.samplers`, presets from
-:mod:`~vit_search.presets`. Loading YAML into these models, with errors located in the file, is
-:mod:`~vit_search.spec`'s job. Nothing here imports torch.
+:mod:`~vit_search.presets`, init sources from :data:`~vit_search.init_sources.INIT_SOURCES`.
+Loading YAML into these models, with errors located in the file, and composing a model section with
+the weights ``model.init`` names, is :mod:`~vit_search.spec`'s job. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_serializer, model_validator,
+)
 
 from .data.sources import DATASETS
+from .init_sources import INIT_KEYS, INIT_SOURCES
 from .presets import PRESETS
 from .redaction import redact
 from .registry import KINDS, did_you_mean
@@ -113,7 +117,40 @@ def block_type(raw_model: Any, kind: str) -> Any:
     return block.get("type") if isinstance(block, Mapping) else block
 
 
+class InitSpec(_Section):
+    """Where the model's starting weights come from (``model.init``); the model section is taken from them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    source: Literal[tuple(INIT_SOURCES)] = Field(  # type: ignore[valid-type]
+        alias="from", description="torchvision, timm, file or mlflow"
+    )
+    name: str | None = Field(None, min_length=1, description="torchvision, timm: the model's name")
+    weights: str | None = Field(None, min_length=1, description="torchvision: the weights enum's member")
+    path: str | None = Field(None, min_length=1, description="file: a state dict or checkpoint (relative: to the spec)")
+    run: str | None = Field(None, min_length=1, description="mlflow: the run id of a run or trial")
+    uri: str | None = Field(None, min_length=1, description="mlflow: the run's tracking store (default: this spec's)")
+
+    @model_validator(mode="after")
+    def _keys_of_the_source(self) -> "InitSpec":
+        entry = INIT_SOURCES[self.source]
+        given = {key for key in INIT_KEYS if getattr(self, key) is not None}
+        missing = [key for key in entry.required if key not in given]
+        extra = sorted(given - set(entry.required) - set(entry.optional))
+        if missing or extra:
+            takes = ", ".join(entry.required + entry.optional)
+            wrong = f"missing {', '.join(missing)}" if missing else f"'{extra[0]}' is not one of its keys"
+            raise ValueError(f"from {self.source} takes {takes}: {wrong}; e.g. {entry.example}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_keys_given(self, handler: Any) -> dict[str, Any]:
+        # Each source takes a few of the keys: the others are left out of the YAML and the params.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class _ModelSizes(_Section):
+    init: InitSpec | None = Field(None, description="start from these weights; the model section is taken from them")
     preset: str | None = Field(None, description="start from a named preset (vit_b_16, ...) and override")
     dim: int = Field(64, gt=0, le=65_536, description="token width D")
     depth: int = Field(4, gt=0, le=1024, description="number of encoder blocks")
@@ -185,6 +222,12 @@ class TrainSpec(_Section):
                                                                   "4 x batch_size; no gradients are kept)")
     cpu: bool = Field(False, description="train on the CPU even where a GPU is present")
     checkpoint_dir: str | None = Field(None, description="where epoch checkpoints go (default runs/<name>)")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay: the head at lr, each block below it scaled by this (None: off)"
+    )
+    freeze: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="parameter-name patterns (fnmatch) left untrained, e.g. patch_embed.*"
+    )
 
 
 Direction = Literal["maximize", "minimize"]
@@ -280,7 +323,7 @@ class Spec(_Section):
     def to_dict(self, exclude_search: bool = False) -> dict[str, Any]:
         """The resolved spec as plain data (what a YAML file would hold), passwords in URLs as ``***``:
         what is written of a spec (artifacts, exports) never carries a secret."""
-        data = self.model_dump(mode="json", exclude={"search"} if exclude_search else None)
+        data = self.model_dump(mode="json", by_alias=True, exclude={"search"} if exclude_search else None)
         if data.get("search") is None:
             data.pop("search", None)
         elif data["search"].get("storage"):

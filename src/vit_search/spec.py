@@ -58,12 +58,13 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
     cls: Any = Spec
     for part in loc:
         fields = getattr(cls, "model_fields", None)
-        if not fields or part not in fields:
+        by_key = {field.alias or name: field for name, field in (fields or {}).items()}
+        if part not in by_key:
             return []
-        cls = fields[part].annotation
+        cls = by_key[part].annotation
         while get_origin(cls) in (Union, types.UnionType):
             cls = next((a for a in get_args(cls) if a is not type(None)), cls)
-    return list(getattr(cls, "model_fields", {}))
+    return [field.alias or name for name, field in getattr(cls, "model_fields", {}).items()]
 
 
 _SCHEMA_PART = re.compile(r"^(int|str|float|bool|bytes|none|(tuple|list|dict|set|literal|union|function-\w+)\[.*\])$")
@@ -159,8 +160,9 @@ def load_spec(
         except RegistryError as err:
             raise SpecError([f"{where(('plugins', str(i)))}: plugins.{i}: {err.message}"]) from None
 
+    weights, validated = _on_init_weights(raw, base_dir, where)
     try:
-        spec = Spec.model_validate(raw)
+        spec = Spec.model_validate(validated)
     except ValidationError as err:
         raise SpecError(_pydantic_problems(err, where)) from None
     spec._source = None if isinstance(source, Mapping) else str(source)
@@ -168,11 +170,49 @@ def load_spec(
     spec._where = where
 
     problems = check_blocks(spec.model, where)
+    if not problems and weights is not None:
+        from .model.pretrained import fit_problems
+
+        problems = [f"{where(path)}: {'.'.join(path)}: {message}" for path, message in fit_problems(spec.model, weights)]
     if not problems and check_model:
-        problems = _check_build(spec.model, where)
+        problems = _check_build(spec, where)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tuple[Any, dict[str, Any]]:
+    """(what ``model.init``'s weights fix, the raw spec to validate: its model section on top of them).
+
+    The init section is completed in ``raw`` itself (a relative path made absolute, an MLflow run's
+    store), so that the raw spec loads from anywhere: a trial's spec, an exported best spec. Without
+    an init, or with one the schema will reject, the raw spec is validated as it is.
+    """
+    model = raw.get("model")
+    if not isinstance(model, Mapping) or not isinstance(model.get("init"), Mapping):
+        return None, raw
+    from .schema import InitSpec
+
+    init_raw = dict(model["init"])
+    if init_raw.get("from") == "file" and isinstance(init_raw.get("path"), str) and init_raw["path"]:
+        init_raw["path"] = str((base_dir / Path(init_raw["path"]).expanduser()).resolve())
+    if init_raw.get("from") == "mlflow" and not init_raw.get("uri"):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (raw.get("tracking") or {}).get("uri")
+        if isinstance(uri, str) and uri:
+            init_raw["uri"] = uri
+    raw["model"] = {**model, "init": init_raw}
+    try:
+        init = InitSpec.model_validate(init_raw)
+    except ValidationError:
+        return None, raw  # reported by the schema, at the right key
+    from .errors import WeightsError
+    from .model.pretrained import describe, heads_written, merge_onto_weights
+
+    try:
+        weights = describe(init, heads_written(model))
+    except WeightsError as err:
+        raise SpecError([f"{where(('model', 'init'))}: model.init: {err}"]) from None
+    return weights, {**raw, "model": merge_onto_weights(weights.section, raw["model"])}
 
 
 def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
@@ -203,11 +243,13 @@ def check_blocks(model: ModelSpec, where: _Locator | None = None) -> list[str]:
 MAX_PARAMETERS = 100_000_000_000  # a model beyond this is a typo (ViT-22B has 2.2e10)
 
 
-def _check_build(model: ModelSpec, where: _Locator) -> list[str]:
+def _check_build(spec: Spec, where: _Locator) -> list[str]:
+    from .finetune import frozen, unmatched
     from .model import build_on_meta, count_parameters
 
     try:
-        parameters = count_parameters(build_on_meta(model))
+        model = build_on_meta(spec.model)
+        parameters = count_parameters(model)
         if parameters > MAX_PARAMETERS:
             return [f"{where(('model',))}: model: {parameters:,} parameters is more than {MAX_PARAMETERS:,}; "
                     f"check dim, depth and the blocks' sizes"]
@@ -216,4 +258,13 @@ def _check_build(model: ModelSpec, where: _Locator) -> list[str]:
         return [f"{where(path)}: {err.message}"]
     except Exception as err:  # a plugin block failing in its own way: still one line, not a traceback
         return [f"{where(('model',))}: model: building it failed: {type(err).__name__}: {err}"]
+    names = [name for name, _ in model.named_parameters()]
+    for i, pattern in enumerate(spec.train.freeze):
+        if unmatched(names, [pattern]):
+            path = ("train", "freeze", str(i))
+            return [f"{where(path)}: train.freeze.{i}: '{pattern}' matches no parameter; names look like "
+                    f"patch_embed.proj.weight, blocks.0.attn.qkv.weight, head.fc.weight (fnmatch patterns)"]
+    if spec.train.freeze and len(frozen(names, spec.train.freeze)) == len(names):
+        return [f"{where(('train', 'freeze'))}: train.freeze: freezes every parameter, so nothing would train; "
+                f"leave the head (head.*) out of it"]
     return []

@@ -125,8 +125,10 @@ class Tracker:
         for operations in pending:
             operations.wait()
 
-    def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None) -> None:
-        """Log every resolved spec value as a param, model size and FLOPs, and provenance tags."""
+    def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None,
+                  trainable: int | None = None) -> None:
+        """Log every resolved spec value as a param, model size (and ``trainable_parameters``, what
+        ``train.freeze`` leaves), FLOPs, and provenance tags."""
         if not self.enabled:
             return
         import mlflow
@@ -137,7 +139,10 @@ class Tracker:
         params = {k: _param_value(v) for k, v in self.spec.flat().items()}
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
             mlflow.log_params(dict(list(params.items())[start:start + 100]))
-        mlflow.log_metrics({"parameters": parameters, "flops": flops})
+        sizes = {"parameters": parameters, "flops": flops}
+        if trainable is not None:
+            sizes["trainable_parameters"] = trainable
+        mlflow.log_metrics(sizes)
         tags = {"vit_search.version": __version__, "torch.version": torch.__version__, "device": device}
         commit = git_commit(Path(self.spec.source).parent if self.spec.source else ".")
         if commit:
@@ -180,13 +185,18 @@ def load_model(run_id: str, tracking_uri: str | None = None):
     import mlflow
     import torch
 
-    from .model import build_model
+    import yaml
+
+    from .model import build_vit
     from .spec import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACTS, dst_path=tmp,
                                                     tracking_uri=tracking_uri)
-        spec = load_spec(Path(local) / SPEC_FILE, check_model=False)
-        model = build_model(spec)
+        raw = yaml.safe_load((Path(local) / SPEC_FILE).read_text())
+        # The logged model section is complete; the weights it started from are replaced by the run's.
+        raw.get("model", {}).pop("init", None)
+        spec = load_spec(raw, check_model=False)
+        model = build_vit(spec)
         model.load_state_dict(torch.load(Path(local) / STATE_DICT_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -20,6 +20,7 @@ from torch import nn
 from .data.batches import DeviceBatches
 from .data.loading import load_data, make_loader
 from .errors import CheckpointError, DataError
+from .finetune import frozen, lr_scale
 from .model import build_model
 from .model.cost import model_cost
 from .performance import (
@@ -51,18 +52,43 @@ class TrainResult:
     flops: int = 0
     run_id: str | None = None
     train_seconds: float = 0.0
+    trainable_parameters: int = 0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices only; not on 1-D parameters (norm scales, biases), nor on
-    what the model's blocks declare in ``no_weight_decay()`` (tokens, position embeddings, a plugin's own)."""
+    what the model's blocks declare in ``no_weight_decay()`` (tokens, position embeddings, a plugin's own).
+    Frozen parameters (``requires_grad`` off) are left out.
+
+    With ``layer_decay``, each layer gets its own pair of groups, whose ``lr_scale`` is
+    ``layer_decay ** (depth + 1 - layer)`` (:func:`~vit_search.finetune.lr_scale`): the head at the
+    full rate, each block below at ``layer_decay`` times the one above. Without, one pair at scale 1.
+    """
     declared = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
-    decay, no_decay = [], []
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    if layer_decay is None:  # the two groups exist even when one is empty, in this order
+        groups = {(1.0, True): {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  (1.0, False): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0}}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in declared else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (param.ndim <= 1 or name in declared)
+        scale = lr_scale(name, depth, layer_decay)
+        group = groups.setdefault((scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> int:
+    """Turn off the gradients of the parameters that ``patterns`` match (``train.freeze``); returns
+    the number of trainable parameters left."""
+    names = frozen([name for name, _ in model.named_parameters()], patterns)
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -90,20 +116,24 @@ class _Setup:
     parameters: int
     flops: int
     graph_blocker: str | None  # why the step cannot be a CUDA graph (None: it can)
+    trainable: int
     step: Callable[..., torch.Tensor] | None = None  # made once the state is final
 
 
-def _setup(spec: Spec, accelerator: Any, precision: str) -> _Setup:
+def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = True) -> _Setup:
     cfg = spec.train
     data = load_data(spec.data, spec.seed, device=accelerator.device)
-    model = build_model(spec)
+    model = build_model(spec, init_weights=init_weights)  # a resumed run's weights come from its checkpoint
     parameters, flops = model_cost(spec.model)
+    trainable = freeze(model, cfg.freeze)
     model.set_grad_checkpointing(cfg.activation_checkpointing)
     blocker = graph_blocker(accelerator.device, data.on_device, precision, cfg, accelerator.num_processes) \
         if cfg.cuda_graph else "train.cuda_graph is false"
     fused = cfg.fused_optimizer and accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused,
-                                  capturable=blocker is None)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for group in groups:  # the schedule scales each group's own rate, so the layers' ratios hold
+        group["lr"] = cfg.lr * group["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, capturable=blocker is None)
     if blocker is None:
         device_learning_rates(optimizer)
     workers = 0 if data.on_device else spec.data.num_workers
@@ -135,7 +165,7 @@ def _setup(spec: Spec, accelerator: Any, precision: str) -> _Setup:
         warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker)
+    return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker, trainable)
 
 
 def _make_step(spec: Spec, run: _Setup, accelerator: Any) -> str:
@@ -206,7 +236,7 @@ def train(
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else None
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
-        run = _setup(spec, accelerator, precision)
+        run = _setup(spec, accelerator, precision, init_weights=checkpoint is None)
         start_epoch, history = 0, []
         if checkpoint is not None:
             try:
@@ -226,7 +256,7 @@ def train(
             tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
                 "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
                 "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
-            })
+            }, trainable=run.trainable)
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         checkpoints = CheckpointWriter(ckpt_path)
@@ -245,6 +275,8 @@ def train(
                         "model": _plain(run.model, accelerator).state_dict(),
                         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
+                        # What builds these weights: `model.init: {from: file}` reads it back.
+                        "model_spec": spec.model.model_dump(mode="json", by_alias=True),
                     }, after=logged)
                 accelerator.wait_for_everyone()
                 _epoch_callback(on_epoch, epoch, metrics, accelerator)
@@ -259,7 +291,7 @@ def train(
         if accelerator.is_main_process:
             tracker.log_model(_plain(run.model, accelerator).state_dict())
     train_seconds = sum(m["epoch_seconds"] for m in history)
-    return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds)
+    return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds, run.trainable)
 
 
 class TrainingStopped(Exception):
@@ -350,7 +382,7 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
             f"loss became {train_loss} in epoch {epoch + 1}; lower train.lr, set train.grad_clip, "
             f"or use mixed_precision: bf16 instead of fp16"
         )
-    return {"train_loss": train_loss, "lr": float(run.scheduler.get_last_lr()[0]),
+    return {"train_loss": train_loss, "lr": float(max(run.scheduler.get_last_lr())),  # the head's, with layer decay
             "images_per_second": seen * accelerator.num_processes / max(seconds, 1e-9), "epoch_seconds": seconds}
 
 

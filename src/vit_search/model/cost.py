@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..schema import ModelSpec
 from ..sizes import pair
-from .vit import build_model, count_parameters
+from .vit import build_vit, count_parameters
 
 
 def flop_count(model: nn.Module, images: torch.Tensor) -> int:
@@ -26,6 +26,6 @@ def model_cost(model: ModelSpec) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of a model section, built on the meta device: no memory,
     no arithmetic, so a ViT-H costs what a ViT-Ti does."""
     with torch.device("meta"):
-        built = build_model(model).eval()
+        built = build_vit(model).eval()
         flops = flop_count(built, torch.empty(1, model.in_channels, *pair(model.image_size)))
     return count_parameters(built), flops

@@ -127,8 +127,9 @@ class VisionTransformer(nn.Module):
         return self.head(self.pool(self.forward_features(images)))
 
 
-def build_model(spec: Spec | ModelSpec | Mapping[str, Any]) -> VisionTransformer:
-    """Build the ViT of a :class:`~vit_search.schema.Spec`, its ``model`` section, or a mapping of one."""
+def build_vit(spec: Spec | ModelSpec | Mapping[str, Any]) -> VisionTransformer:
+    """The ViT of a :class:`~vit_search.schema.Spec`, its ``model`` section, or a mapping of one, with
+    fresh weights (``model.init`` is :func:`~vit_search.model.build_model`'s to apply)."""
     if isinstance(spec, Spec):
         spec = spec.model
     elif not isinstance(spec, ModelSpec):
@@ -137,10 +138,10 @@ def build_model(spec: Spec | ModelSpec | Mapping[str, Any]) -> VisionTransformer
 
 
 def build_on_meta(model: ModelSpec) -> VisionTransformer:
-    """Build the model on torch's meta device (shapes only: no memory, no arithmetic), so that an
-    impossible combination fails as it would for real; raises what building raises."""
+    """The model built on torch's meta device (shapes only: no memory, no arithmetic, no weights read),
+    so that an impossible combination fails as it would for real; raises what building raises."""
     with torch.device("meta"):
-        return build_model(model)
+        return build_vit(model)
 
 
 def count_parameters(model: nn.Module) -> int:

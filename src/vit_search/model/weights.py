@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import WeightsError
 from ..presets import HEADS_BY_DIM
-from .vit import VisionTransformer, build_model
+from .vit import VisionTransformer, build_vit
 
 
 def _torchvision_key(key: str) -> str | None:
@@ -109,6 +109,30 @@ def _model_section_from_state_dict(
     return section
 
 
+def convert_torchvision_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ``VisionTransformer`` state dict under our parameter names (the same tensors);
+    raises :class:`~vit_search.errors.WeightsError` for a key that has no counterpart."""
+    ours: dict[str, Tensor] = {}
+    for key, value in state.items():
+        target = _torchvision_key(key)
+        if target is None:
+            if key.startswith("heads.pre_logits"):
+                raise WeightsError("torchvision ViTs with a representation (pre_logits) layer are not supported")
+            raise WeightsError(f"unexpected key '{key}' in the torchvision state dict")
+        if target in ours:
+            raise WeightsError(f"the state dict holds '{target}' twice (old and new torchvision names?)")
+        ours[target] = value
+    return ours
+
+
+def torchvision_module_facts(module: nn.Module) -> tuple[int, float | None]:
+    """(heads, LayerNorm epsilon) of a torchvision ``VisionTransformer``: what its state dict does not record."""
+    layers = getattr(getattr(module, "encoder", None), "layers", None)
+    if not layers:
+        raise WeightsError(f"{type(module).__name__} is not a torchvision VisionTransformer (no encoder.layers)")
+    return layers[0].self_attention.num_heads, getattr(module.encoder.ln, "eps", None)
+
+
 def from_torchvision(
     source: nn.Module | Mapping[str, Tensor] | str | os.PathLike[str],
     heads: int | None = None,
@@ -125,26 +149,14 @@ def from_torchvision(
     if isinstance(source, (str, os.PathLike)):
         source = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(source, nn.Module):
-        layers = getattr(getattr(source, "encoder", None), "layers", None)
-        if not layers:
-            raise WeightsError(f"{type(source).__name__} is not a torchvision VisionTransformer (no encoder.layers)")
-        heads = heads or layers[0].self_attention.num_heads
-        norm_eps = getattr(source.encoder.ln, "eps", None)
+        module_heads, norm_eps = torchvision_module_facts(source)
+        heads = heads or module_heads
         source = source.state_dict()
     if not isinstance(source, Mapping):
         raise WeightsError(f"expected a torchvision ViT, its state dict or a path to one, got {type(source).__name__}")
     state = dict(source)
-    ours = {}
-    for key, value in state.items():
-        target = _torchvision_key(key)
-        if target is None:
-            if key.startswith("heads.pre_logits"):
-                raise WeightsError("torchvision ViTs with a representation (pre_logits) layer are not supported")
-            raise WeightsError(f"unexpected key '{key}' in the torchvision state dict")
-        if target in ours:
-            raise WeightsError(f"the state dict holds '{target}' twice (old and new torchvision names?)")
-        ours[target] = value
-    model = build_model(_model_section_from_state_dict(state, heads, norm_eps))
+    ours = convert_torchvision_state(state)
+    model = build_vit(_model_section_from_state_dict(state, heads, norm_eps))
     try:
         model.load_state_dict(ours, strict=True)
     except RuntimeError as err:
