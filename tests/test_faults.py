@@ -281,3 +281,75 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     assert [t.user_attrs.get("error") for t in trials if t.state == TrialState.FAIL] == ["interrupted (Ctrl-C)"]
     assert len([t for t in trials if t.state == TrialState.WAITING]) == 1
 
+
+
+# -- the tracking server goes away ------------------------------------------------------------------
+def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real MLflow server on ``port`` over the store in ``root`` (the same store when started again)."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.3)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
+    proc.wait(timeout=30)
+
+
+def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_and_a_rerun_agrees(workdir, tmp_path):
+    from conftest import free_port
+
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    spec = write(workdir / "spec.yaml", study_raw("outage", n_trials=1))
+    command = [sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=60"]
+    server = _start_mlflow_server(store, port)
+    try:
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 240
+        while True:  # the trial is training: its run has an epoch's metrics
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            experiment = client.get_experiment_by_name("outage")
+            if experiment and client.search_runs([experiment.experiment_id],
+                                                 filter_string="tags.`optuna.trial_number` = '0' and metrics.val_accuracy > -1"):
+                break
+            time.sleep(0.2)
+        _kill_group(server)
+        out, err = proc.communicate(timeout=180)  # MLflow's retries are bounded: well under this
+        line = err.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+        assert f"MLflow tracking server {uri} does not answer" in line and "trial 0 is queued again" in line, err[-2000:]
+        trials = optuna.load_study(study_name="outage", storage=study_raw("outage")["search"]["storage"]).get_trials()
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+        assert trials[1].system_attrs["fixed_params"] == trials[0].params and "does not answer" in trials[0].user_attrs["error"]
+
+        server = _start_mlflow_server(store, port)
+        rerun = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        trials = optuna.load_study(study_name="outage", storage=study_raw("outage")["search"]["storage"]).get_trials()
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        children = {r.data.tags["optuna.trial_number"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+        assert {n: (r.info.status, r.data.tags.get("trial.state")) for n, r in children.items()} == {
+            "0": ("FAILED", "FAIL"), "1": ("FINISHED", "COMPLETE")}
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert [p.info.status for p in parents] == ["FINISHED"]
+    finally:
+        if server.poll() is None:
+            _kill_group(server)

@@ -22,6 +22,42 @@ MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that bui
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow retries an unreachable server for minutes per request by default (7 retries, backoff
+# factor 2, 120 s timeouts); a study should hear of an outage within a minute. Users may override.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def bound_http_retries() -> None:
+    """Bound MLflow's retries of a tracking server that does not answer (unless the environment sets them)."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
+    """Why the MLflow tracking server at ``uri`` (default: the current one) does not answer its
+    health check, or None when it does or the store is no server (a file, a database)."""
+    import urllib.error
+    import urllib.request
+
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return None
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code}"
+    except (OSError, ValueError) as err:
+        reason = str(getattr(err, "reason", err))
+    return f"MLflow tracking server {redact(uri)} does not answer ({reason[:120]})"
 
 
 def configure(spec: Spec) -> str:
@@ -31,6 +67,7 @@ def configure(spec: Spec) -> str:
     """
     import mlflow
 
+    bound_http_retries()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
@@ -38,6 +75,8 @@ def configure(spec: Spec) -> str:
     try:
         experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
     except Exception as err:
+        if server_problem():  # it went away since check_store
+            check_store(spec)
         if type(err).__module__.startswith("sqlalchemy") or "DatabaseError" in type(err).__name__:
             raise TrackingError(f"MLflow store {redact(mlflow.get_tracking_uri())} cannot be opened: "
                                 f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; move a damaged file away, "
@@ -54,10 +93,15 @@ class TrackingError(UserError):
 
 
 def check_store(spec: Spec) -> None:
-    """Refuse an MLflow store file that is no usable database, before MLflow (or a study) writes anything."""
+    """Refuse an MLflow store file that is no usable database, or a server that does not answer,
+    before MLflow (or a study) writes anything."""
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+    problem = server_problem(uri)
+    if problem:
+        raise TrackingError(f"{problem}; start it (or point MLFLOW_TRACKING_URI at one that runs), then run the "
+                            f"command again")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         problem = sqlite_problem(path)
@@ -107,18 +151,33 @@ class Tracker:
         try:
             yield self
         except KeyboardInterrupt:
-            self._wait_for_metrics()
-            mlflow.set_tag("error", "interrupted")
-            mlflow.end_run(status="KILLED")
+            self._end_quietly("KILLED", "interrupted")
             raise
         except BaseException as err:
-            self._wait_for_metrics()
-            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-            mlflow.end_run(status="FAILED")
+            self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
             raise
         else:
             self._wait_for_metrics()
             mlflow.end_run(status="FINISHED")
+
+    def _end_quietly(self, status: str, error: str) -> None:
+        """End the run on an error without hiding that error under MLflow's own. A run whose server
+        went away is left as it is (nothing would reach it, after a minute of retries): a study gives
+        it its trial's state when it resumes."""
+        import mlflow
+
+        if server_problem():
+            self._pending = []
+            return
+        try:
+            self._wait_for_metrics()
+            mlflow.set_tag("error", error)
+        except Exception:
+            pass  # the error being raised says more; a study reconciles the run's state later
+        try:
+            mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
+        except Exception:
+            pass
 
     def _wait_for_metrics(self) -> None:
         pending, self._pending = self._pending, []

@@ -30,7 +30,7 @@ from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .space import parse_space, to_params
 from .storage import check_file, check_url, study_lock
-from .study import StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
+from .study import StopWorker, StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
 from .study_runs import StudyRuns, end_active_run
 
 
@@ -44,6 +44,7 @@ class SearchResult:
     wall_seconds: float
     train_seconds: float
     interrupted: bool
+    stopped: str | None = None  # why this worker stopped early, its trial queued again (e.g. MLflow went away)
 
 
 class Infeasible(optuna.TrialPruned):
@@ -93,6 +94,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         handle = open_study(spec, url)
         runs = StudyRuns(spec, handle)
     runs.reopen_parent()
+    runs.reconcile()  # runs that an earlier worker left RUNNING when it lost the tracking server
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty())
     stop = threading.Event()
     runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root) for _ in range(trials_at_once)]
@@ -111,10 +113,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         bar.close()
         _share_trial(state.num_processes, None)  # the other processes may stop
     interrupted = any(r.interrupted for r in reports)
+    stopped = next((r.stopped for r in reports if r.stopped), None)
     runs.finish(interrupted=interrupted)
-    end_active_run()
+    if not runs.lost:
+        end_active_run()
     return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
-                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted)
+                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted, stopped)
 
 
 def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
@@ -221,7 +225,22 @@ class TrialRunner:
             raise Infeasible(reason) from None
 
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
-        """Train the trial (after its size constraints) and return its objective values."""
+        """Train the trial (after its size constraints) and return its objective values.
+
+        A trial that fails because MLflow's tracking server stopped answering is no fault of its
+        own: it is queued again and this worker stops (StopWorker), rather than fail trial after trial.
+        """
+        try:
+            return self._run(trial, drawn)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if self.runs.lost or self.runs.outage():
+                raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; start the server, then run "
+                                 f"the same command to resume") from err
+            raise
+
+    def _run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         search, number = self.spec.search, trial.number
         trial_spec, values = drawn
         searched = list(values)

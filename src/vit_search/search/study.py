@@ -93,6 +93,12 @@ class WorkerReport:
     storage: str
     trials_run: list[int] = field(default_factory=list)
     interrupted: bool = False
+    stopped: str | None = None  # why the worker stopped early (StopWorker), its trial queued again
+
+
+class StopWorker(Exception):
+    """Raised by a trial when its worker cannot go on (its tracking server went away): the trial is
+    failed with this message and queued again, and the worker returns."""
 
 
 def _worker_id() -> str:
@@ -275,7 +281,8 @@ def worker_loop(
     ``run_trial(trial, drawn)``, which returns the objective values, or raises ``optuna.TrialPruned``
     (pruned) or any other exception (failed, recorded with its error; the loop goes on). Either may
     raise those. Ctrl-C (a KeyboardInterrupt in ``run_trial``) fails the trial in progress with
-    "interrupted", queues it again, ends the loop and returns; so does ``stop`` once set, for loops
+    "interrupted", queues it again, ends the loop and returns, as does :class:`StopWorker` with its
+    message; so does ``stop`` once set, for loops
     in threads, which Ctrl-C does not reach (``run_trial`` must then raise KeyboardInterrupt too).
     """
     study = handle.study
@@ -325,8 +332,9 @@ def worker_loop(
                 values = run_trial(trial, drawn)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-        except KeyboardInterrupt:
-            _set_error(trial, "interrupted (Ctrl-C)")
+        except (KeyboardInterrupt, StopWorker) as err:
+            reason = str(err) if isinstance(err, StopWorker) else "interrupted (Ctrl-C)"
+            _set_error(trial, reason)
             with study_lock(handle.url, study.study_name):
                 frozen = study.get_trials(deepcopy=False)[trial.number]
                 if frozen.state == TrialState.RUNNING:  # not failed by another worker meanwhile
@@ -335,7 +343,10 @@ def worker_loop(
                     handle.set_trial_attr(trial.number, RETRIED, True)
                     study.tell(trial, state=TrialState.FAIL)
                     enqueue_retry(handle, frozen, frozen.system_attrs.get(RETRY_OF, []))
-            report.interrupted = True
+            if isinstance(err, StopWorker):
+                report.stopped = reason
+            else:
+                report.interrupted = True
             if on_trial_end:
                 on_trial_end(study.get_trials(deepcopy=False)[trial.number])
             return report

@@ -29,6 +29,18 @@ class StudyRuns:
         self.enabled = spec.tracking.enabled
         self.experiment_id = configure(spec) if self.enabled else None
         self.client = MlflowClient() if self.enabled else None
+        # Set when the tracking server went away: this worker then writes nothing more to MLflow,
+        # and the next worker to start reconciles the runs left behind (:meth:`reconcile`).
+        self.lost: str | None = None
+
+    def outage(self) -> str | None:
+        """Why MLflow's tracking server does not answer now (None: it does, or the store is no server)."""
+        if not self.enabled:
+            return None
+        from ..tracking import server_problem
+
+        self.lost = server_problem()
+        return self.lost
 
     @property
     def parent_id(self) -> str | None:
@@ -60,6 +72,26 @@ class StudyRuns:
         if parent and self.client.get_run(parent).info.status != "RUNNING":
             self.client.update_run(parent, status="RUNNING")
 
+    def reconcile(self) -> None:
+        """Give the runs of finished trials that MLflow still shows RUNNING (their worker lost the
+        tracking server, or died) the trial's state: a resumed study's runs then agree with Optuna."""
+        parent = self.parent_id
+        if not parent:
+            return
+        study = self.handle.study
+        finished = {str(t.number): t for t in study.get_trials(deepcopy=False)
+                    if t.state not in (TrialState.RUNNING, TrialState.WAITING)}
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                f"tags.`optuna.study_name` = '{study.study_name}' and "
+                                                f"attributes.status = 'RUNNING'")
+        for run in runs:
+            frozen = finished.get(run.data.tags.get("optuna.trial_number", ""))
+            if frozen is not None:
+                self.record_trial_end(frozen)  # ends failed trials' runs FAILED, pruned ones' KILLED
+                if frozen.state == TrialState.COMPLETE:
+                    self.client.set_terminated(run.info.run_id, "FINISHED")
+
     def trial_run(self, trial_spec: Spec, number: int, searched: list[str], extra_tags: dict[str, str] | None = None):
         """A child run for a trial that does not reach training (``with``: ended FAILED on an error)."""
         tracker = Tracker(trial_spec, enabled=self.enabled)
@@ -76,7 +108,7 @@ class StudyRuns:
     def record_trial_end(self, frozen: FrozenTrial) -> None:
         """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED)."""
         parent = self.parent_id
-        if not parent:
+        if not parent or self.lost:
             return
         runs = self.client.search_runs(
             [self.client.get_run(parent).info.experiment_id],
@@ -104,7 +136,7 @@ class StudyRuns:
         the time limit reached; re-running the study reopens it).
         """
         parent = self.parent_id
-        if not parent:
+        if not parent or self.lost:
             return
         client, study = self.client, self.handle.study
         trials = study.get_trials(deepcopy=False)
