@@ -265,8 +265,28 @@ Direction = Literal["maximize", "minimize"]
 Objective = Literal["val_accuracy", "val_loss", "train_loss", "parameters", "flops"]
 
 
+class SupernetSpec(_Section):
+    """``search.strategy: supernet``: one weight-sharing supernet, its subnets scored, finalists trained."""
+
+    epochs: int | None = Field(None, gt=0, le=1_000_000, description="phase 1: supernet epochs (default train.epochs)")
+    random_subnets: int = Field(2, ge=0, le=64, description="phase 1, sandwich rule: random subnets per step "
+                                                            "besides the largest and the smallest")
+    n_subnets: int = Field(200, gt=0, le=10_000_000, description="phase 2: subnets Optuna scores with inherited "
+                                                                 "weights (all workers together)")
+    finalists: int = Field(3, ge=0, le=1000, description="phase 3: best subnets trained as ordinary trials")
+    finalists_init: Literal["scratch", "inherited"] = Field(
+        "scratch", description="phase 3: finalists start from fresh weights or from the supernet's slices")
+    finalist_epochs: int | None = Field(None, gt=0, le=1_000_000, description="phase 3 epochs (default train.epochs)")
+    top_runs: int = Field(10, ge=0, le=1000, description="phase 2: best scored subnets logged as child runs "
+                                                         "(all of them go to one table artifact)")
+
+
 class SearchSpec(_Section):
     """The Optuna study; only ``vit-search run`` reads it."""
+
+    strategy: Literal["trials", "supernet"] = Field(
+        "trials", description="trials: each trial trained from scratch; supernet: weight-sharing one-shot search")
+    supernet: SupernetSpec = Field(default_factory=SupernetSpec, description="settings of strategy: supernet")
 
     n_trials: int | None = Field(20, gt=0, description="trials in the whole study, all workers together")
     timeout: float | None = Field(None, gt=0, description="seconds after which a worker starts no new trial")
