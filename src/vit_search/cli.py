@@ -200,8 +200,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .search.report import all_failed, top_table
     from .search.run import run_search
 
-    result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
-                        checkpoint_dir=args.checkpoint_dir)
+    if spec.search.strategy == "supernet":
+        from .search.supernet import run_supernet_search
+
+        if args.trials_per_gpu != 1:
+            raise BadInput("--trials-per-gpu: a supernet study trains one model at a time in each worker; drop it")
+        result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir)
+    else:
+        result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
+                            checkpoint_dir=args.checkpoint_dir)
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     failed = all_failed(result.study, result.trials_run)

@@ -276,7 +276,6 @@ class SupernetSpec(_Section):
     finalists: int = Field(3, ge=0, le=1000, description="phase 3: best subnets trained as ordinary trials")
     finalists_init: Literal["scratch", "inherited"] = Field(
         "scratch", description="phase 3: finalists start from fresh weights or from the supernet's slices")
-    finalist_epochs: int | None = Field(None, gt=0, le=1_000_000, description="phase 3 epochs (default train.epochs)")
     top_runs: int = Field(10, ge=0, le=1000, description="phase 2: best scored subnets logged as child runs "
                                                          "(all of them go to one table artifact)")
 
