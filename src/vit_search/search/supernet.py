@@ -268,7 +268,7 @@ class FinalistRunner(TrialRunner):
             path.parent.mkdir(parents=True, exist_ok=True)
             supernet = load_supernet(self.spec, self.space, self.weights).cpu()
             torch.save({"model": subnet_state_dict(supernet, trial_spec.model),
-                        "model_spec": trial_spec.model.model_dump(mode="json", by_alias=True)}, path)
+                        "model_spec": trial_spec.model.model_dump(by_alias=True)}, path)  # int layer keys
             raw = trial_spec.raw
             raw["model"]["init"] = {"from": "file", "path": str(path.resolve())}
             trial_spec = load_spec(raw, check_model=True)
