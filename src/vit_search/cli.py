@@ -58,30 +58,61 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 def _load_study_spec(args: argparse.Namespace):
     """The spec, with its search section checked too (a typo fails now, not an hour in)."""
-    from .search.space import check_space
     from .spec import SpecError
 
     spec = _load(args)
     if spec.search is None:
         raise BadInput(f"{args.spec}: no 'search:' section; add one (see experiments/digits.yaml), "
                        f"or use 'vit-search train' for a single run")
-    problems = check_space(spec)
+    problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
     return spec
 
 
+def _space_problems(spec) -> list[str]:
+    """Problems with the search space, one line each; a supernet study's must also share weights."""
+    from .search.space import check_space
+
+    problems = check_space(spec)
+    if not problems and spec.search is not None and spec.search.strategy == "supernet":
+        from .search.supernet_space import check_supernet_space
+
+        problems = check_supernet_space(spec)
+    return problems
+
+
+def _supernet_report(spec) -> list[str]:
+    """What a supernet study varies, and its largest and smallest subnets with their sizes."""
+    import torch
+
+    from .model import build_vit, count_parameters
+    from .search.supernet_space import SupernetSpace, describe_subnet
+
+    space = SupernetSpace.of(spec)
+    size = space.size()
+    lines = [f"  supernet over {', '.join(d.key for d in space.dims) or 'nothing'} "
+             f"({'continuous' if size is None else f'{size:,}'} subnets)"]
+    for label, largest in (("largest", True), ("smallest", False)):
+        model = space.model(space.extreme(largest))
+        with torch.device("meta"):
+            parameters = count_parameters(build_vit(model))
+        lines.append(f"  {label} subnet: {describe_subnet(model)} ({parameters:,} parameters)")
+    return lines
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a spec (search section included) without running anything."""
-    from .search.space import check_space
     from .spec import SpecError
 
     spec = _load(args)
-    problems = check_space(spec)
+    problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
     searched = f", {len(spec.search.space)} searched values" if spec.search else ""
     print(f"{args.spec}: ok ({spec.name}{searched})")
+    if spec.search is not None and spec.search.strategy == "supernet":
+        print("\n".join(_supernet_report(spec)))
     return 0
 
 
@@ -169,8 +200,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .search.report import all_failed, top_table
     from .search.run import run_search
 
-    result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
-                        checkpoint_dir=args.checkpoint_dir)
+    if spec.search.strategy == "supernet":
+        from .search.supernet import run_supernet_search
+
+        if args.trials_per_gpu != 1:
+            raise BadInput("--trials-per-gpu: a supernet study trains one model at a time in each worker; drop it")
+        result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir)
+    else:
+        result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
+                            checkpoint_dir=args.checkpoint_dir)
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     failed = all_failed(result.study, result.trials_run)

@@ -85,6 +85,7 @@ class DataSpec(_Section):
 
 
 BlockSpec = dict[str, Any]
+LAYER_KINDS = ("attention", "ffn")  # the kinds each encoder layer has its own block of
 
 
 def with_preset(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,11 +189,39 @@ class ModelSpec(_ModelBlocks):
     image_size: Size | None = Field(None, description="derived from data.image_size")
     in_channels: int | None = Field(None, gt=0, description="derived from the data set")
     num_classes: int | None = Field(None, gt=0, description="derived from the data set")
+    layers: dict[int, dict[Literal[LAYER_KINDS], dict[str, Any]]] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="per encoder layer (0-based): own arguments of its attention or ffn "
+                                          "over the model's, e.g. {0: {attention: {heads: 2}}}")
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> "ModelSpec":
+        for index, blocks in self.layers.items():
+            if not 0 <= index < self.depth:
+                raise ValueError(f"layers.{index}: there is no layer {index} in a model of depth {self.depth} "
+                                 f"(layers are numbered 0 to {self.depth - 1}); remove it or raise depth")
+            for kind, args in blocks.items():
+                if "type" in args:
+                    raise ValueError(f"layers.{index}.{kind}: a layer sets its block's arguments, not its type; "
+                                     f"remove 'type' (model.{kind}.type is every layer's)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _layers_only_when_set(self, handler: Any) -> dict[str, Any]:
+        # Most models set no layer of their own: their YAML, params and exports stay as they were.
+        data = handler(self)
+        if not data.get("layers"):
+            data.pop("layers", None)
+        return data
 
     def block(self, kind: str) -> tuple[str, dict[str, Any]]:
         """The (type, own arguments) of the block of ``kind``."""
         spec = dict(getattr(self, kind))
         return spec.pop("type"), spec
+
+    def layer_block(self, kind: str, index: int) -> tuple[str, dict[str, Any]]:
+        """The (type, own arguments) of layer ``index``'s ``kind`` block: the model's, with the layer's on top."""
+        name, args = self.block(kind)
+        return name, {**args, **self.layers.get(index, {}).get(kind, {})}
 
 
 class TrainSpec(_Section):
@@ -236,8 +265,27 @@ Direction = Literal["maximize", "minimize"]
 Objective = Literal["val_accuracy", "val_loss", "train_loss", "parameters", "flops"]
 
 
+class SupernetSpec(_Section):
+    """``search.strategy: supernet``: one weight-sharing supernet, its subnets scored, finalists trained."""
+
+    epochs: int | None = Field(None, gt=0, le=1_000_000, description="phase 1: supernet epochs (default train.epochs)")
+    random_subnets: int = Field(2, ge=0, le=64, description="phase 1, sandwich rule: random subnets per step "
+                                                            "besides the largest and the smallest")
+    n_subnets: int = Field(200, gt=0, le=10_000_000, description="phase 2: subnets Optuna scores with inherited "
+                                                                 "weights (all workers together)")
+    finalists: int = Field(3, ge=0, le=1000, description="phase 3: best subnets trained as ordinary trials")
+    finalists_init: Literal["scratch", "inherited"] = Field(
+        "scratch", description="phase 3: finalists start from fresh weights or from the supernet's slices")
+    top_runs: int = Field(10, ge=0, le=1000, description="phase 2: best scored subnets logged as child runs "
+                                                         "(all of them go to one table artifact)")
+
+
 class SearchSpec(_Section):
     """The Optuna study; only ``vit-search run`` reads it."""
+
+    strategy: Literal["trials", "supernet"] = Field(
+        "trials", description="trials: each trial trained from scratch; supernet: weight-sharing one-shot search")
+    supernet: SupernetSpec = Field(default_factory=SupernetSpec, description="settings of strategy: supernet")
 
     n_trials: int | None = Field(20, gt=0, description="trials in the whole study, all workers together")
     timeout: float | None = Field(None, gt=0, description="seconds after which a worker starts no new trial")

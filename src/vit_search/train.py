@@ -35,6 +35,9 @@ from .tracking import Tracker
 from .train_step import EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# (model, optimizer, scheduler, criterion, grad_clip, accelerator) -> step(images, labels, sync) -> loss:
+# a training step of the caller's own, such as the supernet's sandwich step.
+StepFactory = Callable[..., Callable[..., torch.Tensor]]
 _ACCELERATE_STATE = threading.Lock()
 
 
@@ -168,12 +171,15 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
     return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker, trainable)
 
 
-def _make_step(spec: Spec, run: _Setup, accelerator: Any) -> str:
+def _make_step(spec: Spec, run: _Setup, accelerator: Any, make_step: StepFactory | None = None) -> str:
     """Give ``run`` its step, captured as a CUDA graph where it can be; returns the ``cuda_graph`` tag.
 
     Called once the weights, optimizer state and random state are final (a resumed run's loaded):
     a graph keeps the addresses of the tensors it was captured with.
     """
+    if make_step is not None:  # the caller's step (several forward passes a step): never captured
+        run.step = make_step(run.model, run.optimizer, run.scheduler, run.criterion, spec.train.grad_clip, accelerator)
+        return "off: a step of the caller's own"
     eager = EagerStep(run.model, run.optimizer, run.scheduler, run.criterion, spec.train.grad_clip, accelerator)
     run.step = eager
     if run.graph_blocker is not None:
@@ -201,13 +207,16 @@ def train(
     tags: dict[str, str] | None = None,
     progress: bool = True,
     stop: threading.Event | None = None,
+    make_step: StepFactory | None = None,
+    run_id: str | None = None,
 ) -> TrainResult:
     """Train and evaluate ``spec``; returns final val and test metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation on the main process (the
     search uses it to report and prune; an exception it raises ends the run). ``stop``, once set,
     ends the run at the next step as Ctrl-C would (KeyboardInterrupt): how a worker stops the
-    trials it trains in other threads. With ``resume``, a
+    trials it trains in other threads. ``make_step`` replaces the training step (see
+    :data:`StepFactory`); ``run_id`` logs into that existing MLflow run. With ``resume``, a
     run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
     Whatever fails after the start, data loading included, ends the MLflow run FAILED.
     """
@@ -234,7 +243,7 @@ def train(
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
-    run_id = checkpoint["run_id"] if checkpoint else None
+    run_id = checkpoint["run_id"] if checkpoint else run_id
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
         run = _setup(spec, accelerator, precision, init_weights=checkpoint is None)
         start_epoch, history = 0, []
@@ -251,7 +260,7 @@ def train(
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
-        graph = _make_step(spec, run, accelerator)
+        graph = _make_step(spec, run, accelerator, make_step)
         if checkpoint is None:
             tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
                 "num_processes": str(accelerator.num_processes), "mixed_precision": precision,

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vit_search import register
+from vit_search.blocks.elastic import Elastic, sliced_linear
 
 __all__ = ["CosineAttention"]
 
@@ -29,10 +30,14 @@ MAX_LOGIT_SCALE = math.log(100.0)  # Swin V2 clamps the per-head scale at 100
 
 
 @register("attention", "cosine")
-class CosineAttention(nn.Module):
+class CosineAttention(Elastic, nn.Module):
     """Scaled cosine attention (Swin V2): cos(q, k) times a learnable per-head scale, at most 100."""
 
     fused_attn = True  # it calls F.scaled_dot_product_attention: runs are tagged with the kernel it gets
+    # Elastic (search.strategy: supernet): a subnet of width d and h heads uses q, k and v's leading d
+    # rows and the first h per-head scales; the supernet holds the most heads (the default capacity).
+    elastic_args = ("heads",)
+    weight_chunks = {"qkv.weight": 3, "qkv.bias": 3}
 
     def __init__(
         self,
@@ -56,13 +61,25 @@ class CosineAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
+    def set_sample_config(self, dim: int | None = None, heads: int = 8) -> None:
+        """Run as the subnet of width ``dim`` with ``heads`` heads (``dim=None``: as built)."""
+        if dim is not None and (heads <= 0 or dim % heads or heads > self.heads):
+            raise ValueError(f"dim {dim} and heads {heads}: heads must divide dim and be at most {self.heads}")
+        super().set_sample_config(dim, heads=heads)
+
     def forward(self, tokens: Tensor) -> Tensor:
-        q, k, v = rearrange(self.qkv(tokens), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads).unbind(0)
-        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().view(-1, 1, 1)  # (heads, 1, 1)
+        if self.sample is None:
+            qkv, heads = self.qkv(tokens), self.heads
+        else:
+            qkv, heads = sliced_linear(self.qkv, tokens, 3 * self.sample["dim"], chunks=3), self.sample["heads"]
+        q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=heads).unbind(0)
+        scale = self.logit_scale[:heads].clamp(max=MAX_LOGIT_SCALE).exp().view(-1, 1, 1)  # (heads, 1, 1)
         # cos(q, k) * s = (s * q/|q|) . (k/|k|): fold the scale into q and let SDPA do the rest
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, scale=1.0
         )
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        merged = rearrange(out, "b h n d -> b n (h d)")
+        projected = self.proj(merged) if self.sample is None else sliced_linear(self.proj, merged, merged.shape[-1])
+        return self.proj_drop(projected)

@@ -12,10 +12,20 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..registry import register
+from .elastic import Elastic, norm, sliced_linear
 
 
-class _MultiHeadSelfAttention(nn.Module):
-    """Shared parameters: one fused qkv projection, optional per-head q/k LayerNorm, output proj."""
+class _MultiHeadSelfAttention(Elastic, nn.Module):
+    """Shared parameters: one fused qkv projection, optional per-head q/k LayerNorm, output proj.
+
+    Elastic in dim and heads: a subnet of width d uses q, k and v's leading d rows (and columns) and
+    splits them into its own heads of d / heads channels each.
+    """
+
+    elastic_args = ("heads",)
+    weight_chunks = {"qkv.weight": 3, "qkv.bias": 3}  # q, k, v: each keeps its own leading rows
+    # Fewer heads are wider: the per-head q/k norms of the fewest heads hold every subnet's.
+    elastic_capacity = {"heads": "min"}
 
     def __init__(
         self,
@@ -35,17 +45,29 @@ class _MultiHeadSelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.attn_drop = nn.Dropout(attn_dropout)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
+    def set_sample_config(self, dim: int | None = None, heads: int = 8) -> None:
+        """Run as the subnet of width ``dim`` and ``heads`` heads (``dim=None``: as built)."""
+        if dim is not None and (heads <= 0 or dim % heads):
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
+        super().set_sample_config(dim, heads=heads)
+
     def _split_heads(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = rearrange(self.qkv(tokens), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads).unbind(0)
+        if self.sample is None:
+            qkv, heads = self.qkv(tokens), self.heads
+        else:
+            qkv, heads = sliced_linear(self.qkv, tokens, 3 * self.sample["dim"], chunks=3), self.sample["heads"]
+        q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=heads).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
     def _merge_heads(self, out: Tensor) -> Tensor:
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        merged = rearrange(out, "b h n d -> b n (h d)")
+        projected = self.proj(merged) if self.sample is None else sliced_linear(self.proj, merged, merged.shape[-1])
+        return self.proj_drop(projected)
 
 
 @register("attention", "sdpa")
@@ -68,6 +90,6 @@ class EinsumAttention(_MultiHeadSelfAttention):
 
     def forward(self, tokens: Tensor) -> Tensor:
         q, k, v = self._split_heads(tokens)
-        scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.scale
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5  # = self.scale as built
         weights = self.attn_drop(scores.softmax(dim=-1))
         return self._merge_heads(torch.einsum("b h i j, b h j d -> b h i d", weights, v))

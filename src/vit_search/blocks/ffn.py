@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
+from .elastic import Elastic, sliced_linear
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -21,8 +22,10 @@ def hidden_size(dim: int, ratio: float, hidden_dim: int | None) -> int:
 
 
 @register("ffn", "mlp")
-class Mlp(nn.Module):
+class Mlp(Elastic, nn.Module):
     """Linear, activation, dropout, Linear, dropout: the paper's MLP."""
+
+    elastic_args = ("ratio", "hidden_dim")  # a subnet keeps the leading hidden units and channels
 
     def __init__(
         self,
@@ -40,13 +43,25 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(dropout)
 
+    def set_sample_config(self, dim: int | None = None, ratio: float = 4.0, hidden_dim: int | None = None) -> None:
+        """Run as the subnet of width ``dim`` and this ratio or hidden width (``dim=None``: as built)."""
+        super().set_sample_config(dim, ratio=ratio, hidden_dim=hidden_dim)
+        if dim is not None:
+            self.sample["hidden"] = hidden_size(dim, ratio, hidden_dim)
+
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(tokens)))))
+        if self.sample is None:
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(tokens)))))
+        hidden = self.drop1(self.act(sliced_linear(self.fc1, tokens, self.sample["hidden"])))
+        return self.drop2(sliced_linear(self.fc2, hidden, tokens.shape[-1]))
 
 
 @register("ffn", "swiglu")
-class SwiGLU(nn.Module):
+class SwiGLU(Elastic, nn.Module):
     """Gated SiLU unit (Shazeer, 2020): fc2(silu(x W) * (x V)); hidden is 2/3 of ratio*dim by default."""
+
+    elastic_args = ("ratio", "hidden_dim")
+    weight_chunks = {"fc1.weight": 2, "fc1.bias": 2}  # gate and value: each keeps its own leading rows
 
     def __init__(self, dim: int, ratio: float = 4.0, hidden_dim: int | None = None, dropout: float = 0.0):
         super().__init__()
@@ -56,6 +71,15 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def set_sample_config(self, dim: int | None = None, ratio: float = 4.0, hidden_dim: int | None = None) -> None:
+        """Run as the subnet of width ``dim`` and this ratio or hidden width (``dim=None``: as built)."""
+        super().set_sample_config(dim, ratio=ratio, hidden_dim=hidden_dim)
+        if dim is not None:
+            self.sample["hidden"] = hidden_size(dim, ratio * 2 / 3, hidden_dim)
+
     def forward(self, tokens: Tensor) -> Tensor:
-        gate, value = self.fc1(tokens).chunk(2, dim=-1)
-        return self.drop(self.fc2(self.drop(F.silu(gate) * value)))
+        if self.sample is None:
+            gate, value = self.fc1(tokens).chunk(2, dim=-1)
+            return self.drop(self.fc2(self.drop(F.silu(gate) * value)))
+        gate, value = sliced_linear(self.fc1, tokens, 2 * self.sample["hidden"], chunks=2).chunk(2, dim=-1)
+        return self.drop(sliced_linear(self.fc2, self.drop(F.silu(gate) * value), tokens.shape[-1]))

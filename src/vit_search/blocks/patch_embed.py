@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from einops import rearrange
 from einops.layers.torch import Rearrange
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
+from .elastic import Elastic, leading_slice, sliced_linear
 from ..sizes import pair
 
 
@@ -24,8 +26,10 @@ def patch_grid(image_size: int | tuple[int, int], patch_size: int | tuple[int, i
 
 
 @register("patch_embed", "conv")
-class ConvPatchEmbed(nn.Module):
+class ConvPatchEmbed(Elastic, nn.Module):
     """Conv2d with kernel = stride = patch size, as in the paper and torchvision."""
+
+    elastic_args = ()  # elastic in dim: a subnet keeps the leading output channels
 
     def __init__(
         self, in_channels: int, dim: int, image_size: int | tuple[int, int], patch_size: int | tuple[int, int] = 16
@@ -36,12 +40,19 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=pair(patch_size), stride=pair(patch_size))
 
     def forward(self, images: Tensor) -> Tensor:
-        return rearrange(self.proj(images), "b d h w -> b (h w) d")
+        if self.sample is None:
+            return rearrange(self.proj(images), "b d h w -> b (h w) d")
+        dim, proj = self.sample["dim"], self.proj
+        weight = leading_slice(proj.weight, (dim, *proj.weight.shape[1:]))
+        bias = None if proj.bias is None else proj.bias[:dim]
+        return rearrange(F.conv2d(images, weight, bias, stride=proj.stride), "b d h w -> b (h w) d")
 
 
 @register("patch_embed", "linear")
-class LinearPatchEmbed(nn.Module):
+class LinearPatchEmbed(Elastic, nn.Module):
     """Flatten each patch (einops) and project it with one Linear: the conv's equivalent, unfolded."""
+
+    elastic_args = ()  # elastic in dim: a subnet keeps the leading output rows
 
     def __init__(
         self, in_channels: int, dim: int, image_size: int | tuple[int, int], patch_size: int | tuple[int, int] = 16
@@ -54,4 +65,5 @@ class LinearPatchEmbed(nn.Module):
         self.proj = nn.Linear(ph * pw * in_channels, dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.proj(self.to_patches(images))
+        patches = self.to_patches(images)
+        return self.proj(patches) if self.sample is None else sliced_linear(self.proj, patches, self.sample["dim"])

@@ -6,11 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register
+from .elastic import Elastic
 
 
 @register("pooling", "cls")
-class ClsPooling(nn.Module):
+class ClsPooling(Elastic, nn.Module):
     """Prepend a learnable [class] token before the encoder; pool by taking it afterwards."""
+
+    elastic_args = ()  # elastic in dim: the token's leading channels, as wide as the patch tokens
 
     num_prefix_tokens = 1
 
@@ -25,15 +28,18 @@ class ClsPooling(nn.Module):
         return {"cls_token"}
 
     def prepend(self, tokens: Tensor) -> Tensor:
-        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        token = self.cls_token[..., : tokens.shape[-1]]  # the whole token unless a subnet is narrower
+        return torch.cat([token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return tokens[:, 0]
 
 
 @register("pooling", "mean")
-class MeanPooling(nn.Module):
+class MeanPooling(Elastic, nn.Module):
     """Average the patch tokens (global average pooling); adds no token, so none is averaged in."""
+
+    elastic_args = ()  # no weights: any width
 
     num_prefix_tokens = 0
 

@@ -6,11 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register
+from .elastic import Elastic
 
 
 @register("position", "learned")
-class LearnedPosition(nn.Module):
+class LearnedPosition(Elastic, nn.Module):
     """A learned vector per token position (1-D), including the slots of prefix tokens."""
+
+    elastic_args = ()  # elastic in dim: each position's leading channels
 
     def __init__(self, dim: int, num_patches: int, grid: tuple[int, int], num_prefix_tokens: int, std: float = 0.02):
         super().__init__()
@@ -21,7 +24,8 @@ class LearnedPosition(nn.Module):
         return {"weight"}
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return tokens + self.weight
+        width = tokens.shape[-1]
+        return tokens + (self.weight if width == self.weight.shape[-1] else self.weight[..., :width])
 
 
 def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
@@ -39,8 +43,10 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> 
 
 
 @register("position", "sincos2d")
-class SinCos2dPosition(nn.Module):
+class SinCos2dPosition(Elastic, nn.Module):
     """Fixed 2-D sine-cosine embedding of the patch grid; prefix tokens get zeros."""
+
+    elastic_args = ()  # no weights: a narrower subnet gets the table of its own width (not a slice)
 
     def __init__(
         self, dim: int, num_patches: int, grid: tuple[int, int], num_prefix_tokens: int, temperature: float = 10000.0
@@ -49,14 +55,21 @@ class SinCos2dPosition(nn.Module):
         table = torch.cat([torch.zeros(num_prefix_tokens, dim), sincos_2d(grid, dim, temperature)])
         # Not persistent: it is a function of the shapes, so checkpoints need not carry it.
         self.register_buffer("table", table[None], persistent=False)
+        self.grid, self.num_prefix_tokens, self.temperature = grid, num_prefix_tokens, temperature
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return tokens + self.table.to(tokens.dtype)
+        if tokens.shape[-1] == self.table.shape[-1]:
+            return tokens + self.table.to(tokens.dtype)
+        width = tokens.shape[-1]
+        table = torch.cat([torch.zeros(self.num_prefix_tokens, width), sincos_2d(self.grid, width, self.temperature)])
+        return tokens + table.to(tokens.device, tokens.dtype)
 
 
 @register("position", "none")
-class NoPosition(nn.Module):
+class NoPosition(Elastic, nn.Module):
     """No position information (a bag of patches)."""
+
+    elastic_args = ()
 
     def __init__(self, dim: int, num_patches: int, grid: tuple[int, int], num_prefix_tokens: int):
         super().__init__()

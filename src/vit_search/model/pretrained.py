@@ -85,7 +85,8 @@ def merge_onto_weights(section: Mapping[str, Any], raw_model: Mapping[str, Any])
         base = merged.get(key)
         if isinstance(value, str) and key in KINDS:  # `ffn: mlp` is short for `ffn: {type: mlp}`
             value = {"type": value}
-        if isinstance(base, dict) and isinstance(value, Mapping) and value.get("type", base["type"]) == base["type"]:
+        if key in KINDS and isinstance(base, dict) and isinstance(value, Mapping) \
+                and value.get("type", base["type"]) == base["type"]:
             merged[key] = {**base, **value}
         else:
             merged[key] = value
@@ -123,6 +124,9 @@ def fit_problems(model: ModelSpec, weights: Weights) -> list[tuple[tuple[str, ..
         elif key == "layer_scale":  # its value only initialises the scales the weights hold
             if (model.layer_scale is None) != (stated is None):
                 differs(("model", key), model.layer_scale, stated)
+        elif key == "layers":  # layer numbers come back from JSON records as text
+            if model.layers != {int(i): blocks for i, blocks in (stated or {}).items()}:
+                differs(("model", key), model.layers, stated)
         elif getattr(model, key) != stated:
             differs(("model", key), getattr(model, key), stated)
     if model.in_channels != weights.in_channels and model.block("patch_embed")[0] != "conv":

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..blocks.elastic import ElasticLayerNorm
 from ..registry import REGISTRY, RegistryError
 from ..schema import ModelSpec, Spec
 
@@ -24,7 +25,8 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+        width = x.shape[-1]  # a narrower subnet (supernet search) scales with the leading entries
+        return x * (self.gamma if width == self.gamma.shape[0] else self.gamma[:width])
 
 
 class EncoderBlock(nn.Module):
@@ -43,11 +45,11 @@ class EncoderBlock(nn.Module):
         if drop_path > 0:
             # Imported here: torchvision takes seconds to import, and most small models skip it.
             from torchvision.ops import StochasticDepth
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = ElasticLayerNorm(dim, eps=norm_eps)
         self.attn = attn
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = ElasticLayerNorm(dim, eps=norm_eps)
         self.ffn = ffn
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
@@ -66,9 +68,13 @@ class VisionTransformer(nn.Module):
             raise RegistryError("model: image_size, in_channels and num_classes must be set (or come from data)")
         dim = model.dim
 
-        def block(kind: str, **context: Any) -> nn.Module:
-            name, kwargs = model.block(kind)
-            return REGISTRY.build(kind, name, kwargs, context, f"model.{kind}")
+        def block(kind: str, layer: int | None = None, **context: Any) -> nn.Module:
+            if layer is None:
+                name, kwargs = model.block(kind)
+                return REGISTRY.build(kind, name, kwargs, context, f"model.{kind}")
+            name, kwargs = model.layer_block(kind, layer)
+            where = f"model.layers.{layer}.{kind}" if kind in model.layers.get(layer, {}) else f"model.{kind}"
+            return REGISTRY.build(kind, name, kwargs, context, where)
 
         self.patch_embed = block("patch_embed", in_channels=model.in_channels, dim=dim, image_size=model.image_size)
         self.pool = block("pooling", dim=dim)
@@ -83,15 +89,17 @@ class VisionTransformer(nn.Module):
         # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
         rates = [model.drop_path_rate * i / max(model.depth - 1, 1) for i in range(model.depth)]
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, block("attention", dim=dim), block("ffn", dim=dim), rate, model.layer_scale, model.norm_eps)
-            for rate in rates
+            EncoderBlock(dim, block("attention", i, dim=dim), block("ffn", i, dim=dim), rate, model.layer_scale,
+                         model.norm_eps)
+            for i, rate in enumerate(rates)
         )
-        self.norm = nn.LayerNorm(dim, eps=model.norm_eps)
+        self.norm = ElasticLayerNorm(dim, eps=model.norm_eps)
         self.head = block("head", dim=dim, num_classes=model.num_classes)
         self.num_classes = model.num_classes
         self.image_size = model.image_size
         self.in_channels = model.in_channels
         self.grad_checkpointing = False
+        self.active_depth: int | None = None  # a supernet's subnet runs the first blocks only (None: all)
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The model's stages in the order ``forward`` runs them, by name (for summaries)."""
@@ -116,7 +124,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, N, D), prefix tokens included."""
         x = self.pos_drop(self.pos_embed(self.pool.prepend(self.patch_embed(images))))
-        for blk in self.blocks:
+        for blk in self.blocks if self.active_depth is None else self.blocks[: self.active_depth]:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:

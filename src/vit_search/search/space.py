@@ -8,6 +8,7 @@ Keys are dotted paths into the spec; values say how to draw them::
     model.attention: {choice: [{type: sdpa, heads: 4}, {type: einsum, heads: 2}]}
     model.ffn.type: {choice: [mlp, swiglu]}
     model.ffn[mlp].ratio: {choice: [2, 4]}               # searched only when model.ffn.type is mlp
+    model.layers.0.attention.heads: {choice: [2, 4]}     # layer 0's own; drawn only when the model has it
 
 A bracket names a block type: ``model.ffn[mlp].ratio`` is drawn only in trials whose ``model.ffn``
 is an ``mlp``, so a block's own arguments are searched only where the block is chosen.
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..registry import KINDS, did_you_mean
-from ..schema import block_type, set_path
+from ..schema import ModelSpec, block_type, set_path, with_preset
 from ..spec import SpecError, load_spec
 
 _CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_]\w*(?:\.\w+)*)\[(?P<type>[\w-]+)\]\.(?P<rest>\w+(?:\.\w+)*)$")
@@ -59,8 +60,18 @@ class Dimension:
         """The choices as Optuna stores them: scalars as they are, mappings and lists as YAML text."""
         return [c if c is None or isinstance(c, (bool, int, float, str)) else _label(c) for c in self.choices]
 
+    @property
+    def layer(self) -> int | None:
+        """The encoder layer a per-layer key (``model.layers.<i>....``) belongs to, else None."""
+        if len(self.path) > 3 and self.path[:2] == ("model", "layers") and self.path[2].isdigit():
+            return int(self.path[2])
+        return None
+
     def applies(self, spec: Mapping[str, Any]) -> bool:
-        """Whether this dimension is drawn for a (partly filled) spec."""
+        """Whether this dimension is drawn for a (partly filled) spec: a per-layer key only where the
+        model has that layer, a block's own argument only where the block is of its type."""
+        if self.layer is not None and self.layer >= model_depth(spec):
+            return False
         if self.condition is None:
             return True
         block_path, wanted = self.condition
@@ -128,6 +139,16 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
             return None
         node = node[key]
     return node
+
+
+def model_depth(spec: Mapping[str, Any]) -> int:
+    """The depth of a raw spec's model: as written, else its preset's, else the schema's default."""
+    model = _get(spec, ("model",))
+    try:
+        depth = with_preset(model if isinstance(model, Mapping) else {}).get("depth")
+    except ValueError:
+        depth = None
+    return depth if isinstance(depth, int) else ModelSpec.model_fields["depth"].default
 
 
 def block_type_of(spec: Mapping[str, Any], block_path: tuple[str, ...]) -> Any:
@@ -201,7 +222,7 @@ def parse_space(space: Mapping[str, Any]) -> list[Dimension]:
 
     def order(dim: Dimension) -> tuple[bool, int]:
         parents = sum(1 for o in dims if len(o.path) < len(dim.path) and dim.path[: len(o.path)] == o.path)
-        return dim.condition is not None, parents
+        return dim.condition is not None or dim.layer is not None, parents  # after depth, which they read
 
     return sorted(dims, key=order)
 

@@ -1,0 +1,275 @@
+"""``search.strategy: supernet``: one-shot architecture search in three phases, one worker's share.
+
+1. The supernet is trained once (:mod:`.supernet_train`); its curves are the study's parent MLflow run.
+2. Optuna draws subnets from ``search.space`` and scores each with the supernet's weights on the
+   validation split, no training: the study ``<study>:subnets``, ``search.supernet.n_subnets`` trials.
+   Constraints reject a subnet before it is scored. Every score goes to one table artifact of the
+   parent run (``subnets.csv``), the best ``top_runs`` to child runs.
+3. The best ``finalists`` subnets are trained as ordinary trials of the study ``<study>`` (from scratch
+   or from their inherited weights), child runs as in ``trials`` mode; ``vit-search best`` reads them.
+
+Phases 2 and 3 run through the same worker loop, storage and lock as ``trials`` mode, so several
+workers share them and a killed worker's trial is retried; phase 1 is trained by one worker while
+the others wait for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..checkpoints import check_writable
+from ..model.cost import model_cost
+from ..model.elastic import set_subnet, subnet_state_dict
+from ..schema import Spec
+from ..spec import SpecError, load_spec
+from ..tracking import check_store
+from .run import Infeasible, SearchResult, TrialRunner, check_constraints
+from .space import parse_space, to_params
+from .storage import check_file, check_url, study_lock
+from .study import (
+    PARENT_RUN, StudyHandle, _worker_dead, _worker_id, counted, objective_values, open_study, sample_spec,
+    storage_url_of, worker_loop,
+)
+from .study_runs import StudyRuns, end_active_run
+from .supernet_space import SupernetSpace, describe_subnet
+from .supernet_train import supernet_spec, train_supernet
+
+TRAINED = "vit_search:supernet_trained"
+OWNER = "vit_search:supernet_owner"
+LOGGED = "vit_search:subnets_logged"
+
+
+def _phase_spec(spec: Spec, study_name: str, n_trials: int) -> Spec:
+    """``spec`` with its study renamed and sized (a copy)."""
+    phase = spec.model_copy(deep=True)
+    phase._source, phase._raw, phase._where = spec._source, spec.raw, spec._where
+    phase.search.study_name, phase.search.n_trials = study_name, n_trials
+    return phase
+
+
+def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool = True,
+                        checkpoint_dir: str | None = None) -> SearchResult:
+    """Run this worker's share of all three phases; returns when the finalists are trained."""
+    search = spec.search
+    name = search.study_name or spec.name
+    url = storage_url_of(spec, storage)
+    root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / name
+    check_url(url)
+    check_file(url)
+    if spec.tracking.enabled:
+        check_store(spec)
+    check_writable(root)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    space = SupernetSpace.of(spec)
+    finals_spec = _phase_spec(spec, name, search.supernet.finalists)
+    scores_spec = _phase_spec(spec, f"{name}:subnets", search.supernet.n_subnets)
+    scores_spec.search.pruner = "none"
+    with study_lock(url, name):
+        finals = open_study(finals_spec, url)
+        runs = StudyRuns(finals_spec, finals)
+        if spec.tracking.enabled and not finals.attr(PARENT_RUN):
+            runs.create_parent()
+    with study_lock(url, scores_spec.search.study_name):
+        scores = open_study(scores_spec, url)
+    runs.reopen_parent()
+    stop = threading.Event()
+
+    weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop)
+    runs.reopen_parent()  # phase 1 ended the parent run it logged into
+    scored = _phase2(scores_spec, scores, space, weights, runs, stop)
+    trained, interrupted = [], scored.interrupted
+    if not interrupted and search.supernet.finalists:
+        with study_lock(url, scores_spec.search.study_name):
+            if not scores.attr(LOGGED) and _phase2_done(scores, search.supernet.n_subnets):
+                runs_logged = _log_scores(scores, spec, runs, search.supernet.top_runs)
+                scores.set_attr(LOGGED, runs_logged)
+        runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
+        report = worker_loop(finals, search.supernet.finalists, runner.draw, runner.run, timeout=search.timeout,
+                             heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
+                             on_trial_end=runs.record_trial_end, initialise=runner.initialise, stop=stop)
+        trained, interrupted = report.trials_run, report.interrupted
+    runs.finish(interrupted=interrupted)
+    end_active_run()
+    return SearchResult(finals.study, url, trained, time.perf_counter() - started, 0.0, interrupted)
+
+
+def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRuns, folder: Path, progress: bool,
+            stop: threading.Event) -> Path:
+    """Train the supernet unless it is trained; a worker that does not own the training waits for it."""
+    while True:
+        with study_lock(handle.url, handle.study.study_name):
+            if handle.attr(TRAINED):
+                return Path(handle.attr(TRAINED))
+            owner = handle.attr(OWNER)
+            mine = owner is None or owner == _worker_id() or _worker_dead(owner)
+            if mine:
+                handle.set_attr(OWNER, _worker_id())
+        if mine:
+            path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop)
+            with study_lock(handle.url, handle.study.study_name):
+                handle.set_attr(TRAINED, str(path.resolve()))
+            return path
+        time.sleep(2.0)  # another worker trains it (a worker on another host is trusted to finish)
+
+
+def load_supernet(spec: Spec, space: SupernetSpace, weights: Path) -> Any:
+    """The trained supernet, on this machine's device, in eval mode."""
+    from ..model.vit import build_vit
+    from ..performance import cpu_only
+
+    model = build_vit(supernet_spec(spec, space))
+    state = torch.load(weights, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    device = "cuda" if torch.cuda.is_available() and not (spec.train.cpu or cpu_only()) else "cpu"
+    return model.to(device).eval()
+
+
+class SubnetScorer:
+    """Phase 2's trials: a drawn subnet, checked against the constraints, scored with inherited weights."""
+
+    def __init__(self, spec: Spec, space: SupernetSpace, weights: Path):
+        from ..data.loading import load_data, make_loader
+
+        self.spec, self.space = spec, space
+        self.model = load_supernet(spec, space, weights)
+        device = next(self.model.parameters()).device
+        data = load_data(spec.data, spec.seed, device=device)
+        batch = spec.train.eval_batch_size or 4 * spec.train.batch_size
+        self.val = make_loader(data.val, batch, shuffle=False, seed=spec.seed, num_workers=0)
+        self.device = device
+
+    def draw(self, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
+        """The subnet's spec and drawn values; Infeasible when it cannot be built."""
+        try:
+            return sample_spec(self.spec, trial)
+        except SpecError as err:
+            trial.set_user_attr("pruned_reason", f"infeasible: {err.problems[0]}")
+            raise Infeasible(err.problems[0]) from None
+
+    def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
+        """Score the subnet: constraints first, then val loss and accuracy with the supernet's weights."""
+        subnet, _ = drawn
+        parameters, flops = model_cost(subnet.model)
+        trial.set_user_attr("parameters", parameters)
+        trial.set_user_attr("flops", flops)
+        reason = check_constraints(self.spec.search.constraints, parameters, flops)
+        if reason:
+            trial.set_user_attr("pruned_reason", reason)
+            raise Infeasible(reason)
+        metrics = self.score(subnet)
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        return objective_values(self.spec, metrics, parameters, flops)
+
+    @torch.no_grad()
+    def score(self, subnet: Spec) -> dict[str, float]:
+        """Validation loss and accuracy of ``subnet`` run inside the supernet."""
+        set_subnet(self.model, subnet.model)
+        loss = hits = count = 0.0
+        for images, labels in self.val:
+            images, labels = images.to(self.device), labels.to(self.device)
+            logits = self.model(images)
+            loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+            hits += (logits.argmax(-1) == labels).sum().item()
+            count += labels.numel()
+        set_subnet(self.model, None)
+        # train_loss is not the subnet's: it would be the supernet's; reported as the val loss's absence
+        return {"val_loss": loss / max(count, 1), "val_accuracy": hits / max(count, 1), "train_loss": float("nan")}
+
+
+def _phase2_done(handle: StudyHandle, n: int) -> bool:
+    trials = handle.study.get_trials(deepcopy=False)
+    return counted(trials) >= n and not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+
+
+def _phase2(spec: Spec, handle: StudyHandle, space: SupernetSpace, weights: Path, runs: StudyRuns,
+            stop: threading.Event) -> Any:
+    """Score subnets until the study has ``n_subnets`` of them, then wait for other workers' to end."""
+    scorer = SubnetScorer(spec, space, weights)
+    search = spec.search
+    report = worker_loop(handle, search.n_trials, scorer.draw, scorer.run, timeout=search.timeout,
+                         heartbeat=search.heartbeat_seconds, grace=search.grace_seconds, stop=stop)
+    return report
+
+
+def ranked(handle: StudyHandle) -> list[optuna.trial.FrozenTrial]:
+    """Scored subnets, best first: the Pareto front first when several objectives, then by the first."""
+    study = handle.study
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    front = {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
+    return sorted(complete, key=lambda t: (t.number not in front, sign * t.values[0], t.number))
+
+
+def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> int:
+    """Every scored subnet as one table (``subnets.csv`` on the parent run), the best ``top`` as child
+    runs tagged ``supernet.phase``; returns how many child runs were made."""
+    if not runs.enabled or not runs.parent_id:
+        return 0
+    from ..tracking import Tracker
+
+    trials = ranked(handle)
+    keys = [d.key for d in parse_space(spec.search.space)]
+    out = io.StringIO()
+    table = csv.writer(out)
+    table.writerow(["rank", "trial", "val_accuracy", "val_loss", "parameters", "flops", *keys])
+    for rank, t in enumerate(trials, 1):
+        table.writerow([rank, t.number, t.user_attrs.get("val_accuracy"), t.user_attrs.get("val_loss"),
+                        t.user_attrs.get("parameters"), t.user_attrs.get("flops"), *[t.params.get(k) for k in keys]])
+    runs.client.log_text(runs.parent_id, out.getvalue(), "subnets.csv")
+    runs.client.log_metric(runs.parent_id, "subnets_scored", len(trials))
+    if trials:
+        runs.client.log_metric(runs.parent_id, "best_inherited_val_accuracy", trials[0].user_attrs["val_accuracy"])
+    for rank, t in enumerate(trials[:top], 1):
+        subnet_spec = load_spec({**{k: v for k, v in spec.raw.items() if k != "search"},
+                                 "model": SupernetSpace.of(spec).model(t.params).model_dump(mode="json",
+                                                                                           by_alias=True)})
+        tracker = Tracker(subnet_spec)
+        tags = {**runs.study_tags(), "supernet.phase": "2: scored subnet", "supernet.rank": str(rank),
+                "optuna.study_name": handle.study.study_name, "subnets.trial_number": str(t.number),
+                "subnet": describe_subnet(subnet_spec.model)}
+        with tracker.run(parent_run_id=runs.parent_id, run_name=f"subnet {t.number} (rank {rank})", tags=tags):
+            tracker.log_start(t.user_attrs.get("parameters", 0), t.user_attrs.get("flops", 0), "none")
+            tracker.log_metrics({f"inherited_{k}": t.user_attrs[k] for k in ("val_accuracy", "val_loss")})()
+    return min(top, len(trials))
+
+
+class FinalistRunner(TrialRunner):
+    """Phase 3's trials: the best scored subnets, enqueued once, trained as ordinary trials."""
+
+    def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, scores: StudyHandle, space: SupernetSpace,
+                 weights: Path, folder: Path, stop: threading.Event):
+        super().__init__(spec, handle, runs, 1, stop, folder)
+        self.scores, self.space, self.weights = scores, space, weights
+
+    def initialise(self) -> None:
+        """Once per study, under its lock: enqueue the best ``finalists`` scored subnets."""
+        dims = parse_space(self.spec.search.space)
+        for trial in ranked(self.scores)[: self.spec.search.supernet.finalists]:
+            self.handle.study.enqueue_trial(to_params(dims, trial.params), skip_if_exists=True,
+                                            user_attrs={"inherited_val_accuracy": trial.user_attrs["val_accuracy"],
+                                                        "subnets.trial_number": trial.number})
+
+    def draw(self, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
+        """The finalist's spec; with ``finalists_init: inherited`` it starts from its slice of the supernet."""
+        trial_spec, values = super().draw(trial)
+        if self.spec.search.supernet.finalists_init == "inherited":
+            path = self.checkpoints / f"inherited-{trial.number}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            supernet = load_supernet(self.spec, self.space, self.weights).cpu()
+            torch.save({"model": subnet_state_dict(supernet, trial_spec.model),
+                        "model_spec": trial_spec.model.model_dump(by_alias=True)}, path)  # int layer keys
+            raw = trial_spec.raw
+            raw["model"]["init"] = {"from": "file", "path": str(path.resolve())}
+            trial_spec = load_spec(raw, check_model=True)
+        return trial_spec, values

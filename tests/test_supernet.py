@@ -1,0 +1,181 @@
+"""search.strategy: supernet: the space checks, the sandwich step, scoring with inherited weights and
+constraints, finalists and the export round trip, a plugin's elastic block; real sqlite and MLflow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from vit_search.model.elastic import extract_subnet, set_subnet
+from vit_search.model.vit import build_vit
+from vit_search.registry import REGISTRY
+from vit_search.schema import ModelSpec
+from vit_search.search.supernet import run_supernet_search
+from vit_search.search.supernet_space import SupernetSpace
+from vit_search.search.supernet_train import SandwichStep, SubnetDraw, supernet_spec
+from vit_search.spec import load_spec
+from vit_search.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = {
+    "name": "supernet",
+    "seed": 0,
+    "data": {"dataset": "digits", "image_size": 8},
+    "model": {"dim": 32, "depth": 2, "patch_embed": {"type": "conv", "patch_size": 2},
+              "attention": {"type": "sdpa", "heads": 2}, "ffn": {"type": "mlp", "ratio": 2}},
+    "train": {"epochs": 1, "batch_size": 64, "lr": 3.0e-3, "warmup_epochs": 0.5},
+    "search": {"strategy": "supernet", "sampler": "random", "pruner": "none",
+               "supernet": {"n_subnets": 8, "finalists": 1, "random_subnets": 1, "top_runs": 2},
+               "space": {"model.depth": {"int": [1, 2]}, "model.dim": {"choice": [16, 32]},
+                         "model.attention.heads": {"choice": [2, 4]},
+                         "model.layers.0.ffn.ratio": {"choice": [1, 2]},
+                         "model.layers.1.ffn.ratio": {"choice": [1, 2]}}},
+}
+
+
+def spec_raw(name: str, **supernet) -> dict:
+    search = {**SPEC["search"], "supernet": {**SPEC["search"]["supernet"], **supernet},
+              "storage": f"sqlite:///{Path.cwd() / 'optuna.db'}"}
+    return {**SPEC, "name": name, "tracking": {"experiment": name, "plots": False}, "search": search}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, sqlite_uri):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    return tmp_path
+
+
+def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subnet(cli, write_spec):
+    path = write_spec(yaml.safe_dump(SPEC, sort_keys=False))
+    result = cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "supernet over model.depth, model.dim" in result.stdout
+    assert "largest subnet: depth 2, dim 32, attention.heads 4, ffn.ratio 2" in result.stdout
+    assert "smallest subnet: depth 1, dim 16, attention.heads 2, ffn.ratio 1" in result.stdout
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("model.patch_embed.patch_size", {"choice": [2, 4]}, "patch_embed 'conv' is not elastic in 'patch_size'"),
+    ("model.ffn.type", {"choice": ["mlp", "swiglu"]}, "block type choices cannot share weights"),
+    ("train.lr", {"float": [0.001, 0.01]}, "strategy supernet searches the model's sizes only"),
+    ("model.attention.dropout", {"choice": [0.0, 0.1]}, "unknown argument"),
+    ("model.layers.5.ffn.ratio", {"choice": [1, 2]}, "no layer 5"),
+    ("model.drop_path_rate", {"choice": [0.0, 0.1]}, "not a size a supernet can share weights over"),
+])
+def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli, write_spec, key, value, says):
+    raw = {**SPEC, "search": {**SPEC["search"], "space": {key: value}}}
+    result = cli("validate", str(write_spec(yaml.safe_dump(raw))))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and says in lines[0], result.stderr
+
+
+def test_the_sandwich_step_trains_the_largest_the_smallest_and_random_subnets_on_one_batch():
+    from accelerate import Accelerator
+
+    spec = load_spec(SPEC)
+    space = SupernetSpace.of(spec)
+    draw = SubnetDraw(space, seed=0, random_subnets=2)
+    torch.manual_seed(0)
+    model = build_vit(supernet_spec(spec, space))
+    first = draw.subnets(7, lambda m: True)
+    assert first[0] == draw.largest and first[1] == draw.smallest and len(first) == 4
+    assert draw.subnets(7, lambda m: True) == first  # the same step draws the same subnets (resume)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = SandwichStep(draw, model, optimizer, scheduler, torch.nn.CrossEntropyLoss(), None, Accelerator(cpu=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = step(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))  # digits: one channel
+    assert torch.isfinite(loss)
+    after = model.state_dict()
+    # Weights only the largest subnet has (its second layer's wider FFN units) moved too.
+    assert not torch.equal(before["blocks.1.ffn.fc1.weight"][32:], after["blocks.1.ffn.fc1.weight"][32:])
+    assert model.active_depth == 2 and model.blocks[0].attn.sample["heads"] == 4  # left as the largest
+
+
+def test_phase_1_trains_the_supernet_through_train_with_a_sandwich_step(workdir):
+    spec = load_spec(spec_raw("phase1"))
+    space = SupernetSpace.of(spec)
+    from functools import partial
+
+    result = train(supernet_spec(spec, space), checkpoint_dir=workdir / "sn", progress=False,
+                   make_step=partial(SandwichStep, SubnetDraw(space, 0, 1)))
+    assert result.history[0]["train_loss"] > 0 and 0 <= result.metrics["val_accuracy"] <= 1
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["cuda_graph"].startswith("off")
+
+
+def test_a_supernet_study_scores_subnets_under_constraints_and_trains_finalists_that_export_reproduces(workdir):
+    raw = spec_raw("study")
+    raw["search"]["constraints"] = {"max_params": 12000}
+    spec = load_spec(raw)
+    result = run_supernet_search(spec, progress=False)
+    storage = spec.search.storage
+    scores = optuna.load_study(study_name="study:subnets", storage=storage).get_trials()
+    assert len(scores) == 8
+    for trial in scores:
+        if trial.state == TrialState.COMPLETE:
+            assert trial.user_attrs["parameters"] <= 12000 and 0 <= trial.values[0] <= 1
+        else:  # rejected before scoring: never scored
+            assert trial.state == TrialState.PRUNED and "params" in trial.user_attrs["pruned_reason"]
+            assert "val_accuracy" not in trial.user_attrs
+    assert any(t.state == TrialState.PRUNED for t in scores)
+    (finalist,) = result.study.get_trials()
+    assert finalist.state == TrialState.COMPLETE and finalist.user_attrs["parameters"] <= 12000
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("study").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and "val_accuracy" in parent.data.metrics  # phase 1's curves
+    assert "subnets.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    phases = sorted(r.data.tags.get("supernet.phase", "3") for r in runs if r is not parent and
+                    r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert phases == ["2: scored subnet", "2: scored subnet", "3"]
+
+    from vit_search.search.report import best_spec
+
+    exported = load_spec(yaml.safe_load(best_spec(spec, result.study).to_yaml(exclude_search=True)))
+    again = train(exported, checkpoint_dir=workdir / "again", progress=False)
+    assert again.metrics["val_accuracy"] == pytest.approx(finalist.values[0], abs=1e-9)
+
+
+def test_finalists_can_start_from_their_inherited_weights(workdir):
+    spec = load_spec(spec_raw("inherited", finalists_init="inherited", n_subnets=3))
+    result = run_supernet_search(spec, progress=False)
+    (finalist,) = result.study.get_trials()
+    assert finalist.state == TrialState.COMPLETE, finalist.user_attrs.get("error")
+    assert list((workdir / "runs" / "inherited" / "finalists").glob("inherited-*.pt"))
+
+
+@pytest.fixture
+def cosine_plugin(monkeypatch):
+    """The example plugin's cosine attention registered, and unregistered afterwards."""
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "vit-search-cosine-attention"))
+    import vit_search_cosine
+
+    yield vit_search_cosine
+    REGISTRY._blocks["attention"].pop("cosine", None)
+    sys.modules.pop("vit_search_cosine", None)
+
+
+def test_the_example_plugins_attention_is_elastic(cosine_plugin):
+    base = {"image_size": 8, "in_channels": 3, "num_classes": 5, "patch_embed": {"type": "conv", "patch_size": 2}}
+    torch.manual_seed(0)
+    net = build_vit(ModelSpec.model_validate({**base, "dim": 32, "depth": 2,
+                                              "attention": {"type": "cosine", "heads": 4}})).eval()
+    with torch.no_grad():
+        net.blocks[0].attn.logit_scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    sub = ModelSpec.model_validate({**base, "dim": 16, "depth": 1, "attention": {"type": "cosine", "heads": 2}})
+    set_subnet(net, sub)
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), extract_subnet(net, sub).eval()(images), atol=1e-6, rtol=1e-6)
