@@ -28,6 +28,7 @@ from ..spec import SpecError, load_spec
 from ..tracking import check_store
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
+from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import check_file, check_url, study_lock
 from .study import StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
@@ -228,14 +229,14 @@ class TrialRunner:
         try:
             parameters, flops = model_cost(trial_spec.model)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
-            with self.runs.trial_run(trial_spec, number, searched)[1]:
+            with self.runs.trial_run(trial_spec, number, values)[1]:
                 raise
         trial.set_user_attr("parameters", parameters)
         trial.set_user_attr("flops", flops)
         reason = check_constraints(search.constraints, parameters, flops)
         if reason:
             trial.set_user_attr("pruned_reason", reason)
-            self.runs.log_untrained(trial_spec, number, searched, parameters, flops, reason)
+            self.runs.log_untrained(trial_spec, number, values, parameters, flops, reason)
             raise Infeasible(reason)
 
         checkpoint_dir = str(self.checkpoints / f"trial-{number}")
@@ -244,7 +245,7 @@ class TrialRunner:
         started = time.perf_counter()
         try:
             result = train(trial_spec, on_epoch=reports, parent_run_id=self.runs.parent_id,
-                           run_name=f"trial {number}", tags=self.runs.trial_tags(number, searched),
+                           run_name=trial_run_name(number, values), tags=self.runs.trial_tags(number, searched),
                            checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop)
         finally:
             self.train_seconds += time.perf_counter() - started
