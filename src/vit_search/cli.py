@@ -276,30 +276,26 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the runs' address."""
+    """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the trials' address."""
     import os
-    import subprocess
 
     import mlflow
 
     from .tracking import configure
+    from .ui import choose_port, serve, ui_address
 
     spec = _load(args)
-    experiment_id = configure(spec)
+    remote = (os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or "").startswith(("http://", "https://"))
+    # Before the store is touched: a bad or busy port is one line, exit 2, and nothing created.
+    port = choose_port(args.port, check_free=not remote)
+    view = ui_address(spec, configure(spec))
     uri = mlflow.get_tracking_uri()
-    # MLflow 3 opens in its GenAI view unless asked for the machine-learning runs table.
-    view = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        print(f"{uri.rstrip('/')}/{view}")
+    if remote:  # a tracking server serves its own UI
+        from .redaction import redact
+
+        print(f"{redact(uri).rstrip('/')}/{view}")
         return 0
-    address = f"http://127.0.0.1:{args.port}/{view}"
-    print(f"MLflow UI for {uri}: {address}  (Ctrl-C stops it)", flush=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(args.port)]
-    try:
-        return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    except KeyboardInterrupt:
-        return 0
+    return serve(uri, port, view)
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,7 +324,7 @@ def _best_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _ui_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (0: any free port)")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
