@@ -30,7 +30,7 @@ def browser() -> str:
 def chromium_args(profile: str) -> list[str]:
     """Headless Chromium that lets MLflow's app run before the page is captured."""
     return [browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-            "--hide-scrollbars", "--virtual-time-budget=20000"]
+            "--hide-scrollbars", "--virtual-time-budget=60000"]
 
 
 def main() -> int:
