@@ -138,12 +138,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one spec (its search section is ignored) and log the run to MLflow."""
+    from .log_lines import EpochLines, wanted
     from .train import TrainingFailed, train
 
     spec = _load(args)
     _prepare_weights(spec)
+    lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
     try:
-        result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir)
+        result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
+                       progress=not args.quiet)
     except TrainingFailed as err:  # diverged, or a checkpoint that could not be written
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -196,7 +199,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_weights(spec)
     if args.jobs != 1:
         return _run_jobs(args, spec)
+    from .log_lines import wanted
     from .redaction import redact
+    from .search.next_steps import next_steps
     from .search.report import all_failed, top_table
     from .search.run import run_search
 
@@ -208,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir)
     else:
         result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
-                            checkpoint_dir=args.checkpoint_dir)
+                            checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, lines=wanted(args.quiet))
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     failed = all_failed(result.study, result.trials_run)
@@ -224,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training); storage {redact(result.storage)}")
-    print(f"compare the trials: vit-search ui {args.spec}")
+    print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study)))
     return 130 if result.interrupted else 0
 
 
@@ -236,6 +241,7 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
     import torch
 
     from .search.jobs import jobs_exit_code, plan_workers, run_workers
+    from .search.next_steps import next_steps
     from .search.report import top_table
     from .search.storage import STORAGE_ENV, study_lock
     from .search.study import open_study, storage_url_of
@@ -252,16 +258,18 @@ def _run_jobs(args: argparse.Namespace, spec) -> int:
         open_study(spec, url)
     # The storage goes by environment, not argument: a password in it must not show in `ps`.
     arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker", f"--trials-per-gpu={args.trials_per_gpu}",
+                 *(["--quiet"] if args.quiet else []),
                  *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
     codes, interrupted = run_workers(arguments, plans, env={STORAGE_ENV: url})
-    print(top_table(open_study(spec, url).study))
+    study = open_study(spec, url).study
+    print(top_table(study))
     code, failure = jobs_exit_code(codes, interrupted)
     if failure:
         print(failure, file=sys.stderr)
     elif code == 0:
-        print(f"compare the trials: vit-search ui {args.spec}")
+        print("\n".join(next_steps(args.spec, args.overrides, args.storage, study)))
     return code
 
 
@@ -317,30 +325,26 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the runs' address."""
+    """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the trials' address."""
     import os
-    import subprocess
 
     import mlflow
 
     from .tracking import configure
+    from .ui import choose_port, serve, ui_address
 
     spec = _load(args)
-    experiment_id = configure(spec)
+    remote = (os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or "").startswith(("http://", "https://"))
+    # Before the store is touched: a bad or busy port is one line, exit 2, and nothing created.
+    port = choose_port(args.port, check_free=not remote)
+    view = ui_address(spec, configure(spec))
     uri = mlflow.get_tracking_uri()
-    # MLflow 3 opens in its GenAI view unless asked for the machine-learning runs table.
-    view = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        print(f"{uri.rstrip('/')}/{view}")
+    if remote:  # a tracking server serves its own UI
+        from .redaction import redact
+
+        print(f"{redact(uri).rstrip('/')}/{view}")
         return 0
-    address = f"http://127.0.0.1:{args.port}/{view}"
-    print(f"MLflow UI for {uri}: {address}  (Ctrl-C stops it)", flush=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(args.port)]
-    try:
-        return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    except KeyboardInterrupt:
-        return 0
+    return serve(uri, port, view)
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -358,6 +362,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", help="where trials' epoch checkpoints go: DIR/<study>/trial-<n> "
                                                  "(default: train.checkpoint_dir, else runs/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _quiet_argument(parser)
+
+
+def _quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars, and no progress lines when stdout is not a terminal")
 
 
 def _best_arguments(parser: argparse.ArgumentParser) -> None:
@@ -369,13 +379,14 @@ def _best_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _ui_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (0: any free port)")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     parser.add_argument("--checkpoint-dir", help="where epoch checkpoints go (default: train.checkpoint_dir)")
+    _quiet_argument(parser)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {

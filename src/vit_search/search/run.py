@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from ..checkpoints import check_writable
 from ..errors import UserError
+from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
 from ..performance import cpu_only
 from ..schema import Spec
@@ -28,6 +29,7 @@ from ..spec import SpecError, load_spec
 from ..tracking import check_store
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
+from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import check_file, check_url, study_lock
 from .study import StopWorker, StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
@@ -64,13 +66,14 @@ def check_constraints(constraints: dict[str, float], parameters: int, flops: int
 
 
 def run_search(spec: Spec, storage: str | None = None, progress: bool = True, trials_at_once: int = 1,
-               checkpoint_dir: str | None = None) -> SearchResult:
+               checkpoint_dir: str | None = None, lines: bool = False) -> SearchResult:
     """Run this worker's share of the spec's study; returns when the study has its trials.
 
     ``trials_at_once`` > 1 packs that many trials into this process, each in a thread of its own
     (on a GPU, each on its own CUDA stream), so that small trials overlap on one device. Trials'
     checkpoints go to ``checkpoint_dir/<study>/trial-<n>`` (default: ``train.checkpoint_dir``, else
-    ``runs``).
+    ``runs``). ``lines``: print a line per finished trial and, every so often, per epoch (for logs;
+    see :mod:`~vit_search.log_lines`).
     """
     from accelerate import PartialState
 
@@ -95,15 +98,21 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         runs = StudyRuns(spec, handle)
     runs.reopen_parent()
     runs.reconcile()  # runs that an earlier worker left RUNNING when it lost the tracking server
-    bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty())
+    bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
+                       failures=not lines)
     stop = threading.Event()
-    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root) for _ in range(trials_at_once)]
+    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root, lines) for _ in range(trials_at_once)]
+
+    def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
+        bar.update(handle.study, frozen)
+        if lines:
+            say(trial_line(frozen, runs.metrics))
+        runs.record_trial_end(frozen)
 
     def loop(runner: TrialRunner) -> WorkerReport:
         return worker_loop(handle, search.n_trials, runner.draw, runner.run, timeout=search.timeout,
                            heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                           on_trial_end=lambda frozen: (bar.update(handle.study, frozen), runs.record_trial_end(frozen)),
-                           initialise=runner.initialise, stop=stop)
+                           on_trial_end=trial_end, initialise=runner.initialise, stop=stop)
 
     started = time.perf_counter()
     try:
@@ -202,8 +211,9 @@ class TrialRunner:
     """How this worker starts the study, draws a trial's spec, and trains it."""
 
     def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, num_processes: int,
-                 stop: threading.Event | None = None, checkpoints: Path = Path("runs")):
+                 stop: threading.Event | None = None, checkpoints: Path = Path("runs"), lines: bool = False):
         self.spec, self.handle, self.runs, self.num_processes = spec, handle, runs, num_processes
+        self.lines = lines  # print a line per epoch every so often (for logs)
         self.checkpoints = checkpoints  # trial n's go to checkpoints / trial-n
         self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
         self.train_seconds = 0.0
@@ -247,23 +257,26 @@ class TrialRunner:
         try:
             parameters, flops = model_cost(trial_spec.model)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
-            with self.runs.trial_run(trial_spec, number, searched)[1]:
+            with self.runs.trial_run(trial_spec, number, values)[1]:
                 raise
         trial.set_user_attr("parameters", parameters)
         trial.set_user_attr("flops", flops)
         reason = check_constraints(search.constraints, parameters, flops)
         if reason:
             trial.set_user_attr("pruned_reason", reason)
-            self.runs.log_untrained(trial_spec, number, searched, parameters, flops, reason)
+            self.runs.log_untrained(trial_spec, number, values, parameters, flops, reason)
             raise Infeasible(reason)
 
         checkpoint_dir = str(self.checkpoints / f"trial-{number}")
         _share_trial(self.num_processes, {"raw": trial_spec.raw, "checkpoint_dir": checkpoint_dir})
         reports = reporter(trial, search)  # only single-objective studies report epochs and prune
+        shown = next((m for m in self.runs.metrics if m not in ("parameters", "flops")), "val_accuracy")
+        # The line first: a pruning verdict raises in `reports`.
+        on_epoch = both(EpochLines(f"trial {number}", trial_spec.train.epochs, shown) if self.lines else None, reports)
         started = time.perf_counter()
         try:
-            result = train(trial_spec, on_epoch=reports, parent_run_id=self.runs.parent_id,
-                           run_name=f"trial {number}", tags=self.runs.trial_tags(number, searched),
+            result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
+                           run_name=trial_run_name(number, values), tags=self.runs.trial_tags(number, searched),
                            checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop)
         finally:
             self.train_seconds += time.perf_counter() - started
@@ -303,16 +316,16 @@ def _follow_trials() -> SearchResult:
 class _ProgressBar:
     """A bar over the study's trials showing the best value so far (quiet when not a terminal)."""
 
-    def __init__(self, total: int | None, multi: bool, enabled: bool):
+    def __init__(self, total: int | None, multi: bool, enabled: bool, failures: bool = True):
         from tqdm.auto import tqdm
 
-        self.multi = multi
+        self.multi, self.failures = multi, failures  # failures: print a line for each failed trial
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
 
     def update(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         """One more trial ended."""
         self.bar.update(1)
-        if frozen.state == TrialState.FAIL:
+        if frozen.state == TrialState.FAIL and self.failures:
             self.bar.write(f"trial {frozen.number} failed: {frozen.user_attrs.get('error', 'unknown error')}",
                            file=sys.stderr)
         if not self.multi and any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):

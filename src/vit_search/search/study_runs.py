@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any, Mapping
+
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
 from ..tracking import Tracker, configure
+from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
-from .storage import redact
+from .storage import redact, study_lock
 from .study import PARENT_RUN, StudyHandle
 
 STATE_TAG = "trial.state"
@@ -51,6 +54,12 @@ class StudyRuns:
         """Tags on the parent run and on every trial's run."""
         search = self.spec.search
         return {"optuna.study_name": self.handle.study.study_name, "sampler": search.sampler, "pruner": search.pruner}
+
+    @property
+    def metrics(self) -> list[str]:
+        """The study's objectives, in ``search.metric`` order."""
+        metric = self.spec.search.metric
+        return [metric] if isinstance(metric, str) else list(metric)
 
     def trial_tags(self, number: int, searched: list[str]) -> dict[str, str]:
         """Tags of trial ``number``'s run (``searched``: the keys drawn for it)."""
@@ -92,21 +101,23 @@ class StudyRuns:
                 if frozen.state == TrialState.COMPLETE:
                     self.client.set_terminated(run.info.run_id, "FINISHED")
 
-    def trial_run(self, trial_spec: Spec, number: int, searched: list[str], extra_tags: dict[str, str] | None = None):
+    def trial_run(self, trial_spec: Spec, number: int, values: Mapping[str, Any],
+                  extra_tags: dict[str, str] | None = None):
         """A child run for a trial that does not reach training (``with``: ended FAILED on an error)."""
         tracker = Tracker(trial_spec, enabled=self.enabled)
-        return tracker, tracker.run(parent_run_id=self.parent_id, run_name=f"trial {number}",
-                                    tags={**self.trial_tags(number, searched), **(extra_tags or {})})
+        return tracker, tracker.run(parent_run_id=self.parent_id, run_name=trial_run_name(number, values),
+                                    tags={**self.trial_tags(number, list(values)), **(extra_tags or {})})
 
-    def log_untrained(self, trial_spec: Spec, number: int, searched: list[str], parameters: int, flops: int,
+    def log_untrained(self, trial_spec: Spec, number: int, values: Mapping[str, Any], parameters: int, flops: int,
                       reason: str) -> None:
         """A child run for a trial pruned before training: its spec, size and the reason."""
-        tracker, run = self.trial_run(trial_spec, number, searched, {"pruned_reason": reason})
+        tracker, run = self.trial_run(trial_spec, number, values, {"pruned_reason": reason})
         with run:
             tracker.log_start(parameters, flops, "none")
 
     def record_trial_end(self, frozen: FrozenTrial) -> None:
-        """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED)."""
+        """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED), and
+        name it with its searched values and score."""
         parent = self.parent_id
         if not parent or self.lost:
             return
@@ -118,7 +129,9 @@ class StudyRuns:
                           f"tags.`optuna.study_name` = '{self.handle.study.study_name}' and "
                           f"tags.`mlflow.parentRunId` = '{parent}'",
         )
+        name = trial_run_name(frozen.number, frozen.params, score_of(frozen, self.metrics))
         for run in runs:
+            self.client.update_run(run.info.run_id, name=name)
             self.client.set_tag(run.info.run_id, STATE_TAG, frozen.state.name)
             for key in ("error", "pruned_reason"):
                 if key in frozen.user_attrs:
@@ -129,7 +142,7 @@ class StudyRuns:
                 self.client.set_terminated(run.info.run_id, "FAILED")
 
     def finish(self, interrupted: bool = False) -> None:
-        """Give the parent run the best trial's metrics and spec, the plots and the counts.
+        """Give the parent run the best trial's metrics and spec, the plots, the counts and the leaderboard.
 
         Called by each worker as it finishes (and so again on resume); the last one to finish ends
         the run: KILLED when it was interrupted, else FINISHED (all trials run, the grid covered, or
@@ -138,6 +151,12 @@ class StudyRuns:
         parent = self.parent_id
         if not parent or self.lost:
             return
+        # Under the study lock: workers finishing at once would otherwise both insert the parent's
+        # first `best_run_id` tag, and one of them fail on MLflow's unique key (tags.key, run_uuid).
+        with study_lock(self.handle.url, self.handle.study.study_name):
+            self._finish(parent, interrupted)
+
+    def _finish(self, parent: str, interrupted: bool) -> None:
         client, study = self.client, self.handle.study
         trials = study.get_trials(deepcopy=False)
         counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials)
@@ -156,6 +175,7 @@ class StudyRuns:
             if top.user_attrs.get("mlflow_run_id"):
                 client.set_tag(parent, "best_run_id", top.user_attrs["mlflow_run_id"])
             client.log_text(parent, best_spec(self.spec, study).to_yaml(exclude_search=True), "best_spec.yaml")
+        client.set_tag(parent, NOTE_TAG, leaderboard(study, self.metrics, self.experiment_id)[:8000])  # MLflow's tag limit
         if self.spec.tracking.plots:
             with tempfile.TemporaryDirectory() as tmp:
                 for path in save_plots(study, Path(tmp)):

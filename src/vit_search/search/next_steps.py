@@ -1,0 +1,44 @@
+"""What ``vit-search run`` says when it ends: the best trial, and the commands to take it further with
+the study's own arguments (``--set``, ``--storage``), never a password."""
+
+from __future__ import annotations
+
+import shlex
+
+import optuna
+
+from ..redaction import redact
+from .report import best_trials
+from .storage import STORAGE_ENV
+
+
+def next_steps(spec_path: str, overrides: list[str], storage: str | None, study: optuna.Study) -> list[str]:
+    """Lines naming the best trial (or the Pareto front) and the ``best --export``, ``train`` and ``ui``
+    commands for this study; ``storage`` is the ``--storage`` given, if any."""
+    best = best_trials(study)
+    if not best:
+        return []
+    top = best[0]
+    if len(best) > 1:
+        lines = [f"Pareto front: trials {', '.join(str(t.number) for t in best)}"]
+    else:
+        test = top.user_attrs.get("test_accuracy")
+        lines = [f"best: trial {top.number} ({top.value:.4f}" + (f", test_accuracy {test:.4f})" if test is not None else ")")]
+    study_args = [spec_path, *(f"--set={o}" for o in overrides)]
+    storage_args: list[str] = []
+    if storage is not None and redact(storage) != storage:
+        # A password stays off the screen and the shell's history: the environment carries it.
+        lines.append(f"the storage holds a password: set {STORAGE_ENV} to its URL before these commands")
+    elif storage is not None:
+        storage_args = [f"--storage={storage}"]
+    lines += [
+        "next:",
+        f"  {_command('best', *study_args, *storage_args, '--export', 'best.yaml')}   # the best trial as a plain spec",
+        "  vit-search train best.yaml   # retrain it as a single run",
+        f"  {_command('ui', *study_args)}   # compare the trials in MLflow's UI",
+    ]
+    return lines
+
+
+def _command(*args: str) -> str:
+    return shlex.join(["vit-search", *args])

@@ -1,0 +1,83 @@
+"""Progress for logs: with stdout not a terminal, `run` prints a line per trial and `train` per epoch
+(every VIT_SEARCH_LOG_SECONDS); `--quiet` turns them off; `run` ends saying what to do next."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+
+from vit_search.search.next_steps import next_steps
+
+SPEC = """
+name: logged
+seed: 0
+data: {dataset: digits, image_size: 8}
+model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 2}, attention: {type: sdpa, heads: 2}}
+train: {epochs: 2, batch_size: 64}
+search:
+  n_trials: 2
+  sampler: random
+  pruner: none
+  space: {model.depth: {int: [1, 2]}}
+tracking: {experiment: logged, plots: false}
+"""
+
+TRIAL_LINE = re.compile(r"^trial (\d) COMPLETE val_accuracy \d\.\d{4} in \d+\.\d s \[model\.depth=[12]\]$")
+EPOCH_LINE = re.compile(r"^trial (\d) epoch ([12])/2: val_accuracy \d\.\d{4}, [\d,]+ img/s$")
+
+
+def env_for(tmp_path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "VIT_SEARCH_LOG_SECONDS": "0"}
+
+
+def test_run_without_a_terminal_prints_a_line_per_trial_and_per_epoch_then_what_to_do_next(write_spec, tmp_path, cli):
+    spec = write_spec(SPEC)
+    result = cli("run", str(spec), "--set", "train.lr=0.002", cwd=tmp_path, env=env_for(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    trials = [m.group(1) for m in map(TRIAL_LINE.match, lines) if m]
+    epochs = [(m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m]
+    assert sorted(trials) == ["0", "1"], result.stdout
+    assert sorted(epochs) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")], result.stdout
+    assert any(re.fullmatch(r"best: trial [01] \(\d\.\d{4}, test_accuracy \d\.\d{4}\)", line) for line in lines)
+    assert f"  vit-search best {spec} --set=train.lr=0.002 --export best.yaml   # the best trial as a plain spec" in lines
+    assert f"  vit-search ui {spec} --set=train.lr=0.002   # compare the trials in MLflow's UI" in lines
+
+
+def test_quiet_run_prints_only_the_table_and_what_to_do_next(write_spec, tmp_path, cli):
+    spec = write_spec(SPEC.replace("n_trials: 2", "n_trials: 1"))
+    result = cli("run", str(spec), "--quiet", cwd=tmp_path, env=env_for(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(TRIAL_LINE.match(line) or EPOCH_LINE.match(line) for line in result.stdout.splitlines())
+    assert "study 'logged': 1 complete, 0 pruned, 0 failed" in result.stdout
+    assert "next:" in result.stdout
+
+
+def test_train_without_a_terminal_prints_its_epochs(write_spec, tmp_path, cli):
+    spec = write_spec(SPEC)
+    result = cli("train", str(spec), cwd=tmp_path, env=env_for(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = [line for line in result.stdout.splitlines() if re.fullmatch(
+        r"logged epoch [12]/2: val_accuracy \d\.\d{4}, [\d,]+ img/s", line)]
+    assert len(epochs) == 2, result.stdout
+
+
+def finished_study() -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.suggest_int("model.depth", 1, 2)
+    trial.set_user_attr("test_accuracy", 0.95)
+    study.tell(trial, 0.9)
+    return study
+
+
+def test_next_steps_carry_a_plain_storage_but_never_a_password():
+    plain = next_steps("s.yaml", [], "sqlite:///studies/optuna.db", finished_study())
+    assert plain[0] == "best: trial 0 (0.9000, test_accuracy 0.9500)"
+    assert "  vit-search best s.yaml --storage=sqlite:///studies/optuna.db --export best.yaml" \
+           "   # the best trial as a plain spec" in plain
+    secret = next_steps("s.yaml", ["model.dim=32"], "postgresql://me:s3cretPW@db/studies?password=x", finished_study())
+    assert not any("s3cretPW" in line or "password=x" in line or "--storage" in line for line in secret)
+    assert "the storage holds a password: set VIT_SEARCH_STORAGE to its URL before these commands" in secret
+    assert "  vit-search best s.yaml --set=model.dim=32 --export best.yaml   # the best trial as a plain spec" in secret

@@ -1,0 +1,106 @@
+"""A study's MLflow runs: parent-run updates from workers at once, trial run names, the leaderboard."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+from vit_search.search.study import open_study, sample_spec
+from vit_search.search.study_runs import StudyRuns
+from vit_search.spec import load_spec
+
+WORKERS, ROUNDS = 3, 4
+
+
+def tiny_study(folder: Path, name: str) -> dict:
+    return {
+        "name": name, "seed": 0, "data": {"dataset": "digits", "image_size": 8},
+        "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 2},
+                  "attention": {"type": "sdpa", "heads": 2}},
+        "train": {"epochs": 1, "batch_size": 64},
+        "tracking": {"experiment": "concurrent", "plots": False},
+        "search": {"n_trials": 1, "sampler": "random", "pruner": "none", "storage": f"sqlite:///{folder / 'optuna.db'}",
+                   "space": {"model.depth": {"int": [1, 2]}, "model.attention.heads": {"choice": [2, 4]}}},
+    }
+
+
+def _finish_each_study(folder: str, uri: str, barrier, errors) -> None:
+    """One worker process: for each round's study, wait for the others, then finish its parent run."""
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    for round_ in range(ROUNDS):
+        spec = load_spec(tiny_study(Path(folder), f"race-{round_}"))
+        runs = StudyRuns(spec, open_study(spec))
+        barrier.wait(timeout=300)
+        try:
+            runs.finish()
+        except Exception as err:  # the test's failure, reported by the parent process
+            errors.put(f"round {round_}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+
+
+def test_workers_finishing_at_once_update_the_parent_run_without_an_error(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parents = []
+    for round_ in range(ROUNDS):  # a fresh parent run each round: the race is on a tag's first insert
+        spec = load_spec(tiny_study(tmp_path, f"race-{round_}"))
+        handle = open_study(spec)
+        runs = StudyRuns(spec, handle)
+        runs.create_parent()
+        trial = handle.study.ask()
+        sample_spec(spec, trial)
+        trial.set_user_attr("mlflow_run_id", f"{round_:032d}")
+        trial.set_user_attr("test_accuracy", 0.5)
+        handle.study.tell(trial, 0.5)
+        parents.append(runs.parent_id)
+
+    context = multiprocessing.get_context("spawn")
+    barrier, errors = context.Barrier(WORKERS), context.Queue()
+    workers = [context.Process(target=_finish_each_study, args=(str(tmp_path), uri, barrier, errors))
+               for _ in range(WORKERS)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=600)
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, problems
+    assert [w.exitcode for w in workers] == [0] * WORKERS
+    client = MlflowClient()
+    for round_, parent in enumerate(parents):
+        run = client.get_run(parent)
+        assert run.data.tags["best_run_id"] == f"{round_:032d}" and run.info.status == "FINISHED"
+
+
+def test_trial_runs_are_named_with_their_values_and_score_and_the_parent_holds_a_leaderboard(tmp_path, monkeypatch):
+    from vit_search.search.run import run_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = tiny_study(tmp_path, "named")
+    raw["search"]["n_trials"] = 2
+    raw["tracking"]["experiment"] = "named"
+    result = run_search(load_spec(raw), progress=False)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("named").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {int(r.data.tags["optuna.trial_number"]): r for r in runs if r is not parent}
+    for trial in result.study.get_trials():
+        child = children[trial.number]
+        depth, heads = trial.params["model.depth"], trial.params["model.attention.heads"]
+        assert child.info.run_name == (f"trial {trial.number} · depth {depth} · heads {heads} · "
+                                       f"val_accuracy {trial.value:.4g}")
+        # The parallel-coordinates chart's inputs: the searched params and the metric, on every trial.
+        assert child.data.params["model.depth"] == str(depth) and "val_accuracy" in child.data.metrics
+    note = parent.data.tags["mlflow.note.content"]
+    best = result.study.best_trial
+    assert "2 complete, 0 pruned, 0 failed" in note
+    assert f"| 1 | [trial {best.number}](#/experiments/{experiment}/runs/{children[best.number].info.run_id}) |" in note
