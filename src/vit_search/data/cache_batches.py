@@ -1,0 +1,135 @@
+"""Batches read from the decoded cache: the only host work per step is reading uint8 images.
+
+A background thread reads the next batches (``preadv``, which releases the GIL) into a few reused
+buffers, pinned when training on a GPU, while the step before runs. The uint8 batch goes to the
+training device and becomes float there, normalised in one pass; crop, flip, RandAugment and
+MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`, as for tensor-held splits.
+
+The order and sharding are :class:`.batches.DeviceBatches`' (one seeded permutation per epoch, every
+``num_processes``-th index for this process); within a batch, images are read in file order, so
+neighbours are one read.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .batches import DeviceBatches
+from .cache import CachedPart
+
+_AHEAD = 2  # batches read ahead of the step
+_POLL = 0.1  # seconds between checks that the consumer still wants batches
+
+
+class CachedSplit(Dataset):
+    """A split of the decoded cache: indices into one cached part, labels, and the normalisation."""
+
+    def __init__(self, part: CachedPart, indices: np.ndarray, device: torch.device,
+                 mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        self.part, self.indices, self.device = part, np.asarray(indices, dtype=np.int64), torch.device(device)
+        self.labels = torch.as_tensor(part.labels[self.indices], dtype=torch.int64)
+        channels = part.shape[1]
+        mean = [0.0] * channels if mean is None else list(mean)
+        std = [1.0] * channels if std is None else list(std)
+        # x / 255 normalised is x * scale - shift: one pass over the batch on the device.
+        self.scale = (1 / (255 * torch.tensor(std))).view(1, -1, 1, 1).to(self.device)
+        self.shift = (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def to_float(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) on the device -> normalised float32."""
+        return images.float().mul_(self.scale).sub_(self.shift)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.part.read(self.indices[index : index + 1]).to(self.device)
+        return self.to_float(image)[0], self.labels[index]
+
+
+class CacheBatches(DeviceBatches):
+    """An iterable of (normalised float images, labels) batches of a cached split, on its device."""
+
+    def __init__(self, split: CachedSplit, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
+                 rank: int = 0, num_processes: int = 1) -> None:
+        super().__init__(None, split.labels, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                         rank=rank, num_processes=num_processes)
+        self.split = split
+
+    def positions(self) -> np.ndarray:
+        """This process's positions in the split, in this epoch's order (what it reads)."""
+        return self._order().numpy()[: len(self) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        split, device = self.split, self.split.device
+        order = self.positions()
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        pin = device.type == "cuda"
+        free: queue.Queue = queue.Queue()
+        for _ in range(_AHEAD + 1):
+            free.put((torch.empty((self.batch_size, *split.part.shape[1:]), dtype=torch.uint8, pin_memory=pin), None))
+        ready: queue.Queue = queue.Queue(maxsize=_AHEAD)
+        stop = threading.Event()
+        thread = threading.Thread(target=_read_batches, args=(split, batches, free, ready, stop), daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                buffer, count, labels = item
+                images = buffer[:count].to(device, non_blocking=True)
+                event = None
+                if device.type == "cuda":  # the buffer is refilled only once its copy has run
+                    event = torch.cuda.Event()
+                    event.record()
+                images = split.to_float(images)  # on the CPU a new tensor: the buffer is free now
+                free.put((buffer, event))
+                yield images, labels.to(device, non_blocking=True)
+        finally:
+            stop.set()
+            thread.join()
+
+
+def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Queue, ready: queue.Queue,
+                  stop: threading.Event) -> None:
+    """The reader thread: each batch's images into a free buffer, then onto ``ready``; None at the end."""
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for positions in batches:
+            index = split.indices[positions]
+            by_file = np.argsort(index, kind="stable")  # file order: neighbours become one read
+            positions, index = positions[by_file], index[by_file]
+            while True:
+                try:
+                    buffer, event = free.get(timeout=_POLL)
+                    break
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+            if event is not None:
+                event.synchronize()
+            split.part.read_into(index, buffer[: len(index)].numpy())
+            if not put((buffer, len(index), split.labels[positions])):
+                return
+        put(None)
+    except BaseException as err:  # raised again in the consumer, where the training loop sees it
+        put(err)
