@@ -51,7 +51,8 @@ def cache_root(setting: str = "auto") -> Path:
     return Path(os.environ.get("VIT_SEARCH_CACHE") or Path.home() / ".cache" / "vit-search" / "decoded").expanduser()
 
 
-_FDS: dict[tuple[str, int], int] = {}  # (path, pid) -> descriptor: a forked process opens its own
+# (path, inode, pid) -> descriptor: a forked process opens its own, a rebuilt cache is a new file.
+_FDS: dict[tuple[str, int, int], int] = {}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class CachedPart:
     offset: int  # where the .npy file's data begins
     shape: tuple[int, int, int, int]  # (N, C, H, W)
     labels: np.ndarray
+    inode: int = 0  # the file this part was opened as (a rebuild replaces it)
 
     @property
     def image_bytes(self) -> int:
@@ -69,9 +71,13 @@ class CachedPart:
         return int(np.prod(self.shape[1:]))
 
     def _fd(self) -> int:
-        key = (str(self.path), os.getpid())
+        key = (str(self.path), self.inode, os.getpid())
         if key not in _FDS:
-            _FDS[key] = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY)
+            if os.fstat(fd).st_ino != self.inode:
+                os.close(fd)
+                raise DataError(f"the decoded cache {self.path.parent} was rebuilt while this process read it; run again")
+            _FDS[key] = fd
         return _FDS[key]
 
     def read_into(self, indices: np.ndarray, out: np.ndarray) -> None:
@@ -171,7 +177,8 @@ def _open(folder: Path, key: str, source: str) -> DecodedCache | None:
         for name in manifest["parts"]:
             labels = np.load(folder / f"{name}.labels.npy")
             array = np.load(folder / f"{name}.npy", mmap_mode="r")  # to read the header's length only
-            parts[name] = CachedPart(folder / f"{name}.npy", int(array.offset), tuple(array.shape), labels)
+            path = folder / f"{name}.npy"
+            parts[name] = CachedPart(path, int(array.offset), tuple(array.shape), labels, os.stat(path).st_ino)
             del array
     except (OSError, ValueError):  # files removed by hand: build again
         return None
