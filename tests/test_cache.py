@@ -267,3 +267,22 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli):
     result = cli("prepare", str(spec_path), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write the decoded cache" in result.stderr.strip().splitlines()[-1]
+
+
+def test_uint8_crop_and_flip_is_a_window_of_the_mean_padded_image():
+    from vit_search.data.augment import random_crop_flip_uint8
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 200, (16, 3, 6, 5), dtype=torch.uint8)
+    out = random_crop_flip_uint8(images, 2, True, fill=[250, 251, 252])
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    padded[:, :, :2], padded[:, :, -2:], padded[:, :, :, :2], padded[:, :, :, -2:] = [
+        torch.tensor([250, 251, 252], dtype=torch.uint8).view(1, 3, 1, 1)] * 4
+    flipped = 0
+    for image, source in zip(out, padded):
+        windows = [source[:, y : y + 6, x : x + 5] for y in range(5) for x in range(5)]
+        straight = any(torch.equal(image, w) for w in windows)
+        mirrored = any(torch.equal(image.flip(-1), w) for w in windows)
+        assert straight or mirrored
+        flipped += mirrored and not straight
+    assert 0 < flipped < 16

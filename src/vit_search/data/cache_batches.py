@@ -2,7 +2,8 @@
 
 A background thread reads the next batches (``preadv``, which releases the GIL) into a few reused
 buffers, pinned when training on a GPU, while the step before runs. The uint8 batch goes to the
-training device and becomes float there, normalised in one pass; crop, flip, RandAugment and
+training device; training batches are cropped and flipped there while still uint8 (a quarter of
+the bytes of float), then every batch becomes float, normalised in one pass; RandAugment and
 MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`, as for tensor-held splits.
 
 The order and sharding are :class:`.batches.DeviceBatches`' (one seeded permutation per epoch, every
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .augment import random_crop_flip_uint8
 from .batches import DeviceBatches
 from .cache import CachedPart
 
@@ -32,10 +34,14 @@ class CachedSplit(Dataset):
     """A split of the decoded cache: indices into one cached part, labels, and the normalisation."""
 
     def __init__(self, part: CachedPart, indices: np.ndarray, device: torch.device,
-                 mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+                 mean: Sequence[float] | None, std: Sequence[float] | None, *, crop_padding: int = 0,
+                 hflip: bool = False) -> None:
         self.part, self.indices, self.device = part, np.asarray(indices, dtype=np.int64), torch.device(device)
         self.labels = torch.as_tensor(part.labels[self.indices], dtype=torch.int64)
+        # The training split's crop and flip, done on its uint8 batches (BatchAugment leaves them out).
+        self.crop_padding, self.hflip = crop_padding, hflip
         channels = part.shape[1]
+        self.fill = [round(255 * m) for m in mean] if mean is not None else [0] * channels
         mean = [0.0] * channels if mean is None else list(mean)
         std = [1.0] * channels if std is None else list(std)
         # x / 255 normalised is x * scale - shift: one pass over the batch on the device.
@@ -92,6 +98,8 @@ class CacheBatches(DeviceBatches):
                 if device.type == "cuda":  # the buffer is refilled only once its copy has run
                     event = torch.cuda.Event()
                     event.record()
+                if split.crop_padding or split.hflip:  # a new tensor too
+                    images = random_crop_flip_uint8(images, split.crop_padding, split.hflip, split.fill)
                 images = split.to_float(images)  # on the CPU a new tensor: the buffer is free now
                 free.put((buffer, event))
                 yield images, labels.to(device, non_blocking=True)
