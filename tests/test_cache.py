@@ -286,3 +286,12 @@ def test_uint8_crop_and_flip_is_a_window_of_the_mean_padded_image():
         assert straight or mirrored
         flipped += mirrored and not straight
     assert 0 < flipped < 16
+
+
+def test_cached_training_batches_are_randaugmented_as_uint8_by_their_loader(tmp_path):
+    images = folder_of_images(tmp_path / "images", {"a": 8, "b": 8})
+    data = load_data(folder_spec(images, augment={"randaugment": True, "hflip": True, "randaugment_chunk": 2}), seed=0)
+    assert not data.augment.randaugment and not data.augment.hflip  # done by the loader, before the float
+    assert data.train.randaugment_chunk == 2 and data.val.randaugment_chunk == 0 and not data.val.hflip
+    x, y = next(iter(make_loader(data.train, 4, shuffle=True, seed=0, drop_last=True)))
+    assert x.shape == (4, 3, 12, 12) and x.dtype == torch.float32 and torch.isfinite(x).all()

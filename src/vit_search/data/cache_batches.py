@@ -2,9 +2,9 @@
 
 A background thread reads the next batches (``preadv``, which releases the GIL) into a few reused
 buffers, pinned when training on a GPU, while the step before runs. The uint8 batch goes to the
-training device; training batches are cropped and flipped there while still uint8 (a quarter of
-the bytes of float), then every batch becomes float, normalised in one pass; RandAugment and
-MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`, as for tensor-held splits.
+training device; training batches are cropped, flipped and RandAugment-ed there while still uint8
+(a quarter of the bytes of float), then every batch becomes float, normalised in one pass;
+MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`.
 
 The order and sharding are :class:`.batches.DeviceBatches`' (one seeded permutation per epoch, every
 ``num_processes``-th index for this process); within a batch, images are read in file order, so
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from .augment import random_crop_flip_uint8
 from .batches import DeviceBatches
@@ -35,11 +36,14 @@ class CachedSplit(Dataset):
 
     def __init__(self, part: CachedPart, indices: np.ndarray, device: torch.device,
                  mean: Sequence[float] | None, std: Sequence[float] | None, *, crop_padding: int = 0,
-                 hflip: bool = False) -> None:
+                 hflip: bool = False, randaugment_chunk: int = 0) -> None:
         self.part, self.indices, self.device = part, np.asarray(indices, dtype=np.int64), torch.device(device)
         self.labels = torch.as_tensor(part.labels[self.indices], dtype=torch.int64)
         # The training split's crop and flip, done on its uint8 batches (BatchAugment leaves them out).
         self.crop_padding, self.hflip = crop_padding, hflip
+        # RandAugment on uint8 too (its ops are defined there, and are cheaper), per chunk of images (0: off).
+        self.randaugment_chunk = randaugment_chunk
+        self._randaugment = v2.RandAugment() if randaugment_chunk else None
         channels = part.shape[1]
         self.fill = [round(255 * m) for m in mean] if mean is not None else [0] * channels
         mean = [0.0] * channels if mean is None else list(mean)
@@ -50,6 +54,14 @@ class CachedSplit(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def augment_uint8(self, images: Tensor) -> Tensor:
+        """The training split's crop, flip and RandAugment on a uint8 batch (the others: as is)."""
+        if self.crop_padding or self.hflip:
+            images = random_crop_flip_uint8(images, self.crop_padding, self.hflip, self.fill)
+        if self._randaugment is not None:
+            images = torch.cat([self._randaugment(chunk) for chunk in images.split(self.randaugment_chunk)])
+        return images
 
     def to_float(self, images: Tensor) -> Tensor:
         """uint8 (B, C, H, W) on the device -> normalised float32."""
@@ -98,8 +110,7 @@ class CacheBatches(DeviceBatches):
                 if device.type == "cuda":  # the buffer is refilled only once its copy has run
                     event = torch.cuda.Event()
                     event.record()
-                if split.crop_padding or split.hflip:  # a new tensor too
-                    images = random_crop_flip_uint8(images, split.crop_padding, split.hflip, split.fill)
+                images = split.augment_uint8(images)
                 images = split.to_float(images)  # on the CPU a new tensor: the buffer is free now
                 free.put((buffer, event))
                 yield images, labels.to(device, non_blocking=True)

@@ -163,10 +163,10 @@ def load_data(spec: DataSpec, seed: int, device: torch.device | str = "cpu") -> 
                                                             np.arange(len(i))) for name, (p, i) in where.items()}
         splits, mean, std = _for_workers(items, size, spec, seed)
     # Worker-path sets had RandAugment per image already; the batch augment does the rest on the device.
-    # Cached batches were cropped and flipped as uint8 by their loader.
+    # Cached batches were cropped, flipped and RandAugment-ed as uint8 by their loader.
     from_cache = cache is not None and not tensors
     augment = BatchAugment(spec.augment, len(classes), size, mean=mean, std=std,
-                           randaugment=spec.augment.randaugment and (tensors or from_cache), geometric=not from_cache)
+                           randaugment=spec.augment.randaugment and tensors, geometric=not from_cache)
     return DataSplits(
         splits["train"], splits["val"], splits["test"], in_channels=int(channels), num_classes=len(classes),
         on_device=on_device, image_size=size, mean=mean, std=std, classes=list(classes), augment=augment,
@@ -195,7 +195,9 @@ def _from_cache(
         part, index = where["train"]
         sample = np.random.default_rng(seed).choice(index, min(len(index), _STATS_SAMPLE), replace=False)
         mean, std = _uint8_stats(cache.parts[part], np.sort(sample))
-    geometric = {"crop_padding": spec.augment.random_crop_padding, "hflip": spec.augment.hflip}
+    augment = spec.augment
+    geometric = {"crop_padding": augment.random_crop_padding, "hflip": augment.hflip,
+                 "randaugment_chunk": augment.randaugment_chunk if augment.randaugment else 0}
     return {name: CachedSplit(cache.parts[p], i, device, mean, std, **(geometric if name == "train" else {}))
             for name, (p, i) in where.items()}, mean, std
 
