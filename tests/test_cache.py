@@ -295,3 +295,14 @@ def test_cached_training_batches_are_randaugmented_as_uint8_by_their_loader(tmp_
     assert data.train.randaugment_chunk == 2 and data.val.randaugment_chunk == 0 and not data.val.hflip
     x, y = next(iter(make_loader(data.train, 4, shuffle=True, seed=0, drop_last=True)))
     assert x.shape == (4, 3, 12, 12) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_cropped_and_flipped_cached_batches_are_the_same_for_the_same_seed_and_epoch(tmp_path):
+    images = folder_of_images(tmp_path / "images", {"a": 8, "b": 8})
+    data = load_data(folder_spec(images, augment={"random_crop_padding": 3, "hflip": True}), seed=0)
+    loader = make_loader(data.train, 4, shuffle=True, seed=1, drop_last=True)
+    first, again = list(loader), list(loader)
+    loader.set_epoch(1)
+    other = list(loader)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, other))

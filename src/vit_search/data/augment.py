@@ -48,18 +48,19 @@ def random_hflip(images: Tensor) -> Tensor:
     return torch.where(flip, images.flip(-1), images)
 
 
-def random_crop_flip_uint8(images: Tensor, padding: int, hflip: bool, fill: Sequence[int]) -> Tensor:
+def random_crop_flip_uint8(images: Tensor, padding: int, hflip: bool, fill: Sequence[int],
+                           generator: torch.Generator | None = None) -> Tensor:
     """:func:`random_crop` then :func:`random_hflip` on uint8 images, the border ``fill`` (per channel).
 
     The decoded cache's batches take this before they become float: a quarter of the bytes, and a
     copy of each image's window (one slice per image; on the CPU faster than the batched gather).
     ``fill`` is the training mean in uint8, so after normalisation the border is about zero, as
-    :func:`random_crop`'s is.
+    :func:`random_crop`'s is. The draws are made on the CPU, from ``generator`` when given.
     """
     b, c, h, w = images.shape
     out = torch.tensor(list(fill), dtype=torch.uint8, device=images.device).view(1, c, 1, 1).expand(b, c, h, w).clone()
-    shifts = torch.randint(-padding, padding + 1, (2, b)).tolist() if padding else [[0] * b, [0] * b]
-    flips = (torch.rand(b) < 0.5).tolist() if hflip else [False] * b
+    shifts = torch.randint(-padding, padding + 1, (2, b), generator=generator).tolist() if padding else [[0] * b] * 2
+    flips = (torch.rand(b, generator=generator) < 0.5).tolist() if hflip else [False] * b
     for i, (dy, dx, flip) in enumerate(zip(*shifts, flips)):
         # Window of the source that lands in the output when the padded image is cut at (dy, dx).
         window = images[i, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)]

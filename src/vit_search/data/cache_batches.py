@@ -55,13 +55,17 @@ class CachedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def augment_uint8(self, images: Tensor) -> Tensor:
-        """The training split's crop, flip and RandAugment on a uint8 batch (the others: as is)."""
+    def crop_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """The training split's crop and flip on a uint8 batch (a new tensor), or the batch as is."""
         if self.crop_padding or self.hflip:
-            images = random_crop_flip_uint8(images, self.crop_padding, self.hflip, self.fill)
-        if self._randaugment is not None:
-            images = torch.cat([self._randaugment(chunk) for chunk in images.split(self.randaugment_chunk)])
+            return random_crop_flip_uint8(images, self.crop_padding, self.hflip, self.fill, generator)
         return images
+
+    def randaugment(self, images: Tensor) -> Tensor:
+        """The training split's RandAugment on a uint8 batch, per chunk of images (others: as is)."""
+        if self._randaugment is None:
+            return images
+        return torch.cat([self._randaugment(chunk) for chunk in images.split(self.randaugment_chunk)])
 
     def to_float(self, images: Tensor) -> Tensor:
         """uint8 (B, C, H, W) on the device -> normalised float32."""
@@ -89,13 +93,16 @@ class CacheBatches(DeviceBatches):
         split, device = self.split, self.split.device
         order = self.positions()
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        # Crop and flip draw from their own generator (seed, epoch, process): the same batches every
+        # run, whichever thread draws them.
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
         pin = device.type == "cuda"
         free: queue.Queue = queue.Queue()
         for _ in range(_AHEAD + 1):
             free.put((torch.empty((self.batch_size, *split.part.shape[1:]), dtype=torch.uint8, pin_memory=pin), None))
         ready: queue.Queue = queue.Queue(maxsize=_AHEAD)
         stop = threading.Event()
-        thread = threading.Thread(target=_read_batches, args=(split, batches, free, ready, stop), daemon=True)
+        thread = threading.Thread(target=_read_batches, args=(split, batches, free, ready, stop, generator), daemon=True)
         thread.start()
         try:
             while True:
@@ -104,15 +111,18 @@ class CacheBatches(DeviceBatches):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                buffer, count, labels = item
-                images = buffer[:count].to(device, non_blocking=True)
-                event = None
-                if device.type == "cuda":  # the buffer is refilled only once its copy has run
-                    event = torch.cuda.Event()
-                    event.record()
-                images = split.augment_uint8(images)
-                images = split.to_float(images)  # on the CPU a new tensor: the buffer is free now
-                free.put((buffer, event))
+                images, labels, buffer, done = item
+                if not done:
+                    images = images.to(device, non_blocking=True)
+                    event = None
+                    if buffer is not None and device.type == "cuda":  # the buffer is refilled once its copy ran
+                        event = torch.cuda.Event()
+                        event.record()
+                    if device.type != "cpu":  # on the CPU the reader thread cropped and flipped
+                        images = split.crop_flip(images, generator)
+                    images = split.to_float(split.randaugment(images))
+                    if buffer is not None:
+                        free.put((buffer, event))
                 yield images, labels.to(device, non_blocking=True)
         finally:
             stop.set()
@@ -120,8 +130,13 @@ class CacheBatches(DeviceBatches):
 
 
 def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Queue, ready: queue.Queue,
-                  stop: threading.Event) -> None:
-    """The reader thread: each batch's images into a free buffer, then onto ``ready``; None at the end."""
+                  stop: threading.Event, generator: torch.Generator) -> None:
+    """The reader thread: each batch's images into a free buffer, then onto ``ready``; None at the end.
+
+    Training on the CPU, the thread also crops, flips and (without RandAugment, which draws from
+    torch's global generator and so stays on the training thread) makes the batch float: torch
+    releases the GIL, so this runs beside the training step.
+    """
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -147,7 +162,19 @@ def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Que
             if event is not None:
                 event.synchronize()
             split.part.read_into(index, buffer[: len(index)].numpy())
-            if not put((buffer, len(index), split.labels[positions])):
+            images, labels = buffer[: len(index)], split.labels[positions]
+            if split.device.type != "cpu":
+                item = (images, labels, buffer, False)
+            else:
+                images = split.crop_flip(images, generator)
+                done = split._randaugment is None
+                if done:
+                    images = split.to_float(images)
+                elif images.data_ptr() == buffer.data_ptr():
+                    images = images.clone()
+                free.put((buffer, None))  # copied out of it already
+                item = (images, labels, None, done)
+            if not put(item):
                 return
         put(None)
     except BaseException as err:  # raised again in the consumer, where the training loop sees it
