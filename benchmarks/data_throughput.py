@@ -84,7 +84,10 @@ RSS = """
 import resource, sys, time
 import numpy as np
 from vit_search.data import load_data, make_loader
+from vit_search.data.sources import imagefolder_parts
 from vit_search.schema import DataSpec
+imagefolder_parts(DataSpec(dataset="imagefolder", root=sys.argv[1]), 0)  # the libraries a reader imports
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 spec = DataSpec(dataset="imagefolder", root=sys.argv[1], image_size=int(sys.argv[2]), on_device="no", normalize=False)
 data = load_data(spec, 0)
 after_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -93,15 +96,16 @@ for split in (data.train, data.val, data.test):
     for i, _ in enumerate(make_loader(split, 64, shuffle=True, seed=0)):
         if limit and i >= limit:
             break
-print(after_open, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(imported, after_open, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_rss(args: argparse.Namespace, limit: int) -> tuple[float, float]:
-    """(MB after opening the cache, MB peak) of a fresh process reading ``limit`` batches per split (0: all)."""
+def peak_rss(args: argparse.Namespace, limit: int) -> tuple[float, float, float]:
+    """(MB after its imports, after opening the cache, peak) of a fresh process reading ``limit`` batches
+    per split (0: all)."""
     out = subprocess.run([sys.executable, "-c", RSS, str(args.folder), str(args.image_size), str(limit)],
                          capture_output=True, text=True, check=True, env=os.environ.copy()).stdout.split()
-    return int(out[0]) / 1024, int(out[1]) / 1024
+    return int(out[0]) / 1024, int(out[1]) / 1024, int(out[2]) / 1024
 
 
 def trial_seconds(args: argparse.Namespace, cache: str) -> float:
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vit-ti", action="store_true", help="also time ViT-Ti/16 training on --device")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured
 
     import torch
 
@@ -200,11 +205,12 @@ def main() -> None:
               f"= {cached_ra / decode_ra:.1f}x the decode path with RandAugment")
 
         float_mb = megabytes * 4
-        opened, few = peak_rss(args, limit=3)
-        _, everything = peak_rss(args, limit=0)
-        print(f"4. peak resident memory of a reader: {opened:,.0f} MB after opening, {few:,.0f} MB after 3 batches "
-              f"per split, {everything:,.0f} MB after the whole cache ({megabytes:,.0f} MB; {float_mb:,.0f} MB as "
-              f"float32)")
+        imported, opened, few = peak_rss(args, limit=3)
+        _, _, everything = peak_rss(args, limit=0)
+        print(f"4. peak resident memory of a reader: {imported:,.0f} MB after importing torch, torchvision and "
+              f"scikit-learn, {opened:,.0f} MB after opening the cache, {few:,.0f} MB after 3 batches per split, "
+              f"{everything:,.0f} MB after reading the whole cache ({megabytes:,.0f} MB; the set as float32: "
+              f"{float_mb:,.0f} MB)")
 
         if args.epochs:
             warm = trial_seconds(args, "auto")
