@@ -182,7 +182,10 @@ def prepare_cache(spec: DataSpec, seed: int) -> DecodedCache | None:
 def _cache(spec: DataSpec, parts: Parts, classes: list[str], size: tuple[int, int]) -> DecodedCache | None:
     if spec.cache == "off":
         return None
-    identity = str(Path(spec.root).expanduser().resolve()) if spec.root else "default root"
+    from .sources import default_root
+
+    root = Path(spec.root).expanduser() if spec.root else (Path(".") if spec.dataset == "imagefolder" else default_root())
+    identity = str(root.resolve())
     return open_cache(spec.dataset, identity, parts, list(classes), size, cache_root(spec.cache))
 
 
