@@ -39,7 +39,7 @@ from .augment import BatchAugment
 from .batches import DeviceBatches
 from .cache import DecodedCache, cache_root, open_cache
 from .cache_batches import CacheBatches, CachedSplit
-from .sources import DATASETS, Arrays, Items, Parts, PartSplits
+from .sources import DATASETS, Arrays, Items, Parts, PartSplits, default_root
 
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
 _STATS_SAMPLE = 1024  # worker-path sets: training images decoded to estimate mean and std
@@ -182,8 +182,6 @@ def prepare_cache(spec: DataSpec, seed: int) -> DecodedCache | None:
 def _cache(spec: DataSpec, parts: Parts, classes: list[str], size: tuple[int, int]) -> DecodedCache | None:
     if spec.cache == "off":
         return None
-    from .sources import default_root
-
     root = Path(spec.root).expanduser() if spec.root else (Path(".") if spec.dataset == "imagefolder" else default_root())
     identity = str(root.resolve())
     return open_cache(spec.dataset, identity, parts, list(classes), size, cache_root(spec.cache))
