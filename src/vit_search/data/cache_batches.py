@@ -1,10 +1,11 @@
 """Batches read from the decoded cache: the only host work per step is reading uint8 images.
 
-A background thread reads the next batches (``preadv``, which releases the GIL) into a few reused
-buffers, pinned when training on a GPU, while the step before runs. The uint8 batch goes to the
-training device; training batches are cropped, flipped and RandAugment-ed there while still uint8
-(a quarter of the bytes of float), then every batch becomes float, normalised in one pass;
-MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`.
+Reader threads (one per core, at most four) read the next batches (``preadv``, which releases the
+GIL) into a few reused buffers, pinned when training on a GPU, while the step before runs. The
+uint8 batch goes to the training device; training batches are cropped, flipped and RandAugment-ed
+there while still uint8 (a quarter of the bytes of float), then every batch becomes float,
+normalised in one pass; MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`.
+Training on the CPU, the readers do the crop, flip and float conversion themselves, beside the step.
 
 The order and sharding are :class:`.batches.DeviceBatches`' (one seeded permutation per epoch, every
 ``num_processes``-th index for this process); within a batch, images are read in file order, so
@@ -26,8 +27,10 @@ from torchvision.transforms import v2
 from .augment import random_crop_flip_uint8
 from .batches import DeviceBatches
 from .cache import CachedPart
+from .decode import decode_threads
 
-_AHEAD = 2  # batches read ahead of the step
+_AHEAD = 2  # batches each reader thread reads ahead of the step
+_MAX_READERS = 4  # reader threads per loader
 _POLL = 0.1  # seconds between checks that the consumer still wants batches
 
 
@@ -93,22 +96,25 @@ class CacheBatches(DeviceBatches):
         split, device = self.split, self.split.device
         order = self.positions()
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        # Crop and flip draw from their own generator (seed, epoch, process): the same batches every
-        # run, whichever thread draws them.
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        readers = min(_readers(), max(len(batches), 1))
+        # Crop and flip draw from a generator per batch (seed, epoch, process, batch): the same batches
+        # every run, whichever thread draws them.
+        seed = ((self.seed * 100_003 + self.epoch) * 1_009 + self.rank) * 1_000_003
         pin = device.type == "cuda"
         free: queue.Queue = queue.Queue()
-        for _ in range(_AHEAD + 1):
+        for _ in range(readers * (_AHEAD + 1)):
             free.put((torch.empty((self.batch_size, *split.part.shape[1:]), dtype=torch.uint8, pin_memory=pin), None))
-        ready: queue.Queue = queue.Queue(maxsize=_AHEAD)
+        # Reader j takes batches j, j + readers, ...; each has its own queue, taken from in turn: in order.
+        ready = [queue.Queue(maxsize=_AHEAD) for _ in range(readers)]
         stop = threading.Event()
-        thread = threading.Thread(target=_read_batches, args=(split, batches, free, ready, stop, generator), daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=_read_batches, daemon=True,
+                                    args=(split, list(enumerate(batches))[j::readers], free, ready[j], stop, seed))
+                   for j in range(readers)]
+        for thread in threads:
+            thread.start()
         try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    return
+            for number in range(len(batches)):
+                item = ready[number % readers].get()
                 if isinstance(item, BaseException):
                     raise item
                 images, labels, buffer, done = item
@@ -119,23 +125,29 @@ class CacheBatches(DeviceBatches):
                         event = torch.cuda.Event()
                         event.record()
                     if device.type != "cpu":  # on the CPU the reader thread cropped and flipped
-                        images = split.crop_flip(images, generator)
+                        images = split.crop_flip(images, torch.Generator().manual_seed(seed + number))
                     images = split.to_float(split.randaugment(images))
                     if buffer is not None:
                         free.put((buffer, event))
                 yield images, labels.to(device, non_blocking=True)
         finally:
             stop.set()
-            thread.join()
+            for thread in threads:
+                thread.join()
 
 
-def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Queue, ready: queue.Queue,
-                  stop: threading.Event, generator: torch.Generator) -> None:
-    """The reader thread: each batch's images into a free buffer, then onto ``ready``; None at the end.
+def _readers() -> int:
+    """Reader threads per loader: one per core, at most _MAX_READERS."""
+    return min(decode_threads(), _MAX_READERS)
+
+
+def _read_batches(split: CachedSplit, batches: list[tuple[int, np.ndarray]], free: queue.Queue, ready: queue.Queue,
+                  stop: threading.Event, seed: int) -> None:
+    """A reader thread: each of its batches' images into a free buffer, then onto ``ready``.
 
     Training on the CPU, the thread also crops, flips and (without RandAugment, which draws from
     torch's global generator and so stays on the training thread) makes the batch float: torch
-    releases the GIL, so this runs beside the training step.
+    releases the GIL, so this runs beside the training step and the other readers.
     """
 
     def put(item: object) -> bool:
@@ -148,7 +160,7 @@ def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Que
         return False
 
     try:
-        for positions in batches:
+        for number, positions in batches:
             index = split.indices[positions]
             by_file = np.argsort(index, kind="stable")  # file order: neighbours become one read
             positions, index = positions[by_file], index[by_file]
@@ -166,7 +178,7 @@ def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Que
             if split.device.type != "cpu":
                 item = (images, labels, buffer, False)
             else:
-                images = split.crop_flip(images, generator)
+                images = split.crop_flip(images, torch.Generator().manual_seed(seed + number))
                 done = split._randaugment is None
                 if done:
                     images = split.to_float(images)
@@ -176,6 +188,5 @@ def _read_batches(split: CachedSplit, batches: list[np.ndarray], free: queue.Que
                 item = (images, labels, None, done)
             if not put(item):
                 return
-        put(None)
     except BaseException as err:  # raised again in the consumer, where the training loop sees it
         put(err)
