@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 # The test models are tiny: one thread each is fastest, and tests that start several worker
 # processes on a 2-core machine must not oversubscribe it (set before torch is imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Decoded caches go to a folder of this test session (subprocesses inherit it), never the user's home.
+_CACHE = tempfile.mkdtemp(prefix="vit-search-test-cache-")
+os.environ["VIT_SEARCH_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -194,7 +194,7 @@ def test_mnist_worker_path_matches_the_tensor_path(tmp_path):
     _fake_mnist(tmp_path, "MNIST")
     common = dict(dataset="mnist", root=str(tmp_path), image_size=14, augment={"randaugment": True})
     held = load_data(spec(**common), seed=0)
-    streamed = load_data(spec(on_device="no", **common), seed=0)
+    streamed = load_data(spec(on_device="no", cache="off", **common), seed=0)
     assert not streamed.on_device and not isinstance(streamed.test, TensorSplit)
     assert held.augment.randaugment and not streamed.augment.randaugment  # workers ran it per image
     images, labels = next(iter(make_loader(streamed.test, 20, shuffle=False, seed=0)))
@@ -277,7 +277,7 @@ def test_imagefolder_train_val_folders_and_worker_path(tmp_path):
     _pngs(tmp_path / "val", {"b": 2, "c": 3})  # a val folder may lack a class: indices follow train's
     common = dict(dataset="imagefolder", root=str(tmp_path), image_size=[8, 6], num_workers=2)
     held = load_data(spec(**common), seed=0)
-    streamed = load_data(spec(on_device="no", **common), seed=0)
+    streamed = load_data(spec(on_device="no", cache="off", **common), seed=0)
     assert len(held.val) == 5 and held.val.labels.tolist() == [1, 1, 2, 2, 2]
     assert len(held.train) + len(held.test) == 18 and len(held.test) == 4  # test carved from train
     loader = make_loader(streamed.val, 5, shuffle=False, seed=0, num_workers=2)

@@ -161,6 +161,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Build the decoded cache a spec's data trains from (once per data set and size), and say where it is."""
+    from .data.loading import prepare_cache
+
+    spec = _load(args)
+    cache = prepare_cache(spec.data, spec.seed)
+    if cache is None:
+        reason = "data.cache is off" if spec.data.cache == "off" else "the set is held as tensors without one"
+        print(f"{spec.name}: no decoded cache ({reason})")
+        return 0
+    count = sum(part.shape[0] for part in cache.parts.values())
+    print(f"{spec.name}: decoded cache {cache.folder} ({count:,} images, {cache.nbytes / 2**20:,.1f} MB)")
+    return 0
+
+
 def _prepare_weights(spec) -> None:
     """Download or read ``model.init``'s weights before anything runs: a missing file is one line (exit 2)
     here, not a failed MLflow run or one failed trial after another."""
@@ -397,6 +412,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "validate": (cmd_validate, _spec_arguments),
     "summary": (cmd_summary, _spec_arguments),
     "train": (cmd_train, _train_arguments),
+    "prepare": (cmd_prepare, _spec_arguments),
     "run": (cmd_run, _run_arguments),
     "best": (cmd_best, _best_arguments),
     "ui": (cmd_ui, _ui_arguments),

@@ -69,6 +69,10 @@ class DataSpec(_Section):
         2048, gt=0, description="on_device auto: hold as tensors when the float32 images take at most this many MB"
     )
     num_workers: int = Field(2, ge=0, description="DataLoader workers for large sets")
+    cache: str = Field(
+        "auto", min_length=1, max_length=4096,
+        description="decoded uint8 cache: auto (where the set is not held as float32 tensors), off, or its folder",
+    )
 
     @field_validator("image_size")
     @classmethod

@@ -121,6 +121,7 @@ class _Setup:
     graph_blocker: str | None  # why the step cannot be a CUDA graph (None: it can)
     trainable: int
     step: Callable[..., torch.Tensor] | None = None  # made once the state is final
+    data_tags: dict[str, str] = field(default_factory=dict)  # where the images were read from
 
 
 def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = True) -> _Setup:
@@ -168,7 +169,11 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
         warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker, trainable)
+    data_tags = {} if data.cache is None else {  # the decoded cache: where, how large
+        "data_cache": str(data.cache.folder), "data_cache_bytes": str(data.cache.nbytes),
+        "data_cache_read": "batches" if not data.on_device else "filled the tensors"}
+    return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker, trainable,
+                  data_tags=data_tags)
 
 
 def _make_step(spec: Spec, run: _Setup, accelerator: Any, make_step: StepFactory | None = None) -> str:
@@ -265,6 +270,7 @@ def train(
             tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
                 "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
                 "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
+                **run.data_tags,
             }, trainable=run.trainable)
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()

@@ -48,12 +48,36 @@ def random_hflip(images: Tensor) -> Tensor:
     return torch.where(flip, images.flip(-1), images)
 
 
+def random_crop_flip_uint8(images: Tensor, padding: int, hflip: bool, fill: Sequence[int],
+                           generator: torch.Generator | None = None) -> Tensor:
+    """:func:`random_crop` then :func:`random_hflip` on uint8 images, the border ``fill`` (per channel).
+
+    The decoded cache's batches take this before they become float: a quarter of the bytes, and a
+    copy of each image's window (one slice per image; on the CPU faster than the batched gather).
+    ``fill`` is the training mean in uint8, so after normalisation the border is about zero, as
+    :func:`random_crop`'s is. The draws are made on the CPU, from ``generator`` when given.
+    """
+    b, c, h, w = images.shape
+    out = torch.tensor(list(fill), dtype=torch.uint8, device=images.device).view(1, c, 1, 1).expand(b, c, h, w).clone()
+    shifts = torch.randint(-padding, padding + 1, (2, b), generator=generator).tolist() if padding else [[0] * b] * 2
+    flips = (torch.rand(b, generator=generator) < 0.5).tolist() if hflip else [False] * b
+    for i, (dy, dx, flip) in enumerate(zip(*shifts, flips)):
+        # Window of the source that lands in the output when the padded image is cut at (dy, dx).
+        window = images[i, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)]
+        target = out[i, :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+        target.copy_(window)
+        if flip:
+            out[i] = out[i].flip(-1)
+    return out
+
+
 class BatchAugment:
     """Augments a training batch on its device: crop, flip, RandAugment, then MixUp/CutMix.
 
     ``mean``/``std`` are the normalisation the images carry (None: images are in [0, 1]);
     RandAugment undoes it, because its colour ops (solarize, posterize, ...) assume [0, 1].
-    ``randaugment`` overrides the spec (loading.py passes False where workers already ran it).
+    ``randaugment`` overrides the spec (loading.py passes False where workers already ran it);
+    ``geometric=False`` leaves crop and flip out (the decoded cache's batches had them in uint8).
     Random draws use torch's global generators, which Accelerate's ``set_seed`` seeds.
     """
 
@@ -66,11 +90,14 @@ class BatchAugment:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         randaugment: bool | None = None,
+        geometric: bool = True,
     ) -> None:
         self.spec = spec
         self.num_classes = num_classes
         self.image_size = pair(image_size)
         self.randaugment = spec.randaugment if randaugment is None else randaugment
+        self.crop_padding = spec.random_crop_padding if geometric else 0
+        self.hflip = spec.hflip and geometric
         self._randaugment = v2.RandAugment() if self.randaugment else None
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -82,13 +109,13 @@ class BatchAugment:
         # Both on: each batch gets one of the two, as in timm and torchvision's references.
         self._mix = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
         self.soft_labels = self._mix is not None
-        self.enabled = bool(spec.random_crop_padding or spec.hflip or self.randaugment or self._mix)
+        self.enabled = bool(self.crop_padding or self.hflip or self.randaugment or self._mix)
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(images, int64 labels) -> augmented images and labels (soft float with MixUp/CutMix)."""
-        if self.spec.random_crop_padding:
-            images = random_crop(images, self.spec.random_crop_padding)
-        if self.spec.hflip:
+        if self.crop_padding:
+            images = random_crop(images, self.crop_padding)
+        if self.hflip:
             images = random_hflip(images)
         if self._randaugment is not None:
             images = self._apply_randaugment(images)

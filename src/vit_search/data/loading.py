@@ -10,12 +10,19 @@ A split is held one of two ways:
   the training device; batches are drawn on the device (:mod:`.batches`: no per-image Python, no
   workers, no host work per step). digits and synthetic always; the others when ``on_device`` says so (auto: when
   the float32 images fit in ``max_on_device_mb``).
-* Otherwise a Dataset that DataLoader workers decode, resize, (RandAugment) and normalise per image.
+* :class:`.cache_batches.CachedSplit`: the images decoded and resized once per data set and size
+  into the decoded cache (:mod:`.cache`, ``data.cache``), read as uint8 batches and made float,
+  normalised and augmented on the training device. Image folders and torchvision sets too large
+  for the tensors, unless ``data.cache: off``. Image folders held as tensors are filled from the
+  cache as well, so a search decodes them once, not once per trial.
+* Otherwise (``data.cache: off``) a Dataset that DataLoader workers decode, resize, (RandAugment)
+  and normalise per image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -30,7 +37,9 @@ from ..schema import DataSpec
 from ..sizes import pair
 from .augment import BatchAugment
 from .batches import DeviceBatches
-from .sources import DATASETS, Arrays, Items
+from .cache import DecodedCache, cache_root, open_cache
+from .cache_batches import CacheBatches, CachedSplit
+from .sources import DATASETS, Arrays, Items, Parts, PartSplits, default_root
 
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
 _STATS_SAMPLE = 1024  # worker-path sets: training images decoded to estimate mean and std
@@ -70,6 +79,7 @@ class DataSplits:
     std: tuple[float, ...] | None = None
     classes: list[str] = field(default_factory=list)
     augment: BatchAugment | None = None  # data.augment, built to match how the splits are held
+    cache: DecodedCache | None = None  # the decoded cache the splits were read from
 
 
 class _ArrayImages(Dataset):
@@ -112,44 +122,99 @@ def _transform(
 
 # -- assembling ---------------------------------------------------------------------------------------
 def load_data(spec: DataSpec, seed: int, device: torch.device | str = "cpu") -> DataSplits:
-    """Load ``spec``'s data set, split it with ``seed``, normalise it, and hold it as ``spec.on_device`` says.
+    """Load ``spec``'s data set, split it with ``seed``, normalise it, and hold it as ``spec.on_device`` and
+    ``spec.cache`` say.
 
     Raises :class:`DataError` when files are missing or unreadable.
     """
     device = torch.device(device)
     size = pair(spec.image_size)
     source = DATASETS[spec.dataset]
-    read, classes = source.read(spec, seed)
-    if spec.dataset == "imagefolder":
-        items: Items = read
-        count, channels = sum(len(i) for _, i in items.values()), source.shape(spec)[0]
-    else:
-        arrays: Arrays = read
+    parts: Parts | None = None
+    if source.parts is None:  # in memory already
+        arrays, classes = source.read(spec, seed)
         count, channels = sum(len(y) for _, y in arrays.values()), arrays["train"][0].shape[1]
+    else:
+        parts, where, classes = source.parts(spec, seed)
+        count, channels = sum(len(i) for _, i in where.values()), source.shape(spec)[0]
     if spec.augment.randaugment and channels not in (1, 3):
         raise DataError(f"data.augment.randaugment needs 1 or 3 channels, the data has {channels}")
     megabytes = count * channels * size[0] * size[1] * 4 / 2**20
-    in_memory = source.in_memory  # nothing to decode: always tensors
     small = spec.on_device == "auto" and megabytes <= spec.max_on_device_mb
-    tensors = in_memory or spec.on_device == "yes" or small
+    tensors = parts is None or spec.on_device == "yes" or small
     on_device = tensors and spec.on_device != "no"
+    folder = parts is not None and not isinstance(parts["train"], tuple)
+    # The cache where the set would otherwise be decoded per epoch, or (image folders) per trial.
+    cache = _cache(spec, parts, classes, size) if parts is not None and (folder or not tensors) else None
 
-    if tensors:
-        if spec.dataset == "imagefolder":
-            arrays = {name: _decode(base, idx, size, spec.num_workers) for name, (base, idx) in items.items()}
+    if cache is not None and not tensors:
+        splits, mean, std = _from_cache(cache, where, size, spec, seed, device)
+    elif tensors:
+        if cache is not None:
+            arrays = {name: (cache.parts[p].read(i), torch.as_tensor(cache.parts[p].labels[i])) for name, (p, i) in
+                      where.items()}
+        elif folder:
+            arrays = {name: _decode(parts[p], i, size, spec.num_workers) for name, (p, i) in where.items()}
+        elif parts is not None:
+            arrays = {name: (parts[p][0][i], parts[p][1][i]) for name, (p, i) in where.items()}
         splits, mean, std = _as_tensors(arrays, size, spec.normalize, device if on_device else torch.device("cpu"))
     else:
-        if spec.dataset != "imagefolder":
-            items = {name: (_ArrayImages(x, y), np.arange(len(y))) for name, (x, y) in arrays.items()}
+        items: Items = {name: (parts[p], i) if folder else (_ArrayImages(parts[p][0][i], parts[p][1][i]),
+                                                            np.arange(len(i))) for name, (p, i) in where.items()}
         splits, mean, std = _for_workers(items, size, spec, seed)
     # Worker-path sets had RandAugment per image already; the batch augment does the rest on the device.
-    augment = BatchAugment(
-        spec.augment, len(classes), size, mean=mean, std=std, randaugment=spec.augment.randaugment and tensors
-    )
+    # Cached batches were cropped, flipped and RandAugment-ed as uint8 by their loader.
+    from_cache = cache is not None and not tensors
+    augment = BatchAugment(spec.augment, len(classes), size, mean=mean, std=std,
+                           randaugment=spec.augment.randaugment and tensors, geometric=not from_cache)
     return DataSplits(
         splits["train"], splits["val"], splits["test"], in_channels=int(channels), num_classes=len(classes),
         on_device=on_device, image_size=size, mean=mean, std=std, classes=list(classes), augment=augment,
+        cache=cache,
     )
+
+
+def prepare_cache(spec: DataSpec, seed: int) -> DecodedCache | None:
+    """Build (or find) the decoded cache ``spec`` trains from; None where it trains without one."""
+    return load_data(spec, seed).cache
+
+
+def _cache(spec: DataSpec, parts: Parts, classes: list[str], size: tuple[int, int]) -> DecodedCache | None:
+    if spec.cache == "off":
+        return None
+    root = Path(spec.root).expanduser() if spec.root else (Path(".") if spec.dataset == "imagefolder" else default_root())
+    identity = str(root.resolve())
+    return open_cache(spec.dataset, identity, parts, list(classes), size, cache_root(spec.cache))
+
+
+def _from_cache(
+    cache: DecodedCache, where: PartSplits, size: tuple[int, int], spec: DataSpec, seed: int, device: torch.device
+) -> tuple[dict[str, Dataset], Stats, Stats]:
+    """CachedSplits, normalised with the stats of the training images the worker path would sample."""
+    mean = std = None
+    if spec.normalize:
+        part, index = where["train"]
+        sample = np.random.default_rng(seed).choice(index, min(len(index), _STATS_SAMPLE), replace=False)
+        mean, std = _uint8_stats(cache.parts[part], np.sort(sample))
+    augment = spec.augment
+    geometric = {"crop_padding": augment.random_crop_padding, "hflip": augment.hflip,
+                 "randaugment_chunk": augment.randaugment_chunk if augment.randaugment else 0}
+    return {name: CachedSplit(cache.parts[p], i, device, mean, std, **(geometric if name == "train" else {}))
+            for name, (p, i) in where.items()}, mean, std
+
+
+def _uint8_stats(part: Any, index: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of cached images ``index`` in [0, 1] (as :func:`_channel_stats`)."""
+    total = squares = count = 0
+    for start in range(0, len(index), 128):
+        images = part.read(index[start : start + 128]).double().div_(255)
+        total = total + images.sum(dim=(0, 2, 3))
+        squares = squares + images.square().sum(dim=(0, 2, 3))
+        count += images.numel() // images.shape[1]
+    mean = total / max(count, 1)
+    std = (squares / max(count, 1) - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _as_tensors(
@@ -227,6 +292,9 @@ def make_loader(
 
     The shuffle order is a seeded generator's: the same seed gives the same batches every run.
     """
+    if isinstance(dataset, CachedSplit):
+        return CacheBatches(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
+                            num_processes=num_processes)
     if isinstance(dataset, TensorSplit):
         return DeviceBatches(dataset.images, dataset.labels, batch_size, shuffle=shuffle, seed=seed,
                              drop_last=drop_last, rank=rank, num_processes=num_processes)

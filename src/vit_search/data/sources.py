@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 Arrays = dict[str, tuple["Tensor", "Tensor"]]  # split -> (images (N, C, h, w) uint8 or [0, 1] float, labels)
 Items = dict[str, tuple["Dataset", np.ndarray]]  # split -> (dataset of (PIL image, label), indices)
+# What a decoded cache stores: a source's images whole, independent of the seed's split.
+Parts = dict[str, Any]  # part -> a dataset of (PIL image, label), or (images (N, C, h, w) uint8, labels)
+PartSplits = dict[str, tuple[str, np.ndarray]]  # split -> (part, sorted indices into it)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Source:
     read: Callable[["DataSpec", int], tuple[Any, list[str]]]
     shape: Callable[["DataSpec"], tuple[int, int]]
     in_memory: bool  # small and already decoded: always held as tensors
+    # The images whole and each split's share of them, for the decoded cache (None: never cached).
+    parts: Callable[["DataSpec", int], tuple[Parts, PartSplits, list[str]]] | None = None
 
 
 def default_root() -> Path:
@@ -101,11 +106,11 @@ def read_synthetic(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
     return {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}, names
 
 
-def torchvision_set(class_name: str) -> Callable[["DataSpec", int], tuple[Arrays, list[str]]]:
-    """A reader of one of torchvision's data sets: the official train split divided into train/val
-    (seeded, stratified), the official test split."""
+def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Parts, PartSplits, list[str]]]:
+    """The official train and test splits of one of torchvision's data sets, and the seeded split of
+    the official train split into train/val (stratified)."""
 
-    def read(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
+    def parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, list[str]]:
         import torch
         import torchvision
 
@@ -145,11 +150,27 @@ def torchvision_set(class_name: str) -> Callable[["DataSpec", int], tuple[Arrays
             for x, y in splits
         ]
         keep, val = stratified_split(train_y.numpy(), spec.val_fraction, seed)
-        arrays = {"train": (train_x[keep], train_y[keep]), "val": (train_x[val], train_y[val]),
-                  "test": (test_x, test_y)}
+        where = {"train": ("train", keep), "val": ("train", val), "test": ("test", np.arange(len(test_y)))}
+        return {"train": (train_x, train_y), "test": (test_x, test_y)}, where, classes
+
+    parts.__doc__ = f"torchvision's {class_name}, read from data.root (or downloaded with data.download)."
+    return parts
+
+
+def torchvision_set(class_name: str) -> Callable[["DataSpec", int], tuple[Arrays, list[str]]]:
+    """A reader of one of torchvision's data sets: the official train split divided into train/val
+    (seeded, stratified), the official test split."""
+    parts = torchvision_parts(class_name)
+
+    def read(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
+        held, where, classes = parts(spec, seed)
+        arrays = {}
+        for split, (part, index) in where.items():
+            x, y = held[part]
+            arrays[split] = (x[index], y[index])
         return arrays, classes
 
-    read.__doc__ = f"torchvision's {class_name}, read from data.root (or downloaded with data.download)."
+    read.__doc__ = parts.__doc__
     return read
 
 
@@ -200,8 +221,8 @@ def class_folders(spec: "DataSpec") -> list[Path]:
     return classes
 
 
-def read_imagefolder(spec: "DataSpec", seed: int) -> tuple[Items, list[str]]:
-    """Images in ``root/<class>/`` (or ``root/train``, ``root/val``, ``root/test``), decoded to RGB."""
+def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, list[str]]:
+    """The folders of an image folder (``train``, and ``val``/``test`` where present) and the splits."""
     import torchvision
 
     root = Path(spec.root or ".").expanduser()
@@ -211,22 +232,29 @@ def read_imagefolder(spec: "DataSpec", seed: int) -> tuple[Items, list[str]]:
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"imagefolder: cannot read {root}: {err}") from None
     labels = np.asarray(base.targets)
+    parts: Parts = {"train": base}
     if not has_train:
         train, val, test = _three_way(labels, spec, seed)
-        return {"train": (base, train), "val": (base, val), "test": (base, test)}, base.classes
+        return parts, {"train": ("train", train), "val": ("train", val), "test": ("train", test)}, base.classes
     # root/train exists: root/val and root/test are used where present, else carved from train.
-    items: Items = {}
+    where: PartSplits = {}
     kept = np.arange(len(labels))
     for name, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
         if (root / name).is_dir():
-            folder = _folder_with_classes(root / name, base.class_to_idx)
-            items[name] = (folder, np.arange(len(folder)))
+            parts[name] = _folder_with_classes(root / name, base.class_to_idx)
+            where[name] = (name, np.arange(len(parts[name])))
         else:
             keep, held = stratified_split(labels[kept], fraction, seed)
-            items[name] = (base, kept[held])
+            where[name] = ("train", kept[held])
             kept = kept[keep]
-    items["train"] = (base, kept)
-    return items, base.classes
+    where["train"] = ("train", kept)
+    return parts, where, base.classes
+
+
+def read_imagefolder(spec: "DataSpec", seed: int) -> tuple[Items, list[str]]:
+    """Images in ``root/<class>/`` (or ``root/train``, ``root/val``, ``root/test``), decoded to RGB."""
+    parts, where, classes = imagefolder_parts(spec, seed)
+    return {split: (parts[part], index) for split, (part, index) in where.items()}, classes
 
 
 def _folder_with_classes(root: Path, class_to_idx: dict[str, int]) -> "Dataset":
@@ -247,14 +275,20 @@ def _fixed(channels: int, classes: int) -> Callable[["DataSpec"], tuple[int, int
     return lambda spec: (channels, classes)
 
 
+def _torchvision(class_name: str, channels: int, classes: int) -> Source:
+    return Source(torchvision_set(class_name), _fixed(channels, classes), in_memory=False,
+                  parts=torchvision_parts(class_name))
+
+
 DATASETS: dict[str, Source] = {
     "digits": Source(read_digits, _fixed(1, 10), in_memory=True),
-    "mnist": Source(torchvision_set("MNIST"), _fixed(1, 10), in_memory=False),
-    "fashion_mnist": Source(torchvision_set("FashionMNIST"), _fixed(1, 10), in_memory=False),
-    "cifar10": Source(torchvision_set("CIFAR10"), _fixed(3, 10), in_memory=False),
-    "cifar100": Source(torchvision_set("CIFAR100"), _fixed(3, 100), in_memory=False),
+    "mnist": _torchvision("MNIST", 1, 10),
+    "fashion_mnist": _torchvision("FashionMNIST", 1, 10),
+    "cifar10": _torchvision("CIFAR10", 3, 10),
+    "cifar100": _torchvision("CIFAR100", 3, 100),
     # ImageFolder decodes every image to RGB.
-    "imagefolder": Source(read_imagefolder, lambda spec: (3, len(class_folders(spec))), in_memory=False),
+    "imagefolder": Source(read_imagefolder, lambda spec: (3, len(class_folders(spec))), in_memory=False,
+                          parts=imagefolder_parts),
     "synthetic": Source(read_synthetic, lambda spec: (spec.channels, spec.num_classes), in_memory=True),
 }
 """``data.dataset`` name -> :class:`Source`."""
