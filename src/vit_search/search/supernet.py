@@ -71,7 +71,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     space = SupernetSpace.of(spec)
-    finals_spec = _phase_spec(spec, name, search.supernet.finalists)
+    # finalists: 0 scores only; the study of finalists then just holds the parent run (n_trials > 0 or None).
+    finals_spec = _phase_spec(spec, name, search.supernet.finalists or None)
     scores_spec = _phase_spec(spec, f"{name}:subnets", search.supernet.n_subnets)
     scores_spec.search.pruner = "none"
     with study_lock(url, name):
@@ -88,11 +89,12 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     runs.reopen_parent()  # phase 1 ended the parent run it logged into
     scored = _phase2(scores_spec, scores, space, weights, runs, stop)
     trained, interrupted = [], scored.interrupted
-    if not interrupted and search.supernet.finalists:
+    if not interrupted:
         with study_lock(url, scores_spec.search.study_name):
             if not scores.attr(LOGGED) and _phase2_done(scores, search.supernet.n_subnets):
                 runs_logged = _log_scores(scores, spec, runs, search.supernet.top_runs)
                 scores.set_attr(LOGGED, runs_logged)
+    if not interrupted and search.supernet.finalists:
         runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
         report = worker_loop(finals, search.supernet.finalists, runner.draw, runner.run, timeout=search.timeout,
                              heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
@@ -183,8 +185,8 @@ class SubnetScorer:
             hits += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()
         set_subnet(self.model, None)
-        # train_loss is not the subnet's: it would be the supernet's; reported as the val loss's absence
-        return {"val_loss": loss / max(count, 1), "val_accuracy": hits / max(count, 1), "train_loss": float("nan")}
+        # No train_loss: a scored subnet was never trained on its own (the supernet's would mislead).
+        return {"val_loss": loss / max(count, 1), "val_accuracy": hits / max(count, 1)}
 
 
 def _phase2_done(handle: StudyHandle, n: int) -> bool:
