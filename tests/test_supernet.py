@@ -17,7 +17,7 @@ from vit_search.model.elastic import extract_subnet, set_subnet
 from vit_search.model.vit import build_vit
 from vit_search.registry import REGISTRY
 from vit_search.schema import ModelSpec
-from vit_search.search.supernet import run_supernet_search
+from vit_search.search.supernet import LOGGED, run_supernet_search
 from vit_search.search.supernet_space import SupernetSpace
 from vit_search.search.supernet_train import SandwichStep, SubnetDraw, supernet_spec
 from vit_search.spec import load_spec
@@ -208,3 +208,25 @@ def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir):
     runs = client.search_runs([client.get_experiment_by_name("scores-only").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert "subnets.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_a_resumed_study_whose_score_logging_was_cut_short_has_one_run_per_top_subnet(workdir):
+    spec = load_spec(spec_raw("relog", finalists=0, n_subnets=3, top_runs=2))
+    run_supernet_search(spec, progress=False)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("relog").experiment_id
+
+    def scored_runs():
+        return client.search_runs([experiment], filter_string="tags.`supernet.phase` = '2: scored subnet'")
+
+    kept, cut = scored_runs()
+    # What a worker killed while logging leaves: one run not ended, the scores not marked logged.
+    client.update_run(cut.info.run_id, status="RUNNING")
+    storage = optuna.storages.RDBStorage(spec.search.storage)
+    storage.set_study_system_attr(storage.get_study_id_from_name("relog:subnets"), LOGGED, 0)
+    run_supernet_search(spec, progress=False)
+    runs = scored_runs()
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert kept.info.run_id in {r.info.run_id for r in runs} and cut.info.run_id not in {r.info.run_id for r in runs}
+    assert {r.data.tags["subnets.trial_number"] for r in runs} == {kept.data.tags["subnets.trial_number"],
+                                                                   cut.data.tags["subnets.trial_number"]}

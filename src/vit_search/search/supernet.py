@@ -232,7 +232,19 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
     runs.client.log_metric(runs.parent_id, "subnets_scored", len(trials))
     if trials:
         runs.client.log_metric(runs.parent_id, "best_inherited_val_accuracy", trials[0].user_attrs["val_accuracy"])
+    # A worker killed while logging leaves some of these runs behind (LOGGED unset): those it finished
+    # are kept, those it did not are deleted and made again, so that each top subnet has one run.
+    done = set()
+    for old in runs.client.search_runs(
+            [runs.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{runs.parent_id}' and "
+                                                f"tags.`supernet.phase` = '2: scored subnet'"):
+        if old.info.status == "FINISHED":
+            done.add(old.data.tags.get("subnets.trial_number"))
+        else:
+            runs.client.delete_run(old.info.run_id)
     for rank, t in enumerate(trials[:top], 1):
+        if str(t.number) in done:
+            continue
         subnet_spec = load_spec({**{k: v for k, v in spec.raw.items() if k != "search"},
                                  "model": SupernetSpace.of(spec).model(t.params).model_dump(mode="json",
                                                                                            by_alias=True)})
