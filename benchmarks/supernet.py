@@ -126,7 +126,7 @@ def phase2_cli(n_subnets: int, tmp: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs, 2 seeds: a smoke run")
-    parser.add_argument("--subnets", type=int, default=10, help="distinct random subnets ranked")
+    parser.add_argument("--subnets", type=int, default=10, help="distinct random subnets ranked (0: cost only)")
     parser.add_argument("--epochs", type=int, help="default 10 (2 with --quick)")
     parser.add_argument("--seeds", type=int, help="stand-alone seeds per subnet, default 3 (2 with --quick)")
     parser.add_argument("--random-subnets", default="0,1,2", help="sandwich variants compared, comma-separated")
@@ -146,23 +146,24 @@ def main() -> None:
     # A first run in a process pays one-off costs (data, kernels): a one-epoch run pays them untimed.
     train(load_spec({**largest.raw, "train": {**largest.raw["train"], "epochs": 1}}), checkpoint_dir=tmp / "warm",
           progress=False)
-    started = time.perf_counter()
-    train(largest, checkpoint_dir=tmp / "largest", progress=False)
-    alone = time.perf_counter() - started
-    print(f"largest subnet alone: {alone:.1f} s for {epochs} epochs", flush=True)
-
     subnets = distinct_subnets(spec, space, args.subnets)
     inherited: dict[int, list[float]] = {}
     for k in (int(v) for v in args.random_subnets.split(",")):
         variant = load_spec(base_spec(epochs, k))
         seconds = phase1(variant, space, tmp / f"supernet-{k}")
+        # The largest alone timed right after each supernet: a shared machine's load drifts.
+        started = time.perf_counter()
+        train(largest, checkpoint_dir=tmp / f"largest-{k}", progress=False)
+        alone = time.perf_counter() - started
         scorer = SubnetScorer(variant, space, tmp / f"supernet-{k}" / "checkpoint.pt")
         started = time.perf_counter()
         inherited[k] = [scorer.score(s)["val_accuracy"] for s in subnets]
-        per_subnet = (time.perf_counter() - started) / len(subnets)
+        per_subnet = (time.perf_counter() - started) / max(len(subnets), 1)
         print(f"phase 1, random_subnets {k} ({2 + k} subnets per step): {seconds:.1f} s vs largest alone "
-              f"{alone:.1f} s: {seconds / alone:.2f}x (target <= 2x); scoring alone {per_subnet * 1000:.0f} ms "
-              f"per subnet (load {os.getloadavg()[0]:.2f})", flush=True)
+              f"{alone:.1f} s for {epochs} epochs: {seconds / alone:.2f}x (target <= 2x); scoring alone "
+              f"{per_subnet * 1000:.0f} ms per subnet (load {os.getloadavg()[0]:.2f})", flush=True)
+    if not subnets:
+        return
 
     standalone = []
     for i, s in enumerate(subnets):
