@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -71,6 +72,14 @@ def stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "T"
 
 
+def holds(ready) -> bool:
+    """``ready()``, False while the database is locked (a worker frozen inside a commit)."""
+    try:
+        return ready()
+    except sqlalchemy.exc.OperationalError:
+        return False
+
+
 def freeze_when(proc: subprocess.Popen, ready, deadline_s: float = 300) -> None:
     """Poll until ``ready()``, then SIGSTOP the worker and check ``ready()`` again on the frozen state
     (it may have moved on between the two); go on polling until it holds while frozen."""
@@ -78,11 +87,11 @@ def freeze_when(proc: subprocess.Popen, ready, deadline_s: float = 300) -> None:
     while True:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the state to kill in never came"
-        if ready():
+        if holds(ready):
             proc.send_signal(signal.SIGSTOP)
             while not stopped(proc.pid):
                 time.sleep(0.01)
-            if ready():
+            if holds(ready):
                 return
             proc.send_signal(signal.SIGCONT)
         time.sleep(0.1)
