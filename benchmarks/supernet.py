@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="default 10 (2 with --quick)")
     parser.add_argument("--seeds", type=int, help="stand-alone seeds per subnet, default 3 (2 with --quick)")
     parser.add_argument("--random-subnets", default="0,1,2", help="sandwich variants compared, comma-separated")
+    parser.add_argument("--draw-seed", type=int, default=1, help="seed of the random subnets ranked")
     parser.add_argument("--phase2", type=int, default=500, help="subnets scored through the CLI (0: skip)")
     args = parser.parse_args()
     epochs = args.epochs or (2 if args.quick else 10)
@@ -146,7 +147,7 @@ def main() -> None:
     # A first run in a process pays one-off costs (data, kernels): a one-epoch run pays them untimed.
     train(load_spec({**largest.raw, "train": {**largest.raw["train"], "epochs": 1}}), checkpoint_dir=tmp / "warm",
           progress=False)
-    subnets = distinct_subnets(spec, space, args.subnets)
+    subnets = distinct_subnets(spec, space, args.subnets, args.draw_seed)
     inherited: dict[int, list[float]] = {}
     for k in (int(v) for v in args.random_subnets.split(",")):
         variant = load_spec(base_spec(epochs, k))
