@@ -5,7 +5,8 @@ the supernet can share weights over it) of the quickstart spec (``experiments/di
 same wall-clock budget, for several seeds each, tracking off. ``n_trials`` is derived from the budget:
 the space's largest and smallest models are timed first, and each study gets the trials of their mean
 time that fit (at least 4), so
-that TPE's start-up (a quarter of ``n_trials``, 4 to 10) leaves it trials to be guided. The supernet
+that TPE's start-up (a quarter of ``n_trials``, 4 to 10) leaves it trials to be guided; with Hyperband
+pruning, whose stopped trials count too, ``PRUNED_FIT`` times as many. The supernet
 study trains its supernet for the same epochs, scores ``--subnets`` subnets and trains as many
 finalists as fit the time left after its phases 1 and 2 (estimated; each run's wall time is printed).
 Per method it prints the median time until a trained trial first reached ``--target`` val accuracy
@@ -32,6 +33,7 @@ METHODS = {"random, no pruning": ["search.sampler=random", "search.pruner=none"]
            "tpe+hyperband": ["search.sampler=tpe", "search.pruner=hyperband"],
            "supernet (tpe)": ["search.sampler=tpe", "search.pruner=none", "search.strategy=supernet"]}
 PHASE_1 = 1.4  # phase 1 against training the largest model alone (benchmarks/supernet.py, random_subnets 1)
+PRUNED_FIT = 3  # Hyperband stops most trials after a few epochs: about this many times more trials fit
 SCORE_SECONDS = 0.3  # one subnet drawn by TPE and scored, in process (benchmarks/supernet.py's phase 2)
 
 
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--subnets", type=int, default=100, help="subnets the supernet study scores")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + tempfile.mkdtemp() + "/mlflow.db")
@@ -116,15 +119,18 @@ def main() -> None:
           f"{max(4, min(10, n_trials // 4))})", flush=True)
     phases_1_2 = PHASE_1 * largest + SCORE_SECONDS * args.subnets
     medians = {}
-    for name, method in METHODS.items():
+    for name in args.methods.split(","):
+        method = METHODS[name]
+        trials = n_trials * (PRUNED_FIT if "search.pruner=hyperband" in method else 1)
         # search.timeout bounds phases 2 and 3 each, not phase 1: the supernet's finalists get what is
         # left after the estimated time of its phases 1 and 2 (each run's wall time is printed).
         budget = args.budget - (phases_1_2 if "supernet" in name else 0)
-        runs = [one_run(raw, [*args.overrides, *method], max(budget, 1.0), n_trials, seed, args.target, args.subnets)
+        runs = [one_run(raw, [*args.overrides, *method], max(budget, 1.0), trials, seed, args.target, args.subnets)
                 for seed in range(args.seeds)]
         tests, firsts = [r[0] for r in runs], [r[1] for r in runs]
         medians[name] = (statistics.median(tests), statistics.median(firsts))
-        print(f"{name}: best test accuracy {', '.join(f'{b:.4f}' for b in tests)} (median {medians[name][0]:.4f}); "
+        print(f"{name} (n_trials {trials}): best test accuracy {', '.join(f'{b:.4f}' for b in tests)} "
+              f"(median {medians[name][0]:.4f}); "
               f"time to val {args.target}: {', '.join(f'{f:.0f} s' for f in firsts)} (median "
               f"{medians[name][1]:.0f} s); trials trained {', '.join(str(r[2]) for r in runs)}; wall "
               f"{', '.join(f'{r[3]:.0f} s' for r in runs)}; "
