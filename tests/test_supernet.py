@@ -17,7 +17,7 @@ from vit_search.model.elastic import extract_subnet, set_subnet
 from vit_search.model.vit import build_vit
 from vit_search.registry import REGISTRY
 from vit_search.schema import ModelSpec
-from vit_search.search.supernet import run_supernet_search
+from vit_search.search.supernet import LOGGED, run_supernet_search
 from vit_search.search.supernet_space import SupernetSpace
 from vit_search.search.supernet_train import SandwichStep, SubnetDraw, supernet_spec
 from vit_search.spec import load_spec
@@ -76,6 +76,23 @@ def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and says in lines[0], result.stderr
+
+
+def test_a_supernet_study_ranked_by_train_loss_is_one_line_and_exit_2(cli, write_spec):
+    raw = {**SPEC, "search": {**SPEC["search"], "metric": "train_loss", "direction": "minimize"}}
+    result = cli("validate", str(write_spec(yaml.safe_dump(raw))))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "search.metric: train_loss" in lines[0], result.stderr
+
+
+def test_dry_run_of_a_supernet_study_shows_the_subnets_phase_2_would_draw(cli, write_spec):
+    result = cli("run", str(write_spec(yaml.safe_dump(SPEC))), "--dry-run", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("supernet study: the first 3 subnets phase 2 would draw")
+    assert [line.split(":")[0] for line in lines[1:]] == ["subnet 0", "subnet 1", "subnet 2"]
+    assert all("depth " in line and "dim " in line for line in lines[1:])
 
 
 def test_the_sandwich_step_trains_the_largest_the_smallest_and_random_subnets_on_one_batch():
@@ -179,3 +196,37 @@ def test_the_example_plugins_attention_is_elastic(cosine_plugin):
     images = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(net(images), extract_subnet(net, sub).eval()(images), atol=1e-6, rtol=1e-6)
+
+
+def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir):
+    spec = load_spec(spec_raw("scores-only", finalists=0, n_subnets=3))
+    result = run_supernet_search(spec, progress=False)
+    assert result.trials_run == [] and not result.study.get_trials()
+    scores = optuna.load_study(study_name="scores-only:subnets", storage=spec.search.storage).get_trials()
+    assert len(scores) == 3 and all("train_loss" not in t.user_attrs for t in scores)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("scores-only").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert "subnets.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_a_resumed_study_whose_score_logging_was_cut_short_has_one_run_per_top_subnet(workdir):
+    spec = load_spec(spec_raw("relog", finalists=0, n_subnets=3, top_runs=2))
+    run_supernet_search(spec, progress=False)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("relog").experiment_id
+
+    def scored_runs():
+        return client.search_runs([experiment], filter_string="tags.`supernet.phase` = '2: scored subnet'")
+
+    kept, cut = scored_runs()
+    # What a worker killed while logging leaves: one run not ended, the scores not marked logged.
+    client.update_run(cut.info.run_id, status="RUNNING")
+    storage = optuna.storages.RDBStorage(spec.search.storage)
+    storage.set_study_system_attr(storage.get_study_id_from_name("relog:subnets"), LOGGED, 0)
+    run_supernet_search(spec, progress=False)
+    runs = scored_runs()
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert kept.info.run_id in {r.info.run_id for r in runs} and cut.info.run_id not in {r.info.run_id for r in runs}
+    assert {r.data.tags["subnets.trial_number"] for r in runs} == {kept.data.tags["subnets.trial_number"],
+                                                                   cut.data.tags["subnets.trial_number"]}

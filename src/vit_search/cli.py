@@ -298,6 +298,10 @@ def _dry_run(spec, count: int) -> int:
     from .spec import SpecError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    supernet = spec.search.strategy == "supernet"
+    if supernet:  # what phase 2 draws; phase 1 (training the supernet) has nothing to sample
+        print(f"supernet study: the first {count} subnets phase 2 would draw and score with inherited weights "
+              f"(of {spec.search.supernet.n_subnets}); nothing is trained or written")
     # In memory, with the study's own sampler: the first points a fresh study would draw.
     study = optuna.create_study(sampler=make_sampler(spec))
     for _ in range(count):
@@ -310,8 +314,12 @@ def _dry_run(spec, count: int) -> int:
         parameters, flops = model_cost(trial_spec.model)
         reason = check_constraints(spec.search.constraints, parameters, flops)
         values = ", ".join(f"{k}={v}" for k, v in drawn.items())
-        print(f"trial {trial.number}: {parameters:,} parameters, {flops / 1e6:,.1f} MFLOPs"
-              f"{'  PRUNED: ' + reason if reason else ''}  [{values}]")
+        if supernet:
+            from .search.supernet_space import describe_subnet
+
+            values = describe_subnet(trial_spec.model)  # the subnet itself: per-layer values beyond depth are unused
+        print(f"{'subnet' if supernet else 'trial'} {trial.number}: {parameters:,} parameters, "
+              f"{flops / 1e6:,.1f} MFLOPs{'  PRUNED: ' + reason if reason else ''}  [{values}]")
     return 0
 
 

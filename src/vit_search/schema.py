@@ -273,7 +273,7 @@ class SupernetSpec(_Section):
     """``search.strategy: supernet``: one weight-sharing supernet, its subnets scored, finalists trained."""
 
     epochs: int | None = Field(None, gt=0, le=1_000_000, description="phase 1: supernet epochs (default train.epochs)")
-    random_subnets: int = Field(2, ge=0, le=64, description="phase 1, sandwich rule: random subnets per step "
+    random_subnets: int = Field(1, ge=0, le=64, description="phase 1, sandwich rule: random subnets per step "
                                                             "besides the largest and the smallest")
     n_subnets: int = Field(200, gt=0, le=10_000_000, description="phase 2: subnets Optuna scores with inherited "
                                                                  "weights (all workers together)")

@@ -71,7 +71,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     space = SupernetSpace.of(spec)
-    finals_spec = _phase_spec(spec, name, search.supernet.finalists)
+    # finalists: 0 scores only; the study of finalists then just holds the parent run (n_trials > 0 or None).
+    finals_spec = _phase_spec(spec, name, search.supernet.finalists or None)
     scores_spec = _phase_spec(spec, f"{name}:subnets", search.supernet.n_subnets)
     scores_spec.search.pruner = "none"
     with study_lock(url, name):
@@ -88,11 +89,12 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     runs.reopen_parent()  # phase 1 ended the parent run it logged into
     scored = _phase2(scores_spec, scores, space, weights, runs, stop)
     trained, interrupted = [], scored.interrupted
-    if not interrupted and search.supernet.finalists:
+    if not interrupted:
         with study_lock(url, scores_spec.search.study_name):
             if not scores.attr(LOGGED) and _phase2_done(scores, search.supernet.n_subnets):
                 runs_logged = _log_scores(scores, spec, runs, search.supernet.top_runs)
                 scores.set_attr(LOGGED, runs_logged)
+    if not interrupted and search.supernet.finalists:
         runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
         report = worker_loop(finals, search.supernet.finalists, runner.draw, runner.run, timeout=search.timeout,
                              heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
@@ -183,8 +185,8 @@ class SubnetScorer:
             hits += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()
         set_subnet(self.model, None)
-        # train_loss is not the subnet's: it would be the supernet's; reported as the val loss's absence
-        return {"val_loss": loss / max(count, 1), "val_accuracy": hits / max(count, 1), "train_loss": float("nan")}
+        # No train_loss: a scored subnet was never trained on its own (the supernet's would mislead).
+        return {"val_loss": loss / max(count, 1), "val_accuracy": hits / max(count, 1)}
 
 
 def _phase2_done(handle: StudyHandle, n: int) -> bool:
@@ -230,7 +232,19 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
     runs.client.log_metric(runs.parent_id, "subnets_scored", len(trials))
     if trials:
         runs.client.log_metric(runs.parent_id, "best_inherited_val_accuracy", trials[0].user_attrs["val_accuracy"])
+    # A worker killed while logging leaves some of these runs behind (LOGGED unset): those it finished
+    # are kept, those it did not are deleted and made again, so that each top subnet has one run.
+    done = set()
+    for old in runs.client.search_runs(
+            [runs.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{runs.parent_id}' and "
+                                                f"tags.`supernet.phase` = '2: scored subnet'"):
+        if old.info.status == "FINISHED":
+            done.add(old.data.tags.get("subnets.trial_number"))
+        else:
+            runs.client.delete_run(old.info.run_id)
     for rank, t in enumerate(trials[:top], 1):
+        if str(t.number) in done:
+            continue
         subnet_spec = load_spec({**{k: v for k, v in spec.raw.items() if k != "search"},
                                  "model": SupernetSpace.of(spec).model(t.params).model_dump(mode="json",
                                                                                            by_alias=True)})

@@ -114,6 +114,10 @@ def check_supernet_space(spec: Spec) -> list[str]:
     if spec.model.init is not None:
         problems.append(f"{where('model', 'init')}: model.init: a supernet starts from fresh weights; remove "
                         f"model.init or use strategy: trials")
+    metric = spec.search.metric
+    if "train_loss" in ([metric] if isinstance(metric, str) else metric):
+        problems.append(f"{where('search', 'metric')}: search.metric: train_loss: phase 2 scores subnets without "
+                        f"training them, so they have none; use val_accuracy, val_loss, parameters or flops")
     max_depth = max([spec.model.depth] + [int(v) for d in parse_space(spec.search.space) if d.path == ("model", "depth")
                                           for v in _numbers(d)])
     for key in spec.search.space:
