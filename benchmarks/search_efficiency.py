@@ -29,7 +29,7 @@ import yaml
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each is fastest on 2 cores
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {"random, no pruning": ["search.sampler=random", "search.pruner=none"],
+METHODS = {"random (no pruning)": ["search.sampler=random", "search.pruner=none"],
            "tpe+hyperband": ["search.sampler=tpe", "search.pruner=hyperband"],
            "supernet (tpe)": ["search.sampler=tpe", "search.pruner=none", "search.strategy=supernet"]}
 PHASE_1 = 1.4  # phase 1 against training the largest model alone (benchmarks/supernet.py, random_subnets 1)
