@@ -163,7 +163,8 @@ def test_a_worker_killed_in_phase_2_has_its_subnet_retried_and_nothing_lost_or_s
     assert dead.state == TrialState.FAIL and dead.system_attrs[RETRIED]
     assert dead.user_attrs["error"].startswith("worker died")
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
-    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    # The worker may have been frozen mid-draw: the retry keeps every value the dead trial had drawn.
+    assert retry.state == TrialState.COMPLETE and dead.params.items() <= retry.params.items()
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed.number]
     assert len(trials) == 41 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
