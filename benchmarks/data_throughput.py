@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line sets it (cli.main), before torch
+
 
 def write_folder(folder: Path, images: int, side: int, classes: int = 10) -> None:
     """JPEGs with some structure (smooth colour fields plus noise), ``images`` in ``classes`` folders."""

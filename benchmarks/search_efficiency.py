@@ -10,7 +10,9 @@ pruning, whose stopped trials count too, ``PRUNED_FIT`` times as many. The super
 study trains its supernet for the same epochs, scores ``--subnets`` subnets and trains as many
 finalists as fit the time left after its phases 1 and 2 (estimated; each run's wall time is printed).
 Per method it prints the median time until a trained trial first reached ``--target`` val accuracy
-(inf: never) and the median best test accuracy (of the trial with the best val accuracy).
+(inf: never), the median best test accuracy (of the trial with the best val accuracy), and the
+trained trials' test accuracy against parameters front: its points for the median seed and the
+median area it dominates (test accuracy times the share of the largest model's parameters saved).
 
     python benchmarks/search_efficiency.py --budget 600 --seeds 5 --set train.epochs=30
 """
@@ -73,10 +75,41 @@ def seconds_per_trial(raw: dict[str, Any], overrides: list[str], tmp: str) -> tu
     return seconds[0], sum(seconds) / len(seconds)
 
 
+def front(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The (parameters, test accuracy) points no other point beats on both (fewer, higher), by size."""
+    best, kept = -1.0, []
+    for parameters, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            kept.append((parameters, accuracy))
+            best = accuracy
+    return kept
+
+
+def front_area(points: list[tuple[int, float]], largest: int) -> float:
+    """The area a front dominates in (share of ``largest``'s parameters saved, test accuracy), from (0, 0)."""
+    area, previous = 0.0, 0.0
+    for parameters, accuracy in reversed(front(points)):  # largest first: each adds a band of savings
+        saved = max(0.0, 1 - parameters / largest)
+        area += (saved - previous) * accuracy
+        previous = max(previous, saved)
+    return area
+
+
+def largest_model_parameters(raw: dict[str, Any], overrides: list[str]) -> int:
+    """Parameters of the space's largest model (the front's reference)."""
+    from vit_search.model import build_on_meta, count_parameters
+    from vit_search.spec import load_spec
+
+    spec = load_spec({k: v for k, v in raw.items() if k != "search"}, [*overrides, "model.depth=4", "model.dim=64",
+                                                                       "model.ffn.ratio=4", "tracking.enabled=false"])
+    return count_parameters(build_on_meta(spec.model))
+
+
 def one_run(raw: dict[str, Any], overrides: list[str], budget: float, n_trials: int, seed: int,
-            target: float, subnets: int) -> tuple[float, float, int, float]:
+            target: float, subnets: int) -> tuple[float, float, int, float, list[tuple[int, float]]]:
     """(best trial's test accuracy, seconds to the first trial reaching ``target`` val accuracy, trials
-    trained, wall seconds) of one study; ``budget`` is the time after which no trial starts."""
+    trained, wall seconds, the trained trials' (parameters, test accuracy)) of one study; ``budget``
+    is the time after which no trial starts."""
     from optuna.trial import TrialState
 
     from vit_search.search.run import run_search
@@ -95,8 +128,10 @@ def one_run(raw: dict[str, Any], overrides: list[str], budget: float, n_trials: 
         complete = [t for t in result.study.get_trials() if t.state == TrialState.COMPLETE]
         reached = [t.datetime_complete.timestamp() - started for t in complete if t.value >= target]
         best = max(complete, key=lambda t: t.value) if complete else None
+        points = [(t.user_attrs["parameters"], t.user_attrs["test_accuracy"]) for t in complete
+                  if "parameters" in t.user_attrs and "test_accuracy" in t.user_attrs]
         return (best.user_attrs.get("test_accuracy", 0.0) if best else 0.0, min(reached, default=float("inf")),
-                len(complete), time.time() - started)
+                len(complete), time.time() - started, points)
 
 
 def main() -> None:
@@ -114,6 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         largest, per_trial = seconds_per_trial(raw, args.overrides, tmp)
     n_trials = max(4, int(args.budget / per_trial))
+    largest_parameters = largest_model_parameters(raw, args.overrides)
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; a trial (mean of largest and smallest) "
           f"{per_trial:.1f} s: n_trials {n_trials} in {args.budget:.0f} s (TPE start-up "
           f"{max(4, min(10, n_trials // 4))})", flush=True)
@@ -128,16 +164,23 @@ def main() -> None:
         runs = [one_run(raw, [*args.overrides, *method], max(budget, 1.0), trials, seed, args.target, args.subnets)
                 for seed in range(args.seeds)]
         tests, firsts = [r[0] for r in runs], [r[1] for r in runs]
-        medians[name] = (statistics.median(tests), statistics.median(firsts))
+        areas = [front_area(r[4], largest_parameters) for r in runs]
+        medians[name] = (statistics.median(tests), statistics.median(firsts), statistics.median(areas))
+        median_seed = sorted(range(len(runs)), key=lambda i: areas[i])[len(runs) // 2]
         print(f"{name} (n_trials {trials}): best test accuracy {', '.join(f'{b:.4f}' for b in tests)} "
               f"(median {medians[name][0]:.4f}); "
               f"time to val {args.target}: {', '.join(f'{f:.0f} s' for f in firsts)} (median "
               f"{medians[name][1]:.0f} s); trials trained {', '.join(str(r[2]) for r in runs)}; wall "
               f"{', '.join(f'{r[3]:.0f} s' for r in runs)}; "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
+        print(f"  front (test accuracy against parameters): area {', '.join(f'{a:.4f}' for a in areas)} (median "
+              f"{medians[name][2]:.4f}); seed {median_seed}'s: "
+              f"{', '.join(f'{p:,} {a:.4f}' for p, a in front(runs[median_seed][4])) or 'none'}", flush=True)
     best = max(medians, key=lambda n: medians[n][0])
     fastest = min(medians, key=lambda n: medians[n][1])
-    print(f"best median test accuracy: {best}; fastest median time to val {args.target}: {fastest}")
+    widest = max(medians, key=lambda n: medians[n][2])
+    print(f"best median test accuracy: {best}; fastest median time to val {args.target}: {fastest}; "
+          f"largest median front area: {widest}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ os.environ["VIT_SEARCH_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that share the one PostgreSQL database run on one pytest-xdist worker, one after another
+    (two workers creating Optuna's tables in one database at once would race)."""
+    for item in items:
+        if "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("postgresql"))
+
+
 @pytest.fixture(scope="session")
 def sqlite_uri(tmp_path_factory) -> str:
     """One MLflow sqlite store for the session (creating its tables takes seconds); tests keep

@@ -288,6 +288,20 @@ def test_uint8_crop_and_flip_is_a_window_of_the_mean_padded_image():
     assert 0 < flipped < 16
 
 
+@pytest.mark.parametrize("padding, hflip", [(2, True), (0, True), (3, False)])
+def test_fused_crop_flip_and_normalize_equals_the_uint8_crop_then_the_float_conversion(padding, hflip):
+    from vit_search.data.augment import random_crop_flip_normalize, random_crop_flip_uint8
+
+    images = torch.randint(0, 256, (16, 3, 7, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fill, mean, std = [120, 110, 100], torch.tensor([0.47, 0.43, 0.39]), torch.tensor([0.25, 0.24, 0.26])
+    scale, shift = 1 / (255 * std), mean / std
+    cropped = random_crop_flip_uint8(images, padding, hflip, fill, torch.Generator().manual_seed(7))
+    expected = cropped.float() * scale.view(1, 3, 1, 1) - shift.view(1, 3, 1, 1)
+    fused = random_crop_flip_normalize(images, padding, hflip, fill, scale, shift, torch.Generator().manual_seed(7))
+    assert fused.dtype == torch.float32 and fused.shape == images.shape
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
+
+
 def test_cached_training_batches_are_randaugmented_as_uint8_by_their_loader(tmp_path):
     images = folder_of_images(tmp_path / "images", {"a": 8, "b": 8})
     data = load_data(folder_spec(images, augment={"randaugment": True, "hflip": True, "randaugment_chunk": 2}), seed=0)
@@ -306,3 +320,21 @@ def test_cropped_and_flipped_cached_batches_are_the_same_for_the_same_seed_and_e
     other = list(loader)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, other))
+
+
+@pytest.mark.parametrize("preset, seen", [(None, "1"), ("0", "0")])
+def test_the_command_line_puts_large_tensors_on_huge_pages_before_torch_is_imported_unless_told_not_to(preset, seen):
+    # torch reads THP_MEM_ALLOC_ENABLE once: what counts is its value when torch is first imported.
+    probe = ("import contextlib, io, os, sys\nstate = {}\n"
+             "class Watch:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n            state.setdefault('seen', os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+             "sys.meta_path.insert(0, Watch())\nfrom vit_search.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n    main(['summary', 'experiments/digits.yaml'])\n"
+             "print(state.get('seen'))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == seen

@@ -48,6 +48,20 @@ def random_hflip(images: Tensor) -> Tensor:
     return torch.where(flip, images.flip(-1), images)
 
 
+def _crop_flip_windows(images: Tensor, padding: int, hflip: bool, generator: torch.Generator | None):
+    """Per image, where a random crop of the padded image and a random mirror put its pixels:
+    (source rows, source cols, target rows, target cols, flipped). Drawn on the CPU, from ``generator``."""
+    b, _, h, w = images.shape
+    shifts = torch.randint(-padding, padding + 1, (2, b), generator=generator).tolist() if padding else [[0] * b] * 2
+    flips = (torch.rand(b, generator=generator) < 0.5).tolist() if hflip else [False] * b
+    for dy, dx, flip in zip(*shifts, flips):
+        # The window of the source that lands in the output when the padded image is cut at (dy, dx);
+        # mirrored, the output's columns are mirrored too (the border is one colour: it needs no flip).
+        first, last = max(-dx, 0), w - max(dx, 0)
+        yield (slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0)),
+               slice(max(-dy, 0), h - max(dy, 0)), slice(w - last, w - first) if flip else slice(first, last), flip)
+
+
 def random_crop_flip_uint8(images: Tensor, padding: int, hflip: bool, fill: Sequence[int],
                            generator: torch.Generator | None = None) -> Tensor:
     """:func:`random_crop` then :func:`random_hflip` on uint8 images, the border ``fill`` (per channel).
@@ -59,15 +73,33 @@ def random_crop_flip_uint8(images: Tensor, padding: int, hflip: bool, fill: Sequ
     """
     b, c, h, w = images.shape
     out = torch.tensor(list(fill), dtype=torch.uint8, device=images.device).view(1, c, 1, 1).expand(b, c, h, w).clone()
-    shifts = torch.randint(-padding, padding + 1, (2, b), generator=generator).tolist() if padding else [[0] * b] * 2
-    flips = (torch.rand(b, generator=generator) < 0.5).tolist() if hflip else [False] * b
-    for i, (dy, dx, flip) in enumerate(zip(*shifts, flips)):
-        # Window of the source that lands in the output when the padded image is cut at (dy, dx).
-        window = images[i, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)]
-        target = out[i, :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
-        target.copy_(window)
-        if flip:
-            out[i] = out[i].flip(-1)
+    for i, (rows, cols, to_rows, to_cols, flip) in enumerate(_crop_flip_windows(images, padding, hflip, generator)):
+        window = images[i, :, rows, cols]
+        out[i, :, to_rows, to_cols].copy_(window.flip(-1) if flip else window)
+    return out
+
+
+def random_crop_flip_normalize(images: Tensor, padding: int, hflip: bool, fill: Sequence[int], scale: Tensor,
+                               shift: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`random_crop_flip_uint8` made float32 ``x * scale - shift`` (``scale``, ``shift``: per
+    channel) in the same pass: each output pixel is written once, the border's only where it shows.
+
+    On the CPU this is the decoded cache's training batch (the same draws, so the same images as the
+    uint8 crop then a float conversion); it saves the uint8 copy and two passes over the float batch.
+    """
+    b, c, h, w = images.shape
+    scale, shift = scale.reshape(c, 1, 1), shift.reshape(c, 1, 1)
+    border = torch.tensor(list(fill), dtype=torch.float32).view(c, 1, 1).to(scale) * scale - shift
+    out = torch.empty((b, c, h, w), dtype=torch.float32, device=images.device)
+    for i, (rows, cols, to_rows, to_cols, flip) in enumerate(_crop_flip_windows(images, padding, hflip, generator)):
+        window, target = images[i, :, rows, cols], out[i, :, to_rows, to_cols]
+        torch.mul(window.flip(-1) if flip else window, scale, out=target)
+        target.sub_(shift)
+        image = out[i]
+        for strip in (image[:, : to_rows.start], image[:, to_rows.stop :], image[:, to_rows, : to_cols.start],
+                      image[:, to_rows, to_cols.stop :]):
+            if strip.numel():
+                strip.copy_(border.expand_as(strip))
     return out
 
 

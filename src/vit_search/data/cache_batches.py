@@ -5,7 +5,8 @@ GIL) into a few reused buffers, pinned when training on a GPU, while the step be
 uint8 batch goes to the training device; training batches are cropped, flipped and RandAugment-ed
 there while still uint8 (a quarter of the bytes of float), then every batch becomes float,
 normalised in one pass; MixUp/CutMix follow on the device in :class:`.augment.BatchAugment`.
-Training on the CPU, the readers do the crop, flip and float conversion themselves, beside the step.
+Training on the CPU, the readers do the crop, flip and float conversion themselves, in one pass over
+each image, beside the step.
 
 The order and sharding are :class:`.batches.DeviceBatches`' (one seeded permutation per epoch, every
 ``num_processes``-th index for this process); within a batch, images are read in file order, so
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .augment import random_crop_flip_uint8
+from .augment import random_crop_flip_normalize, random_crop_flip_uint8
 from .batches import DeviceBatches
 from .cache import CachedPart
 from .decode import decode_threads
@@ -63,6 +64,11 @@ class CachedSplit(Dataset):
         if self.crop_padding or self.hflip:
             return random_crop_flip_uint8(images, self.crop_padding, self.hflip, self.fill, generator)
         return images
+
+    def crop_flip_float(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """:meth:`crop_flip` then :meth:`to_float` in one pass over the batch (the same draws, the same images)."""
+        return random_crop_flip_normalize(images, self.crop_padding, self.hflip, self.fill, self.scale, self.shift,
+                                          generator)
 
     def randaugment(self, images: Tensor) -> Tensor:
         """The training split's RandAugment on a uint8 batch, per chunk of images (others: as is)."""
@@ -178,12 +184,14 @@ def _read_batches(split: CachedSplit, batches: list[tuple[int, np.ndarray]], fre
             if split.device.type != "cpu":
                 item = (images, labels, buffer, False)
             else:
-                images = split.crop_flip(images, torch.Generator().manual_seed(seed + number))
+                generator = torch.Generator().manual_seed(seed + number)
                 done = split._randaugment is None
                 if done:
-                    images = split.to_float(images)
-                elif images.data_ptr() == buffer.data_ptr():
-                    images = images.clone()
+                    images = split.crop_flip_float(images, generator)
+                else:
+                    images = split.crop_flip(images, generator)
+                    if images.data_ptr() == buffer.data_ptr():
+                        images = images.clone()
                 free.put((buffer, None))  # copied out of it already
                 item = (images, labels, None, done)
             if not put(item):
