@@ -26,11 +26,31 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that share the one PostgreSQL database run on one pytest-xdist worker, one after another
-    (two workers creating Optuna's tables in one database at once would race)."""
+    """Slow tests first, so that pytest-xdist's workers start them early and finish together rather
+    than one waiting on another's last slow test. Tests that share the one PostgreSQL database run
+    on one worker, one after another (two workers creating Optuna's tables in it at once would race)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
     for item in items:
         if "postgres_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("postgresql"))
+
+
+@pytest.fixture(autouse=True)
+def mlflow_follows_the_environment():
+    """After each test, MLflow's tracking URI is unset again and MLFLOW_TRACKING_URI is what it was.
+
+    A run in the test's own process sets MLflow's global URI (tracking.configure), and MLflow's
+    ``set_tracking_uri`` writes the environment variable too, past monkeypatch: left as they are, a
+    later test's ``MlflowClient()`` would read that test's store rather than its own.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,7 @@ print(data.cache.folder)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_builders_produce_one_cache(tmp_path):
     images = folder_of_images(tmp_path / "images", {"a": 60, "b": 60})
     env = {**os.environ, "VIT_SEARCH_CACHE": str(tmp_path / "cache")}
@@ -212,6 +213,7 @@ with open(f"{sys.argv[3]}/{accelerator.process_index}.json", "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_launched_processes_read_disjoint_shards_of_one_cache(tmp_path):
     images = folder_of_images(tmp_path / "images", {"a": 20, "b": 20})
     script = tmp_path / "shards.py"
@@ -232,6 +234,7 @@ def test_two_launched_processes_read_disjoint_shards_of_one_cache(tmp_path):
     assert len(cache_folders(tmp_path / "cache")) == 1
 
 
+@pytest.mark.slow
 def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli, sqlite_uri):
     images = folder_of_images(tmp_path / "images", {"a": 12, "b": 12})
     raw = {"name": "cached", "data": {"dataset": "imagefolder", "root": str(images), "image_size": 8,

@@ -100,6 +100,7 @@ def test_conditional_points_enumerate_only_where_their_block_applies():
         {"model.ffn.type": "swiglu"}]))
 
 
+@pytest.mark.slow
 def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(workdir):
     spec_path = workdir / "study.yaml"
     raw = study_raw("three-processes", n_trials=6, sampler="tpe", space=SMALL_SPACE)
@@ -112,6 +113,7 @@ def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(
     assert len(set(points(study))) == 6
 
 
+@pytest.mark.slow
 def test_jobs_workers_draw_pairwise_distinct_points(workdir, cli):
     spec_path = workdir / "study.yaml"
     raw = study_raw("jobs-distinct", n_trials=6, sampler="tpe", space=SMALL_SPACE)

@@ -198,6 +198,7 @@ def test_a_full_disk_stops_train_with_one_line_and_leaves_no_temporary_file(work
     assert not list(tiny_disk.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_study_whose_every_trial_hit_a_full_disk_exits_1(workdir, tiny_disk):
     raw = {**study_raw("full-disk", n_trials=2), "tracking": {"enabled": False}}
     raw["model"] = {**raw["model"], "dim": 256}
@@ -221,6 +222,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(w
 SECRET = "s3cretPW"
 
 
+@pytest.mark.slow
 def test_a_storage_password_is_never_printed_logged_written_or_on_a_command_line(workdir, postgres_url, sqlite_uri):
     url = postgres_url.replace("postgres@", f"postgres:{SECRET}@")  # trust auth: any password is let in
     name = f"secret-{os.getpid()}-{int(time.time())}"
@@ -259,6 +261,7 @@ def test_a_storage_password_is_never_printed_logged_written_or_on_a_command_line
 
 
 # -- Ctrl-C anywhere --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(workdir):
     spec = write(workdir / "spec.yaml", study_raw("early-ctrl-c", n_trials=2))
     storage = study_raw("early-ctrl-c")["search"]["storage"]
@@ -309,6 +312,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_and_a_rerun_agrees(workdir, tmp_path):
     from conftest import free_port
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import optuna
+import pytest
 
 from vit_search.search.next_steps import next_steps
 
@@ -31,6 +32,7 @@ def env_for(tmp_path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "VIT_SEARCH_LOG_SECONDS": "0"}
 
 
+@pytest.mark.slow
 def test_run_without_a_terminal_prints_a_line_per_trial_and_per_epoch_then_what_to_do_next(write_spec, tmp_path, cli):
     spec = write_spec(SPEC)
     result = cli("run", str(spec), "--set", "train.lr=0.002", cwd=tmp_path, env=env_for(tmp_path))
@@ -45,6 +47,7 @@ def test_run_without_a_terminal_prints_a_line_per_trial_and_per_epoch_then_what_
     assert f"  vit-search ui {spec} --set=train.lr=0.002   # compare the trials in MLflow's UI" in lines
 
 
+@pytest.mark.slow
 def test_quiet_run_prints_only_the_table_and_what_to_do_next(write_spec, tmp_path, cli):
     spec = write_spec(SPEC.replace("n_trials: 2", "n_trials: 1"))
     result = cli("run", str(spec), "--quiet", cwd=tmp_path, env=env_for(tmp_path))
@@ -54,6 +57,7 @@ def test_quiet_run_prints_only_the_table_and_what_to_do_next(write_spec, tmp_pat
     assert "next:" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_without_a_terminal_prints_its_epochs(write_spec, tmp_path, cli):
     spec = write_spec(SPEC)
     result = cli("train", str(spec), cwd=tmp_path, env=env_for(tmp_path))

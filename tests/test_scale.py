@@ -53,6 +53,7 @@ def run_jobs(spec_path, cwd, *extra):
                             cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_jobs_runs_two_workers_on_one_study_with_exactly_n_trials(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("jobs", n_trials=4)))
@@ -65,6 +66,7 @@ def test_jobs_runs_two_workers_on_one_study_with_exactly_n_trials(workdir):
     assert len({t.system_attrs[WORKER] for t in trials}) == 2  # both workers took trials
 
 
+@pytest.mark.slow
 def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("jobs-death", n_trials=3)))
@@ -103,6 +105,7 @@ def test_interrupted_workers_exit_130_and_only_dead_ones_exit_1():
         1, "worker 1 exited -9 (its trials were failed and retried by the others)")
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_jobs_exits_130_without_blaming_the_workers(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("jobs-ctrl-c", n_trials=2)))
@@ -203,6 +206,7 @@ def test_trials_may_differ_in_mixed_precision_within_one_worker(workdir):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.slow
 def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server, postgres_url):
     url = postgres_url
     name = f"hosts-{os.getpid()}-{int(time.time())}"
@@ -226,6 +230,7 @@ def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server
     optuna.delete_study(study_name=name, storage=url)
 
 
+@pytest.mark.slow
 def test_trials_of_a_launched_study_train_on_two_processes_and_report_once(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=3, pruner="successive_halving")))

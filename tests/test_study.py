@@ -140,6 +140,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
     assert failed[0].info.status == "FAILED" and failed[0].data.tags["trial.state"] == "FAIL"
 
 
+@pytest.mark.slow
 def test_best_export_round_trips_through_train(workdir, cli):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("roundtrip", n_trials=2)))
@@ -153,6 +154,7 @@ def test_best_export_round_trips_through_train(workdir, cli):
     assert f"val_accuracy {result.study.best_value:.4f}" in trained.stdout
 
 
+@pytest.mark.slow
 def test_pruner_stops_weak_trials_early(workdir):
     spec = load_spec(study_raw("pruned", n_trials=6, pruner="median", sampler="random",
                                space={"train.lr": {"float": [1.0e-6, 1.0e-2], "log": True}},
@@ -165,6 +167,7 @@ def test_pruner_stops_weak_trials_early(workdir):
     assert all(len(t.intermediate_values) < 6 for t in pruned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_worker_processes_share_one_study_and_run_exactly_n_trials(workdir, storage):
     url = f"sqlite:///{workdir / 'shared.db'}" if storage == "sqlite" else f"journal:{workdir / 'study.log'}"
@@ -189,6 +192,7 @@ def _storage(url: str):
     return open_storage(url)
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_real_postgresql_server(workdir, postgres_url):
     url = postgres_url
     name = f"pg-{os.getpid()}-{int(time.time())}"
@@ -202,6 +206,7 @@ def test_two_workers_on_a_real_postgresql_server(workdir, postgres_url):
     optuna.delete_study(study_name=name, storage=url)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("killed", n_trials=4), sort_keys=False))

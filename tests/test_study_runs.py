@@ -6,6 +6,7 @@ import multiprocessing
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from vit_search.search.study import open_study, sample_spec
@@ -42,6 +43,7 @@ def _finish_each_study(folder: str, uri: str, barrier, errors) -> None:
             errors.put(f"round {round_}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
 
+@pytest.mark.slow
 def test_workers_finishing_at_once_update_the_parent_run_without_an_error(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

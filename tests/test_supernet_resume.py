@@ -108,6 +108,7 @@ def study_attrs(url: str, name: str) -> dict:
         storage.remove_session()
 
 
+@pytest.mark.slow
 def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(workdir):
     # Enough epochs that the kill lands between the first checkpoint and the end of training.
     path, storage = write(workdir, "killed1", epochs=6)
@@ -138,6 +139,7 @@ def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(wor
     assert sum(t.state != TrialState.FAIL for t in scored) == 6
 
 
+@pytest.mark.slow
 def test_a_worker_killed_in_phase_2_has_its_subnet_retried_and_nothing_lost_or_scored_twice(workdir):
     path, storage = write(workdir, "killed2", n_subnets=40)
     subnets = "killed2:subnets"

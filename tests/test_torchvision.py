@@ -113,6 +113,7 @@ def test_vit_b_16_preset_has_torchvision_parameter_count_and_shapes(reference):
     assert mapped == {key: value.shape for key, value in ours.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["small", "vit_b_32", "vit_b_16", "vit_l_16"])
 def test_from_torchvision_module_reproduces_torchvision_outputs(reference, name):
     ref = reference(name)

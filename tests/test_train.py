@@ -123,6 +123,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_run(workdir, sqlite_uri):
     raw = {**TINY, "tracking": {"experiment": "resume"}, "train": {**TINY["train"], "epochs": 8}}
     spec_path = write_yaml(workdir / "resume.yaml", raw)
@@ -154,6 +155,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
     assert steps == list(range(8))
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
     raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3, "peak_tflops": 1.0}}
     spec_path = write_yaml(workdir / "ddp.yaml", raw)

@@ -87,13 +87,15 @@ def test_a_server_that_does_not_start_exits_non_zero(tmp_path, capsys):
     assert "did not start on 127.0.0.1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_port_0_serves_on_a_free_port_and_a_signal_stops_the_whole_server(ui_spec, signum):
+def test_port_0_serves_the_studys_runs_on_a_free_port_and_a_signal_stops_the_whole_server(ui_spec, signum):
     proc = start_ui(ui_spec, "--port", "0")
     try:
         address = wait_for_address(proc)
         port = urllib.parse.urlsplit(address).port
         assert port and port != 0
+        assert_lists_the_studys_trial_runs_best_first_in_charts(address)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
         server = psutil.Process(proc.pid).children(recursive=True)
@@ -106,13 +108,8 @@ def test_port_0_serves_on_a_free_port_and_a_signal_stops_the_whole_server(ui_spe
             proc.kill()
 
 
-def test_the_address_lists_the_studys_trial_runs_best_first_in_charts(ui_spec):
-    proc = start_ui(ui_spec, "--port", "0")
-    try:
-        address = wait_for_address(proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+def assert_lists_the_studys_trial_runs_best_first_in_charts(address: str) -> None:
+    """The printed address opens the study's trial runs, best val accuracy first, in the chart view."""
     fragment = urllib.parse.urlsplit(address).fragment
     path, _, query = fragment.partition("?")
     assert path.startswith("/experiments/") and path.endswith("/runs")

@@ -20,6 +20,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the browser test needs Debian's chromium "
                                              "(apt-get install -y chromium; .ci/run installs it where it can)")
+@pytest.mark.slow
 def test_the_first_screen_lists_the_studys_trials_by_name(tmp_path, monkeypatch, write_spec):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
