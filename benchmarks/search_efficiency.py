@@ -1,6 +1,6 @@
-"""Search efficiency: random search, TPE with Hyperband pruning, and the supernet strategy, side by side.
+"""Search efficiency: random search, TPE with Hyperband pruning and the supernet strategy, side by side.
 
-All three search one model-size space (depth, dim, per-layer heads and FFN ratio: 1,000+ subnets, so
+Each searches one model-size space (depth, dim, per-layer heads and FFN ratio: 1,000+ subnets, so
 the supernet can share weights over it) of the quickstart spec (``experiments/digits.yaml``) under the
 same wall-clock budget, for several seeds each, tracking off. ``n_trials`` is derived from the budget:
 the space's largest and smallest models are timed first, and each study gets the trials of their mean
@@ -8,7 +8,9 @@ time that fit (at least 4), so
 that TPE's start-up (a quarter of ``n_trials``, 4 to 10) leaves it trials to be guided; with Hyperband
 pruning, whose stopped trials count too, ``PRUNED_FIT`` times as many. The supernet
 study trains its supernet for the same epochs, scores ``--subnets`` subnets and trains as many
-finalists as fit the time left after its phases 1 and 2 (estimated; each run's wall time is printed).
+finalists as fit the time left after its phases 1 and 2 (estimated; each run's wall time is printed):
+with TPE, the subnets of best inherited val accuracy; with NSGA-II on val accuracy against parameters,
+its front first.
 Per method it prints the median time until a trained trial first reached ``--target`` val accuracy
 (inf: never), the median best test accuracy (of the trial with the best val accuracy), and the
 trained trials' test accuracy against parameters front: its points for the median seed and the
@@ -33,7 +35,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each is
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"random (no pruning)": ["search.sampler=random", "search.pruner=none"],
            "tpe+hyperband": ["search.sampler=tpe", "search.pruner=hyperband"],
-           "supernet (tpe)": ["search.sampler=tpe", "search.pruner=none", "search.strategy=supernet"]}
+           "supernet (tpe)": ["search.sampler=tpe", "search.pruner=none", "search.strategy=supernet"],
+           # Phase 2 on two objectives: the finalists are the inherited-weight front of accuracy against size.
+           "supernet (nsga2)": ["search.sampler=nsga2", "search.pruner=none", "search.strategy=supernet",
+                                "search.metric=[val_accuracy, parameters]", "search.direction=[maximize, minimize]"]}
 PHASE_1 = 1.4  # phase 1 against training the largest model alone (benchmarks/supernet.py, random_subnets 1)
 PRUNED_FIT = 3  # Hyperband stops most trials after a few epochs: about this many times more trials fit
 SCORE_SECONDS = 0.3  # one subnet drawn by TPE and scored, in process (benchmarks/supernet.py's phase 2)
@@ -126,8 +131,8 @@ def one_run(raw: dict[str, Any], overrides: list[str], budget: float, n_trials: 
         search = run_supernet_search if spec.search.strategy == "supernet" else run_search
         result = search(spec, progress=False)
         complete = [t for t in result.study.get_trials() if t.state == TrialState.COMPLETE]
-        reached = [t.datetime_complete.timestamp() - started for t in complete if t.value >= target]
-        best = max(complete, key=lambda t: t.value) if complete else None
+        reached = [t.datetime_complete.timestamp() - started for t in complete if t.values[0] >= target]
+        best = max(complete, key=lambda t: t.values[0]) if complete else None  # val accuracy, first objective
         points = [(t.user_attrs["parameters"], t.user_attrs["test_accuracy"]) for t in complete
                   if "parameters" in t.user_attrs and "test_accuracy" in t.user_attrs]
         return (best.user_attrs.get("test_accuracy", 0.0) if best else 0.0, min(reached, default=float("inf")),
