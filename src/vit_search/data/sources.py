@@ -35,12 +35,12 @@ PartSplits = dict[str, tuple[str, np.ndarray]]  # split -> (part, sorted indices
 
 @dataclass(frozen=True)
 class Source:
-    """A data set: how to read it, and its (channels, classes) without reading the images."""
+    """A data set: its (channels, classes) without reading the images, and how to read it (one of two)."""
 
-    read: Callable[["DataSpec", int], tuple[Any, list[str]]]
     shape: Callable[["DataSpec"], tuple[int, int]]
-    in_memory: bool  # small and already decoded: always held as tensors
-    # The images whole and each split's share of them, for the decoded cache (None: never cached).
+    # Small and decoded already: the splits as arrays, always held as tensors.
+    read: Callable[["DataSpec", int], tuple[Arrays, list[str]]] | None = None
+    # To decode: the images whole and each split's share of them (what the decoded cache stores).
     parts: Callable[["DataSpec", int], tuple[Parts, PartSplits, list[str]]] | None = None
 
 
@@ -157,23 +157,6 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
     return parts
 
 
-def torchvision_set(class_name: str) -> Callable[["DataSpec", int], tuple[Arrays, list[str]]]:
-    """A reader of one of torchvision's data sets: the official train split divided into train/val
-    (seeded, stratified), the official test split."""
-    parts = torchvision_parts(class_name)
-
-    def read(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
-        held, where, classes = parts(spec, seed)
-        arrays = {}
-        for split, (part, index) in where.items():
-            x, y = held[part]
-            arrays[split] = (x[index], y[index])
-        return arrays, classes
-
-    read.__doc__ = parts.__doc__
-    return read
-
-
 Pairs = list[tuple[np.ndarray, np.ndarray]]  # (images, labels) of the train and test splits
 
 
@@ -251,12 +234,6 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     return parts, where, base.classes
 
 
-def read_imagefolder(spec: "DataSpec", seed: int) -> tuple[Items, list[str]]:
-    """Images in ``root/<class>/`` (or ``root/train``, ``root/val``, ``root/test``), decoded to RGB."""
-    parts, where, classes = imagefolder_parts(spec, seed)
-    return {split: (parts[part], index) for split, (part, index) in where.items()}, classes
-
-
 def _folder_with_classes(root: Path, class_to_idx: dict[str, int]) -> "Dataset":
     """An ImageFolder that uses the training folder's class indices (val may lack some classes)."""
     import torchvision
@@ -276,19 +253,17 @@ def _fixed(channels: int, classes: int) -> Callable[["DataSpec"], tuple[int, int
 
 
 def _torchvision(class_name: str, channels: int, classes: int) -> Source:
-    return Source(torchvision_set(class_name), _fixed(channels, classes), in_memory=False,
-                  parts=torchvision_parts(class_name))
+    return Source(_fixed(channels, classes), parts=torchvision_parts(class_name))
 
 
 DATASETS: dict[str, Source] = {
-    "digits": Source(read_digits, _fixed(1, 10), in_memory=True),
+    "digits": Source(_fixed(1, 10), read=read_digits),
     "mnist": _torchvision("MNIST", 1, 10),
     "fashion_mnist": _torchvision("FashionMNIST", 1, 10),
     "cifar10": _torchvision("CIFAR10", 3, 10),
     "cifar100": _torchvision("CIFAR100", 3, 100),
     # ImageFolder decodes every image to RGB.
-    "imagefolder": Source(read_imagefolder, lambda spec: (3, len(class_folders(spec))), in_memory=False,
-                          parts=imagefolder_parts),
-    "synthetic": Source(read_synthetic, lambda spec: (spec.channels, spec.num_classes), in_memory=True),
+    "imagefolder": Source(lambda spec: (3, len(class_folders(spec))), parts=imagefolder_parts),
+    "synthetic": Source(lambda spec: (spec.channels, spec.num_classes), read=read_synthetic),
 }
 """``data.dataset`` name -> :class:`Source`."""
