@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -35,13 +36,16 @@ from quickstart_points import distinct_points  # noqa: E402  (a module beside th
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "digits.yaml"
+PART_TIMEOUT = 240  # seconds: one command of the suite that runs longer has hung
 
 
 def cli(args: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run ``python -m vit_search ARGS``; returns (stdout, wall seconds)."""
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "vit_search", *args], cwd=cwd, env={**os.environ, **(env or {})},
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=PART_TIMEOUT)
+    if out.returncode != 0:  # the suite goes on with its other parts; this one says why it stopped
+        raise RuntimeError(f"vit-search {' '.join(args)} exited {out.returncode}: ...{out.stderr[-1500:]}")
     return out.stdout, time.perf_counter() - started
 
 
@@ -55,27 +59,39 @@ def quickstart_trial(epochs: int, seeds: int) -> None:
         accuracies.append(float(re.search(r"test_accuracy ([0-9.]+)", out).group(1)))
         train_times.append(float(re.search(r"([0-9.]+) s training", out).group(1)))
         walls.append(wall)
-    graph = _graph_tag(epochs)
     print(f"quickstart trial ({epochs} epochs): training {statistics.median(train_times):.2f} s (median of "
           f"{seeds}; {', '.join(f'{t:.2f}' for t in train_times)}), process wall {statistics.median(walls):.1f} s; "
-          f"test accuracy median {statistics.median(accuracies):.4f} ({', '.join(f'{a:.4f}' for a in accuracies)}); "
-          f"cuda_graph: {graph}", flush=True)
+          f"test accuracy median {statistics.median(accuracies):.4f} ({', '.join(f'{a:.4f}' for a in accuracies)})",
+          flush=True)
 
 
-def _graph_tag(epochs: int) -> str:
-    """The quickstart run's cuda_graph tag (does the step run as one CUDA graph here?)."""
+def graph_tag() -> None:
+    """The quickstart run's tags: does the step run as one CUDA graph here, and on which attention kernel?"""
     with tempfile.TemporaryDirectory() as tmp:
-        cli(["train", str(QUICKSTART), "--set=train.epochs=1"], tmp,
-            env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+        _, wall = cli(["train", str(QUICKSTART), "--set=train.epochs=2"], tmp,
+                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         import mlflow
 
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         (run,) = mlflow.search_runs(experiment_names=["digits-vit"], output_format="list")
-        return run.data.tags.get("cuda_graph", "?")
+    tags = {k: run.data.tags.get(k, "?") for k in ("cuda_graph", "attention_kernel", "mixed_precision", "device")}
+    print(f"quickstart run, 2 epochs, tracked ({wall:.1f} s wall): {tags}", flush=True)
 
 
-def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list]:
-    """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points)."""
+def outcome(storage: str, name: str = "digits-vit") -> str:
+    """A study's trial states, and each distinct error of its failed trials: a benchmark whose trials
+    failed measured nothing, and must say so."""
+    import optuna
+
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    counts = Counter(t.state.name.lower() for t in trials)
+    errors = Counter(str(t.user_attrs.get("error", "?"))[:300] for t in trials if t.state.name == "FAIL")
+    said = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return said + "".join(f"\n  {n} failed with: {error}" for error, n in errors.most_common(3))
+
+
+def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str]:
+    """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points, their outcome)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load(QUICKSTART.read_text())
         spec["search"].update(n_trials=trials, pruner="none", timeout=None,
@@ -90,18 +106,19 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
 
         points = [tuple(sorted(t.params.items())) for t in
                   optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
-    return wall, points
+        said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
+    return wall, points, said
 
 
 def packing(trials: int, epochs: int, packed: int) -> None:
-    one, _ = study(trials, epochs, 1, enqueue=True)
-    many, _ = study(trials, epochs, packed, enqueue=True)
+    one, _, one_said = study(trials, epochs, 1, enqueue=True)
+    many, _, many_said = study(trials, epochs, packed, enqueue=True)
     print(f"{trials} distinct enqueued trials of {epochs} epochs, no pruning: --trials-per-gpu 1: "
-          f"{trials / one * 3600:,.0f} trials/hour ({one:.1f} s); --trials-per-gpu {packed}: "
-          f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s); ratio {one / many:.2f}x", flush=True)
-    _, points = study(packed, epochs, packed, enqueue=False)
+          f"{trials / one * 3600:,.0f} trials/hour ({one:.1f} s; {one_said}); --trials-per-gpu {packed}: "
+          f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s; {many_said}); ratio {one / many:.2f}x", flush=True)
+    _, points, said = study(packed, epochs, packed, enqueue=False)
     print(f"seeded study of {packed} trials packed {packed} at once, nothing enqueued: "
-          f"{len(points) - len(set(points))} repeated points of {len(points)}", flush=True)
+          f"{len(points) - len(set(points))} repeated points of {len(points)} ({said})", flush=True)
 
 
 def quickstart_study(packed: int, cpu_smoke: bool) -> None:
@@ -109,9 +126,10 @@ def quickstart_study(packed: int, cpu_smoke: bool) -> None:
         extra = ["--set=train.epochs=2", "--n-trials=4"] if cpu_smoke else []
         out, wall = cli(["run", str(QUICKSTART), "--jobs", "0", "--trials-per-gpu", str(packed), *extra], tmp,
                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
-    header = next((line for line in out.splitlines() if line.startswith("study ")), "")
+        said = outcome(f"sqlite:///{tmp}/optuna.db")
+    best = next((line for line in out.splitlines() if line.startswith("best: ")), "no best trial")
     print(f"vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu {packed}: {wall:.1f} s wall with "
-          f"start-up; {header}", flush=True)
+          f"start-up; {said}; {best}", flush=True)
 
 
 def vit_b16(cpu_smoke: bool) -> None:
@@ -177,7 +195,7 @@ def _img_per_second(model, device, batch: int, size: int, steps: int, compiled: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the script")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: trial,packing,study,vit")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: tags,trial,packing,study,vit")
     args = parser.parse_args()
     import torch
 
@@ -187,14 +205,26 @@ def main() -> None:
           f"torch {torch.__version__}", flush=True)
     skip = set(args.skip.split(","))
     epochs, seeds, trials, packed = (2, 1, 4, 2) if args.cpu_smoke else (100, 3, 16, 8)
-    if "trial" not in skip:
-        quickstart_trial(epochs, seeds)
-    if "packing" not in skip:
-        packing(trials, 2 if args.cpu_smoke else 20, packed)
-    if "study" not in skip:
-        quickstart_study(packed, args.cpu_smoke)
-    if "vit" not in skip:
-        vit_b16(args.cpu_smoke)
+    parts = {
+        "tags": graph_tag,
+        "trial": lambda: quickstart_trial(epochs, seeds),
+        "packing": lambda: packing(trials, 2 if args.cpu_smoke else 20, packed),
+        "study": lambda: quickstart_study(packed, args.cpu_smoke),
+        "vit": lambda: vit_b16(args.cpu_smoke),
+    }
+    failed = []
+    for name, part in parts.items():
+        if name in skip:
+            continue
+        started = time.perf_counter()
+        try:
+            part()
+        except Exception as err:  # one part's failure leaves the others' figures standing
+            failed.append(name)
+            print(f"part {name} failed after {time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}",
+                  flush=True)
+    if failed:
+        raise SystemExit(f"parts failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

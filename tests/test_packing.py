@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -17,8 +18,10 @@ from optuna.trial import TrialState
 from vit_search.search.run import run_search
 from vit_search.search.study import PARENT_RUN, open_study
 from vit_search.spec import load_spec
+from vit_search.train import train
+from vit_search.train_step import CAPTURE_GATE, CaptureGate, EagerStep
 
-from test_study import children_of, study_raw
+from test_study import STUDY, children_of, study_raw
 
 
 @pytest.fixture
@@ -106,3 +109,57 @@ def test_the_pruners_verdict_on_an_epoch_stops_the_trial_one_epoch_later():
     assert trial.user_attrs["pruned_reason"] == "pruned by threshold after epoch 1"
     frozen = study.get_trials(deepcopy=False)[0]
     assert frozen.intermediate_values == {0: 0.1, 1: 0.9}  # every epoch that trained is reported
+
+
+def test_a_capture_waits_for_the_packed_steps_in_flight_and_holds_new_ones_back():
+    # Packed trials share one CUDA generator, which fails a draw made while another thread captures:
+    # the gate keeps captures and steps apart.
+    gate, order = CaptureGate(), []
+    in_step, finish_step = threading.Event(), threading.Event()
+
+    def step(name: str, hold: bool = False) -> None:
+        with gate.shared():
+            if hold:
+                in_step.set()
+                assert finish_step.wait(30)
+            order.append(name)
+
+    def capture() -> None:
+        with gate.exclusive():
+            order.append("capture")
+            with gate.exclusive(), gate.shared():  # its own capture's warm-up steps pass through
+                order.append("warm-up inside the capture")
+
+    threads = [threading.Thread(target=step, args=("step in flight", True))]
+    threads[0].start()
+    assert in_step.wait(30)
+    threads.append(threading.Thread(target=capture))
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while gate.waiting != 1:  # the capture waits for the step in flight
+        assert time.monotonic() < deadline, "the capture never waited"
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=step, args=("step after",)))  # waits behind the capture
+    threads[2].start()
+    finish_step.set()
+    for thread in threads:
+        thread.join(30)
+    assert order == ["step in flight", "capture", "warm-up inside the capture", "step after"]
+    assert gate.stepping == 0 and gate.waiting == 0
+
+
+def test_every_training_step_holds_the_capture_gate(workdir):
+    inside = []
+
+    def make_step(*args):
+        eager = EagerStep(*args)
+
+        def step(images, labels, sync=True):
+            inside.append(CAPTURE_GATE.stepping)
+            return eager(images, labels, sync)
+        return step
+
+    spec = load_spec({**STUDY, "name": "gated", "search": None, "tracking": {"enabled": False}}, ["train.epochs=1"])
+    train(spec, progress=False, make_step=make_step)
+    assert inside and set(inside) == {1}  # every step of this run, and no other, inside the gate
+    assert CAPTURE_GATE.stepping == 0

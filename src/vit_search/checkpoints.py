@@ -128,18 +128,18 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
-        """Copy ``payload`` off the device now and write it in the background (one write at a time),
-        once ``after`` returns: a checkpoint of epoch e is never on disk before e's metrics are in
-        MLflow, so a run resumed from it misses none."""
+    def save(self, payload: dict[str, Any], first: Callable[[], None]) -> None:
+        """Copy ``payload`` off the device now; in the background (one write at a time), call
+        ``first`` (the epoch's metrics into MLflow), then write it: a checkpoint of epoch e is never
+        on disk before e's metrics are stored, so a run resumed from it misses none."""
         self.wait()
         snapshot = _to_cpu(payload)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, after), name="checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, first), name="checkpoint", daemon=True)
         self._thread.start()
 
-    def _write(self, payload: dict[str, Any], after: Callable[[], None]) -> None:
+    def _write(self, payload: dict[str, Any], first: Callable[[], None]) -> None:
         try:
-            after()
+            first()
             _save_checkpoint(self.path, payload)
         except BaseException as err:  # raised in the training thread by wait()
             self._error = err

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from .errors import UserError
 from .files import sqlite_problem
@@ -126,7 +127,6 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled and spec.tracking.enabled
         self.run_id: str | None = None
-        self._pending: list[Any] = []  # metrics logged in the background, waited for before the run ends
 
     @contextmanager
     def run(
@@ -157,7 +157,6 @@ class Tracker:
             self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
             raise
         else:
-            self._wait_for_metrics()
             mlflow.end_run(status="FINISHED")
 
     def _end_quietly(self, status: str, error: str) -> None:
@@ -167,10 +166,8 @@ class Tracker:
         import mlflow
 
         if server_problem():
-            self._pending = []
             return
         try:
-            self._wait_for_metrics()
             mlflow.set_tag("error", error)
         except Exception:
             pass  # the error being raised says more; a study reconciles the run's state later
@@ -178,11 +175,6 @@ class Tracker:
             mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
         except Exception:
             pass
-
-    def _wait_for_metrics(self) -> None:
-        pending, self._pending = self._pending, []
-        for operations in pending:
-            operations.wait()
 
     def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None,
                   trainable: int | None = None) -> None:
@@ -209,17 +201,19 @@ class Tracker:
         mlflow.set_tags({**tags, **(extra_tags or {})})
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> Callable[[], None]:
-        """Log metrics, at ``step`` (the epoch) if given: in the background (MLflow's asynchronous
-        logging), so that training does not wait for the store; the run waits for them before it ends.
-        Returns a function that waits until these metrics are stored."""
-        if not (self.enabled and metrics):
-            return lambda: None
-        import mlflow
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Store metrics in the run, at ``step`` (the epoch) if given. Callable from any thread: the
+        trainer stores each epoch's from its checkpoint thread, off the training path.
 
-        operations = mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
-        self._pending.append(operations)
-        return operations.wait
+        (Not MLflow's asynchronous logging: its queue, once used, holds up the end of every run by up
+        to a second, which is most of a small trial on a GPU.)"""
+        if not (self.enabled and metrics):
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(self.run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def log_model(self, state_dict: Mapping[str, Any]) -> None:
         """Log the trained weights and the spec that builds them; :func:`load_model` reads them back."""

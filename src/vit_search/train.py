@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ from .checkpoints import (
 )
 from .schema import Spec
 from .tracking import Tracker
-from .train_step import EagerStep, GraphedStep, device_learning_rates, graph_blocker
+from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # (model, optimizer, scheduler, criterion, grad_clip, accelerator) -> step(images, labels, sync) -> loss:
@@ -164,8 +165,10 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
     # it once per process per step). Accelerate steps at every accumulation boundary and at the end
     # of the epoch.
     steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum_steps)
+    # On the AdamW inside Accelerate's wrapper: that is what a captured step steps (and the
+    # scheduler checks that something stepped before it).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
+        getattr(optimizer, "optimizer", optimizer),
         warmup_cosine(steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs), cfg.min_lr / cfg.lr),
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -191,7 +194,8 @@ def _make_step(spec: Spec, run: _Setup, accelerator: Any, make_step: StepFactory
         return f"off: {run.graph_blocker}"
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # Accelerate's wrapper holds the AdamW
     try:
-        with torch.random.fork_rng(devices=[accelerator.device]):  # the shapes, without drawing the run's numbers
+        # The shapes, without drawing the run's numbers; no packed neighbour draws while the state is swapped.
+        with CAPTURE_GATE.exclusive(), torch.random.fork_rng(devices=[accelerator.device]):
             images, labels = next(iter(run.loaders["train"]))
             if run.augment.enabled:
                 images, labels = run.augment(images, labels)
@@ -242,7 +246,8 @@ def train(
             # A captured step cannot use autocast's cache of casted weights.
             kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
         )
-    set_seed(spec.seed)
+    with CAPTURE_GATE.shared():  # reseeds the process's CUDA generator: not while a packed neighbour captures
+        set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if accelerator.is_main_process:
@@ -263,7 +268,8 @@ def train(
             if run.graph_blocker is None:
                 device_learning_rates(run.optimizer)  # the loaded groups carry their rates as saved
             run.scheduler.load_state_dict(checkpoint["scheduler"])
-            set_rng_state(checkpoint["rng"])
+            with CAPTURE_GATE.shared():
+                set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
         graph = _make_step(spec, run, accelerator, make_step)
         if checkpoint is None:
@@ -284,7 +290,6 @@ def train(
                 if utilisation is not None:
                     metrics["mfu"] = utilisation
                 history.append(metrics)
-                logged = tracker.log_metrics(metrics, step=epoch)
                 if accelerator.is_main_process:
                     checkpoints.save({
                         "model": _plain(run.model, accelerator).state_dict(),
@@ -292,7 +297,7 @@ def train(
                         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                         # What builds these weights: `model.init: {from: file}` reads it back.
                         "model_spec": spec.model.model_dump(mode="json", by_alias=True),
-                    }, after=logged)
+                    }, first=partial(tracker.log_metrics, dict(metrics), step=epoch))
                 accelerator.wait_for_everyone()
                 _epoch_callback(on_epoch, epoch, metrics, accelerator)
             checkpoints.wait()  # the last checkpoint is on disk before the run counts as done
@@ -379,11 +384,12 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
     ):
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt("stopped by the worker")
-        if run.augment.enabled:
-            images, labels = run.augment(images, labels)
         # The optimizer steps every grad_accum_steps batches and at the end of the epoch.
         sync = (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == len(loader)
-        loss_sum += run.step(images, labels, sync)
+        with CAPTURE_GATE.shared():  # a packed neighbour's capture waits for this step, and it for one
+            if run.augment.enabled:
+                images, labels = run.augment(images, labels)
+            loss_sum += run.step(images, labels, sync)
         seen += images.shape[0]
         steps += 1
         # Checked now and then, not every step: on a GPU each check waits for the device. Decided

@@ -12,6 +12,7 @@ capture fails, the step runs eagerly through Accelerate, and the run's ``cuda_gr
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,74 @@ from torch import Tensor, nn
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS and autograd set up), then undone
+
+
+class CaptureGate:
+    """Lets trials packed into threads of one process capture their steps while the others train.
+
+    While any thread captures, the process's default CUDA generator is in capture mode, and a random
+    draw from it by another thread fails ("Offset increment outside graph capture encountered
+    unexpectedly"): a packed neighbour's random crop, dropout or graph replay. So each training step
+    (augmentation included) holds the gate's ``shared`` side, and a capture (with the warm-up that
+    swaps the random state) holds ``exclusive``: it waits for the steps in flight, and new steps wait
+    behind it. A thread inside its own ``exclusive`` passes through both sides again.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._stepping = 0  # threads inside shared()
+        self._waiting = 0  # captures waiting for the steps in flight
+        self._owner: int | None = None  # the capturing thread
+        self._depth = 0
+
+    @property
+    def stepping(self) -> int:
+        """How many threads are inside :meth:`shared` now."""
+        return self._stepping
+
+    @property
+    def waiting(self) -> int:
+        """How many captures wait for the steps in flight now."""
+        return self._waiting
+
+    @contextlib.contextmanager
+    def shared(self) -> Any:
+        """Hold while drawing random numbers on the device or stepping: no capture runs meanwhile."""
+        if self._owner == threading.get_ident():  # inside this thread's own capture
+            yield
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self._owner is None and not self._waiting)
+            self._stepping += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._stepping -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Any:
+        """Hold while capturing (and while swapping the process's random state for it)."""
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner != me:
+                self._waiting += 1
+                self._changed.wait_for(lambda: self._owner is None and not self._stepping)
+                self._waiting -= 1
+                self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._changed.notify_all()
+
+
+CAPTURE_GATE = CaptureGate()  # one per process: the default CUDA generator it guards is one per process
 
 
 class EagerStep:
@@ -61,12 +130,16 @@ class GraphedStep:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.criterion, self.grad_clip = criterion, grad_clip
         self.images, self.labels = images.clone(), labels.clone()
+        with CAPTURE_GATE.exclusive():
+            self.graph = self._capture(model, optimizer)
+
+    def _capture(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.cuda.CUDAGraph:
         params = [p for p in model.parameters() if p.requires_grad]
         saved = [p.detach().clone() for p in params]
         saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
                        for p in params if p in optimizer.state}  # a resumed run's moments
         rng = torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # this step's own: packed trials each capture and warm up on theirs
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side):
@@ -86,9 +159,11 @@ class GraphedStep:
                             state.zero_()
             torch.cuda.set_rng_state(rng)
             optimizer.zero_grad(set_to_none=True)  # gradients are allocated in the graph's own pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: packed trials in other threads keep training (and allocating) during the capture
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             self.loss = self._step()
+        return graph
 
     def _step(self) -> Tensor:
         loss = self.criterion(self.model(self.images), self.labels)

@@ -254,7 +254,7 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
                 "subnet": describe_subnet(subnet_spec.model)}
         with tracker.run(parent_run_id=runs.parent_id, run_name=f"subnet {t.number} (rank {rank})", tags=tags):
             tracker.log_start(t.user_attrs.get("parameters", 0), t.user_attrs.get("flops", 0), "none")
-            tracker.log_metrics({f"inherited_{k}": t.user_attrs[k] for k in ("val_accuracy", "val_loss")})()
+            tracker.log_metrics({f"inherited_{k}": t.user_attrs[k] for k in ("val_accuracy", "val_loss")})
     return min(top, len(trials))
 
 
