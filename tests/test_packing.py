@@ -111,6 +111,29 @@ def test_the_pruners_verdict_on_an_epoch_stops_the_trial_one_epoch_later():
     assert frozen.intermediate_values == {0: 0.1, 1: 0.9}  # every epoch that trained is reported
 
 
+def test_a_study_that_prunes_nothing_never_waits_for_its_reports():
+    from vit_search.search.epoch_reports import EpochReports
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    storage_free, report = threading.Event(), trial.report
+
+    def slow_report(value, step):  # a storage busy with other trials' writes
+        assert storage_free.wait(30)
+        report(value, step)
+
+    trial.report = slow_report
+    reports = EpochReports(trial, "val_accuracy", "none")
+    epochs = threading.Thread(target=lambda: [reports(e, {"val_accuracy": 0.1 * e}) for e in range(4)])
+    epochs.start()
+    epochs.join(30)
+    assert not epochs.is_alive(), "training waited for the storage"  # all four epochs, none reported yet
+    assert study.get_trials(deepcopy=False)[0].intermediate_values == {}
+    storage_free.set()
+    reports.close()  # every report is in before the trial is told its end
+    assert study.get_trials(deepcopy=False)[0].intermediate_values == {e: pytest.approx(0.1 * e) for e in range(4)}
+
+
 def test_a_capture_waits_for_the_packed_steps_in_flight_and_holds_new_ones_back():
     # Packed trials share one CUDA generator, which fails a draw made while another thread captures:
     # the gate keeps captures and steps apart.

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from vit_search.checkpoints import CheckpointWriter
 from vit_search.registry import register
 from vit_search.spec import load_spec
 from vit_search.tracking import load_model
@@ -296,3 +298,34 @@ def test_the_logged_lr_is_the_heads_under_layer_decay(workdir):
                       "tracking": {"enabled": False}})
     result = train(spec, checkpoint_dir=workdir / "ckpt")
     assert result.history[0]["lr"] == pytest.approx(0.5 * spec.train.lr, rel=1e-6)  # half-way down the cosine
+
+
+def test_epochs_that_train_faster_than_they_are_stored_are_stored_together_newest_checkpoint_last(tmp_path):
+    path, stored, store_free = tmp_path / "checkpoint.pt", [], threading.Event()
+
+    def log(epochs):  # a tracking store busy with other trials' writes
+        assert store_free.wait(30)
+        on_disk = torch.load(path, weights_only=True)["epoch"] if path.exists() else -1
+        assert on_disk < min(step for _, step in epochs)  # no checkpoint ahead of its metrics
+        stored.append([step for _, step in epochs])
+
+    writer = CheckpointWriter(path, log=log)
+    for epoch in range(5):  # training goes on while the first epoch's metrics wait for the store
+        writer.save({"epoch": epoch, "weights": torch.full((3,), float(epoch))}, {"loss": 1 / (epoch + 1)}, epoch)
+    store_free.set()
+    writer.wait()
+    assert [step for call in stored for step in call] == [0, 1, 2, 3, 4]  # every epoch's metrics, in order
+    assert len(stored) <= 2  # those that waited went in one call
+    assert torch.load(path, weights_only=True)["epoch"] == 4  # the newest checkpoint is the one on disk
+
+
+def test_a_failed_store_is_raised_in_the_training_thread_at_its_next_save(tmp_path):
+    def log(epochs):
+        raise OSError("the tracking store went away")
+
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt", log=log)
+    writer.save({"epoch": 0}, {"loss": 1.0}, 0)
+    writer.close()
+    with pytest.raises(OSError, match="went away"):
+        writer.save({"epoch": 1}, {"loss": 0.5}, 1)
+    assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint ahead of its metrics

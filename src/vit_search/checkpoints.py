@@ -121,40 +121,65 @@ def _to_cpu(value: Any) -> Any:
 
 
 class CheckpointWriter:
-    """Writes epoch checkpoints in a background thread: the next epoch trains while one is written."""
+    """Stores each epoch in a background thread while the next ones train: its metrics (``log``)
+    first, then its checkpoint, so a checkpoint of epoch e is never on disk before e's metrics are
+    stored, and a run resumed from it misses none.
 
-    def __init__(self, path: Path):
+    When the tracking store or the disk is slower than an epoch (small trials on a GPU, several of
+    them on one SQLite file), the epochs waiting are stored together: their metrics in one call, and
+    only the newest checkpoint, which is the one a resume wants. Training waits for neither, except
+    in :meth:`wait` at the end.
+    """
+
+    def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int]]], None] | None = None):
         self.path = path
-        self._thread: threading.Thread | None = None
+        self._log = log or (lambda epochs: None)
+        self._changed = threading.Condition()
+        self._epochs: list[tuple[dict[str, float], int]] = []  # (metrics, step) not yet stored
+        self._payload: dict[str, Any] | None = None  # the newest checkpoint not yet written
+        self._running = False
         self._error: BaseException | None = None
 
-    def save(self, payload: dict[str, Any], first: Callable[[], None]) -> None:
-        """Copy ``payload`` off the device now; in the background (one write at a time), call
-        ``first`` (the epoch's metrics into MLflow), then write it: a checkpoint of epoch e is never
-        on disk before e's metrics are stored, so a run resumed from it misses none."""
-        self.wait()
+    def save(self, payload: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """Copy ``payload`` off the device now; store ``metrics`` at ``step`` and write the
+        checkpoint in the background. Raises what an earlier store or write failed with."""
+        self._raise()
         snapshot = _to_cpu(payload)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, first), name="checkpoint", daemon=True)
-        self._thread.start()
+        with self._changed:
+            self._epochs.append((dict(metrics), step))
+            self._payload = snapshot  # one still waiting is older: only the newest is worth writing
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._store, name="checkpoint", daemon=True).start()
 
-    def _write(self, payload: dict[str, Any], first: Callable[[], None]) -> None:
-        try:
-            first()
-            _save_checkpoint(self.path, payload)
-        except BaseException as err:  # raised in the training thread by wait()
-            self._error = err
+    def _store(self) -> None:
+        while True:
+            with self._changed:
+                epochs, payload = self._epochs, self._payload
+                self._epochs, self._payload = [], None
+                if payload is None or self._error is not None:
+                    self._running = False
+                    self._changed.notify_all()
+                    return
+            try:
+                self._log(epochs)
+                _save_checkpoint(self.path, payload)
+            except BaseException as err:  # raised in the training thread by its next save() or wait()
+                with self._changed:
+                    self._error = err
 
     def close(self) -> None:
-        """Wait for the write in flight, whatever happened to it (the run is ending on another error)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for what is being stored, whatever happened to it (the run is ending on another error)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._running)
 
     def wait(self) -> None:
-        """Wait for the write in flight; raise what it failed with."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
+        """Wait until every saved epoch is stored; raise what storing one failed with."""
+        self.close()
+        self._raise()
+
+    def _raise(self) -> None:
+        with self._changed:
             error, self._error = self._error, None
+        if error is not None:
             raise error

@@ -202,18 +202,24 @@ class Tracker:
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Store metrics in the run, at ``step`` (the epoch) if given. Callable from any thread: the
-        trainer stores each epoch's from its checkpoint thread, off the training path.
+        """Store metrics in the run, at ``step`` (the epoch) if given."""
+        self.log_epochs([(metrics, step or 0)])
+
+    def log_epochs(self, epochs: list[tuple[Mapping[str, float], int]]) -> None:
+        """Store several steps' metrics in one call; callable from any thread (the trainer's
+        checkpoint thread stores each epoch's this way, off the training path).
 
         (Not MLflow's asynchronous logging: its queue, once used, holds up the end of every run by up
         to a second, which is most of a small trial on a GPU.)"""
+        metrics = [(key, float(value), step) for values, step in epochs for key, value in values.items()]
         if not (self.enabled and metrics):
             return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        now = int(time.time() * 1000)
-        MlflowClient().log_batch(self.run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        now, client = int(time.time() * 1000), MlflowClient()
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            client.log_batch(self.run_id, [Metric(k, v, now, step) for k, v, step in metrics[start:start + 1000]])
 
     def log_model(self, state_dict: Mapping[str, Any]) -> None:
         """Log the trained weights and the spec that builds them; :func:`load_model` reads them back."""

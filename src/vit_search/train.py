@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -280,7 +279,7 @@ def train(
             }, trainable=run.trainable)
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
-        checkpoints = CheckpointWriter(ckpt_path)
+        checkpoints = CheckpointWriter(ckpt_path, log=tracker.log_epochs)
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
@@ -297,7 +296,7 @@ def train(
                         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
                         # What builds these weights: `model.init: {from: file}` reads it back.
                         "model_spec": spec.model.model_dump(mode="json", by_alias=True),
-                    }, first=partial(tracker.log_metrics, dict(metrics), step=epoch))
+                    }, metrics, step=epoch)
                 accelerator.wait_for_everyone()
                 _epoch_callback(on_epoch, epoch, metrics, accelerator)
             checkpoints.wait()  # the last checkpoint is on disk before the run counts as done

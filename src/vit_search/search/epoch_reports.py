@@ -4,7 +4,9 @@ Reporting a value and asking the pruner are storage round trips (a database writ
 the other trials), tens of milliseconds on SQLite: as long as a small trial's whole epoch on a GPU.
 Here a background thread does both while the next epoch trains, and the pruner's verdict on epoch
 *e* stops the trial at the end of epoch *e + 1*: a pruned trial trains one epoch more than the
-pruner asked, and no epoch waits for the storage.
+pruner asked, and no epoch waits for the storage. A study that prunes nothing waits for no verdict:
+its reports may fall behind training (many small trials on one SQLite file), and are all in when
+the trial ends.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class EpochReports:
         if self.metric not in metrics:
             return
         self._queue.put((epoch, float(metrics[self.metric])))
-        with self._done:  # the verdict on the epoch before: it had a whole epoch to come in
-            self._done.wait_for(lambda: self._reported >= epoch - 1 or self._error is not None)
+        if self.pruner != "none":  # the verdict on the epoch before: it had a whole epoch to come in
+            with self._done:
+                self._done.wait_for(lambda: self._reported >= epoch - 1 or self._error is not None)
         if self._error is not None:
             raise self._error
         if self._pruned_at is not None:
@@ -51,7 +54,7 @@ class EpochReports:
             epoch, value = item
             try:
                 self.trial.report(value, epoch)
-                pruned = self._pruned_at is None and self.trial.should_prune()
+                pruned = self.pruner != "none" and self._pruned_at is None and self.trial.should_prune()
             except BaseException as err:  # raised in the training thread at its next epoch
                 self._error = err
                 pruned = False
