@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,19 @@ def test_gpu_workers_are_pinned_one_per_gpu_and_pack_their_trials():
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(4, 1, gpus=2, cpus=16)] == ["0", "1", "0", "1"]
     with pytest.raises(ValueError, match="at least 1"):
         plan_workers(2, 0, gpus=1, cpus=2)
+
+
+@pytest.mark.skipif(not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and two cores to pin the run to one")
+def test_jobs_0_with_one_usable_core_is_one_worker_in_the_commands_own_process(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("one-core", n_trials=2)))
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "vit_search", "run", str(spec_path),
+                             "--jobs", "0", "--set=train.epochs=1"], cwd=workdir, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "worker 0:" not in result.stderr  # no worker process was started
+    assert "this worker: 2 trials" in result.stdout  # this process trained the study itself
 
 
 def run_jobs(spec_path, cwd, *extra):

@@ -214,7 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _dry_run(spec, args.dry_run)
     _prepare_weights(spec)
     if args.jobs != 1:
-        return _run_jobs(args, spec)
+        plans = _worker_plans(args)
+        if len(plans) > 1:
+            return _run_jobs(args, spec, plans)
+        # One worker (one GPU, or one core): this process is it, and start-up is paid once.
     from .log_lines import wanted
     from .redaction import redact
     from .search.next_steps import next_steps
@@ -249,23 +252,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _run_jobs(args: argparse.Namespace, spec) -> int:
-    """Several worker processes of the study on this machine (cores or GPUs shared out)."""
-    import os
-
-    import optuna
+def _worker_plans(args: argparse.Namespace) -> list:
+    """The worker processes ``--jobs`` asks for on this machine (one per GPU, or cores shared out)."""
     import torch
 
-    from .search.jobs import jobs_exit_code, plan_workers, run_workers
+    from .performance import usable_cores
+    from .search.jobs import plan_workers
+
+    try:
+        return plan_workers(args.jobs, args.trials_per_gpu, torch.cuda.device_count(), usable_cores())
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+
+
+def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
+    """Several worker processes of the study on this machine (cores or GPUs shared out)."""
+    import optuna
+
+    from .search.jobs import jobs_exit_code, run_workers
     from .search.next_steps import next_steps
     from .search.report import top_table
     from .search.storage import STORAGE_ENV, study_lock
     from .search.study import open_study, storage_url_of
 
-    try:
-        plans = plan_workers(args.jobs, args.trials_per_gpu, torch.cuda.device_count(), os.cpu_count() or 1)
-    except ValueError as err:
-        raise BadInput(str(err)) from None
     url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Open the study once here: a bad storage or a study of other directions is one error line,

@@ -6,6 +6,7 @@ falls back cleanly elsewhere (on a CPU: fp32, no fused optimizer, no TF32).
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -17,6 +18,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # TF32 peak, half of these. A spec's train.peak_tflops overrides the table.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: taskset, a container's cpuset), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_only() -> bool:

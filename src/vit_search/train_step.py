@@ -160,7 +160,7 @@ class GraphedStep:
             torch.cuda.set_rng_state(rng)
             optimizer.zero_grad(set_to_none=True)  # gradients are allocated in the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        # thread_local: packed trials in other threads keep training (and allocating) during the capture
+        # thread_local: packed trials in other threads may evaluate (and allocate) during the capture
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             self.loss = self._step()
         return graph

@@ -8,7 +8,6 @@ so threads use every core without the start-up and pickling cost of worker proce
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -16,16 +15,15 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from ..performance import usable_cores
+
 _CHUNK = 32  # images a thread decodes per task: few enough to keep the progress line moving
 _ARRAY_CHUNK = 512  # in-memory images resized at a time
 
 
 def decode_threads() -> int:
     """Threads that decode: one per core this process may use."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
