@@ -306,8 +306,8 @@ def test_epochs_that_train_faster_than_they_are_stored_are_stored_together_newes
     def log(epochs):  # a tracking store busy with other trials' writes
         assert store_free.wait(30)
         on_disk = torch.load(path, weights_only=True)["epoch"] if path.exists() else -1
-        assert on_disk < min(step for _, step in epochs)  # no checkpoint ahead of its metrics
-        stored.append([step for _, step in epochs])
+        assert on_disk < min(step for _, step, _ in epochs)  # no checkpoint ahead of its metrics
+        stored.append([step for _, step, _ in epochs])
 
     writer = CheckpointWriter(path, log=log)
     for epoch in range(5):  # training goes on while the first epoch's metrics wait for the store

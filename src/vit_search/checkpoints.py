@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,11 +132,11 @@ class CheckpointWriter:
     in :meth:`wait` at the end.
     """
 
-    def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int]]], None] | None = None):
+    def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int, int]]], None] | None = None):
         self.path = path
         self._log = log or (lambda epochs: None)
         self._changed = threading.Condition()
-        self._epochs: list[tuple[dict[str, float], int]] = []  # (metrics, step) not yet stored
+        self._epochs: list[tuple[dict[str, float], int, int]] = []  # (metrics, step, ms) not yet stored
         self._payload: dict[str, Any] | None = None  # the newest checkpoint not yet written
         self._running = False
         self._error: BaseException | None = None
@@ -146,7 +147,7 @@ class CheckpointWriter:
         self._raise()
         snapshot = _to_cpu(payload)
         with self._changed:
-            self._epochs.append((dict(metrics), step))
+            self._epochs.append((dict(metrics), step, int(time.time() * 1000)))  # when, not when stored
             self._payload = snapshot  # one still waiting is older: only the newest is worth writing
             if not self._running:
                 self._running = True

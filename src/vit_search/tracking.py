@@ -203,23 +203,24 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Store metrics in the run, at ``step`` (the epoch) if given."""
-        self.log_epochs([(metrics, step or 0)])
+        self.log_epochs([(metrics, step or 0, int(time.time() * 1000))])
 
-    def log_epochs(self, epochs: list[tuple[Mapping[str, float], int]]) -> None:
-        """Store several steps' metrics in one call; callable from any thread (the trainer's
-        checkpoint thread stores each epoch's this way, off the training path).
+    def log_epochs(self, epochs: list[tuple[Mapping[str, float], int, int]]) -> None:
+        """Store several steps' metrics, each ``(metrics, step, timestamp in ms)``, in one call;
+        callable from any thread (the trainer's checkpoint thread stores each epoch's this way, off
+        the training path).
 
         (Not MLflow's asynchronous logging: its queue, once used, holds up the end of every run by up
         to a second, which is most of a small trial on a GPU.)"""
-        metrics = [(key, float(value), step) for values, step in epochs for key, value in values.items()]
-        if not (self.enabled and metrics):
+        if not self.enabled:
             return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        now, client = int(time.time() * 1000), MlflowClient()
+        metrics = [Metric(key, float(value), at, step) for values, step, at in epochs for key, value in values.items()]
+        client = MlflowClient()
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
-            client.log_batch(self.run_id, [Metric(k, v, now, step) for k, v, step in metrics[start:start + 1000]])
+            client.log_batch(self.run_id, metrics[start:start + 1000])
 
     def log_model(self, state_dict: Mapping[str, Any]) -> None:
         """Log the trained weights and the spec that builds them; :func:`load_model` reads them back."""
