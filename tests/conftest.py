@@ -57,7 +57,19 @@ def mlflow_follows_the_environment():
 def sqlite_uri(tmp_path_factory) -> str:
     """One MLflow sqlite store for the session (creating its tables takes seconds); tests keep
     apart by experiment name."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    # MLflow makes a sqlite store's artifact root (./mlruns) absolute once per process, from the
+    # working directory of the moment: let that be this folder, not the repository.
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        MlflowClient(uri).search_experiments()
+    finally:
+        os.chdir(here)
+    return uri
 
 
 @pytest.fixture

@@ -360,3 +360,16 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
     finally:
         if server.poll() is None:
             _kill_group(server)
+
+
+@pytest.mark.parametrize("key, value", [("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5"),
+                                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "ten"),
+                                        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1")])
+def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, cli, key, value):
+    spec = workdir / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "retries"}}))
+    result = cli("train", str(spec), cwd=workdir, env={key: value})
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {key}={value!r}: MLflow reads") and "unset it" in line
+    assert not (workdir / "runs").exists()  # nothing trained, nothing written

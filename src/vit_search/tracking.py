@@ -24,17 +24,27 @@ STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow retries an unreachable server for minutes per request by default (7 retries, backoff
-# factor 2, 120 s timeouts); a study should hear of an outage within a minute. Users may override.
-HTTP_RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+# factor 2, 120 s timeouts); a study should hear of an outage within a minute. Users may override,
+# with values of the type MLflow reads (one it cannot read stops it with a traceback mid-request).
+HTTP_RETRY_DEFAULTS: dict[str, tuple[str, type]] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": ("3", int), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": ("1", int),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": ("0.5", float), "MLFLOW_HTTP_REQUEST_TIMEOUT": ("10", int),
 }
 
 
 def bound_http_retries() -> None:
-    """Bound MLflow's retries of a tracking server that does not answer (unless the environment sets them)."""
-    for key, value in HTTP_RETRY_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    """Bound MLflow's retries of a tracking server that does not answer (unless the environment sets
+    them); a value set that MLflow cannot read is one line (TrackingError, exit 2)."""
+    for key, (default, kind) in HTTP_RETRY_DEFAULTS.items():
+        value = os.environ.setdefault(key, default)
+        try:
+            readable = kind(value) >= 0
+        except ValueError:
+            readable = False
+        if not readable:
+            what = "a whole number" if kind is int else "a number"
+            raise TrackingError(f"{key}={value!r}: MLflow reads {what}, 0 or more, here; set it to one (such as "
+                                f"{default}), or unset it for vit-search's default {default}")
 
 
 def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
