@@ -362,14 +362,26 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
             _kill_group(server)
 
 
-@pytest.mark.parametrize("key, value", [("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5"),
-                                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "ten"),
-                                        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1")])
-def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, cli, key, value):
+def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, cli):
     spec = workdir / "tiny.yaml"
     spec.write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "retries"}}))
-    result = cli("train", str(spec), cwd=workdir, env={key: value})
+    result = cli("train", str(spec), cwd=workdir, env={"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"})
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {key}={value!r}: MLflow reads") and "unset it" in line
+    assert line.startswith("error: MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR='0.5': MLflow reads a whole number")
+    assert "unset it" in line
     assert not (workdir / "runs").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("key, value", [("MLFLOW_HTTP_REQUEST_TIMEOUT", "ten"),
+                                        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1"),
+                                        ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "a little")])
+def test_every_mlflow_retry_setting_is_read_as_mlflow_reads_it(monkeypatch, key, value):
+    from vit_search.tracking import TrackingError, bound_http_retries
+
+    monkeypatch.setenv(key, value)
+    with pytest.raises(TrackingError, match=f"^{key}='{value}': MLflow reads a"):
+        bound_http_retries()
+    monkeypatch.setenv(key, "2")  # what MLflow reads is accepted as it is
+    bound_http_retries()
+    assert os.environ[key] == "2"

@@ -47,6 +47,7 @@ def _finish_each_study(folder: str, uri: str, barrier, errors) -> None:
 def test_workers_finishing_at_once_update_the_parent_run_without_an_error(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns) go here, not into the repository
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parents = []
     for round_ in range(ROUNDS):  # a fresh parent run each round: the race is on a tag's first insert

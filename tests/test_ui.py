@@ -88,8 +88,8 @@ def test_a_server_that_does_not_start_exits_non_zero(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_port_0_serves_the_studys_runs_on_a_free_port_and_a_signal_stops_the_whole_server(ui_spec, signum):
+def test_port_0_serves_the_studys_runs_on_a_free_port_and_sigterm_stops_the_whole_server(ui_spec):
+    signum = signal.SIGTERM
     proc = start_ui(ui_spec, "--port", "0")
     try:
         address = wait_for_address(proc)
@@ -102,6 +102,23 @@ def test_port_0_serves_the_studys_runs_on_a_free_port_and_a_signal_stops_the_who
         assert server, "no server process under vit-search ui"
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 0
+        assert wait_until_gone([p.pid for p in server]) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ctrl_c_while_the_server_starts_stops_its_whole_group_and_exits_0(ui_spec):
+    proc = start_ui(ui_spec, "--port", "0")
+    try:
+        deadline, server = time.monotonic() + 60, []
+        while not server:  # the server's processes exist: it is starting (answering takes seconds more)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            server = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "MLflow UI for" not in proc.stdout.read()  # it never claimed to serve
         assert wait_until_gone([p.pid for p in server]) == []
     finally:
         if proc.poll() is None:

@@ -63,14 +63,18 @@ def serve(uri: str, port: int, view: str) -> int:
     """Serve MLflow's UI for the store ``uri`` on 127.0.0.1:``port`` until it exits or this process is
     told to stop; prints the address of ``view`` once the server answers. Returns the exit code."""
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port)]
-    server = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
     stopping: list[int] = []
+    started: list[subprocess.Popen] = []
 
     def stop(signum: int, frame: Any) -> None:
         stopping.append(signum)
-        _signal_group(server, signal.SIGTERM)
+        for server in started:
+            _signal_group(server, signal.SIGTERM)
 
+    # Listening before the server starts: a Ctrl-C at any moment stops its whole group.
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+    started.append(server)
     try:
         if not _wait_until_up(server, f"http://{HOST}:{port}/health", stopping):
             if stopping:
