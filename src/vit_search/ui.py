@@ -73,9 +73,9 @@ def serve(uri: str, port: int, view: str) -> int:
 
     # Listening before the server starts: a Ctrl-C at any moment stops its whole group.
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
-    started.append(server)
-    try:
+    try:  # the handlers are given back however this ends, a server that could not start included
+        server = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+        started.append(server)
         if not _wait_until_up(server, f"http://{HOST}:{port}/health", stopping):
             if stopping:
                 return 0
@@ -86,7 +86,8 @@ def serve(uri: str, port: int, view: str) -> int:
         code = server.wait()
         return 0 if stopping else code
     finally:
-        _stop(server)
+        for server in started:
+            _stop(server)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
