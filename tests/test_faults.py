@@ -158,6 +158,26 @@ def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
     assert _snapshot(workdir) == before
 
 
+def test_a_study_whose_parent_run_is_not_in_the_tracking_store_is_one_line_and_nothing_changes(workdir):
+    from vit_search.search.study import PARENT_RUN, open_study
+    from vit_search.spec import load_spec
+
+    raw = study_raw("elsewhere")
+    raw["search"]["storage"] = "sqlite:///optuna.db"
+    spec = write(workdir / "spec.yaml", raw)
+    # The study was logged to another MLflow store: this one has never seen its parent run.
+    open_study(load_spec(spec), "sqlite:///optuna.db").set_attr(PARENT_RUN, "f" * 32)
+    before = _snapshot(workdir)
+    result = bounded_cli("run", str(spec), cwd=workdir)
+    result.stderr = "".join(ln for ln in result.stderr.splitlines(True) if not ln.startswith("[I "))  # Optuna's resume note
+    line = one_line(result)
+    assert "'elsewhere'" in line and "f" * 32 in line and "MLFLOW_TRACKING_URI" in line
+    after = {name: data for name, data in _snapshot(workdir).items() if not name.endswith(".lock")}  # workers' lock
+    assert after == before
+    assert not (workdir / "runs").exists()
+    assert MlflowClient().get_experiment_by_name("elsewhere") is None  # nothing made in the wrong store
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "keyless"])
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damage):
     import torch

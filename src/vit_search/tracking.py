@@ -76,6 +76,12 @@ def configure(spec: Spec) -> str:
 
     A store file that is no database is one line (TrackingError, exit 2), before MLflow touches it.
     """
+    use_store(spec)
+    return use_experiment(spec)
+
+
+def use_store(spec: Spec) -> None:
+    """Point MLflow at the spec's store, refusing one that cannot be used (TrackingError); writes nothing."""
     import mlflow
 
     bound_http_retries()
@@ -83,6 +89,12 @@ def configure(spec: Spec) -> str:
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
     check_store(spec)
+
+
+def use_experiment(spec: Spec) -> str:
+    """Make the spec's experiment MLflow's current one (created if new) in the store in use; returns its id."""
+    import mlflow
+
     try:
         experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
     except Exception as err:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
-from ..tracking import Tracker, configure
+from ..tracking import Tracker, TrackingError, use_experiment, use_store
 from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
 from .storage import redact, study_lock
@@ -30,8 +30,13 @@ class StudyRuns:
 
         self.spec, self.handle = spec, handle
         self.enabled = spec.tracking.enabled
-        self.experiment_id = configure(spec) if self.enabled else None
-        self.client = MlflowClient() if self.enabled else None
+        self.experiment_id: str | None = None
+        self.client = None
+        if self.enabled:
+            use_store(spec)
+            self.client = MlflowClient()
+            self._check_parent()  # before the experiment is created in a store that is not the study's
+            self.experiment_id = use_experiment(spec)
         # Set when the tracking server went away: this worker then writes nothing more to MLflow,
         # and the next worker to start reconciles the runs left behind (:meth:`reconcile`).
         self.lost: str | None = None
@@ -74,6 +79,27 @@ class StudyRuns:
             **self.study_tags(), "optuna.storage": redact(self.handle.url), "mlflow.runName": name})
         self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
         self.handle.set_attr(PARENT_RUN, parent.info.run_id)
+
+    def _check_parent(self) -> None:
+        """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
+        logged to another store, and trials logged on into this one would have no parent."""
+        parent = self.parent_id
+        if not parent:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(parent)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            import mlflow
+
+            raise TrackingError(
+                f"study {self.handle.study.study_name!r} logs to MLflow parent run {parent}, which the store "
+                f"{redact(mlflow.get_tracking_uri())} does not hold; point MLFLOW_TRACKING_URI (or tracking.uri) at "
+                f"the store the study was logged to, or start a new study (another search.study_name or "
+                f"--storage)") from None
 
     def reopen_parent(self) -> None:
         """A resumed study: its parent run is RUNNING again until the study ends."""
