@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -317,6 +318,31 @@ def test_epochs_that_train_faster_than_they_are_stored_are_stored_together_newes
     assert [step for call in stored for step in call] == [0, 1, 2, 3, 4]  # every epoch's metrics, in order
     assert len(stored) <= 2  # those that waited went in one call
     assert torch.load(path, weights_only=True)["epoch"] == 4  # the newest checkpoint is the one on disk
+
+
+def test_epochs_shorter_than_copying_their_state_skip_checkpoints_but_never_metrics_or_the_last(tmp_path):
+    path, stored = tmp_path / "checkpoint.pt", []
+    writer = CheckpointWriter(path, log=lambda epochs: stored.extend(step for _, step, _ in epochs), budget=0.001)
+
+    def state(epoch):  # a copy that takes 20 ms: 0.1% of the training time needs 20 s between copies
+        time.sleep(0.02)
+        return {"epoch": epoch}
+
+    for epoch in range(10):
+        writer.save(functools.partial(state, epoch) if writer.due(last=epoch == 9) else None, {"loss": 1.0}, epoch)
+    writer.wait()
+    assert writer.snapshots == 2  # the first epoch and the last
+    assert sorted(stored) == list(range(10))  # every epoch's metrics
+    assert torch.load(path, weights_only=True)["epoch"] == 9
+
+
+def test_epochs_longer_than_copying_their_state_each_get_a_checkpoint(tmp_path):
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt", budget=1.0)
+    for epoch in range(4):
+        time.sleep(0.05)  # an epoch's training, far longer than copying a few numbers
+        writer.save((lambda e=epoch: {"epoch": e}) if writer.due() else None, {"loss": 1.0}, epoch)
+    writer.wait()
+    assert writer.snapshots == 4
 
 
 def test_a_failed_store_is_raised_in_the_training_thread_at_its_next_save(tmp_path):

@@ -130,25 +130,49 @@ class CheckpointWriter:
     them on one SQLite file), the epochs waiting are stored together: their metrics in one call, and
     only the newest checkpoint, which is the one a resume wants. Training waits for neither, except
     in :meth:`wait` at the end.
+
+    Copying the state off the device is the one part training waits for. Where epochs are so short
+    that copying after each would cost more than ``budget`` of the training time (a small model on
+    a GPU: milliseconds of copies after an epoch of milliseconds), epochs are skipped until it does
+    not; the first and the last epoch always have their checkpoint, and every epoch its metrics.
     """
 
-    def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int, int]]], None] | None = None):
-        self.path = path
+    def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int, int]]], None] | None = None,
+                 budget: float = 0.05):
+        self.path, self.budget = path, budget
         self._log = log or (lambda epochs: None)
         self._changed = threading.Condition()
         self._epochs: list[tuple[dict[str, float], int, int]] = []  # (metrics, step, ms) not yet stored
         self._payload: dict[str, Any] | None = None  # the newest checkpoint not yet written
         self._running = False
         self._error: BaseException | None = None
+        self._copied_at: float | None = None  # when the last snapshot was taken (perf_counter)
+        self._copy_seconds = 0.0  # how long taking it took
+        self.snapshots = 0  # checkpoints taken (and so written, unless a newer one replaced it first)
 
-    def save(self, payload: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        """Copy ``payload`` off the device now; store ``metrics`` at ``step`` and write the
-        checkpoint in the background. Raises what an earlier store or write failed with."""
+    def due(self, last: bool = False) -> bool:
+        """Whether this epoch's state is worth copying off the device now (see the class)."""
+        if last or self._copied_at is None:
+            return True
+        return self._copy_seconds <= self.budget * (time.perf_counter() - self._copied_at)
+
+    def save(self, payload: dict[str, Any] | Callable[[], dict[str, Any]] | None, metrics: dict[str, float],
+             step: int) -> None:
+        """Copy ``payload`` (or what the callable returns; None: metrics only) off the device now;
+        store ``metrics`` at ``step`` and write the checkpoint in the background. Raises what an
+        earlier store or write failed with."""
         self._raise()
-        snapshot = _to_cpu(payload)
+        snapshot = None
+        if payload is not None:
+            started = time.perf_counter()
+            snapshot = _to_cpu(payload() if callable(payload) else payload)
+            self._copied_at = time.perf_counter()
+            self._copy_seconds = self._copied_at - started
+            self.snapshots += 1
         with self._changed:
             self._epochs.append((dict(metrics), step, int(time.time() * 1000)))  # when, not when stored
-            self._payload = snapshot  # one still waiting is older: only the newest is worth writing
+            if snapshot is not None:
+                self._payload = snapshot  # one still waiting is older: only the newest is worth writing
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._store, name="checkpoint", daemon=True).start()
@@ -158,13 +182,14 @@ class CheckpointWriter:
             with self._changed:
                 epochs, payload = self._epochs, self._payload
                 self._epochs, self._payload = [], None
-                if payload is None or self._error is not None:
+                if (payload is None and not epochs) or self._error is not None:
                     self._running = False
                     self._changed.notify_all()
                     return
             try:
                 self._log(epochs)
-                _save_checkpoint(self.path, payload)
+                if payload is not None:
+                    _save_checkpoint(self.path, payload)
             except BaseException as err:  # raised in the training thread by its next save() or wait()
                 with self._changed:
                     self._error = err

@@ -6,6 +6,7 @@ processes and metric gathering; this module only says what to train and in what 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -290,13 +291,9 @@ def train(
                     metrics["mfu"] = utilisation
                 history.append(metrics)
                 if accelerator.is_main_process:
-                    checkpoints.save({
-                        "model": _plain(run.model, accelerator).state_dict(),
-                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                        "rng": rng_state(), "epoch": epoch, "history": history, "run_id": tracker.run_id,
-                        # What builds these weights: `model.init: {from: file}` reads it back.
-                        "model_spec": spec.model.model_dump(mode="json", by_alias=True),
-                    }, metrics, step=epoch)
+                    state = functools.partial(_checkpoint, spec, run, accelerator, epoch, history, tracker.run_id)
+                    checkpoints.save(state if checkpoints.due(last=epoch == cfg.epochs - 1) else None, metrics,
+                                     step=epoch)
                 accelerator.wait_for_everyone()
                 _epoch_callback(on_epoch, epoch, metrics, accelerator)
             checkpoints.wait()  # the last checkpoint is on disk before the run counts as done
@@ -311,6 +308,18 @@ def train(
             tracker.log_model(_plain(run.model, accelerator).state_dict())
     train_seconds = sum(m["epoch_seconds"] for m in history)
     return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds, run.trainable)
+
+
+def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: list[dict[str, float]],
+                run_id: str | None) -> dict[str, Any]:
+    """What a checkpoint of ``epoch`` holds (on the device still: the writer copies it off)."""
+    return {
+        "model": _plain(run.model, accelerator).state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
+        # What builds these weights: `model.init: {from: file}` reads it back.
+        "model_spec": spec.model.model_dump(mode="json", by_alias=True),
+    }
 
 
 class TrainingStopped(Exception):
