@@ -168,3 +168,36 @@ def test_model_maps_images_to_logits_and_trains():
         losses.append(loss.item())
     assert model(images).shape == (8, 5)
     assert losses[-1] < losses[0] * 0.5
+
+
+def test_a_models_cost_is_counted_once_and_again_when_a_block_name_gets_another_class(monkeypatch):
+    from torch import nn
+
+    from vit_search.model import cost
+    from vit_search.model.cost import model_cost
+    from vit_search.registry import register
+    from vit_search.schema import ModelSpec
+
+    def ffn_of(layers: int) -> type:
+        class Ffn(nn.Module):
+            def __init__(self, dim: int):
+                super().__init__()
+                self.layers = nn.Sequential(*(nn.Linear(dim, dim) for _ in range(layers)))
+
+            def forward(self, tokens):
+                return self.layers(tokens)
+
+        return Ffn
+
+    section = ModelSpec(dim=32, depth=2, image_size=16, in_channels=3, num_classes=5,
+                        patch_embed={"type": "conv", "patch_size": 4}, attention={"type": "sdpa", "heads": 4},
+                        ffn={"type": "test_cost_ffn"})
+    counted, count = [], cost.flop_count
+    monkeypatch.setattr(cost, "flop_count", lambda *args: counted.append(1) or count(*args))
+    register("ffn", "test_cost_ffn")(ffn_of(1))
+    one = model_cost(section)
+    assert model_cost(section) == one and len(counted) == 1  # counted before: not counted again
+    register("ffn", "test_cost_ffn", override=True)(ffn_of(2))  # same name and section, another block
+    params, flops = model_cost(section)
+    assert len(counted) == 2
+    assert params == one[0] + 2 * (32 * 32 + 32) and flops == one[1] + 2 * 2 * 17 * 32 * 32  # 16 patches + cls

@@ -64,6 +64,27 @@ def test_digits_split_is_fixed_by_the_seed(digits):
     assert not torch.equal(other.test.images, digits.test.images)
 
 
+def test_a_set_made_in_memory_is_made_once_per_process_and_shared_by_the_runs_that_ask_for_it():
+    import threading
+
+    first = load_data(spec(image_size=12), seed=3)
+    assert load_data(spec(image_size=12), seed=3) is first  # a search's next trial: not made again
+    assert load_data(spec(image_size=12), seed=4) is not first
+    assert load_data(spec(image_size=10), seed=3).train.images.shape[-1] == 10
+    got, ready = [], threading.Barrier(4)
+
+    def packed_trial():  # trials packed into threads start together: one makes it, all share it
+        ready.wait()
+        got.append(load_data(spec(image_size=14), seed=3))
+
+    threads = [threading.Thread(target=packed_trial) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 4 and all(data is got[0] for data in got)
+
+
 def test_normalisation_uses_the_training_split_stats(digits):
     x = digits.train.images
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(1), atol=1e-5)

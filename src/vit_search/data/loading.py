@@ -21,6 +21,7 @@ A split is held one of two ways:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -125,9 +126,26 @@ def load_data(spec: DataSpec, seed: int, device: torch.device | str = "cpu") -> 
     """Load ``spec``'s data set, split it with ``seed``, normalise it, and hold it as ``spec.on_device`` and
     ``spec.cache`` say.
 
-    Raises :class:`DataError` when files are missing or unreadable.
+    A set made in memory (digits, synthetic: nothing on disk can change it) is made once per process
+    and handed to every run that asks for the same one: the trials of a search, packed or one after
+    another, share it (they only read it). Raises :class:`DataError` when files are missing or unreadable.
     """
     device = torch.device(device)
+    if DATASETS[spec.dataset].parts is not None:
+        return _load(spec, seed, device)
+    key = (spec.model_dump_json(), seed, str(device))
+    with _MADE_LOCK:  # packed trials starting together: one makes it, the others wait for it
+        if key not in _MADE:
+            _MADE.clear()  # the newest only: a search's trials ask for one set
+            _MADE[key] = _load(spec, seed, device)
+        return _MADE[key]
+
+
+_MADE: dict[tuple[str, int, str], DataSplits] = {}
+_MADE_LOCK = threading.Lock()
+
+
+def _load(spec: DataSpec, seed: int, device: torch.device) -> DataSplits:
     size = pair(spec.image_size)
     source = DATASETS[spec.dataset]
     parts: Parts | None = None

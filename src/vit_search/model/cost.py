@@ -24,8 +24,22 @@ def flop_count(model: nn.Module, images: torch.Tensor) -> int:
 
 def model_cost(model: ModelSpec) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of a model section, built on the meta device: no memory,
-    no arithmetic, so a ViT-H costs what a ViT-Ti does."""
+    no arithmetic, so a ViT-H costs what a ViT-Ti does.
+
+    Counting FLOPs runs the forward pass through Python (tens of milliseconds); a model counted
+    before in this process, with the same section and the same block classes, is not counted again
+    (a search checks each trial's size, then trains it; trials often differ only in training keys)."""
     with torch.device("meta"):
         built = build_vit(model).eval()
-        flops = flop_count(built, torch.empty(1, model.in_channels, *pair(model.image_size)))
+        key = (model.model_dump_json(), frozenset(type(module) for module in built.modules()))
+        flops = _FLOPS.get(key)
+        if flops is None:
+            flops = flop_count(built, torch.empty(1, model.in_channels, *pair(model.image_size)))
+            if len(_FLOPS) >= _FLOPS_KEPT:
+                _FLOPS.pop(next(iter(_FLOPS)), None)  # the oldest
+            _FLOPS[key] = flops
     return count_parameters(built), flops
+
+
+_FLOPS: dict[tuple[str, frozenset[type]], int] = {}
+_FLOPS_KEPT = 256
