@@ -145,6 +145,18 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture
+def redis_url() -> str:
+    """The Redis server of the development and CI machines; tests skip where none answers."""
+    redis = pytest.importorskip("redis", reason="redis is needed for Redis storages (pip install -e '.[test]')")
+    url = "redis://127.0.0.1:6379"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except redis.exceptions.RedisError as err:
+        pytest.skip(f"no Redis server answers on 127.0.0.1:6379: {err}")
+    return url
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """The PostgreSQL server of the development and CI machines; tests skip where none answers."""

@@ -147,6 +147,21 @@ def test_best_on_an_empty_optuna_db_says_there_is_no_study_and_leaves_it_empty(w
     assert (workdir / "optuna.db").stat().st_size == 0
 
 
+@pytest.mark.parametrize("command", ["run", "best"])
+@pytest.mark.parametrize("server", ["postgresql://someone:hunter2@127.0.0.1:{port}/test",
+                                    "redis://:hunter2@127.0.0.1:{port}"])
+def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(workdir, command, server):
+    pytest.importorskip(server.split(":")[0].replace("postgresql", "psycopg"),
+                        reason="psycopg and redis are needed for those storages (pip install -e '.[test]')")
+    from conftest import free_port
+
+    spec = write(workdir / "spec.yaml", {**study_raw("no-server"), "tracking": {"enabled": False}})
+    url = server.format(port=free_port())  # nothing listens there
+    line = one_line(bounded_cli(command, str(spec), "--storage", url, cwd=workdir))
+    assert "cannot be opened" in line and "refused" in line and "hunter2" not in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+
+
 def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
     raw = study_raw("mlflow-damaged")
     raw["search"]["storage"] = "sqlite:///optuna.db"

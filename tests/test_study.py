@@ -206,6 +206,22 @@ def test_two_workers_on_a_real_postgresql_server(workdir, postgres_url):
     optuna.delete_study(study_name=name, storage=url)
 
 
+def test_a_study_on_a_real_redis_server_runs_its_trials_under_the_redis_lock(workdir, redis_url):
+    import redis
+
+    name = f"redis-{os.getpid()}-{time.time_ns()}"
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump({**study_raw(name, n_trials=2, storage=redis_url),
+                                         "tracking": {"enabled": False}}))
+    finish(worker(spec_path, workdir))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalRedisBackend(redis_url, prefix=""))
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert len(trials) == 2 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert trials[0].params != trials[1].params
+    assert not redis.Redis.from_url(redis_url).exists(f"vit-search:{name}")  # the study lock was given back
+    optuna.delete_study(study_name=name, storage=storage)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
     spec_path = workdir / "study.yaml"

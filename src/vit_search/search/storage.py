@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,7 +132,9 @@ def open_storage(url: str) -> Any:
             path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("redis://"):
-            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+            with warnings.catch_warnings():  # Optuna marks its Redis backend experimental, at every start
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.JournalStorage(JournalRedisBackend(url))
         engine_kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             # Several local workers write one file: wait for the lock instead of failing at once.
@@ -144,12 +147,16 @@ def open_storage(url: str) -> Any:
         raise StorageError(f"storage '{redact(url)}' cannot be read: {type(err).__name__}: "
                            f"{str(err).splitlines()[0][:160] if str(err) else ''}; move the file away, or pass "
                            f"another --storage") from None
-    except Exception as err:  # SQLAlchemy: a file that is not a database, a server that refuses us
-        if type(err).__module__.startswith("sqlalchemy"):
-            first = str(getattr(err, "orig", err)).splitlines()[0][:200]
-            raise StorageError(f"storage '{redact(url)}' cannot be opened: {redact(first)}; check the URL and that "
-                               f"the database answers, or move a damaged file away") from None
+    except Exception as err:  # SQLAlchemy or Redis: a file that is not a database, a server that refuses us
+        if type(err).__module__.startswith(("sqlalchemy", "redis")):
+            raise StorageError(_cannot_open(url, err)) from None
         raise
+
+
+def _cannot_open(url: str, err: BaseException) -> str:
+    first = (str(getattr(err, "orig", None) or err).splitlines() or [type(err).__name__])[0][:200]
+    return (f"storage '{redact(url)}' cannot be opened: {redact(first)}; check the URL and that the database "
+            f"answers, or move a damaged file away")
 
 
 def check_file(url: str) -> None:
@@ -186,8 +193,18 @@ def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[No
     if url.startswith("redis://"):
         import redis
 
-        with redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=timeout, blocking_timeout=timeout):
+        lock = redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=timeout, blocking_timeout=timeout)
+        try:
+            taken = lock.acquire()
+        except redis.exceptions.RedisError as err:  # no server answers there
+            raise StorageError(_cannot_open(url, err)) from None
+        if not taken:
+            raise StorageError(f"storage '{redact(url)}': another worker held the study lock for {timeout:.0f} s; "
+                               f"check that it is not stuck, then run the command again")
+        try:
             yield
+        finally:
+            lock.release()
         return
     with _database_lock(url, study_name, timeout):
         yield
@@ -201,7 +218,11 @@ def _database_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     dialect = engine.dialect.name
     try:
-        with engine.connect() as conn:
+        try:
+            connection = engine.connect()
+        except sqlalchemy.exc.SQLAlchemyError as err:  # no server answers there, or it refuses us
+            raise StorageError(_cannot_open(url, err)) from None
+        with connection as conn:
             if dialect == "postgresql":
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 unlock = ("SELECT pg_advisory_unlock(:k)", {"k": key})
