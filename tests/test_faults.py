@@ -162,6 +162,15 @@ def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
 
 
+@pytest.mark.parametrize("uri, said", [("garbage://x", "unsupported URI 'garbage://x'"),
+                                       ("file:///{tmp}/mlruns", "filesystem tracking backend")])
+def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words(workdir, uri, said):
+    spec = write(workdir / "spec.yaml", {**TINY, "tracking": {"experiment": "refused"}})
+    uri = uri.format(tmp=workdir)
+    line = one_line(bounded_cli("train", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
+    assert line.startswith(f"error: MLflow store {uri}: ") and said in line
+
+
 def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
     raw = study_raw("mlflow-damaged")
     raw["search"]["storage"] = "sqlite:///optuna.db"

@@ -104,6 +104,8 @@ def use_experiment(spec: Spec) -> str:
             raise TrackingError(f"MLflow store {redact(mlflow.get_tracking_uri())} cannot be opened: "
                                 f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; move a damaged file away, "
                                 f"or set MLFLOW_TRACKING_URI to another store") from None
+        if isinstance(err, mlflow.exceptions.MlflowException):
+            raise refused(err) from None
         raise
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         # MLflow 3's UI shows the GenAI (traces) view unless the experiment says it trains models.
@@ -113,6 +115,23 @@ def use_experiment(spec: Spec) -> str:
 
 class TrackingError(UserError):
     """An MLflow store that cannot be used: one line naming it (exit 2)."""
+
+
+def refused(err: Exception) -> TrackingError:
+    """One line for what MLflow refused at the start (a URI scheme it has no store for, its retired
+    file store, missing credentials, a deleted experiment): the store, and MLflow's own first
+    sentences, which say what to do."""
+    import re
+
+    import mlflow
+
+    text = (str(getattr(err, "message", None) or err).strip().splitlines() or [type(err).__name__])[0]
+    said = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if said and len(said) + len(sentence) > 300:
+            break
+        said = f"{said} {sentence}".strip()
+    return TrackingError(f"MLflow store {redact(mlflow.get_tracking_uri())}: {redact(said[:400])}")
 
 
 def check_store(spec: Spec) -> None:

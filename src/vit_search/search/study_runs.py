@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
-from ..tracking import Tracker, TrackingError, use_experiment, use_store
+from ..tracking import Tracker, TrackingError, refused, use_experiment, use_store
 from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
 from .storage import redact, study_lock
@@ -92,7 +92,7 @@ class StudyRuns:
             self.client.get_run(parent)
         except MlflowException as err:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
+                raise refused(err) from None
             import mlflow
 
             raise TrackingError(
