@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,72 @@ def test_a_study_on_a_real_redis_server_runs_its_trials_under_the_redis_lock(wor
     assert trials[0].params != trials[1].params
     assert not redis.Redis.from_url(redis_url).exists(f"vit-search:{name}")  # the study lock was given back
     optuna.delete_study(study_name=name, storage=storage)
+
+
+def _redis_server(folder: Path, port: int) -> subprocess.Popen:
+    """A Redis server of the test's own, keeping its data in ``folder`` (append-only file), so that
+    it can be stopped and started again with the study in it."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    deadline = time.monotonic() + 30
+    while True:  # until it answers
+        try:
+            redis.Redis(port=port, socket_connect_timeout=1).ping()
+            return proc
+        except redis.exceptions.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir):
+    pytest.importorskip("redis", reason="redis is needed for Redis storages (pip install -e '.[test]')")
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server on PATH: this test stops a Redis server of its own (apt-get install redis-server)")
+    from conftest import free_port
+
+    folder, port = workdir / "redis", free_port()
+    folder.mkdir()
+    url = f"redis://127.0.0.1:{port}"
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("lost-storage", n_trials=3, storage=url)))
+    server = _redis_server(folder, port)
+    proc = worker(spec_path, workdir, "--set", "train.epochs=6")
+    client = MlflowClient()
+    deadline = time.monotonic() + 180
+    while True:  # stop the storage while a trial trains
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no trial started"
+        experiment = client.get_experiment_by_name("lost-storage")
+        training = experiment and client.search_runs(
+            [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        if any(r.data.tags.get("optuna.trial_number") for r in training or []):
+            break
+        time.sleep(0.2)
+    server.terminate()  # a clean shutdown: what it holds is on disk
+    server.wait(timeout=30)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"Optuna storage {url} does not answer" in errors[0], err[-3000:]
+
+    server = _redis_server(folder, port)
+    try:
+        finish(worker(spec_path, workdir, "--set", "train.epochs=6"))  # the same command resumes the study
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalRedisBackend(url))
+        trials = optuna.load_study(study_name="lost-storage", storage=storage).get_trials()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].system_attrs[RETRIED]  # the trial in training, retried
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    runs = client.search_runs([client.get_experiment_by_name("lost-storage").experiment_id])
+    status = {r.data.tags["optuna.trial_number"]: r.info.status for r in runs if "optuna.trial_number" in r.data.tags}
+    assert status == {str(t.number): "FAILED" if t.state == TrialState.FAIL else "FINISHED" for t in trials}
 
 
 @pytest.mark.slow

@@ -20,14 +20,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RunFailed
 from .schema import Spec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REQUIRED = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "run_id")
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(RunFailed):
     """A run that cannot go on, for a reason one line says (exit code 1)."""
 
 

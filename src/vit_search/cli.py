@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .registry import KINDS
 
 EXIT_BAD_INPUT = 2
@@ -497,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:  # registry, data, weights, storage, arguments
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as err:  # started, then could not go on: a database gone, a diverged run, a full disk
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

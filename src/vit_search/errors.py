@@ -1,6 +1,7 @@
-"""The errors a user can cause, in one light module (no torch), so the command line can catch them.
+"""The errors the command line reports in one line, in one light module (no torch), so that it can catch them.
 
-Each is a bad input: the command line prints its one line (what, where, how to fix) and exits 2.
+A :class:`UserError` is a bad input: one line (what, where, how to fix), exit 2. A :class:`RunFailed`
+is a run or a study that cannot go on once started: one line, exit 1.
 """
 
 from __future__ import annotations
@@ -20,3 +21,7 @@ class WeightsError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint folder that cannot be written, or a checkpoint that cannot be resumed from."""
+
+
+class RunFailed(RuntimeError):
+    """A run or a study that cannot go on, for a reason one line says (exit code 1)."""

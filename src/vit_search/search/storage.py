@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from ..files import sqlite_problem
 from ..redaction import redact  # noqa: F401  (storage messages and tags use it from here too)
 
@@ -44,6 +44,10 @@ class StorageError(UserError):
 
 class StudyMismatch(StorageError):
     """A stored study that the spec cannot resume (other objectives): one line, the CLI exits 2."""
+
+
+class StorageLost(RunFailed):
+    """The study's database stopped answering while a worker ran: one line, the CLI exits 1."""
 
 
 STORAGE_ENV = "VIT_SEARCH_STORAGE"
@@ -157,6 +161,32 @@ def _cannot_open(url: str, err: BaseException) -> str:
     first = (str(getattr(err, "orig", None) or err).splitlines() or [type(err).__name__])[0][:200]
     return (f"storage '{redact(url)}' cannot be opened: {redact(first)}; check the URL and that the database "
             f"answers, or move a damaged file away")
+
+
+def storage_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why the database server behind ``url`` does not answer now (None: it does, or the storage is
+    a file on this machine, which has no server to lose)."""
+    if storage_file(url) is not None:
+        return None
+    try:
+        if url.startswith("redis://"):
+            import redis
+
+            redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+        else:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                              connect_args={"connect_timeout": max(1, round(timeout))})
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+    except Exception as err:
+        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
+        return f"Optuna storage {redact(url)} does not answer ({redact(first)[:160]})"
+    return None
 
 
 def check_file(url: str) -> None:
