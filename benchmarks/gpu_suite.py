@@ -90,8 +90,19 @@ def outcome(storage: str, name: str = "digits-vit") -> str:
     return said + "".join(f"\n  {n} failed with: {error}" for error, n in errors.most_common(3))
 
 
+def run_tags(tmp: str, name: str = "digits-vit") -> str:
+    """How the trials' steps ran (their runs' ``cuda_graph`` tags, counted), from the study's MLflow store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[name], output_format="list")
+    tags = Counter(r.data.tags["cuda_graph"][:80] for r in runs if "cuda_graph" in r.data.tags)
+    return "cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common())
+
+
 def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str]:
-    """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points, their outcome)."""
+    """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points, their outcome:
+    states, errors, the worker's own account of its time, and how the steps ran)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load(QUICKSTART.read_text())
         spec["search"].update(n_trials=trials, pruner="none", timeout=None,
@@ -100,13 +111,16 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
         spec["tracking"]["plots"] = False
         path = Path(tmp) / "study.yaml"
         path.write_text(yaml.safe_dump(spec))
-        _, wall = cli(["run", str(path), "--jobs", jobs, "--trials-per-gpu", str(per_gpu)], tmp,
-                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
+        out, wall = cli(["run", str(path), "--jobs", jobs, "--trials-per-gpu", str(per_gpu)], tmp,
+                        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         import optuna
 
         points = [tuple(sorted(t.params.items())) for t in
                   optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
         said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
+        # "this worker: N trials in W s (T s training)": T sums the trials' own train() times, packed ones overlapping
+        worker = next((line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:")), "")
+        said = "; ".join(part for part in (said, worker, run_tags(tmp, spec["name"])) if part)
     return wall, points, said
 
 

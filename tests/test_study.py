@@ -215,7 +215,7 @@ def test_a_study_on_a_real_redis_server_runs_its_trials_under_the_redis_lock(wor
     spec_path.write_text(yaml.safe_dump({**study_raw(name, n_trials=2, storage=redis_url),
                                          "tracking": {"enabled": False}}))
     finish(worker(spec_path, workdir))
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalRedisBackend(redis_url, prefix=""))
+    storage = _storage(redis_url)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert len(trials) == 2 and {t.state for t in trials} == {TrialState.COMPLETE}
     assert trials[0].params != trials[1].params
@@ -276,7 +276,7 @@ def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_lo
     server = _redis_server(folder, port)
     try:
         finish(worker(spec_path, workdir, "--set", "train.epochs=6"))  # the same command resumes the study
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalRedisBackend(url))
+        storage = _storage(url)
         trials = optuna.load_study(study_name="lost-storage", storage=storage).get_trials()
     finally:
         server.terminate()
