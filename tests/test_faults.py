@@ -171,6 +171,30 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words(workdir
     assert line.startswith(f"error: MLflow store {uri}: ") and said in line
 
 
+@pytest.mark.parametrize("uri, said", [
+    ("postgresql://someone:hunter2@127.0.0.1:{port}/test", "does not answer"),
+    ("mysql+nosuchdriver://someone:hunter2@127.0.0.1:{port}/test", "is not a database URL"),
+])
+def test_a_tracking_database_that_cannot_be_used_is_one_line_at_once_without_its_password(workdir, uri, said):
+    pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL stores (pip install -e '.[test]')")
+    from conftest import free_port
+
+    spec = write(workdir / "spec.yaml", {**TINY, "tracking": {"experiment": "no-database"}})
+    uri = uri.format(port=free_port())  # nothing listens there
+    # One line: not MLflow's own retries, which warn for two minutes before they give up.
+    line = one_line(bounded_cli("train", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
+    assert line.startswith("error: MLflow store ") and said in line and "hunter2" not in line
+
+
+def test_a_password_is_masked_wherever_a_message_repeats_its_url():
+    from vit_search.redaction import redact_in
+
+    url = "postgresql://someone:p%40ss@db.example:5432/x"
+    said = f"could not connect to {url}: password 'p@ss' refused for someone"
+    assert redact_in(said, url) == "could not connect to postgresql://someone:***@db.example:5432/x: " \
+                                   "password '***' refused for someone"
+
+
 def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
     raw = study_raw("mlflow-damaged")
     raw["search"]["storage"] = "sqlite:///optuna.db"

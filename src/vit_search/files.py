@@ -1,4 +1,5 @@
-"""Database files a user hands us that may be damaged: checked before anything opens or changes them."""
+"""Databases a user hands us, checked before anything opens or changes them: files that may be damaged,
+servers that may not answer."""
 
 from __future__ import annotations
 
@@ -29,4 +30,34 @@ def sqlite_problem(path: Path) -> str | None:
         return f"a damaged SQLite database ({err})"
     finally:
         connection.close()
+    return None
+
+
+def database_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why the database server behind the SQLAlchemy ``url`` cannot be used now, said as the end of a
+    sentence about it ("needs the Python module ...", "does not answer (...)"), or None when it
+    answers. Connects once, within about ``timeout`` seconds, and writes nothing."""
+    import sqlalchemy
+    from sqlalchemy import exc
+
+    from .redaction import redact_in
+
+    try:
+        dialect = sqlalchemy.engine.make_url(url).get_dialect()
+        dialect.import_dbapi()
+    except ImportError as err:
+        return f"needs the Python module '{err.name}', which is not installed"
+    except (exc.ArgumentError, exc.NoSuchModuleError, ValueError) as err:
+        return f"is not a database URL SQLAlchemy can read ({redact_in(str(err), url)[:160]})"
+    # Without a timeout a firewalled host holds the connection for minutes.
+    connect_args = {"connect_timeout": max(1, round(timeout))} if dialect.name in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # the driver's own error: refused, unknown host, wrong password, no database
+        text = str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__]
+        return f"does not answer ({redact_in(text[0], url)[:160]})"
+    finally:
+        engine.dispose()
     return None

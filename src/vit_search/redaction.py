@@ -19,3 +19,18 @@ def redact(url: str) -> str:
                 netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
         url = f"{scheme}://{netloc}{slash}{path}"
     return _SECRET_QUERY.sub(r"\1***", url)
+
+
+def redact_in(text: str, url: str) -> str:
+    """``text`` (a driver's or MLflow's message about ``url``) with the URL as :func:`redact` shows it,
+    and its password nowhere else either."""
+    from urllib.parse import unquote, urlsplit
+
+    text = text.replace(url, redact(url))
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # a port that is no number: the URL is shown redacted above, nothing more to find
+        password = None
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import UserError
-from .files import sqlite_problem
-from .redaction import redact
+from .files import database_problem, sqlite_problem
+from .redaction import redact, redact_in
 from .schema import Spec
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
@@ -131,7 +131,8 @@ def refused(err: Exception) -> TrackingError:
         if said and len(said) + len(sentence) > 300:
             break
         said = f"{said} {sentence}".strip()
-    return TrackingError(f"MLflow store {redact(mlflow.get_tracking_uri())}: {redact(said[:400])}")
+    uri = mlflow.get_tracking_uri()
+    return TrackingError(f"MLflow store {redact(uri)}: {redact_in(said, uri)[:400]}")
 
 
 def check_store(spec: Spec) -> None:
@@ -144,6 +145,13 @@ def check_store(spec: Spec) -> None:
     if problem:
         raise TrackingError(f"{problem}; start it (or point MLFLOW_TRACKING_URI at one that runs), then run the "
                             f"command again")
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):  # MLflow's database stores
+        # Asked once, here: MLflow itself retries a database that does not answer for minutes.
+        problem = database_problem(uri)
+        if problem:
+            fix = "pip install the package that provides it" if "not installed" in problem else "start it"
+            raise TrackingError(f"MLflow store {redact(uri)} {problem}; {fix}, or point MLFLOW_TRACKING_URI at "
+                                f"another store")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         problem = sqlite_problem(path)

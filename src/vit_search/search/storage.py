@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RunFailed, UserError
-from ..files import sqlite_problem
-from ..redaction import redact  # noqa: F401  (storage messages and tags use it from here too)
+from ..files import database_problem, sqlite_problem
+from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 EXAMPLES = ("sqlite:///optuna.db, journal:study.log, postgresql://user@host/db, mysql+pymysql://user@host/db "
@@ -159,7 +159,7 @@ def open_storage(url: str) -> Any:
 
 def _cannot_open(url: str, err: BaseException) -> str:
     first = (str(getattr(err, "orig", None) or err).splitlines() or [type(err).__name__])[0][:200]
-    return (f"storage '{redact(url)}' cannot be opened: {redact(first)}; check the URL and that the database "
+    return (f"storage '{redact(url)}' cannot be opened: {redact_in(first, url)}; check the URL and that the database "
             f"answers, or move a damaged file away")
 
 
@@ -168,24 +168,15 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
     a file on this machine, which has no server to lose)."""
     if storage_file(url) is not None:
         return None
+    if not url.startswith("redis://"):
+        problem = database_problem(url, timeout)
+        return problem and f"Optuna storage {redact(url)} {problem}"
+    import redis
+
     try:
-        if url.startswith("redis://"):
-            import redis
-
-            redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
-        else:
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                              connect_args={"connect_timeout": max(1, round(timeout))})
-            try:
-                with engine.connect():
-                    pass
-            finally:
-                engine.dispose()
-    except Exception as err:
-        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
-        return f"Optuna storage {redact(url)} does not answer ({redact(first)[:160]})"
+        redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except redis.exceptions.RedisError as err:
+        return f"Optuna storage {redact(url)} does not answer ({redact_in(str(err), url)[:160]})"
     return None
 
 
