@@ -110,11 +110,12 @@ def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir
                 if r.info.status == "RUNNING"]
 
 
-def test_interrupted_workers_exit_130_and_only_dead_ones_exit_1():
+def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1():
     assert jobs_exit_code([0, 0], interrupted=False) == (0, None)
     assert jobs_exit_code([130, 130], interrupted=False) == (130, None)  # Ctrl-C reached the workers only
     assert jobs_exit_code([130, 0], interrupted=True) == (130, None)
     assert jobs_exit_code([-signal.SIGINT, 130], interrupted=False) == (130, None)  # one died in its imports
+    assert jobs_exit_code([2, 2], interrupted=False) == (2, None)  # each refused the input and said why
     assert jobs_exit_code([0, -9], interrupted=False) == (
         1, "worker 1 exited -9 (its trials were failed and retried by the others)")
 

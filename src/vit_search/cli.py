@@ -288,9 +288,11 @@ def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
     codes, interrupted = run_workers(arguments, plans, env={STORAGE_ENV: url})
+    code, failure = jobs_exit_code(codes, interrupted)
+    if code == 2:  # every worker refused the input before training, and said why
+        return code
     study = open_study(spec, url).study
     print(top_table(study))
-    code, failure = jobs_exit_code(codes, interrupted)
     if failure:
         print(failure, file=sys.stderr)
     elif code == 0:

@@ -77,11 +77,14 @@ def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None
     """The exit code of ``run --jobs`` from its workers' codes, and the line that explains a failure.
 
     Ctrl-C (this process interrupted, or a worker that exited 130 or died of SIGINT) gives 130 and
-    no line: its workers failed their trials as interrupted, none died. Any other non-zero code is a
-    worker that died or failed, whose trials the others failed and retried: 1.
+    no line: its workers failed their trials as interrupted, none died. Workers that all exited 2
+    refused the same input before training, each with its line: 2, and nothing more to say. Any
+    other non-zero code is a worker that died or failed, whose trials the others failed and retried: 1.
     """
     if interrupted or any(code in (130, -signal.SIGINT) for code in codes):
         return 130, None
+    if codes and all(code == 2 for code in codes):
+        return 2, None
     failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]
     if failed:
         return 1, "; ".join(failed) + " (its trials were failed and retried by the others)"
