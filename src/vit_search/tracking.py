@@ -49,7 +49,8 @@ def bound_http_retries() -> None:
 
 def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
     """Why the MLflow tracking server at ``uri`` (default: the current one) does not answer its
-    health check, or None when it does or the store is no server (a file, a database)."""
+    health check, or the database of a database store (``postgresql://``, ``mysql://``) does not
+    answer or lacks its driver; None when it answers, or the store is a file."""
     import urllib.error
     import urllib.request
 
@@ -57,6 +58,9 @@ def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
         import mlflow
 
         uri = mlflow.get_tracking_uri()
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):  # MLflow's database stores
+        problem = database_problem(uri, timeout)
+        return problem and f"MLflow store {redact(uri)} {problem}"
     if not uri.startswith(("http://", "https://")):
         return None
     try:
@@ -141,17 +145,12 @@ def check_store(spec: Spec) -> None:
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+    # Asked once, here: MLflow itself retries a database that does not answer for minutes.
     problem = server_problem(uri)
     if problem:
-        raise TrackingError(f"{problem}; start it (or point MLFLOW_TRACKING_URI at one that runs), then run the "
+        fix = "pip install the package that provides it" if "not installed" in problem else "start it"
+        raise TrackingError(f"{problem}; {fix} (or point MLFLOW_TRACKING_URI at a store that answers), then run the "
                             f"command again")
-    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):  # MLflow's database stores
-        # Asked once, here: MLflow itself retries a database that does not answer for minutes.
-        problem = database_problem(uri)
-        if problem:
-            fix = "pip install the package that provides it" if "not installed" in problem else "start it"
-            raise TrackingError(f"MLflow store {redact(uri)} {problem}; {fix}, or point MLFLOW_TRACKING_URI at "
-                                f"another store")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         problem = sqlite_problem(path)
