@@ -138,6 +138,8 @@ def load_data(spec: DataSpec, seed: int, device: torch.device | str = "cpu") -> 
         if key not in _MADE:
             _MADE.clear()  # the newest only: a search's trials ask for one set
             _MADE[key] = _load(spec, seed, device)
+            if device.type == "cuda":  # made on this thread's stream; packed trials read it on theirs
+                torch.cuda.current_stream(device).synchronize()
         return _MADE[key]
 
 
