@@ -153,6 +153,21 @@ def test_best_export_round_trips_through_train(workdir, cli):
     trained = cli("train", "best.yaml", cwd=workdir)
     assert trained.returncode == 0, trained.stderr
     assert f"val_accuracy {result.study.best_value:.4f}" in trained.stdout
+    nowhere = cli("best", str(spec_path), "--export", "missing/best.yaml", cwd=workdir)
+    assert nowhere.returncode == 2 and nowhere.stderr.strip().splitlines() == [
+        "error: --export missing/best.yaml: cannot write it (No such file or directory); name a file in a folder "
+        "that exists and can be written"]
+
+
+def test_an_export_is_written_whole_or_not_at_all(tmp_path):
+    from vit_search.cli import BadInput, _export
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BadInput, match="cannot write it"):
+        _export(tmp_path / "taken", "model: {}\n")  # a folder of that name: nothing replaces it
+    _export(tmp_path / "best.yaml", "model: {}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml", "taken"]  # no partial file left
+    assert (tmp_path / "best.yaml").read_text() == "model: {}\n"
 
 
 @pytest.mark.slow

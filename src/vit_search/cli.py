@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import RunFailed, UserError
@@ -300,6 +301,19 @@ def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
     return code
 
 
+def _export(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (beside it, then renamed): a full disk or a
+    kill mid-write leaves the file as it was. Anything that cannot be written is one line, exit 2."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise BadInput(f"--export {path}: cannot write it ({err.strerror or err}); name a file in a folder that "
+                       f"exists and can be written") from None
+
+
 def _dry_run(spec, count: int) -> int:
     """Sample ``count`` configurations in memory and print their sizes; nothing is trained or written."""
     import optuna
@@ -350,9 +364,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     print(top_table(study, limit=args.top))
     best = best_spec(spec, study)
     if args.export:
-        from pathlib import Path
-
-        Path(args.export).write_text(best.to_yaml(exclude_search=True))
+        _export(Path(args.export), best.to_yaml(exclude_search=True))
         print(f"wrote {args.export}: vit-search train {args.export}")
     else:
         print(best.to_yaml(exclude_search=True))
