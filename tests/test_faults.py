@@ -230,6 +230,25 @@ def test_a_study_whose_parent_run_is_not_in_the_tracking_store_is_one_line_and_n
     assert MlflowClient().get_experiment_by_name("elsewhere") is None  # nothing made in the wrong store
 
 
+def test_resuming_a_run_logged_to_another_tracking_store_is_one_line_and_creates_nothing_there(workdir):
+    import torch
+
+    from vit_search.spec import load_spec
+    from vit_search.train import train
+
+    spec = write(workdir / "spec.yaml", {**TINY, "name": "resume-elsewhere",
+                                         "tracking": {"experiment": "resume-elsewhere"}})
+    train(load_spec(spec), progress=False)
+    path = workdir / "runs" / "resume-elsewhere" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    MlflowClient().delete_experiment(MlflowClient().get_experiment_by_name("resume-elsewhere").experiment_id)
+    checkpoint["run_id"] = "e" * 32  # as if logged to another store: this one never saw the run
+    torch.save(checkpoint, path)
+    line = one_line(bounded_cli("train", str(spec), "--resume", cwd=workdir))
+    assert "e" * 32 in line and "MLFLOW_TRACKING_URI" in line and "without --resume" in line
+    assert MlflowClient().get_experiment_by_name("resume-elsewhere").lifecycle_stage == "deleted"  # not made again
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "keyless"])
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damage):
     import torch

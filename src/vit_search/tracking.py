@@ -139,6 +139,20 @@ def refused(err: Exception) -> TrackingError:
     return TrackingError(f"MLflow store {redact(uri)}: {redact_in(said, uri)[:400]}")
 
 
+def run_exists(run_id: str) -> bool:
+    """Whether the MLflow store in use holds run ``run_id`` (anything else it refuses: TrackingError)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise refused(err) from None
+        return False
+    return True
+
+
 def check_store(spec: Spec) -> None:
     """Refuse an MLflow store file that is no usable database, or a server that does not answer,
     before MLflow (or a study) writes anything."""
@@ -190,7 +204,12 @@ class Tracker:
             return
         import mlflow
 
-        configure(self.spec)
+        use_store(self.spec)
+        if run_id is not None and not run_exists(run_id):  # before the experiment is made in the wrong store
+            raise TrackingError(f"MLflow run {run_id}, the one to continue, is not in the store "
+                                f"{redact(mlflow.get_tracking_uri())}; point MLFLOW_TRACKING_URI (or tracking.uri) at "
+                                f"the store it was logged to, or start afresh (without --resume)")
+        use_experiment(self.spec)
         active = mlflow.start_run(
             run_id=run_id, run_name=None if run_id else (run_name or self.spec.name),
             parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
-from ..tracking import Tracker, TrackingError, refused, use_experiment, use_store
+from ..tracking import Tracker, TrackingError, run_exists, use_experiment, use_store
 from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
 from .storage import redact, study_lock
@@ -84,22 +84,14 @@ class StudyRuns:
         """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
         logged to another store, and trials logged on into this one would have no parent."""
         parent = self.parent_id
-        if not parent:
-            return
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_run(parent)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise refused(err) from None
+        if parent and not run_exists(parent):
             import mlflow
 
             raise TrackingError(
                 f"study {self.handle.study.study_name!r} logs to MLflow parent run {parent}, which the store "
                 f"{redact(mlflow.get_tracking_uri())} does not hold; point MLFLOW_TRACKING_URI (or tracking.uri) at "
                 f"the store the study was logged to, or start a new study (another search.study_name or "
-                f"--storage)") from None
+                f"--storage)")
 
     def reopen_parent(self) -> None:
         """A resumed study: its parent run is RUNNING again until the study ends."""
