@@ -138,6 +138,21 @@ def test_a_damaged_optuna_db_is_one_line_and_nothing_changes(workdir, content, c
     assert _snapshot(workdir) == before
 
 
+@pytest.mark.parametrize("storage, said", [
+    ("journal:{tmp}/folder", "a folder, not a storage file; name a file in it (e.g. {tmp}/folder/study.log)"),
+    ("sqlite:///{tmp}/folder", "a folder, not a storage file; name a file in it (e.g. {tmp}/folder/optuna.db)"),
+    ("journal:{tmp}/a-file/study.log", "its folder {tmp}/a-file cannot be made (a file is in the way)"),
+])
+def test_a_storage_file_that_cannot_be_one_is_one_line_and_exit_2(workdir, storage, said):
+    spec = write(workdir / "spec.yaml", {**study_raw("nowhere"), "tracking": {"enabled": False}})
+    (workdir / "folder").mkdir()
+    (workdir / "a-file").write_text("")
+    before = sorted(p.name for p in workdir.iterdir())
+    line = one_line(bounded_cli("run", str(spec), "--storage", storage.format(tmp=workdir), cwd=workdir))
+    assert said.format(tmp=workdir) in line
+    assert sorted(p.name for p in workdir.iterdir()) == before and not list((workdir / "folder").iterdir())
+
+
 def test_best_on_an_empty_optuna_db_says_there_is_no_study_and_leaves_it_empty(workdir):
     raw = {**study_raw("empty"), "tracking": {"enabled": False}}
     raw["search"]["storage"] = "sqlite:///optuna.db"

@@ -181,11 +181,24 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
 
 
 def check_file(url: str) -> None:
-    """Refuse a storage file that exists but is no usable SQLite database (a garbage or truncated
-    file), before anything opens or changes it."""
+    """Refuse a storage file that is a folder, sits where no folder can be made, or exists but is no
+    usable SQLite database (a garbage or truncated file), before anything opens or changes it."""
+    path = storage_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        example = path / ("optuna.db" if url.startswith("sqlite:///") else "study.log")
+        raise StorageError(f"{path}: a folder, not a storage file; name a file in it (e.g. {example}), or pass "
+                           f"another --storage")
+    try:
+        # The study's file, and the worker lock beside it, go in this folder.
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise StorageError(f"storage '{redact(url)}': its folder {path.parent} cannot be made ({why}); pass a "
+                           f"--storage in a folder that can be written") from None
     if not url.startswith("sqlite:///"):
         return
-    path = Path(url.removeprefix("sqlite:///"))
     problem = sqlite_problem(path)
     if problem:
         raise StorageError(f"{path}: {problem}, not an Optuna storage; move it away, or pass another --storage")
@@ -201,10 +214,14 @@ def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[No
     check_file(url)  # a damaged file gets no lock file beside it either
     path = storage_file(url)
     if path is not None:
-        # The lock file sits beside the study's file, whose folder may not exist yet.
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock file sits beside the study's file (check_file made its folder).
         lock_file = path.with_name(f"{path.name}.{zlib.crc32(study_name.encode())}.lock")
-        with open(lock_file, "a") as handle:
+        try:
+            handle = open(lock_file, "a")
+        except OSError as err:
+            raise StorageError(f"storage '{redact(url)}': the worker lock {lock_file} cannot be made "
+                               f"({err.strerror}); pass a --storage in a folder that can be written") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
