@@ -129,11 +129,10 @@ def open_storage(url: str) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     check_url(url)
-    check_file(url)
+    check_file(url)  # and makes the file's folder
     path = journal_path(url)
     try:
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("redis://"):
             with warnings.catch_warnings():  # Optuna marks its Redis backend experimental, at every start
@@ -143,7 +142,6 @@ def open_storage(url: str) -> Any:
         if url.startswith("sqlite"):
             # Several local workers write one file: wait for the lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}}
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         else:
             engine_kwargs = {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -182,7 +180,8 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
 
 def check_file(url: str) -> None:
     """Refuse a storage file that is a folder, sits where no folder can be made, or exists but is no
-    usable SQLite database (a garbage or truncated file), before anything opens or changes it."""
+    usable SQLite database (a garbage or truncated file), before anything opens or changes it; then
+    make its folder, where the file and the worker lock beside it go."""
     path = storage_file(url)
     if path is None:
         return
