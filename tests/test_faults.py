@@ -369,15 +369,17 @@ def test_a_storage_password_is_never_printed_logged_written_or_on_a_command_line
 # -- Ctrl-C anywhere --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(workdir):
-    spec = write(workdir / "spec.yaml", study_raw("early-ctrl-c", n_trials=2))
-    storage = study_raw("early-ctrl-c")["search"]["storage"]
+    # SIGTERM takes the same path (vit_search.stopping): tested on `run --jobs` and `train`.
+    name = "early-ctrl-c"
+    spec = write(workdir / "spec.yaml", study_raw(name, n_trials=2))
+    storage = study_raw(name)["search"]["storage"]
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=30"],
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:  # the first trial exists: it is being drawn, or set up, or training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
         try:
-            if optuna.load_study(study_name="early-ctrl-c", storage=storage).get_trials():
+            if optuna.load_study(study_name=name, storage=storage).get_trials():
                 break
         except KeyError:
             pass
@@ -385,11 +387,13 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    trials = optuna.load_study(study_name="early-ctrl-c", storage=storage).get_trials()
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.user_attrs.get("error") for t in trials if t.state == TrialState.FAIL] == ["interrupted (Ctrl-C)"]
     assert len([t for t in trials if t.state == TrialState.WAITING]) == 1
-
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}  # the parent, and the trial's run if it began
 
 
 # -- the tracking server goes away ------------------------------------------------------------------

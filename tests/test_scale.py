@@ -115,16 +115,20 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
     assert jobs_exit_code([130, 130], interrupted=False) == (130, None)  # Ctrl-C reached the workers only
     assert jobs_exit_code([130, 0], interrupted=True) == (130, None)
     assert jobs_exit_code([-signal.SIGINT, 130], interrupted=False) == (130, None)  # one died in its imports
+    assert jobs_exit_code([143, 143], interrupted=False) == (143, None)  # SIGTERM reached the workers only
+    assert jobs_exit_code([-signal.SIGTERM, 130], interrupted=False) == (143, None)
     assert jobs_exit_code([2, 2], interrupted=False) == (2, None)  # each refused the input and said why
     assert jobs_exit_code([0, -9], interrupted=False) == (
         1, "worker 1 exited -9 (its trials were failed and retried by the others)")
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_jobs_exits_130_without_blaming_the_workers(workdir):
+@pytest.mark.parametrize(("signum", "code", "cause"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir, signum, code, cause):
+    name = f"jobs-{cause.lower()}"
     spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(study_raw("jobs-ctrl-c", n_trials=2)))
-    storage = study_raw("jobs-ctrl-c")["search"]["storage"]
+    spec_path.write_text(yaml.safe_dump(study_raw(name, n_trials=2)))
+    storage = study_raw(name)["search"]["storage"]
     # Its own process group, as a terminal gives it: Ctrl-C reaches the parent and both workers.
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2",
                              "--set", "train.epochs=50"], cwd=workdir, env=os.environ.copy(), start_new_session=True,
@@ -134,23 +138,31 @@ def test_ctrl_c_on_jobs_exits_130_without_blaming_the_workers(workdir):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
         try:
-            trials = optuna.load_study(study_name="jobs-ctrl-c", storage=storage).get_trials()
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
         except KeyError:
             continue
         if sum(t.state == TrialState.RUNNING for t in trials) == 2:
             break
-    os.killpg(proc.pid, signal.SIGINT)
+    workers = [int(t.system_attrs[WORKER].rsplit(":", 1)[1]) for t in trials]
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:  # as a scheduler or `timeout` sends it: to the command alone, which passes it on
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=200)
-    assert proc.returncode == 130, err[-3000:]
-    assert "retried by the others" not in err and "study 'jobs-ctrl-c': 0 complete, 0 pruned, 2 failed" in out
-    trials = optuna.load_study(study_name="jobs-ctrl-c", storage=storage).get_trials()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and "retried by the others" not in err
+    assert f"study '{name}': 0 complete, 0 pruned, 2 failed" in out
+    for pid in workers:  # no worker is left training without its parent
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
-    assert {t.user_attrs["error"] for t in interrupted} == {"interrupted (Ctrl-C)"}
+    assert {t.user_attrs["error"] for t in interrupted} == {f"interrupted ({cause})"}
     # Both queued again with their values, for the re-run: an interruption uses up no trial.
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted(t.number for t in interrupted)
     assert all(t.system_attrs["fixed_params"] == trials[t.user_attrs["retry_of"]].params for t in waiting)
-    (parent,) = [r for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("jobs-ctrl-c").experiment_id])
+    (parent,) = [r for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name(name).experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
 

@@ -158,6 +158,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
     assert steps == list(range(8))
 
 
+def test_sigterm_mid_training_ends_the_run_killed_in_one_line_and_exits_143(workdir, sqlite_uri):
+    raw = {**TINY, "tracking": {"experiment": "sigterm"}, "train": {**TINY["train"], "epochs": 200}}
+    spec_path = write_yaml(workdir / "sigterm.yaml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():  # training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err[-2000:]
+    assert "Traceback" not in err
+    (run,) = mlflow.search_runs(experiment_names=["sigterm"], output_format="list")
+    assert run.info.status == "KILLED"
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
     raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3, "peak_tflops": 1.0}}

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from .errors import RunFailed, UserError
 from .registry import KINDS
+from .stopping import Terminated, exit_code, sigterm_interrupts
 
 EXIT_BAD_INPUT = 2
 
@@ -242,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     if args.worker:  # one of --jobs: the parent prints the study's table
         print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s")
-        return 130 if result.interrupted else 1 if failed else 0
+        return exit_code() if result.interrupted else 1 if failed else 0
     print(top_table(result.study))
     if failed and not result.interrupted:
         print(f"error: {failed}", file=sys.stderr)
@@ -250,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training); storage {redact(result.storage)}")
     print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study)))
-    return 130 if result.interrupted else 0
+    return exit_code() if result.interrupted else 0
 
 
 def _worker_plans(args: argparse.Namespace) -> list:
@@ -501,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .spec import SpecError
 
     try:
-        code = args.func(args)
+        with sigterm_interrupts():  # SIGTERM (a scheduler, `timeout`, `docker stop`) stops as Ctrl-C does
+            code = args.func(args)
         _leave_process_group()
         return code
     except SpecError as err:
@@ -514,9 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as err:  # started, then could not go on: a database gone, a diverged run, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+        return exit_code()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .checkpoints import (
     set_rng_state,
 )
 from .schema import Spec
+from .stopping import interruption
 from .tracking import Tracker
 from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
@@ -391,7 +392,7 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
         tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_bar)
     ):
         if stop is not None and stop.is_set():
-            raise KeyboardInterrupt("stopped by the worker")
+            raise interruption("stopped by the worker")
         # The optimizer steps every grad_accum_steps batches and at the end of the epoch.
         sync = (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == len(loader)
         with CAPTURE_GATE.shared():  # a packed neighbour's capture waits for this step, and it for one

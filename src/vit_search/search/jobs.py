@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..stopping import Terminated, exit_code
+
 
 @dataclass
 class WorkerPlan:
@@ -50,39 +52,45 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
 def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False,
                 env: dict[str, str] | None = None) -> tuple[list[int], bool]:
     """Start one ``vit-search run ARGUMENTS`` per plan (``env`` added to each one's environment) and
-    wait for all; returns their exit codes, and whether this process was interrupted (Ctrl-C).
+    wait for all; returns their exit codes, and whether this process was asked to stop.
 
-    Ctrl-C reaches every worker (same process group); each ends its trial's bookkeeping.
+    Ctrl-C reaches every worker (same process group); SIGTERM, sent to this process alone (by a
+    scheduler, ``timeout``), is passed on to each. Either way each ends its trials' bookkeeping.
     """
-    processes = []
-    for plan in plans:
-        if not quiet:
-            print(plan.describe(), file=sys.stderr, flush=True)
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "vit_search", "run", *arguments],
-            env={**os.environ, **(env or {}), **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
-        ))
-    # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
-    # others, which would then wait out the heartbeat grace before retrying its trial.
-    while True:
-        try:
-            if all(process.poll() is not None for process in processes):
-                return [process.returncode for process in processes], False
+    processes: list[subprocess.Popen] = []
+    try:
+        for plan in plans:
+            if not quiet:
+                print(plan.describe(), file=sys.stderr, flush=True)
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "vit_search", "run", *arguments],
+                env={**os.environ, **(env or {}), **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
+            ))
+        # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
+        # others, which would then wait out the heartbeat grace before retrying its trial.
+        while not all(process.poll() is not None for process in processes):
             time.sleep(0.2)
-        except KeyboardInterrupt:  # the workers got it too: wait for their bookkeeping
-            return [process.wait() for process in processes], True
+        return [process.returncode for process in processes], False
+    except KeyboardInterrupt as err:  # the workers got Ctrl-C too; SIGTERM they get from here
+        if isinstance(err, Terminated):
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+        return [process.wait() for process in processes], True
 
 
 def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None]:
     """The exit code of ``run --jobs`` from its workers' codes, and the line that explains a failure.
 
-    Ctrl-C (this process interrupted, or a worker that exited 130 or died of SIGINT) gives 130 and
-    no line: its workers failed their trials as interrupted, none died. Workers that all exited 2
-    refused the same input before training, each with its line: 2, and nothing more to say. Any
-    other non-zero code is a worker that died or failed, whose trials the others failed and retried: 1.
+    Stopped on request (this process, or a worker that exited 130 or 143 or died of SIGINT or
+    SIGTERM) gives 143 for SIGTERM, else 130, and no line: its workers failed their trials as
+    interrupted, none died. Workers that all exited 2 refused the same input before training, each
+    with its line: 2, and nothing more to say. Any other non-zero code is a worker that died or
+    failed, whose trials the others failed and retried: 1.
     """
-    if interrupted or any(code in (130, -signal.SIGINT) for code in codes):
-        return 130, None
+    terminated = any(code in (143, -signal.SIGTERM) for code in codes)
+    if interrupted or terminated or any(code in (130, -signal.SIGINT) for code in codes):
+        return (143 if terminated or (interrupted and exit_code() == 143) else 130), None
     if codes and all(code == 2 for code in codes):
         return 2, None
     failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]

@@ -8,13 +8,12 @@ nested run per trial (pruned and failed ones included, tagged with their state):
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -26,6 +25,7 @@ from ..model.cost import model_cost
 from ..performance import cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
+from ..stopping import requests_set
 from ..tracking import check_store
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
@@ -116,7 +116,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
 
     started = time.perf_counter()
     try:
-        with _ctrl_c_sets(stop, enabled=state.num_processes == 1):
+        # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
+        with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
             reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
     except Exception:
         lost = storage_problem(url)
@@ -182,30 +183,6 @@ def _in_threads(loop: Callable[[TrialRunner], WorkerReport], runners: list[Trial
     if errors:
         raise errors[0]
     return [r for r in reports if r is not None]
-
-
-@contextlib.contextmanager
-def _ctrl_c_sets(stop: threading.Event, enabled: bool = True) -> Iterator[None]:
-    """Ctrl-C sets ``stop`` instead of raising wherever the worker happens to be (in a database
-    write, an import, MLflow's client): each trial in training then ends at its next step, failed as
-    interrupted and queued again, and the worker returns. A second Ctrl-C raises at once."""
-    if not enabled or threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("stopping: trials in training end after their current step (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _own_stream() -> Any:

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from ..schema import Spec
 from ..spec import load_spec
+from ..stopping import Terminated
 from .distinct import DistinctSampler
 from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
@@ -280,10 +281,10 @@ def worker_loop(
     ask sees them (distinct points, TPE's constant liar); what it returns goes to
     ``run_trial(trial, drawn)``, which returns the objective values, or raises ``optuna.TrialPruned``
     (pruned) or any other exception (failed, recorded with its error; the loop goes on). Either may
-    raise those. Ctrl-C (a KeyboardInterrupt in ``run_trial``) fails the trial in progress with
-    "interrupted", queues it again, ends the loop and returns, as does :class:`StopWorker` with its
-    message; so does ``stop`` once set, for loops
-    in threads, which Ctrl-C does not reach (``run_trial`` must then raise KeyboardInterrupt too).
+    raise those. Ctrl-C or SIGTERM (a KeyboardInterrupt in ``run_trial``; :class:`~vit_search.stopping.Terminated`
+    for SIGTERM) fails the trial in progress as "interrupted", queues it again, ends the loop and
+    returns, as does :class:`StopWorker` with its message; so does ``stop`` once set, for loops in
+    threads, which signals do not reach (``run_trial`` must then raise KeyboardInterrupt too).
     """
     study = handle.study
     report = WorkerReport(study.study_name, handle.url)
@@ -333,7 +334,8 @@ def worker_loop(
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except (KeyboardInterrupt, StopWorker) as err:
-            reason = str(err) if isinstance(err, StopWorker) else "interrupted (Ctrl-C)"
+            asked = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+            reason = str(err) if isinstance(err, StopWorker) else f"interrupted ({asked})"
             _set_error(trial, reason)
             with study_lock(handle.url, study.study_name):
                 frozen = study.get_trials(deepcopy=False)[trial.number]

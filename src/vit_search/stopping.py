@@ -1,0 +1,92 @@
+"""Stopping on request: Ctrl-C (SIGINT) and SIGTERM stop a command the same way.
+
+SIGTERM is how batch schedulers (a Slurm time limit, a Kubernetes pod deleted), ``timeout``,
+``docker stop`` and systemd ask a process to stop before they kill it. Left to its default, it kills
+the process where it stands: its trials stay RUNNING until a heartbeat goes stale, its MLflow runs
+RUNNING, and ``run --jobs`` leaves its workers training without a parent. Handled here, it stops as
+the first Ctrl-C does: trials in training end at their next step, failed as interrupted and queued
+again, their runs KILLED, and the command exits 143 (130 for Ctrl-C). A second Ctrl-C stops at once;
+a second SIGTERM changes nothing (a scheduler insists with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+_received: set[int] = set()  # the stop signals this command has received
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled wherever Ctrl-C is (it is a KeyboardInterrupt), but said as SIGTERM and exits 143."""
+
+
+def cause() -> str:
+    """What asked this command to stop, as a trial's error says it: ``SIGTERM`` or ``Ctrl-C``."""
+    return "SIGTERM" if signal.SIGTERM in _received else "Ctrl-C"
+
+
+def exit_code() -> int:
+    """The exit code of a command stopped on request: 128 + the signal (143 for SIGTERM, 130 for Ctrl-C)."""
+    return 128 + (signal.SIGTERM if signal.SIGTERM in _received else signal.SIGINT)
+
+
+def interruption(message: str) -> KeyboardInterrupt:
+    """The exception that ends a run asked to stop, of the kind that asked (:class:`Terminated` for SIGTERM)."""
+    return Terminated(message) if signal.SIGTERM in _received else KeyboardInterrupt(message)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt; later ones are ignored, so that the clean-up it starts is not cut short."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # embedded in a program that handles SIGTERM itself
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.add(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def requests_set(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set ``stop`` instead of raising wherever the worker happens to be (in a
+    database write, an import, MLflow's client): each trial in training then ends at its next step,
+    failed as interrupted and queued again, and the worker returns. A second Ctrl-C raises at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        _received.add(signum)
+        stop.set()
+        again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "SIGKILL to stop at once"
+        print(f"stopping ({cause()}): trials in training end after their current step ({again})",
+              file=sys.stderr, flush=True)
+
+    ours = {signal.SIGINT: (signal.default_int_handler,), signal.SIGTERM: (signal.SIG_DFL, _raise_terminated)}
+    previous = {signum: signal.signal(signum, request)
+                for signum, defaults in ours.items() if signal.getsignal(signum) in defaults}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
