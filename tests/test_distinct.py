@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from vit_search.search.distinct import enumerate_points
 from vit_search.search.space import parse_space
-from vit_search.search.study import open_study, sample_spec, worker_loop
+from vit_search.search.study import WORKER, open_study, sample_spec, worker_loop
 from vit_search.spec import load_spec
 
 from test_study import finish, study_raw, worker
@@ -114,11 +114,16 @@ def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(
 
 
 @pytest.mark.slow
-def test_jobs_workers_draw_pairwise_distinct_points(workdir, cli):
+def test_jobs_workers_share_exactly_n_trials_at_pairwise_distinct_points(workdir, cli):
     spec_path = workdir / "study.yaml"
     raw = study_raw("jobs-distinct", n_trials=6, sampler="tpe", space=SMALL_SPACE)
     spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
     result = cli("run", str(spec_path), "--jobs", "3", "--set", "train.epochs=1", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "study 'jobs-distinct': 6 complete" in result.stdout
+    assert result.stderr.count("OMP_NUM_THREADS=") == 3  # three workers, each with its share of the cores
     study = optuna.load_study(study_name="jobs-distinct", storage=raw["search"]["storage"])
-    assert len(study.get_trials()) == 6 and len(set(points(study))) == 6
+    trials = study.get_trials()
+    assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len(set(points(study))) == 6
+    assert len({t.system_attrs[WORKER] for t in trials}) >= 2  # the workers shared the study

@@ -68,19 +68,6 @@ def run_jobs(spec_path, cwd, *extra):
 
 
 @pytest.mark.slow
-def test_jobs_runs_two_workers_on_one_study_with_exactly_n_trials(workdir):
-    spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(study_raw("jobs", n_trials=4)))
-    proc = run_jobs(spec_path, workdir)
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    assert "study 'jobs': 4 complete" in out and err.count("OMP_NUM_THREADS=1") == 2
-    trials = optuna.load_study(study_name="jobs", storage=study_raw("jobs")["search"]["storage"]).get_trials()
-    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
-    assert len({t.system_attrs[WORKER] for t in trials}) == 2  # both workers took trials
-
-
-@pytest.mark.slow
 def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("jobs-death", n_trials=3)))
