@@ -308,6 +308,39 @@ def test_imagefolder_train_val_folders_and_worker_path(tmp_path):
     assert torch.allclose(images, held.val.images, atol=1e-4)  # same decode, resize and normalisation
 
 
+def _spoil(folder: Path) -> list[Path]:
+    """One file that is no image and one cut short, among good ones."""
+    (folder / "dog" / "notes.png").write_bytes(b"not an image")
+    good = (folder / "cat" / "0.png").read_bytes()
+    (folder / "cat" / "cut.png").write_bytes(good[: len(good) // 2])
+    return [folder / "cat" / "cut.png", folder / "dog" / "notes.png"]
+
+
+def test_images_that_cannot_be_decoded_are_all_named_in_one_line_and_no_cache_is_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_SEARCH_CACHE", str(tmp_path / "cache"))
+    _pngs(tmp_path / "images", {"cat": 6, "dog": 6})
+    cut, notes = _spoil(tmp_path / "images")
+    with pytest.raises(DataError) as caught:
+        load_data(spec(dataset="imagefolder", root=str(tmp_path / "images"), image_size=8), seed=0)
+    (line,) = str(caught.value).splitlines()
+    assert line == (f"cannot decode 2 images: {cut} (image file is truncated); {notes} (cannot identify image file); "
+                    f"remove or replace the files, then run again")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_an_image_that_cannot_be_decoded_in_a_dataloader_worker_is_one_line_naming_it(tmp_path):
+    _pngs(tmp_path, {"cat": 6, "dog": 6})
+    cut, _ = _spoil(tmp_path)
+    streamed = load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8, on_device="no", cache="off",
+                              normalize=False), seed=0)
+    with pytest.raises(DataError) as caught:  # raised in a worker process, raised again here
+        for split in (streamed.train, streamed.val, streamed.test):
+            list(make_loader(split, 64, shuffle=False, seed=0, num_workers=1))
+    (line,) = str(caught.value).splitlines()
+    assert line.startswith("cannot decode an image: ") and line.endswith("; remove or replace the files, then run again")
+    assert f"{cut} (image file is truncated)" in line or "notes.png (cannot identify image file)" in line
+
+
 def test_imagefolder_rejects_unknown_val_classes(tmp_path):
     _pngs(tmp_path / "train", {"a": 3, "b": 3})
     _pngs(tmp_path / "val", {"zebra": 1})

@@ -317,6 +317,43 @@ def test_a_study_whose_every_trial_hit_a_full_disk_exits_1(workdir, tiny_disk):
     assert not list(tiny_disk.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial(workdir):
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(["cat", "dog"]):
+        (workdir / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8, 3), 40 + 150 * c + i, np.uint8)).save(workdir / "images" / name / f"{i}.png")
+    bad = workdir / "images" / "dog" / "notes.png"
+    bad.write_text("not an image")
+    raw = {**study_raw("no-image", n_trials=1, space={"train.lr": {"float": [1e-3, 1e-2], "log": True}}),
+           "data": {"dataset": "imagefolder", "root": str(workdir / "images"), "image_size": 8},
+           "train": {**study_raw("x")["train"], "batch_size": 4}}
+    spec = write(workdir / "spec.yaml", raw)
+    # Every trial would read the set and fail alike: the worker stops at the first, exit 2, the trial queued again.
+    result = bounded_cli("run", str(spec), "--quiet", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot decode an image: {bad} (cannot identify image file); remove or replace the files, "
+        f"then run again (trial 0 is queued again)")
+    storage = raw["search"]["storage"]
+    trials = optuna.load_study(study_name="no-image", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("no-image").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]  # the trial's run, the parent's
+
+    bad.unlink()  # the same command once the file is gone: the queued trial trains, the parent finishes
+    result = bounded_cli("run", str(spec), "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="no-image", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    runs = client.search_runs([client.get_experiment_by_name("no-image").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
+
+
 def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(workdir):
     (workdir / "a-file").write_text("")
     spec = write(workdir / "spec.yaml", TINY)

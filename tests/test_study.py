@@ -112,6 +112,21 @@ def test_a_combination_that_cannot_be_built_is_pruned_with_its_reason(workdir):
     assert trial.user_attrs["pruned_reason"].startswith("infeasible: ") and "heads" in trial.user_attrs["pruned_reason"]
 
 
+def test_an_input_error_no_searched_value_can_cause_stops_the_worker_with_its_trial_queued_again(workdir):
+    too_big = {"train.batch_size": 4096}  # more than digits' training split: not one full batch
+    spec = load_spec({**study_raw("batch-fixed", n_trials=3), "tracking": {"enabled": False}},
+                     [f"{k}={v}" for k, v in too_big.items()])
+    result = run_search(spec, progress=False)
+    assert result.stopped.exit_code == 2 and "lower train.batch_size" in str(result.stopped)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    # Searched, the batch size is the trial's own: its trials fail and the study goes on.
+    space = {"train.batch_size": {"choice": [4096, 8192]}}
+    spec = load_spec({**study_raw("batch-searched", n_trials=2, space=space), "tracking": {"enabled": False}})
+    result = run_search(spec, progress=False)
+    assert result.stopped is None
+    assert [t.state for t in result.study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+
+
 @register("head", "test_exploding_head")
 class ExplodingHead:
     """A head that raises in forward: a plugin bug inside one trial."""

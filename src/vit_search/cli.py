@@ -238,9 +238,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     failed = all_failed(result.study, result.trials_run)
-    if result.stopped:  # the tracking server went away: said in one line, its trial queued again
+    if result.stopped:  # the tracking server went away, the data cannot be read: one line, its trial queued again
         print(f"error: {result.stopped}", file=sys.stderr)
-        return 1
+        return result.stopped.exit_code
     if args.worker:  # one of --jobs: the parent prints the study's table
         print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s")
         return exit_code() if result.interrupted else 1 if failed else 0

@@ -10,9 +10,26 @@ from __future__ import annotations
 class UserError(ValueError):
     """A bad input (spec, argument, file, plugin): one line for the user, exit code 2."""
 
+    # The spec keys this error follows from, where known ("data": the whole section). A study stops
+    # at such an error unless one of them is searched: every trial would meet it again.
+    settings: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, settings: tuple[str, ...] | None = None) -> None:
+        if settings is not None:
+            self.settings = settings
+        # torch's DataLoader raises a worker's exception again in the main process as
+        # type(err)("Caught ... in DataLoader worker process N.\nOriginal Traceback ...\n<Type>: <message>"):
+        # keep the worker's own one line.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            args = (args[0].rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1],)
+        super().__init__(*args)
+
 
 class DataError(UserError):
     """Data that cannot be found or read; the message says where it was expected and what to do."""
+
+    settings = ("data",)
 
 
 class WeightsError(UserError):

@@ -158,7 +158,8 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
     if len(loaders["train"]) == 0:  # drop_last: not one full batch per process
         raise DataError(
             f"train.batch_size {cfg.batch_size} x {accelerator.num_processes} process(es) is more than the "
-            f"{len(data.train)} training images: not one full batch; lower train.batch_size"
+            f"{len(data.train)} training images: not one full batch; lower train.batch_size",
+            settings=("data", "train.batch_size"),
         )
     if cfg.compile:
         model = torch.compile(model)

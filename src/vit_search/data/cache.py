@@ -37,6 +37,7 @@ import torch
 
 from ..errors import DataError
 from .decode import decode_dataset, resize_array
+from .sources import read_image
 
 VERSION = 1
 RESIZE = "torchvision v2.Resize bilinear antialias on uint8"  # part of the key: another resize, another cache
@@ -244,9 +245,9 @@ def _build(folder: Path, key: str, source: str, parts: dict[str, Any], classes: 
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
+        progress.close(built=False)
         raise
-    finally:
-        progress.close()
+    progress.close()
 
 
 def _channels(part: Any) -> int:
@@ -254,7 +255,7 @@ def _channels(part: Any) -> int:
         return int(part[0].shape[1])
     if len(part) == 0:
         return 3  # an empty folder: ImageFolder decodes to RGB
-    image, _ = part[0]
+    image, _ = read_image(part, 0)
     return len(image.getbands())
 
 
@@ -285,10 +286,12 @@ class Progress:
             print(f"vit-search: decoded {self.done:,}/{self.total:,} images ({rate:,.0f} img/s)",
                   file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        """Close the bar; say how long it took."""
+    def close(self, built: bool = True) -> None:
+        """Close the bar; say how long it took (where it was built: else the error says why not)."""
         if self.bar is not None:
             self.bar.close()
+        if not built:
+            return
         seconds = time.monotonic() - self.start
         print(f"vit-search: decoded cache: {self.done:,} images in {seconds:.1f} s "
               f"({self.done / max(seconds, 1e-9):,.0f} img/s)", file=sys.stderr, flush=True)

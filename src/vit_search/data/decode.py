@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..performance import usable_cores
+from .sources import undecodable
 
 _CHUNK = 32  # images a thread decodes per task: few enough to keep the progress line moving
 _ARRAY_CHUNK = 512  # in-memory images resized at a time
@@ -35,13 +36,21 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def decode_dataset(dataset: Any, out: np.ndarray, size: tuple[int, int], advance: Callable[[int], None],
                    threads: int | None = None) -> None:
-    """Decode every (PIL image, label) item of ``dataset`` into ``out`` (N, C, H, W) uint8, resized."""
+    """Decode every (PIL image, label) item of ``dataset`` into ``out`` (N, C, H, W) uint8, resized.
+
+    Files that cannot be decoded are all found before one DataError names the first few: a large
+    set is not decoded again for each bad file."""
     count = len(out)
+    failures: list[tuple[int, BaseException]] = []
 
     def work(start: int) -> int:
         stop = min(start + _CHUNK, count)
         for i in range(start, stop):
-            image, _ = dataset[i]
+            try:
+                image, _ = dataset[i]
+            except Exception as err:  # the file, not the code: reported below with its name
+                failures.append((i, err))
+                continue
             out[i] = resize_uint8(TF.pil_to_tensor(image).unsqueeze(0), size)[0].numpy()
         return stop - start
 
@@ -53,6 +62,8 @@ def decode_dataset(dataset: Any, out: np.ndarray, size: tuple[int, int], advance
                 advance(done)
     finally:
         torch.set_num_threads(intra_op)
+    if failures:
+        raise undecodable(dataset, failures)
 
 
 def resize_array(images: torch.Tensor, out: np.ndarray, size: tuple[int, int], advance: Callable[[int], None]) -> None:

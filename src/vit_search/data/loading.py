@@ -40,7 +40,7 @@ from .augment import BatchAugment
 from .batches import DeviceBatches
 from .cache import DecodedCache, cache_root, open_cache
 from .cache_batches import CacheBatches, CachedSplit
-from .sources import DATASETS, Arrays, Items, Parts, PartSplits, default_root
+from .sources import DATASETS, Arrays, Items, Parts, PartSplits, default_root, read_image
 
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
 _STATS_SAMPLE = 1024  # worker-path sets: training images decoded to estimate mean and std
@@ -106,7 +106,7 @@ class _Transformed(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.base[int(self.indices[index])]
+        image, label = read_image(self.base, int(self.indices[index]))
         return self.transform(image), int(label)
 
 

@@ -234,6 +234,31 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     return parts, where, base.classes
 
 
+def read_image(dataset: "Dataset", index: int) -> tuple[Any, int]:
+    """Item ``index`` (PIL image, label) of an image data set; a file that cannot be decoded (not an
+    image, truncated, a decompression bomb) is a DataError that names it."""
+    try:
+        return dataset[index]
+    except Exception as err:  # whatever the decoder raises: the file is what the user must fix
+        raise undecodable(dataset, [(index, err)]) from None
+
+
+def undecodable(dataset: "Dataset", failures: list[tuple[int, BaseException]]) -> DataError:
+    """One line for the images of ``dataset`` that could not be decoded: the first few files and why."""
+    failures = sorted(failures, key=lambda failure: failure[0])
+    shown = []
+    for index, err in failures[:3]:
+        samples = getattr(dataset, "samples", None)  # an ImageFolder's (path, label) pairs
+        name = str(samples[index][0]) if samples is not None else f"image {index}"
+        reason = " ".join((str(err) or type(err).__name__).split())
+        for said in (f"<_io.BufferedReader name={name!r}>", repr(name)):  # PIL repeats the file in its message
+            reason = reason.replace(f" {said}", "")
+        shown.append(f"{name} ({reason[:200]})")
+    more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+    what = "an image" if len(failures) == 1 else f"{len(failures)} images"
+    return DataError(f"cannot decode {what}: {'; '.join(shown)}{more}; remove or replace the files, then run again")
+
+
 def _folder_with_classes(root: Path, class_to_idx: dict[str, int]) -> "Dataset":
     """An ImageFolder that uses the training folder's class indices (val may lack some classes)."""
     import torchvision

@@ -46,7 +46,7 @@ class SearchResult:
     wall_seconds: float
     train_seconds: float
     interrupted: bool
-    stopped: str | None = None  # why this worker stopped early, its trial queued again (e.g. MLflow went away)
+    stopped: StopWorker | None = None  # why this worker stopped early, its trial queued again (e.g. MLflow went away)
 
 
 class Infeasible(optuna.TrialPruned):
@@ -132,7 +132,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         _share_trial(state.num_processes, None)  # the other processes may stop
     interrupted = any(r.interrupted for r in reports)
     stopped = next((r.stopped for r in reports if r.stopped), None)
-    runs.finish(interrupted=interrupted)
+    runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
     if not runs.lost:
         end_active_run()
     return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
@@ -222,13 +222,20 @@ class TrialRunner:
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         """Train the trial (after its size constraints) and return its objective values.
 
-        A trial that fails because MLflow's tracking server stopped answering is no fault of its
-        own: it is queued again and this worker stops (StopWorker), rather than fail trial after trial.
+        A trial that fails because MLflow's tracking server stopped answering, or on an input error
+        that no searched value can cause (the data set cannot be read), is no fault of its own: it is queued
+        again and this worker stops (StopWorker), rather than fail trial after trial (each of which
+        would read the whole set again first).
         """
         try:
             return self._run(trial, drawn)
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
+        except UserError as err:
+            searched = [".".join(dim.path) for dim in parse_space(self.spec.search.space)]
+            if not err.settings or any(key == s or key.startswith(f"{s}.") for s in err.settings for key in searched):
+                raise  # it may follow from this trial's values: the study goes on
+            raise StopWorker(f"{err} (trial {trial.number} is queued again)", exit_code=2) from err
         except Exception as err:
             if self.runs.lost or self.runs.outage():
                 raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; start the server, then run "

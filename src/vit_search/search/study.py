@@ -94,12 +94,17 @@ class WorkerReport:
     storage: str
     trials_run: list[int] = field(default_factory=list)
     interrupted: bool = False
-    stopped: str | None = None  # why the worker stopped early (StopWorker), its trial queued again
+    stopped: StopWorker | None = None  # why the worker stopped early, its trial queued again
 
 
 class StopWorker(Exception):
-    """Raised by a trial when its worker cannot go on (its tracking server went away): the trial is
-    failed with this message and queued again, and the worker returns."""
+    """Raised by a trial when its worker cannot go on (its tracking server went away, its data set
+    cannot be read): the trial is failed with this message and queued again, and the worker returns;
+    the command then exits ``exit_code`` (2 where the input is at fault)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _worker_id() -> str:
@@ -346,7 +351,7 @@ def worker_loop(
                     study.tell(trial, state=TrialState.FAIL)
                     enqueue_retry(handle, frozen, frozen.system_attrs.get(RETRY_OF, []))
             if isinstance(err, StopWorker):
-                report.stopped = reason
+                report.stopped = err
             else:
                 report.interrupted = True
             if on_trial_end:
