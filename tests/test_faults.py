@@ -354,6 +354,18 @@ def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 
+def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdir):
+    raw = {**TINY, "name": "too-large", "tracking": {"experiment": "too-large"},
+           "model": {**TINY["model"], "dim": 32768, "depth": 1}}  # a 13 GB attention weight: over the 6 GB cap
+    result = bounded_cli("train", str(write(workdir / "spec.yaml", raw)), cwd=workdir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: out of memory on cpu: ") and line.endswith(
+        "; lower train.batch_size or the model's size (dim, depth, mlp ratio), or set train.mixed_precision")
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("too-large").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingOutOfMemory: out of memory")
+
+
 def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(workdir):
     (workdir / "a-file").write_text("")
     spec = write(workdir / "spec.yaml", TINY)

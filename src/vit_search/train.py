@@ -6,14 +6,17 @@ processes and metric gathering; this module only says what to train and in what 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import re
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +48,28 @@ _ACCELERATE_STATE = threading.Lock()
 
 class TrainingDiverged(TrainingFailed):
     """The loss became NaN or infinite."""
+
+
+class TrainingOutOfMemory(TrainingFailed):
+    """An allocation failed: the model, its optimizer state or a batch does not fit the device."""
+
+
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(device: torch.device) -> Iterator[None]:
+    """A failed allocation (the GPU's memory, or the host's) ends the run in one line, with what to
+    lower, and lets go of the tensors the failed step held, so that a study's next trial has them."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        said = str(err).strip()
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) \
+                and "can't allocate memory" not in said and "out of memory" not in said.lower():
+            raise
+        traceback.clear_frames(err.__traceback__)  # their locals hold the failed step's tensors
+        said = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", said.splitlines()[0] if said else "")
+        raise TrainingOutOfMemory(
+            f"out of memory on {device}: {said[:240] or type(err).__name__}; lower train.batch_size or the model's "
+            f"size (dim, depth, mlp ratio), or set train.mixed_precision") from None
 
 
 @dataclass
@@ -256,7 +281,8 @@ def train(
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else run_id
-    with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags):
+    with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags), \
+            _out_of_memory_in_one_line(accelerator.device):
         run = _setup(spec, accelerator, precision, init_weights=checkpoint is None)
         start_epoch, history = 0, []
         if checkpoint is not None:
