@@ -177,13 +177,17 @@ def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
 
 
-@pytest.mark.parametrize("uri, said", [("garbage://x", "unsupported URI 'garbage://x'"),
-                                       ("file:///{tmp}/mlruns", "filesystem tracking backend")])
-def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words(workdir, uri, said):
-    spec = write(workdir / "spec.yaml", {**TINY, "tracking": {"experiment": "refused"}})
+@pytest.mark.parametrize("command, uri, said", [("train", "garbage://x", "unsupported URI 'garbage://x'"),
+                                                ("train", "file:///{tmp}/mlruns", "filesystem tracking backend"),
+                                                ("run", "{tmp}/mlruns", "filesystem tracking backend")])
+def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words_before_anything_is_written(
+        workdir, command, uri, said):
+    raw = {**TINY, "search": study_raw("refused")["search"]} if command == "run" else TINY
+    spec = write(workdir / "spec.yaml", {**raw, "tracking": {"experiment": "refused"}})
     uri = uri.format(tmp=workdir)
-    line = one_line(bounded_cli("train", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
+    line = one_line(bounded_cli(command, str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
     assert line.startswith(f"error: MLflow store {uri}: ") and said in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no study, no runs folder
 
 
 @pytest.mark.parametrize("uri, said", [

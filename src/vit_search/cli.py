@@ -279,6 +279,10 @@ def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
 
     url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if spec.tracking.enabled:  # a store MLflow refuses is one line here, not one per worker after the study is made
+        from .tracking import check_store
+
+        check_store(spec)
     # Open the study once here: a bad storage or a study of other directions is one error line,
     # not one per worker.
     with study_lock(url, spec.search.study_name or spec.name):

@@ -121,7 +121,7 @@ class TrackingError(UserError):
     """An MLflow store that cannot be used: one line naming it (exit 2)."""
 
 
-def refused(err: Exception) -> TrackingError:
+def refused(err: Exception, uri: str | None = None) -> TrackingError:
     """One line for what MLflow refused at the start (a URI scheme it has no store for, its retired
     file store, missing credentials, a deleted experiment): the store, and MLflow's own first
     sentences, which say what to do."""
@@ -135,7 +135,7 @@ def refused(err: Exception) -> TrackingError:
         if said and len(said) + len(sentence) > 300:
             break
         said = f"{said} {sentence}".strip()
-    uri = mlflow.get_tracking_uri()
+    uri = uri or mlflow.get_tracking_uri()
     return TrackingError(f"MLflow store {redact(uri)}: {redact_in(said, uri)[:400]}")
 
 
@@ -171,6 +171,10 @@ def check_store(spec: Spec) -> None:
         if problem:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
                                 f"another store")
+    try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
+        mlflow.MlflowClient(tracking_uri=uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise refused(err, uri) from None
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
