@@ -190,6 +190,18 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words_before_
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no study, no runs folder
 
 
+@pytest.mark.parametrize("store, said", [("{tmp}/folder", "a folder, not MLflow's store file"),
+                                         ("{tmp}/spec.yaml/mlflow.db", "spec.yaml is a file")])
+def test_an_mlflow_store_file_that_cannot_be_one_is_one_line_before_anything_is_written(workdir, store, said):
+    (workdir / "folder").mkdir()
+    spec = write(workdir / "spec.yaml", {**TINY, "search": study_raw("x")["search"], "tracking": {"experiment": "x"}})
+    uri = "sqlite:///" + store.format(tmp=workdir)
+    line = one_line(bounded_cli("run", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
+    assert line.startswith("error: ") and said in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["folder", "spec.yaml"]
+    assert not list((workdir / "folder").iterdir())
+
+
 @pytest.mark.parametrize("uri, said", [
     ("postgresql://someone:hunter2@127.0.0.1:{port}/test", "does not answer"),
     ("mysql+nosuchdriver://someone:hunter2@127.0.0.1:{port}/test", "is not a database URL"),

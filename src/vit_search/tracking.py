@@ -167,6 +167,13 @@ def check_store(spec: Spec) -> None:
                             f"command again")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_dir():
+            raise TrackingError(f"{path}: a folder, not MLflow's store file; name a file in it (e.g. sqlite:///"
+                                f"{path / 'mlflow.db'}), or set MLFLOW_TRACKING_URI to another store")
+        in_the_way = next((folder for folder in path.parents if folder.is_file()), None)
+        if in_the_way is not None:
+            raise TrackingError(f"{path}: its folder cannot be made ({in_the_way} is a file); set MLFLOW_TRACKING_URI "
+                                f"to a store in a folder that can be written")
         problem = sqlite_problem(path)
         if problem:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
