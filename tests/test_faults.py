@@ -382,6 +382,58 @@ def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdi
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingOutOfMemory: out of memory")
 
 
+def _fill(disk: Path) -> Path:
+    """Write a file until the disk has no byte left; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:  # no space left
+            pass
+    return filler
+
+
+def test_a_storage_on_a_full_disk_is_one_line_and_exit_2_before_the_study_is_made(workdir, tiny_disk):
+    spec = write(workdir / "spec.yaml", {**study_raw("full-storage", n_trials=1), "tracking": {"enabled": False}})
+    _fill(tiny_disk)
+    for storage in (f"journal:{tiny_disk}/study.log", f"sqlite:///{tiny_disk}/optuna.db"):
+        line = one_line(bounded_cli("run", str(spec), "--storage", storage, cwd=workdir))
+        assert line == f"error: storage '{storage}': no space left on its disk; free space, or pass another --storage"
+
+
+@pytest.mark.slow
+def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir, tiny_disk):
+    storage = f"sqlite:///{tiny_disk}/optuna.db"
+    spec = write(workdir / "spec.yaml", {**study_raw("fills", n_trials=1), "tracking": {"enabled": False}})
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--storage", storage,
+                             "--set", "train.epochs=200"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while True:  # trial 0 is training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        try:
+            if [t for t in optuna.load_study(study_name="fills", storage=storage).get_trials() if t.params]:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.1)
+    filler = _fill(tiny_disk)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: Optuna storage {storage}: no space left on its disk: the trials this worker was training are "
+        f"retried when the study resumes; free space, then run the same command")
+
+    filler.unlink()
+    result = bounded_cli("run", str(spec), "--storage", storage, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="fills", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["error"] == "worker died (no heartbeat)"
+    assert trials[1].params == trials[0].params  # the same point, trained again
+
+
 def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(workdir):
     (workdir / "a-file").write_text("")
     spec = write(workdir / "spec.yaml", TINY)

@@ -31,7 +31,7 @@ from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
-from .storage import StorageLost, check_file, check_url, storage_problem, study_lock
+from .storage import StorageLost, check_file, check_url, disk_full, redact, storage_problem, study_lock
 from .study import StopWorker, StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
 from .study_runs import StudyRuns, end_active_run
 
@@ -119,14 +119,16 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
         with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
             reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
-    except Exception:
-        lost = storage_problem(url)
+    except Exception as err:
+        lost, fix = storage_problem(url), "start the database"
+        if lost is None and disk_full(err):
+            lost, fix = f"Optuna storage {redact(url)}: no space left on its disk", "free space"
         if lost is None:
             raise
         # Nothing more can be written to the study: its trials in training stay RUNNING, and the
         # worker that resumes it fails them as a dead worker's and retries them.
         raise StorageLost(f"{lost}: the trials this worker was training are retried when the study resumes; "
-                          f"start the database, then run the same command") from None
+                          f"{fix}, then run the same command") from None
     finally:  # also when the loop raises: the other launched processes must not wait forever
         bar.close()
         _share_trial(state.num_processes, None)  # the other processes may stop

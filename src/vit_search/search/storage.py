@@ -15,6 +15,7 @@ they start exactly ``n_trials``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import os
@@ -156,6 +157,8 @@ def open_storage(url: str) -> Any:
 
 
 def _cannot_open(url: str, err: BaseException) -> str:
+    if disk_full(err):
+        return _NO_SPACE.format(url=redact(url))
     first = (str(getattr(err, "orig", None) or err).splitlines() or [type(err).__name__])[0][:200]
     return (f"storage '{redact(url)}' cannot be opened: {redact_in(first, url)}; check the URL and that the database "
             f"answers, or move a damaged file away")
@@ -176,6 +179,35 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
     except redis.exceptions.RedisError as err:
         return f"Optuna storage {redact(url)} does not answer ({redact_in(str(err), url)[:160]})"
     return None
+
+
+_NO_SPACE = "storage '{url}': no space left on its disk; free space, or pass another --storage"
+
+
+@contextmanager
+def full_disk_said(url: str) -> Iterator[None]:
+    """A full disk under the storage's file, met while the study is opened or made: one line (StorageError)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        raise StorageError(_NO_SPACE.format(url=redact(url))) from None
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, says the disk under a file is full (SQLite's
+    "database or disk is full", an OSError ENOSPC from a journal file)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "disk is full" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def check_file(url: str) -> None:

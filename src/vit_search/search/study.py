@@ -28,7 +28,10 @@ from .distinct import DistinctSampler
 from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
-from .storage import STORAGE_ENV, StorageError, StudyMismatch, default_storage_url, open_storage, redact, storage_file, study_lock
+from .storage import (
+    STORAGE_ENV, StorageError, StudyMismatch, default_storage_url, full_disk_said, open_storage, redact, storage_file,
+    study_lock,
+)
 
 HEARTBEAT = "vit_search:heartbeat"
 WORKER = "vit_search:worker"
@@ -216,8 +219,9 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     path = storage_file(url)
     if not create and path is not None and (not path.exists() or path.stat().st_size == 0):
         raise StorageError(missing)  # an empty file holds no study, and must not become a database here
-    storage = open_storage(url)
-    stored = _stored_directions(storage, name)
+    with full_disk_said(url):
+        storage = open_storage(url)
+        stored = _stored_directions(storage, name)
     if stored is None and not create:
         raise StorageError(missing)
     if stored is not None and stored != [d.lower() for d in directions]:
@@ -229,9 +233,11 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     sampler = make_sampler(spec)
     # Pruning needs one value per step: Optuna prunes single-objective studies only.
     pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
-    study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True,
-    )
+    with full_disk_said(url):
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions,
+            load_if_exists=True,
+        )
     return StudyHandle(study, storage, url)
 
 
