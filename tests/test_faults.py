@@ -394,12 +394,19 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_storage_on_a_full_disk_is_one_line_and_exit_2_before_the_study_is_made(workdir, tiny_disk):
+def test_a_storage_or_mlflow_store_on_a_full_disk_is_one_line_and_exit_2_before_the_study_is_made(workdir, tiny_disk):
     spec = write(workdir / "spec.yaml", {**study_raw("full-storage", n_trials=1), "tracking": {"enabled": False}})
     _fill(tiny_disk)
     for storage in (f"journal:{tiny_disk}/study.log", f"sqlite:///{tiny_disk}/optuna.db"):
         line = one_line(bounded_cli("run", str(spec), "--storage", storage, cwd=workdir))
         assert line == f"error: storage '{storage}': no space left on its disk; free space, or pass another --storage"
+    spec = write(workdir / "spec.yaml", study_raw("full-store", n_trials=1))
+    store = f"sqlite:///{tiny_disk}/mlflow.db"
+    result = bounded_cli("run", str(spec), env={"MLFLOW_TRACKING_URI": store}, cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: MLflow store {store}: no space left on its disk; free space, or set MLFLOW_TRACKING_URI to another store")
+    assert not (workdir / "optuna.db").exists()
 
 
 @pytest.mark.slow

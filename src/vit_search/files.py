@@ -3,6 +3,7 @@ servers that may not answer."""
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
@@ -61,3 +62,16 @@ def database_problem(url: str, timeout: float = 5.0) -> str | None:
     finally:
         engine.dispose()
     return None
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, says the disk under a file is full (SQLite's
+    "database or disk is full", an OSError ENOSPC from a journal file)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "disk is full" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import UserError
-from .files import database_problem, sqlite_problem
+from .files import database_problem, disk_full, sqlite_problem
 from .redaction import redact, redact_in
 from .schema import Spec
 
@@ -182,6 +182,15 @@ def check_store(spec: Spec) -> None:
         mlflow.MlflowClient(tracking_uri=uri)
     except mlflow.exceptions.MlflowException as err:
         raise refused(err, uri) from None
+    except Exception as err:  # a new sqlite store's tables could not be made
+        if disk_full(err):
+            raise TrackingError(f"MLflow store {redact(uri)}: no space left on its disk; free space, or set "
+                                f"MLFLOW_TRACKING_URI to another store") from None
+        if type(err).__module__.startswith("sqlalchemy"):
+            raise TrackingError(f"MLflow store {redact(uri)} cannot be opened: "
+                                f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; set MLFLOW_TRACKING_URI to "
+                                f"another store") from None
+        raise
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:

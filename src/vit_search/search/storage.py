@@ -15,7 +15,6 @@ they start exactly ``n_trials``.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import functools
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RunFailed, UserError
-from ..files import database_problem, sqlite_problem
+from ..files import database_problem, disk_full, sqlite_problem
 from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
@@ -195,19 +194,6 @@ def full_disk_said(url: str) -> Iterator[None]:
         if not disk_full(err):
             raise
         raise StorageError(_NO_SPACE.format(url=redact(url))) from None
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether ``err``, or an error it was raised from, says the disk under a file is full (SQLite's
-    "database or disk is full", an OSError ENOSPC from a journal file)."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "disk is full" in str(cause):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 def check_file(url: str) -> None:
