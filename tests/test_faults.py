@@ -42,6 +42,22 @@ def bounded_cli(*args: str, cwd: Path, memory_gb: float = 6, env: dict | None = 
                           cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """The command line in this process, for refusals that come before any work (no start-up to pay):
+    ``in_process(*args, env={...})`` returns its exit code and its stderr's last line."""
+    from vit_search.cli import main
+
+    def run(*args: str, env: dict | None = None) -> tuple[int, str]:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = main(list(args))  # an exception out of main would be a traceback: the test errors
+        return code, (capsys.readouterr().err.strip().splitlines() or [""])[-1]
+
+    return run
+
+
 def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
     assert result.returncode == code, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -192,12 +208,13 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words_before_
 
 @pytest.mark.parametrize("store, said", [("{tmp}/folder", "a folder, not MLflow's store file"),
                                          ("{tmp}/spec.yaml/mlflow.db", "spec.yaml is a file")])
-def test_an_mlflow_store_file_that_cannot_be_one_is_one_line_before_anything_is_written(workdir, store, said):
+def test_an_mlflow_store_file_that_cannot_be_one_is_one_line_before_anything_is_written(workdir, in_process, store,
+                                                                                       said):
     (workdir / "folder").mkdir()
     spec = write(workdir / "spec.yaml", {**TINY, "search": study_raw("x")["search"], "tracking": {"experiment": "x"}})
     uri = "sqlite:///" + store.format(tmp=workdir)
-    line = one_line(bounded_cli("run", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
-    assert line.startswith("error: ") and said in line
+    code, line = in_process("run", str(spec), env={"MLFLOW_TRACKING_URI": uri})
+    assert code == 2 and line.startswith("error: ") and said in line
     assert sorted(p.name for p in workdir.iterdir()) == ["folder", "spec.yaml"]
     assert not list((workdir / "folder").iterdir())
 
@@ -394,18 +411,18 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_storage_or_mlflow_store_on_a_full_disk_is_one_line_and_exit_2_before_the_study_is_made(workdir, tiny_disk):
+def test_a_storage_or_mlflow_store_on_a_full_disk_is_one_line_and_exit_2_before_the_study_is_made(
+        workdir, tiny_disk, in_process):
     spec = write(workdir / "spec.yaml", {**study_raw("full-storage", n_trials=1), "tracking": {"enabled": False}})
     _fill(tiny_disk)
     for storage in (f"journal:{tiny_disk}/study.log", f"sqlite:///{tiny_disk}/optuna.db"):
-        line = one_line(bounded_cli("run", str(spec), "--storage", storage, cwd=workdir))
-        assert line == f"error: storage '{storage}': no space left on its disk; free space, or pass another --storage"
+        assert in_process("run", str(spec), "--storage", storage) == (
+            2, f"error: storage '{storage}': no space left on its disk; free space, or pass another --storage")
     spec = write(workdir / "spec.yaml", study_raw("full-store", n_trials=1))
     store = f"sqlite:///{tiny_disk}/mlflow.db"
-    result = bounded_cli("run", str(spec), env={"MLFLOW_TRACKING_URI": store}, cwd=workdir)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: MLflow store {store}: no space left on its disk; free space, or set MLFLOW_TRACKING_URI to another store")
+    assert in_process("run", str(spec), env={"MLFLOW_TRACKING_URI": store}) == (
+        2, f"error: MLflow store {store}: no space left on its disk; free space, or set MLFLOW_TRACKING_URI to another "
+           f"store")
     assert not (workdir / "optuna.db").exists()
 
 
