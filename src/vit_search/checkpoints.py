@@ -35,6 +35,10 @@ class CheckpointNotWritten(TrainingFailed):
     """A checkpoint could not be written: a full disk, a folder that went away."""
 
 
+class CheckpointDiskFull(CheckpointNotWritten):
+    """No space left for a checkpoint: no fault of the run's, which a study queues again."""
+
+
 def rng_state() -> dict[str, Any]:
     # Plain tensors, ints and lists only, so the checkpoint loads with weights_only=True.
     np_state = np.random.get_state()
@@ -74,7 +78,7 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("unexpected pos")
         tmp.unlink(missing_ok=True)  # a half-written file helps no one, and fills the disk for the next
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
-            raise CheckpointNotWritten(f"no space left in {path.parent} for the epoch checkpoint; free some, or "
+            raise CheckpointDiskFull(f"no space left in {path.parent} for the epoch checkpoint; free some, or "
                                        f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
         raise CheckpointNotWritten(f"cannot write the checkpoint {path}: {type(err).__name__}: "
                                    f"{str(err).splitlines()[0][:200]}") from None

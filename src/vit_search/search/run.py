@@ -18,7 +18,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from ..checkpoints import check_writable
+from ..checkpoints import CheckpointDiskFull, check_writable
 from ..errors import UserError
 from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
@@ -224,10 +224,10 @@ class TrialRunner:
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         """Train the trial (after its size constraints) and return its objective values.
 
-        A trial that fails because MLflow's tracking server stopped answering, or on an input error
-        that no searched value can cause (the data set cannot be read), is no fault of its own: it is queued
-        again and this worker stops (StopWorker), rather than fail trial after trial (each of which
-        would read the whole set again first).
+        A trial that fails because MLflow's tracking server stopped answering, its checkpoints' disk is
+        full, or on an input error that no searched value can cause (the data set cannot be read), is
+        no fault of its own: it is queued again and this worker stops (StopWorker), rather than fail
+        trial after trial (each of which would read the whole set again first).
         """
         try:
             return self._run(trial, drawn)
@@ -242,6 +242,8 @@ class TrialRunner:
             if self.runs.lost or self.runs.outage():
                 raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; start the server, then run "
                                  f"the same command to resume") from err
+            if isinstance(err, CheckpointDiskFull):  # every trial would meet the full disk: none is lost to it
+                raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") from err
             raise
 
     def _run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
