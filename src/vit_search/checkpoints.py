@@ -79,7 +79,7 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)  # a half-written file helps no one, and fills the disk for the next
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
             raise CheckpointDiskFull(f"no space left in {path.parent} for the epoch checkpoint; free some, or "
-                                       f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
+                                     f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
         raise CheckpointNotWritten(f"cannot write the checkpoint {path}: {type(err).__name__}: "
                                    f"{str(err).splitlines()[0][:200]}") from None
 
