@@ -299,6 +299,7 @@ def test_resuming_a_run_logged_to_another_tracking_store_is_one_line_and_creates
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "keyless"])
 def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damage):
+    import numpy as np
     import torch
 
     spec = write(workdir / "spec.yaml", TINY)
@@ -309,7 +310,9 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damag
         if damage == "truncated":
             checkpoint.write_bytes(checkpoint.read_bytes()[:500])
     else:
-        checkpoint.write_bytes(os.urandom(3000) if damage == "garbage" else b"")
+        # Garbage that opens like a pickle of an unknown protocol (torch warns of it), then noise.
+        noise = b"\x80\x09" + np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+        checkpoint.write_bytes(noise if damage == "garbage" else b"")
     line = one_line(bounded_cli("train", str(spec), "--resume", cwd=workdir))
     assert str(checkpoint) in line.replace(str(workdir) + "/", "") or "checkpoint.pt" in line
     assert "without --resume" in line and "weights_only" not in line

@@ -14,6 +14,7 @@ import random
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,7 +104,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint read back for ``--resume``; one line naming the file for anything unreadable."""
     fix = "delete it, or run without --resume to start afresh"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of odd pickle protocols in garbage: the one line says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, garbage, empty, not a torch file: torch's own text suggests unsafe loading
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}); {fix}") from None
     if not isinstance(checkpoint, dict):
