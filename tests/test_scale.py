@@ -128,7 +128,8 @@ def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
             trials = optuna.load_study(study_name=name, storage=storage).get_trials()
         except KeyError:
             continue
-        if sum(t.state == TrialState.RUNNING for t in trials) == 2:
+        # The worker's id is written just after its trial starts RUNNING: wait for both.
+        if sum(t.state == TrialState.RUNNING and WORKER in t.system_attrs for t in trials) == 2:
             break
     workers = [int(t.system_attrs[WORKER].rsplit(":", 1)[1]) for t in trials]
     proc.send_signal(signal.SIGTERM)  # as a scheduler or `timeout` sends it: to the command alone, which passes it on
