@@ -319,17 +319,27 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(workdir, damag
 
 
 # -- a full disk, a folder that cannot be written --------------------------------------------------
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MB tmpfs: a disk that fills up (skips where this process cannot mount one)."""
-    mount = tmp_path / "disk"
+def _tmpfs(mount: Path, size: str):
+    """A tmpfs of ``size`` at ``mount``: a disk that fills up (skips where this process cannot mount one)."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                             text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here to fill a disk ({result.stderr.strip() or 'not root'})")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB disk."""
+    yield from _tmpfs(tmp_path / "disk", "1m")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB disk: room for a new MLflow store (about 1 MB) and its runs."""
+    yield from _tmpfs(tmp_path / "store-disk", "4m")
 
 
 def test_a_full_disk_stops_train_with_one_line_and_leaves_no_temporary_file(workdir, tiny_disk):
@@ -461,6 +471,69 @@ def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[0].user_attrs["error"] == "worker died (no heartbeat)"
     assert trials[1].params == trials[0].params  # the same point, trained again
+
+
+@pytest.mark.slow
+def test_an_mlflow_store_whose_disk_fills_mid_study_is_one_line_and_the_same_command_loses_no_trial(
+        workdir, small_disk):
+    store = f"sqlite:///{small_disk}/mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": store}
+    raw = study_raw("store-fills", n_trials=1)
+    spec, storage = write(workdir / "spec.yaml", raw), raw["search"]["storage"]
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=200"],
+                            cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    client, deadline = MlflowClient(store), time.monotonic() + 120
+    while True:  # trial 0 is training: its run has an epoch's metrics
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        experiment = client.get_experiment_by_name("store-fills")
+        if experiment and client.search_runs([experiment.experiment_id],
+                                             filter_string="tags.`optuna.trial_number` = '0' and metrics.val_accuracy > -1"):
+            break
+        time.sleep(0.2)
+    filler = _fill(small_disk)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]  # MLflow's own log of it included
+    assert err.strip().splitlines()[-1] == (
+        f"error: MLflow store {store}: no space left on its disk: trial 0 is queued again; free space, then run the "
+        f"same command to resume")
+    # `train` into the full store: one line too, and --resume goes on once there is space.
+    plain = write(workdir / "plain.yaml", {**TINY, "tracking": {"experiment": "store-fills"}})
+    assert one_line(bounded_cli("train", str(plain), cwd=workdir, env=env), code=1) == (
+        f"error: MLflow store {store}: no space left on its disk; free space, then run the same command with --resume")
+
+    filler.unlink()
+    result = bounded_cli("run", str(spec), cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="store-fills", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params  # the same point, trained again
+    runs = client.search_runs([client.get_experiment_by_name("store-fills").experiment_id])
+    children = {r.data.tags["optuna.trial_number"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert {n: (r.info.status, r.data.tags.get("trial.state")) for n, r in children.items()} == {
+        "0": ("FAILED", "FAIL"), "1": ("FINISHED", "COMPLETE")}
+    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FINISHED"]
+
+
+def test_a_full_disk_is_said_to_be_mlflows_only_when_mlflow_could_not_write(workdir, tiny_disk, sqlite_uri):
+    from vit_search.files import disk_full
+    from vit_search.tracking import mlflow_disk_full
+
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment(f"artifacts-{time.time_ns()}", artifact_location=str(tiny_disk))
+    run = client.create_run(experiment)
+    big = workdir / "weights.bin"
+    big.write_bytes(b"\0" * 2**21)  # 2 MB: more than the disk holds
+    with pytest.raises(OSError) as raised:
+        client.log_artifact(run.info.run_id, str(big))
+    assert mlflow_disk_full(raised.value) == (
+        f"MLflow artifacts {tiny_disk / run.info.run_id / 'artifacts'}: no space left on their disk")
+    for leftover in tiny_disk.rglob("weights.bin"):
+        leftover.unlink()
+    _fill(tiny_disk)
+    with pytest.raises(Exception) as raised:  # Optuna's storage on the full disk: not MLflow's to say
+        optuna.create_study(storage=f"sqlite:///{tiny_disk / 'optuna.db'}")
+    assert disk_full(raised.value) and mlflow_disk_full(raised.value) is None
 
 
 def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(workdir):

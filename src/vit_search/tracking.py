@@ -6,6 +6,7 @@ the spec's ``tracking.uri`` names one and the environment does not. Only the mai
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .files import database_problem, disk_full, sqlite_problem
 from .redaction import redact, redact_in
 from .schema import Spec
@@ -84,10 +85,21 @@ def configure(spec: Spec) -> str:
     return use_experiment(spec)
 
 
+class _RaisedAgain(logging.Filter):
+    """Drops MLflow's log of a database error with its traceback: MLflow raises the error again just
+    after, and the run or the study reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
 def use_store(spec: Spec) -> None:
     """Point MLflow at the spec's store, refusing one that cannot be used (TrackingError); writes nothing."""
     import mlflow
 
+    database_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _RaisedAgain) for f in database_log.filters):
+        database_log.addFilter(_RaisedAgain())
     bound_http_retries()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if uri:  # else MLflow's own default store
@@ -102,6 +114,9 @@ def use_experiment(spec: Spec) -> str:
     try:
         experiment = mlflow.set_experiment(spec.tracking.experiment or spec.name)
     except Exception as err:
+        full = mlflow_disk_full(err)
+        if full:
+            raise TrackingDiskFull(full, "free space, then run the command again") from None
         if server_problem():  # it went away since check_store
             check_store(spec)
         if type(err).__module__.startswith("sqlalchemy") or "DatabaseError" in type(err).__name__:
@@ -137,6 +152,61 @@ def refused(err: Exception, uri: str | None = None) -> TrackingError:
         said = f"{said} {sentence}".strip()
     uri = uri or mlflow.get_tracking_uri()
     return TrackingError(f"MLflow store {redact(uri)}: {redact_in(said, uri)[:400]}")
+
+
+class TrackingDiskFull(RunFailed):
+    """MLflow could not write (a metric, a tag, an artifact) because its store's disk, or its artifacts', is
+    full: one line, exit 1. ``said`` is what filled up, without what to do (which differs by command)."""
+
+    def __init__(self, said: str, fix: str) -> None:
+        super().__init__(f"{said}; {fix}")
+        self.said = said
+
+
+def mlflow_disk_full(err: BaseException) -> str | None:
+    """What filled up, when ``err`` is MLflow failing to write for a full disk ("MLflow store URI: no space
+    left on its disk", or its artifacts'); None for any other error, a full disk under Optuna's storage
+    included."""
+    import mlflow
+
+    if isinstance(err, TrackingDiskFull):
+        return err.said
+    if not disk_full(err):
+        return None
+    modules = list(_modules_raised_in(err))
+    if not any(name.startswith("mlflow.") for name, _ in modules):
+        return None
+    for name, frame in modules:
+        if name.startswith("mlflow.store.artifact"):  # a run's artifacts, written where the experiment keeps them
+            where = getattr(frame.f_locals.get("self"), "artifact_uri", None)
+            return f"MLflow artifacts{f' {redact(where)}' if where else ''}: no space left on their disk"
+    return f"MLflow store {redact(mlflow.get_tracking_uri())}: no space left on its disk"
+
+
+def _modules_raised_in(err: BaseException) -> Iterator[tuple[str, Any]]:
+    """(module name, frame) of each frame that ``err``, and each error it was raised from, went through."""
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        traced = cause.__traceback__
+        while traced is not None:
+            yield str(traced.tb_frame.f_globals.get("__name__", "")), traced.tb_frame
+            traced = traced.tb_next
+        cause = cause.__cause__ or cause.__context__
+
+
+@contextmanager
+def full_disk_in_one_line(fix: str) -> Iterator[None]:
+    """MLflow failing to write for a full disk, raised as one line (TrackingDiskFull) that says to ``fix``."""
+    try:
+        yield
+    except TrackingDiskFull:
+        raise
+    except Exception as err:
+        full = mlflow_disk_full(err)
+        if full is None:
+            raise
+        raise TrackingDiskFull(full, fix) from None
 
 
 def run_exists(run_id: str) -> bool:
@@ -229,22 +299,24 @@ class Tracker:
             raise TrackingError(f"MLflow run {run_id}, the one to continue, is not in the store "
                                 f"{redact(mlflow.get_tracking_uri())}; point MLFLOW_TRACKING_URI (or tracking.uri) at "
                                 f"the store it was logged to, or start afresh (without --resume)")
-        use_experiment(self.spec)
-        active = mlflow.start_run(
-            run_id=run_id, run_name=None if run_id else (run_name or self.spec.name),
-            parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),
-        )
-        self.run_id = active.info.run_id
-        try:
-            yield self
-        except KeyboardInterrupt:
-            self._end_quietly("KILLED", "interrupted")
-            raise
-        except BaseException as err:
-            self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
-            raise
-        else:
-            mlflow.end_run(status="FINISHED")
+        # A full disk leaves the run RUNNING (nothing more reaches the store); --resume continues it.
+        with full_disk_in_one_line("free space, then run the same command with --resume"):
+            use_experiment(self.spec)
+            active = mlflow.start_run(
+                run_id=run_id, run_name=None if run_id else (run_name or self.spec.name),
+                parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),
+            )
+            self.run_id = active.info.run_id
+            try:
+                yield self
+            except KeyboardInterrupt:
+                self._end_quietly("KILLED", "interrupted")
+                raise
+            except BaseException as err:
+                self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
+                raise
+            else:
+                mlflow.end_run(status="FINISHED")
 
     def _end_quietly(self, status: str, error: str) -> None:
         """End the run on an error without hiding that error under MLflow's own. A run whose server

@@ -26,7 +26,7 @@ from ..performance import cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..stopping import requests_set
-from ..tracking import check_store
+from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .leaderboard import trial_run_name
@@ -96,8 +96,6 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     with study_lock(url, search.study_name or spec.name):
         handle = open_study(spec, url)
         runs = StudyRuns(spec, handle)
-    runs.reopen_parent()
-    runs.reconcile()  # runs that an earlier worker left RUNNING when it lost the tracking server
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
                        failures=not lines)
     stop = threading.Event()
@@ -116,9 +114,15 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
 
     started = time.perf_counter()
     try:
-        # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
-        with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
-            reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
+        # A full MLflow disk out of a trial (making the parent run, bringing runs up to date): one line.
+        with full_disk_in_one_line("free space, then run the same command"):
+            runs.reopen_parent()
+            runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
+            # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
+            with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
+                reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
+    except TrackingDiskFull:
+        raise
     except Exception as err:
         lost, fix = storage_problem(url), "start the database"
         if lost is None and disk_full(err):
@@ -224,10 +228,10 @@ class TrialRunner:
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         """Train the trial (after its size constraints) and return its objective values.
 
-        A trial that fails because MLflow's tracking server stopped answering, its checkpoints' disk is
-        full, or on an input error that no searched value can cause (the data set cannot be read), is
-        no fault of its own: it is queued again and this worker stops (StopWorker), rather than fail
-        trial after trial (each of which would read the whole set again first).
+        A trial that fails because MLflow's tracking server stopped answering, MLflow's or the
+        checkpoints' disk is full, or on an input error that no searched value can cause (the data set
+        cannot be read), is no fault of its own: it is queued again and this worker stops (StopWorker),
+        rather than fail trial after trial (each of which would read the whole set again first).
         """
         try:
             return self._run(trial, drawn)
@@ -239,9 +243,9 @@ class TrialRunner:
                 raise  # it may follow from this trial's values: the study goes on
             raise StopWorker(f"{err} (trial {trial.number} is queued again)", exit_code=2) from err
         except Exception as err:
-            if self.runs.lost or self.runs.outage():
-                raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; start the server, then run "
-                                 f"the same command to resume") from err
+            if self.runs.lost or self.runs.outage(err):  # MLflow can take no more: every trial would fail to log
+                raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; {self.runs.remedy}, then "
+                                 f"run the same command to resume") from err
             if isinstance(err, CheckpointDiskFull):  # every trial would meet the full disk: none is lost to it
                 raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") from err
             raise

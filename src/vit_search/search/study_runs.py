@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
-from ..tracking import Tracker, TrackingError, run_exists, use_experiment, use_store
+from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_exists, use_experiment,
+                        use_store)
 from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
 from .storage import redact, study_lock
@@ -37,17 +38,21 @@ class StudyRuns:
             self.client = MlflowClient()
             self._check_parent()  # before the experiment is created in a store that is not the study's
             self.experiment_id = use_experiment(spec)
-        # Set when the tracking server went away: this worker then writes nothing more to MLflow,
-        # and the next worker to start reconciles the runs left behind (:meth:`reconcile`).
+        # Set when MLflow can take no more (its tracking server went away, its disk is full): this
+        # worker then writes nothing more to MLflow, and the next worker to start reconciles the runs
+        # left behind (:meth:`reconcile`). ``remedy`` says what the user does about it.
         self.lost: str | None = None
+        self.remedy = "start the server"
 
-    def outage(self) -> str | None:
-        """Why MLflow's tracking server does not answer now (None: it does, or the store is no server)."""
+    def outage(self, err: BaseException | None = None) -> str | None:
+        """Why MLflow can take nothing more now: ``err`` says its disk is full, or its tracking server
+        does not answer (None: it can, or the store is no server)."""
         if not self.enabled:
             return None
         from ..tracking import server_problem
 
-        self.lost = server_problem()
+        full = mlflow_disk_full(err) if err is not None else None
+        self.lost, self.remedy = (full, "free space") if full else (server_problem(), "start the server")
         return self.lost
 
     @property
@@ -135,10 +140,20 @@ class StudyRuns:
 
     def record_trial_end(self, frozen: FrozenTrial) -> None:
         """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED), and
-        name it with its searched values and score."""
+        name it with its searched values and score. On a full MLflow disk this worker stops writing to
+        MLflow (its next trial then stops it) and a resumed study marks the run."""
         parent = self.parent_id
         if not parent or self.lost:
             return
+        try:
+            self._record_trial_end(parent, frozen)
+        except Exception as err:
+            full = mlflow_disk_full(err)
+            if full is None:
+                raise
+            self.lost, self.remedy = full, "free space"
+
+    def _record_trial_end(self, parent: str, frozen: FrozenTrial) -> None:
         runs = self.client.search_runs(
             [self.client.get_run(parent).info.experiment_id],
             # The parent too: an older study of the same name (its storage deleted) has runs of the
@@ -172,7 +187,9 @@ class StudyRuns:
         # Under the study lock: workers finishing at once would otherwise both insert the parent's
         # first `best_run_id` tag, and one of them fail on MLflow's unique key (tags.key, run_uuid).
         with study_lock(self.handle.url, self.handle.study.study_name):
-            self._finish(parent, interrupted)
+            with full_disk_in_one_line("free space, then run the same command: it brings the study's MLflow runs "
+                                       "up to date"):
+                self._finish(parent, interrupted)
 
     def _finish(self, parent: str, interrupted: bool) -> None:
         client, study = self.client, self.handle.study
