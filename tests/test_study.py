@@ -204,14 +204,17 @@ def test_two_worker_processes_share_one_study_and_run_exactly_n_trials(workdir, 
     url = f"sqlite:///{workdir / 'shared.db'}" if storage == "sqlite" else f"journal:{workdir / 'study.log'}"
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw(f"two-{storage}", n_trials=5, storage=url)))
-    workers = [worker(spec_path, workdir) for _ in range(2)]
+    # A new MLflow store too, which the workers starting at once must not both make (MLflow's migrations
+    # run at once fail on each other's tables).
+    store = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    workers = [worker(spec_path, workdir, env={"MLFLOW_TRACKING_URI": store}) for _ in range(2)]
     outputs = [finish(w) for w in workers]
     study = optuna.load_study(study_name=f"two-{storage}", storage=_storage(url))
     trials = study.get_trials()
     assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}
     ran = [int(out.split("this worker: ")[1].split(" trials")[0]) for out in outputs]
     assert sum(ran) == 5
-    client = MlflowClient()
+    client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name(f"two-{storage}").experiment_id])
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 5
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # one parent

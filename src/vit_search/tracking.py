@@ -249,7 +249,8 @@ def check_store(spec: Spec) -> None:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
                                 f"another store")
     try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
-        mlflow.MlflowClient(tracking_uri=uri)
+        with _made_by_one(uri):
+            mlflow.MlflowClient(tracking_uri=uri)  # makes a new SQLite store's tables
     except mlflow.exceptions.MlflowException as err:
         raise refused(err, uri) from None
     except Exception as err:  # a new sqlite store's tables could not be made
@@ -261,6 +262,25 @@ def check_store(spec: Spec) -> None:
                                 f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; set MLFLOW_TRACKING_URI to "
                                 f"another store") from None
         raise
+
+
+@contextmanager
+def _made_by_one(uri: str) -> Iterator[None]:
+    """For a ``sqlite:///`` store: hold a lock on the nearest folder above its file that exists, so that
+    of the workers that start at once on a new store one makes its tables and the others wait, rather
+    than all run MLflow's migrations at once (and fail on each other's tables)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    folder = next(p for p in Path(uri.removeprefix("sqlite:///")).absolute().parents if p.is_dir())
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # lets go of the lock
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
