@@ -480,10 +480,12 @@ def test_an_mlflow_store_whose_disk_fills_mid_study_is_one_line_and_the_same_com
     env = {"MLFLOW_TRACKING_URI": store}
     raw = study_raw("store-fills", n_trials=1)
     spec, storage = write(workdir / "spec.yaml", raw), raw["search"]["storage"]
+    client = MlflowClient(store)
+    client.search_experiments()  # the store made here first: not by this process and the worker at once
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=200"],
                             cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    client, deadline = MlflowClient(store), time.monotonic() + 120
+    deadline = time.monotonic() + 120
     while True:  # trial 0 is training: its run has an epoch's metrics
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
         experiment = client.get_experiment_by_name("store-fills")
