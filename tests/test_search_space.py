@@ -429,11 +429,24 @@ def test_cli_run_of_a_spec_without_search_section_exits_2_with_one_line(write_sp
     assert list(empty_cwd.iterdir()) == []
 
 
+def test_best_refuses_an_empty_storage_rather_than_read_the_default(write_spec, empty_cwd, capsys, monkeypatch):
+    from vit_search.cli import main
+
+    monkeypatch.chdir(empty_cwd)
+    assert main(["best", str(write_spec(study_text("model.depth: {int: [1, 3]}\n"))), "--storage="]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --storage '': empty; give the study's storage (sqlite:///FILE, journal:FILE, postgresql://..., "
+        "redis://...), or leave --storage out for search.storage"]
+    assert list(empty_cwd.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--jobs=-1", "--jobs -1: must be 0 (one worker per GPU, else per core) or more"),
     ("--n-trials=0", "--n-trials 0: must be at least 1 (trials in the whole study)"),
     ("--dry-run=0", "--dry-run 0: must be at least 1 (configurations to sample), or leave N out for 5"),
     ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (trials at once in each worker)"),
+    ("--storage=", "--storage '': empty; give the study's storage (sqlite:///FILE, journal:FILE, postgresql://..., "
+                   "redis://...), or leave --storage out for search.storage"),
 ])
 def test_cli_run_refuses_counts_below_their_minimum_with_one_line(write_spec, empty_cwd, flag, message):
     path = write_spec(study_text("model.depth: {int: [1, 3]}\n"))

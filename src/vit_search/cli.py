@@ -193,8 +193,16 @@ def _prepare_weights(spec) -> None:
             raise SpecError([f"{spec.locate(('model', 'init'))}: model.init: {err}"]) from None
 
 
+def _check_storage(args: argparse.Namespace) -> None:
+    """Refuse an empty --storage (an unset shell variable, say), which would otherwise quietly mean the default."""
+    if args.storage is not None and not args.storage.strip():
+        raise BadInput(f"--storage {args.storage!r}: empty; give the study's storage (sqlite:///FILE, journal:FILE, "
+                       f"postgresql://..., redis://...), or leave --storage out for search.storage")
+
+
 def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
+    _check_storage(args)
     if args.jobs < 0:
         raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU, else per core) or more")
     if args.n_trials is not None and args.n_trials < 1:
@@ -361,6 +369,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from .search.report import best_spec, best_trials, top_table
     from .search.study import open_study
 
+    _check_storage(args)
     spec = _load_study_spec(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, args.storage, create=False).study
