@@ -429,14 +429,21 @@ def test_cli_run_of_a_spec_without_search_section_exits_2_with_one_line(write_sp
     assert list(empty_cwd.iterdir()) == []
 
 
-def test_best_refuses_an_empty_storage_rather_than_read_the_default(write_spec, empty_cwd, capsys, monkeypatch):
+@pytest.mark.parametrize("command, flag, message", [
+    ("best", "--storage=", "--storage '': empty; give the study's storage (sqlite:///FILE, journal:FILE, "
+                           "postgresql://..., redis://...), or leave --storage out for search.storage"),
+    ("best", "--export=", "--export '': empty; name the file to write"),
+    ("best", "--top=0", "--top 0: must be at least 1 (rows of the top-trials table)"),
+    ("train", "--checkpoint-dir= ", "--checkpoint-dir ' ': empty; name a folder, or leave --checkpoint-dir out for "
+                                    "train.checkpoint_dir"),
+])
+def test_an_empty_option_or_a_zero_count_is_one_line_rather_than_the_default(write_spec, empty_cwd, capsys,
+                                                                               monkeypatch, command, flag, message):
     from vit_search.cli import main
 
-    monkeypatch.chdir(empty_cwd)
-    assert main(["best", str(write_spec(study_text("model.depth: {int: [1, 3]}\n"))), "--storage="]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "error: --storage '': empty; give the study's storage (sqlite:///FILE, journal:FILE, postgresql://..., "
-        "redis://...), or leave --storage out for search.storage"]
+    monkeypatch.chdir(empty_cwd)  # refused before any work: in this process
+    assert main([command, str(write_spec(study_text("model.depth: {int: [1, 3]}\n"))), flag]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
     assert list(empty_cwd.iterdir()) == []
 
 

@@ -193,16 +193,26 @@ def _prepare_weights(spec) -> None:
             raise SpecError([f"{spec.locate(('model', 'init'))}: model.init: {err}"]) from None
 
 
-def _check_storage(args: argparse.Namespace) -> None:
-    """Refuse an empty --storage (an unset shell variable, say), which would otherwise quietly mean the default."""
-    if args.storage is not None and not args.storage.strip():
-        raise BadInput(f"--storage {args.storage!r}: empty; give the study's storage (sqlite:///FILE, journal:FILE, "
-                       f"postgresql://..., redis://...), or leave --storage out for search.storage")
+# What to do about an option given an empty value, by option.
+_EMPTY = {
+    "storage": "give the study's storage (sqlite:///FILE, journal:FILE, postgresql://..., redis://...), or leave "
+               "--storage out for search.storage",
+    "checkpoint_dir": "name a folder, or leave --checkpoint-dir out for train.checkpoint_dir",
+    "export": "name the file to write",
+}
+
+
+def _check_not_empty(args: argparse.Namespace) -> None:
+    """Refuse an option given an empty value (an unset shell variable, say), which would otherwise quietly
+    mean the option's default (BadInput, exit 2)."""
+    for name, fix in _EMPTY.items():
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise BadInput(f"--{name.replace('_', '-')} {value!r}: empty; {fix}")
 
 
 def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
-    _check_storage(args)
     if args.jobs < 0:
         raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU, else per core) or more")
     if args.n_trials is not None and args.n_trials < 1:
@@ -369,7 +379,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     from .search.report import best_spec, best_trials, top_table
     from .search.study import open_study
 
-    _check_storage(args)
+    if args.top < 1:
+        raise BadInput(f"--top {args.top}: must be at least 1 (rows of the top-trials table)")
     spec = _load_study_spec(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, args.storage, create=False).study
@@ -515,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .spec import SpecError
 
     try:
+        _check_not_empty(args)
         with sigterm_interrupts():  # SIGTERM (a scheduler, `timeout`, `docker stop`) stops as Ctrl-C does
             code = args.func(args)
         _leave_process_group()
