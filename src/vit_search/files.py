@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 from pathlib import Path
+from typing import Iterator
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -64,14 +65,18 @@ def database_problem(url: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def disk_full(err: BaseException) -> bool:
-    """Whether ``err``, or an error it was raised from, says the disk under a file is full (SQLite's
-    "database or disk is full", an OSError ENOSPC from a journal file)."""
+def error_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, then each error it was raised from (``raise ... from``, or raised while handling it)."""
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "disk is full" in str(cause):
-            return True
+        yield cause
         cause = cause.__cause__ or cause.__context__
-    return False
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, says the disk under a file is full (SQLite's
+    "database or disk is full", an OSError ENOSPC from a journal file)."""
+    return any(isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "disk is full" in str(cause)
+               for cause in error_chain(err))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import RunFailed, UserError
-from .files import database_problem, disk_full, sqlite_problem
+from .files import database_problem, disk_full, error_chain, sqlite_problem
 from .redaction import redact, redact_in
 from .schema import Spec
 
@@ -185,14 +185,11 @@ def mlflow_disk_full(err: BaseException) -> str | None:
 
 def _modules_raised_in(err: BaseException) -> Iterator[tuple[str, Any]]:
     """(module name, frame) of each frame that ``err``, and each error it was raised from, went through."""
-    seen, cause = set(), err
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in error_chain(err):
         traced = cause.__traceback__
         while traced is not None:
             yield str(traced.tb_frame.f_globals.get("__name__", "")), traced.tb_frame
             traced = traced.tb_next
-        cause = cause.__cause__ or cause.__context__
 
 
 @contextmanager
