@@ -272,9 +272,16 @@ def _made_by_one(uri: str) -> Iterator[None]:
     import fcntl
 
     folder = next(p for p in Path(uri.removeprefix("sqlite:///")).absolute().parents if p.is_dir())
-    handle = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this user cannot open: MLflow says what it makes of that
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without such locks (some NFS mounts): as MLflow alone would do
+            pass
         yield
     finally:
         os.close(handle)  # lets go of the lock
