@@ -209,3 +209,18 @@ def test_a_grace_shorter_than_two_heartbeats_is_refused(write_spec):
     (problem,) = problems(path, overrides=["search.grace_seconds=45"])
     assert "grace_seconds 45 is less than twice heartbeat_seconds 30" in problem
     assert load_spec(path, ["search.grace_seconds=60"]).search.grace_seconds == 60
+
+
+@pytest.mark.parametrize("metric, direction, problem", [
+    ("test_accuracy", "maximize", "search.metric: Input should be 'val_accuracy', 'val_loss', 'train_loss', "
+                                  "'parameters' or 'flops' (got 'test_accuracy')"),
+    (["val_accuracy", "test_loss"], ["maximize", "minimize"],
+     "search.metric.1: Input should be 'val_accuracy', 'val_loss', 'train_loss', 'parameters' or 'flops' "
+     "(got 'test_loss')"),
+])
+def test_a_test_metric_is_never_an_objective_and_says_so_in_one_line(metric, direction, problem):
+    # The test split takes no part in search decisions. One line, though the schema tries two shapes.
+    raw = {"name": "x", "search": {"metric": metric, "direction": direction, "space": {"model.depth": {"int": [1, 2]}}}}
+    with pytest.raises(SpecError) as raised:
+        load_spec(raw)
+    assert raised.value.problems == [f"<spec>: {problem}"]

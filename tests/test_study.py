@@ -104,6 +104,28 @@ def test_constraints_prune_trials_before_any_training(workdir):
     assert len(runs) == 3 and all("max_params" in r.data.tags["pruned_reason"] for r in runs)
 
 
+def test_n_trials_extends_a_study_a_finished_one_adds_none_and_every_enqueued_trial_runs_once(workdir):
+    # Trials pruned by a constraint: the study's bookkeeping without training.
+    raw = {**study_raw("extended", n_trials=2, constraints={"max_params": 1000},
+                       enqueue=[{"model.depth": 1}, {"model.depth": 2}, {"model.depth": 1, "train.lr": 5.0e-3}]),
+           "tracking": {"enabled": False}}
+    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 3  # all enqueued, though n_trials is 2
+    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 3  # finished: the same command adds none
+    trials = run_search(load_spec(raw, ["search.n_trials=5"]), progress=False).study.get_trials()
+    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.PRUNED}  # the queue was not added again
+    assert [t.params["model.depth"] for t in trials[:3]] == [1, 2, 1] and trials[2].params["train.lr"] == 5.0e-3
+
+
+def test_without_n_trials_a_worker_stops_taking_trials_at_its_timeout(workdir):
+    raw = {**study_raw("timed", n_trials=None, timeout=1.0, constraints={"max_params": 1000}),
+           "tracking": {"enabled": False}}
+    started = time.monotonic()
+    trials = run_search(load_spec(raw), progress=False).study.get_trials()
+    assert time.monotonic() - started < 30 and len(trials) >= 1 and {t.state for t in trials} == {TrialState.PRUNED}
+    first = trials[0].datetime_start
+    assert all((t.datetime_start - first).total_seconds() <= 1.0 for t in trials)  # none started after the timeout
+
+
 def test_a_combination_that_cannot_be_built_is_pruned_with_its_reason(workdir):
     spec = load_spec(study_raw("infeasible", n_trials=1, space={"model.attention.heads": {"choice": [3, 4]}},
                                enqueue=[{"model.attention.heads": 3}]))  # dim 16 does not split into 3 heads
@@ -154,6 +176,18 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
     failed = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
                                 filter_string="tags.`optuna.trial_number` = '0'")
     assert failed[0].info.status == "FAILED" and failed[0].data.tags["trial.state"] == "FAIL"
+
+
+def test_a_study_whose_every_trial_failed_exits_1_saying_so(workdir, capsys):
+    from vit_search.cli import main
+
+    raw = {**study_raw("all-failing", n_trials=2, space={"model.depth": {"int": [1, 2]}}),
+           "tracking": {"enabled": False}}
+    raw["model"] = {**raw["model"], "head": {"type": "test_exploding_head"}}
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", "spec.yaml", "--quiet"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: all 2 trials this worker ran failed; the last: RuntimeError: plugin bug")
 
 
 @pytest.mark.slow
@@ -413,6 +447,25 @@ def test_a_trial_another_worker_failed_does_not_stop_its_live_worker(workdir):
     assert report.trials_run == [0, 1, 2] and [t.state for t in trials] == [
         TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[0].user_attrs["error"].startswith("worker died") and trials[1].user_attrs["retry_of"] == 0
+
+
+def test_the_storage_is_the_flag_then_the_environment_then_the_spec_then_beside_mlflows_store(monkeypatch):
+    from vit_search.search.storage import STORAGE_ENV, journal_path
+    from vit_search.search.study import storage_url_of
+
+    spec = load_spec(study_raw("where", storage="sqlite:///spec.db"))
+    monkeypatch.setenv(STORAGE_ENV, "sqlite:///env.db")
+    assert storage_url_of(spec, "sqlite:///flag.db") == "sqlite:///flag.db"
+    assert storage_url_of(spec) == "sqlite:///env.db"
+    monkeypatch.delenv(STORAGE_ENV)
+    assert storage_url_of(spec) == "sqlite:///spec.db"
+    spec.search.storage = None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/tracking/mlflow.db")
+    assert storage_url_of(spec) == "sqlite:////srv/tracking/optuna.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert storage_url_of(spec) == "sqlite:///optuna.db"  # the working directory
+    assert [journal_path(url) for url in ("study.log", "runs/a.journal", "b.jsonl", "journal:c", "sqlite:///d.log")] == [
+        Path("study.log"), Path("runs/a.journal"), Path("b.jsonl"), Path("c"), None]
 
 
 @pytest.mark.parametrize("layout", ["sqlite", "journal"])

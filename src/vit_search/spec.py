@@ -72,10 +72,19 @@ _SCHEMA_PART = re.compile(r"^(int|str|float|bool|bytes|none|(tuple|list|dict|set
 
 def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
     problems = []
-    for e in err.errors():
+    errors = [(tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and _SCHEMA_PART.match(p))), e)
+              for e in err.errors()]
+    locs = [loc for loc, _ in errors]
+    said: set[tuple[str, ...]] = set()
+    for loc, e in errors:
         # Union members and validators show up as extra loc parts ("int", "tuple[int, int]",
         # "function-after[...]"): keep the field path, and every key, whatever its name begins with.
-        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and _SCHEMA_PART.match(p)))
+        # A union gives one error per member it tried (`metric: x` is no objective, and no list of them):
+        # one line per field, the one naming an item where there is one.
+        if loc in said or any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs) \
+                and e["type"] not in ("extra_forbidden", "missing"):
+            continue
+        said.add(loc)
         path = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _fields_at(loc[:-1])
