@@ -34,7 +34,7 @@ def short_value(value: Any) -> str:
 
 
 def trial_run_name(number: int, params: Mapping[str, Any], score: str | None = None) -> str:
-    """``trial 7 · depth 6 · heads 4 · val_accuracy 0.986``: the trial's searched values, then its score."""
+    """``trial 7 · depth 6 · heads 4 · val_accuracy 0.9861``: the trial's searched values, then its score."""
     parts = [f"trial {number}", *(f"{short_key(k)} {short_value(v)}" for k, v in params.items())]
     return " · ".join(parts + ([score] if score else []))
 
