@@ -74,11 +74,19 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("structure").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.data.tags["sampler"] == "random"
+    assert parent.data.tags["pruner"] == "none" and parent.data.tags["optuna.study_name"] == "structure"
+    assert {k: parent.data.metrics[k] for k in ("trials_complete", "trials_pruned", "trials_fail")} == {
+        "trials_complete": 4, "trials_pruned": 0, "trials_fail": 0}
+    assert {"best_test_accuracy", "best_test_loss", "best_parameters", "best_flops"} <= set(parent.data.metrics)
     children = children_of(client, parent.info.run_id)
     assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
     for child in children:
         number = int(child.data.tags["optuna.trial_number"])
         assert child.data.tags["trial.state"] == "COMPLETE" and child.info.status == "FINISHED"
+        assert child.data.tags["search.keys"] == "model.depth,train.lr,model.pooling.type"
+        assert child.info.run_name.startswith(f"trial {number} · depth ") and " · val_accuracy " in child.info.run_name
+        assert {"epoch_seconds", "test_accuracy", "parameters", "flops"} <= set(child.data.metrics)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"spec.yaml", "model"}
         # The searched values are params under their dotted names, as sampled.
         assert child.data.params["model.depth"] == str(trials[number].params["model.depth"])
         assert child.data.params["model.pooling.type"] == trials[number].params["model.pooling.type"]
@@ -87,7 +95,7 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "best_spec.yaml" in artifacts and "plots/optimization_history.png" in plots
+    assert {"best_spec.yaml", "study.yaml"} <= artifacts and "plots/optimization_history.png" in plots
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
 
 
@@ -164,10 +172,11 @@ class ExplodingHead:
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
-    spec = load_spec(study_raw("failing", n_trials=4, space={
+    raw = study_raw("failing", n_trials=4, space={
         "model.head.type": {"choice": ["linear", "test_exploding_head"]}, "model.depth": {"int": [1, 2]}},
-        enqueue=[{"model.head.type": "test_exploding_head"}, {"model.head.type": "linear"}]))
-    result = run_search(spec, progress=False)
+        enqueue=[{"model.head.type": "test_exploding_head"}, {"model.head.type": "linear"}])
+    raw["tracking"] = {**raw["tracking"], "log_model": False}  # and plots off, as study_raw has them
+    result = run_search(load_spec(raw), progress=False)
     trials = result.study.get_trials()
     assert len(trials) == 4
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["error"] == "RuntimeError: plugin bug"
@@ -176,6 +185,11 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
     failed = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
                                 filter_string="tags.`optuna.trial_number` = '0'")
     assert failed[0].info.status == "FAILED" and failed[0].data.tags["trial.state"] == "FAIL"
+    assert failed[0].data.tags["error"] == "RuntimeError: plugin bug" and failed[0].info.run_name.endswith(" · failed")
+    trained = client.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert {a.path for a in client.list_artifacts(trained.info.run_id)} == {"spec.yaml"}  # no weights: log_model off
+    parent = client.get_run(trained.data.tags["mlflow.parentRunId"])
+    assert not client.list_artifacts(parent.info.run_id, "plots")
 
 
 def test_a_study_whose_every_trial_failed_exits_1_saying_so(workdir, capsys):
