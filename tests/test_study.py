@@ -463,6 +463,23 @@ def test_a_trial_another_worker_failed_does_not_stop_its_live_worker(workdir):
     assert trials[0].user_attrs["error"].startswith("worker died") and trials[1].user_attrs["retry_of"] == 0
 
 
+def test_a_configuration_whose_worker_dies_every_time_is_retried_twice_and_no_more(workdir):
+    from vit_search.search.study import fail_stale_trials, open_study, sample_spec, worker_loop
+
+    spec = load_spec(study_raw("dies-again", n_trials=1))
+    handle, other = open_study(spec), open_study(spec)
+
+    def run_trial(trial, drawn):
+        fail_stale_trials(other, grace=-1)  # its worker "dies" in every attempt: another worker fails it
+        return [0.5]
+
+    worker_loop(handle, 1, lambda trial: sample_spec(spec, trial), run_trial, heartbeat=0.1)
+    trials = handle.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3  # the first try and two retries
+    assert [bool(t.system_attrs.get(RETRIED)) for t in trials] == [True, True, False]  # the third is not queued
+    assert trials[0].params == trials[1].params == trials[2].params
+
+
 def test_the_storage_is_the_flag_then_the_environment_then_the_spec_then_beside_mlflows_store(monkeypatch):
     from vit_search.search.storage import STORAGE_ENV, journal_path
     from vit_search.search.study import storage_url_of
