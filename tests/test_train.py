@@ -117,12 +117,19 @@ class NanHead:
         return Head(dim, num_classes)
 
 
-def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workdir):
-    spec = load_spec({**TINY, "tracking": {"experiment": "nan"},
-                      "model": {**TINY["model"], "head": {"type": "test_nan_head"}}})
+def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workdir, capsys):
+    from vit_search.cli import main
+
+    raw = {**TINY, "tracking": {"experiment": "nan"}, "model": {**TINY["model"], "head": {"type": "test_nan_head"}}}
     with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
-        train(spec)
-    (run,) = mlflow.search_runs(experiment_names=["nan"], output_format="list")
+        train(load_spec(raw))
+    # The command: one line with what to try, exit 1 (in this process, where the test's head is registered).
+    assert main(["train", str(write_yaml(workdir / "nan.yaml", raw)), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "error: loss became nan in epoch 1; lower train.lr, set train.grad_clip, or use mixed_precision: bf16 "
+        "instead of fp16")
+    (run, _) = mlflow.search_runs(experiment_names=["nan"], output_format="list")
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
 
 
