@@ -133,6 +133,15 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
 
 
+def test_without_resume_a_run_starts_afresh_in_a_new_mlflow_run_and_overwrites_the_checkpoint(workdir):
+    spec = tiny_spec("afresh", epochs=1)
+    first = train(spec, checkpoint_dir=workdir / "ck")
+    second = train(spec, checkpoint_dir=workdir / "ck")
+    assert second.run_id != first.run_id and len(second.history) == 1  # not continued from the first
+    checkpoint = torch.load(workdir / "ck" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["run_id"] == second.run_id and checkpoint["epoch"] == 0
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_run(workdir, sqlite_uri):
     raw = {**TINY, "tracking": {"experiment": "resume"}, "train": {**TINY["train"], "epochs": 8}}
