@@ -133,6 +133,21 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
 
 
+def test_tracking_uri_names_the_store_unless_mlflow_tracking_uri_is_set(workdir, monkeypatch, sqlite_uri):
+    from mlflow.exceptions import MlflowException
+
+    store = f"sqlite:///{workdir / 'spec-store.db'}"
+    raw = {**TINY, "tracking": {"experiment": "where-logged", "uri": store}, "train": {**TINY["train"], "epochs": 1}}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    in_spec_store = train(load_spec(raw)).run_id
+    assert MlflowClient(store).get_run(in_spec_store).info.status == "FINISHED"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)  # the environment wins
+    in_env_store = train(load_spec(raw)).run_id
+    assert MlflowClient(sqlite_uri).get_run(in_env_store).info.status == "FINISHED"
+    with pytest.raises(MlflowException):
+        MlflowClient(store).get_run(in_env_store)
+
+
 def test_without_resume_a_run_starts_afresh_in_a_new_mlflow_run_and_overwrites_the_checkpoint(workdir):
     spec = tiny_spec("afresh", epochs=1)
     first = train(spec, checkpoint_dir=workdir / "ck")
