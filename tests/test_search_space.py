@@ -271,6 +271,7 @@ def test_trial_spec_rebuilds_each_sampled_trial_from_its_stored_params(write_spe
         ("model.depth", {"int": [1, 8], "step": 2, "log": True}, "a log int range takes no step"),
         ("train.lr", {"float": [1.0e-4, 1.0], "log": "yes"}, "log must be true or false"),
         ("name", {"choice": ["a", "b"]}, "'name' cannot be searched"),
+        ("plugins", {"choice": [[], ["my_blocks"]]}, "'plugins' cannot be searched"),
         ("search.n_trials", {"int": [1, 2]}, "'search' cannot be searched"),
     ],
 )

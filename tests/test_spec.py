@@ -66,6 +66,19 @@ def test_set_overrides_values_as_yaml(write_spec):
     assert spec.model.depth == 6 and spec.model.attention["type"] == "einsum" and spec.train.lr == 0.01
 
 
+def test_set_given_twice_keeps_the_last_and_a_preset_block_of_another_type_takes_its_defaults(write_spec):
+    spec = load_spec(write_spec("name: p\nmodel: {preset: vit_ti_16, attention: {type: einsum}}\n"),
+                     ["model.depth=3", "model.depth=5"])
+    assert spec.model.depth == 5
+    assert spec.model.attention == {"type": "einsum"}  # the preset's sdpa arguments are not carried over
+
+
+def test_a_spec_file_that_does_not_exist_is_one_line():
+    with pytest.raises(SpecError) as raised:
+        load_spec("/nonexistent/spec.yaml")
+    assert raised.value.problems == ["/nonexistent/spec.yaml: no such file; check the path"]
+
+
 def test_preset_fills_the_model_and_keys_override_it(write_spec):
     spec = load_spec(write_spec("name: p\ndata: {dataset: cifar10, image_size: 224}\n"
                                 "model: {preset: vit_s_16, depth: 6, attention: {heads: 4}}\n"), check_model=False)
