@@ -99,6 +99,28 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
 
 
+def test_a_multi_objective_study_prunes_nothing_and_logs_its_pareto_front(workdir, capsys):
+    from vit_search.cli import main
+
+    raw = study_raw("pareto", n_trials=3, metric=["val_accuracy", "parameters"], direction=["maximize", "minimize"],
+                    pruner="median")
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(raw))
+    result = run_search(load_spec(raw), progress=False)
+    study = result.study
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)  # Optuna prunes single-objective studies only
+    assert all(t.values[1] == t.user_attrs["parameters"] for t in study.get_trials())
+    front = [t.number for t in study.best_trials]
+    client = MlflowClient()
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("pareto").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags.get("pareto_front", str(front[0])) == ",".join(map(str, front))  # tagged when 2 or more
+    assert parent.data.tags["best_trial"] == str(front[0])
+    assert main(["best", "spec.yaml", "--export", "best.yaml"]) == 0  # the first trial of the front
+    exported = yaml.safe_load((workdir / "best.yaml").read_text())
+    assert exported["model"]["depth"] == study.trials[front[0]].params["model.depth"]
+    assert "trial  value" in capsys.readouterr().out
+
+
 def test_constraints_prune_trials_before_any_training(workdir):
     spec = load_spec(study_raw("constrained", n_trials=3, constraints={"max_params": 1000}))
     result = run_search(spec, progress=False)
