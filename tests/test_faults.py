@@ -706,6 +706,19 @@ def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workd
     assert not (workdir / "runs").exists()  # nothing trained, nothing written
 
 
+def test_mlflow_retries_default_to_three_with_a_ten_second_timeout_and_a_users_settings_stay(monkeypatch):
+    from vit_search.tracking import bound_http_retries
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(key, "")  # recorded, so that what bound_http_retries sets is undone after the test
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    bound_http_retries()
+    assert [os.environ[f"MLFLOW_HTTP_REQUEST_{k}"] for k in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER",
+                                                              "TIMEOUT")] == ["3", "1", "0.5", "30"]
+
+
 @pytest.mark.parametrize("key, value", [("MLFLOW_HTTP_REQUEST_TIMEOUT", "ten"),
                                         ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1"),
                                         ("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "a little")])
