@@ -97,6 +97,9 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"best_spec.yaml", "study.yaml"} <= artifacts and "plots/optimization_history.png" in plots
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
+    # Each trial's epoch checkpoints in runs/<study>/trial-<n>/.
+    assert sorted(p.relative_to(workdir).as_posix() for p in (workdir / "runs").rglob("checkpoint.pt")) == [
+        f"runs/structure/trial-{n}/checkpoint.pt" for n in range(4)]
 
 
 def test_a_multi_objective_study_prunes_nothing_and_logs_its_pareto_front(workdir, capsys):
@@ -198,9 +201,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
         "model.head.type": {"choice": ["linear", "test_exploding_head"]}, "model.depth": {"int": [1, 2]}},
         enqueue=[{"model.head.type": "test_exploding_head"}, {"model.head.type": "linear"}])
     raw["tracking"] = {**raw["tracking"], "log_model": False}  # and plots off, as study_raw has them
-    result = run_search(load_spec(raw), progress=False)
+    result = run_search(load_spec(raw), progress=False, checkpoint_dir=str(workdir / "elsewhere"))
     trials = result.study.get_trials()
-    assert len(trials) == 4
+    assert len(trials) == 4 and (workdir / "elsewhere" / "failing" / "trial-1" / "checkpoint.pt").is_file()
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["error"] == "RuntimeError: plugin bug"
     assert trials[1].state == TrialState.COMPLETE
     client = MlflowClient()
