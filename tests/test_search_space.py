@@ -407,6 +407,20 @@ def test_cli_validate_of_a_bad_space_exits_2_with_one_line_per_problem(write_spe
     assert list(empty_cwd.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["run", "best"])
+def test_run_and_best_check_the_space_as_validate_does_before_anything_is_written(write_spec, empty_cwd, capsys,
+                                                                                   monkeypatch, command):
+    from vit_search.cli import main
+
+    text = study_text("model.deph: {int: [2, 4]}\n")
+    path = write_spec(text)
+    monkeypatch.chdir(empty_cwd)  # refused before any work: in this process
+    assert main([command, str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path}:{line_of(text, 'model.deph')}: search.space.") and "did you mean 'depth'?" in line
+    assert list(empty_cwd.iterdir()) == []
+
+
 def test_cli_dry_run_prints_one_line_per_trial_and_writes_nothing(write_spec, empty_cwd):
     path = write_spec(study_text(CONDITIONAL + "model.depth: {int: [1, 3]}\n"))
     result = cli("run", str(path), "--dry-run", "3", cwd=empty_cwd)
