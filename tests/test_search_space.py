@@ -421,6 +421,24 @@ def test_run_and_best_check_the_space_as_validate_does_before_anything_is_writte
     assert list(empty_cwd.iterdir()) == []
 
 
+def test_dry_run_marks_what_cannot_be_built_or_breaks_a_constraint_with_its_values(write_spec, empty_cwd, capsys,
+                                                                                     monkeypatch):
+    from vit_search.cli import main
+
+    base = ("name: marks\ndata: {dataset: digits, image_size: 8}\nmodel: {dim: 16, depth: 4, patch_embed: {type: conv, "
+            "patch_size: 2}, attention: {type: sdpa, heads: 2}}\nsearch:\n  constraints: {max_params: 12000}\n")
+    monkeypatch.chdir(empty_cwd)
+    assert main(["run", str(write_spec(base + "  space: {model.attention.heads: {choice: [3, 5]}}\n")), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(  # the default count; dim 16 splits into neither
+        line.startswith(f"trial {n}: infeasible: model.attention (sdpa): dim 16 is not divisible by heads ")
+        and line.endswith(("[model.attention.heads=3]", "[model.attention.heads=5]")) for n, line in enumerate(lines))
+    assert main(["run", str(write_spec(base + "  space: {model.depth: {choice: [4]}}\n")), "--dry-run", "1"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "PRUNED: params 13,690 > max_params 12,000" in line and line.endswith("[model.depth=4]")
+    assert list(empty_cwd.iterdir()) == []
+
+
 def test_cli_dry_run_prints_one_line_per_trial_and_writes_nothing(write_spec, empty_cwd):
     path = write_spec(study_text(CONDITIONAL + "model.depth: {int: [1, 3]}\n"))
     result = cli("run", str(path), "--dry-run", "3", cwd=empty_cwd)

@@ -357,8 +357,10 @@ def _dry_run(spec, count: int) -> int:
         trial = study.ask()
         try:
             trial_spec, drawn = sample_spec(spec, trial)
-        except SpecError as err:
-            print(f"trial {trial.number}: infeasible: {err.problems[0]}")
+        except SpecError as err:  # located in no file (the drawn spec has none): the problem and the values
+            problem = err.problems[0].removeprefix("<spec>: ")
+            drawn_values = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+            print(f"trial {trial.number}: infeasible: {problem}  [{drawn_values}]")
             continue
         parameters, flops = model_cost(trial_spec.model)
         reason = check_constraints(spec.search.constraints, parameters, flops)
