@@ -87,3 +87,22 @@ def test_validation_survives_python_dash_O():
     )
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("raised model.ffn (mlp): unknown argument 'ratoi'")
+
+
+def test_a_name_defaults_to_the_builders_and_a_missing_required_argument_is_said(registry):
+    @registry.register("ffn")
+    def gated(dim: int, hidden: int):
+        """A builder with a required argument of its own."""
+
+    assert registry.get("ffn", "gated") is gated
+    with pytest.raises(RegistryError) as err:
+        registry.check_args("ffn", "gated", {}, "model.ffn")
+    assert str(err.value) == "model.ffn (gated): missing required argument 'hidden'"
+
+
+def test_a_builder_taking_kwargs_accepts_any_key_unchecked(registry):
+    @registry.register("ffn", "open")
+    def open_ffn(dim: int, **options):
+        """Takes whatever the spec gives."""
+
+    assert registry.check_args("ffn", "open", {"anything": [1, "x"]}, "model.ffn") == {"anything": [1, "x"]}
