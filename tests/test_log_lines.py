@@ -85,3 +85,25 @@ def test_next_steps_carry_a_plain_storage_but_never_a_password():
     assert not any("s3cretPW" in line or "password=x" in line or "--storage" in line for line in secret)
     assert "the storage holds a password: set VIT_SEARCH_STORAGE to its URL before these commands" in secret
     assert "  vit-search best s.yaml --set=model.dim=32 --export best.yaml   # the best trial as a plain spec" in secret
+
+
+def test_a_pruned_or_failed_trials_line_says_where_it_stood_and_why(monkeypatch):
+    from optuna.trial import TrialState
+
+    from vit_search.log_lines import EpochLines, trial_line
+
+    distributions = {"model.depth": optuna.distributions.IntDistribution(1, 4)}
+    pruned = optuna.trial.create_trial(state=TrialState.PRUNED, params={"model.depth": 3}, distributions=distributions,
+                                       intermediate_values={0: 0.25, 1: 0.375},
+                                       user_attrs={"pruned_reason": "pruned by median after epoch 2"})
+    # (A trial made outside a study is numbered -1.)
+    assert re.fullmatch(r"trial -1 PRUNED val_accuracy 0\.3750 at epoch 2 in \d+\.\d s \[model\.depth=3\]: "
+                        r"pruned by median after epoch 2", trial_line(pruned, ["val_accuracy"]))
+    failed = optuna.trial.create_trial(state=TrialState.FAIL, params={"model.depth": 1}, distributions=distributions,
+                                       user_attrs={"error": "RuntimeError: plugin bug"})
+    assert re.fullmatch(r"trial -1 FAIL in \d+\.\d s \[model\.depth=1\]: RuntimeError: plugin bug",
+                        trial_line(failed, ["val_accuracy"]))
+    monkeypatch.delenv("VIT_SEARCH_LOG_SECONDS", raising=False)
+    assert EpochLines("run", 10).every == 60  # a line a minute, unless set
+    monkeypatch.setenv("VIT_SEARCH_LOG_SECONDS", "0")
+    assert EpochLines("run", 10).every == 0
