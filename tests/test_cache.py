@@ -257,6 +257,7 @@ def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli, sqli
     mlflow.set_tracking_uri(sqlite_uri)
     (run,) = mlflow.search_runs(experiment_names=["cached"], output_format="list")
     assert run.data.tags["data_cache"] == str(folder) and int(run.data.tags["data_cache_bytes"]) == 24 * 3 * 8 * 8
+    assert run.data.tags["data_cache_read"] == "batches"  # on_device: no
 
 
 def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli):

@@ -148,6 +148,17 @@ def test_tracking_uri_names_the_store_unless_mlflow_tracking_uri_is_set(workdir,
         MlflowClient(store).get_run(in_env_store)
 
 
+def test_a_run_is_tagged_with_the_commit_of_its_specs_git_work_tree(workdir):
+    spec_path = write_yaml(workdir / "tagged.yaml", {**TINY, "tracking": {"experiment": "git-tag"},
+                                                     "train": {**TINY["train"], "epochs": 1}})
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run([*git, "init", "-q"], cwd=workdir, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "spec"], cwd=workdir, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True).stdout.strip()
+    run = MlflowClient().get_run(train(load_spec(spec_path)).run_id)
+    assert run.data.tags["git.commit"] == head
+
+
 def test_without_resume_a_run_starts_afresh_in_a_new_mlflow_run_and_overwrites_the_checkpoint(workdir):
     spec = tiny_spec("afresh", epochs=1)
     first = train(spec, checkpoint_dir=workdir / "ck")
