@@ -78,6 +78,18 @@ def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli
     assert len(lines) == 1 and key in lines[0] and says in lines[0], result.stderr
 
 
+def test_a_supernet_study_from_pretrained_weights_is_one_line_and_exit_2(write_spec, tmp_path, capsys):
+    from vit_search.cli import main
+    from vit_search.model import build_vit
+
+    weights = tmp_path / "weights.pt"
+    torch.save(build_vit(load_spec({**SPEC, "search": None})).state_dict(), weights)
+    raw = {**SPEC, "model": {**SPEC["model"], "init": {"from": "file", "path": str(weights)}}}
+    assert main(["validate", str(write_spec(yaml.safe_dump(raw)))]) == 2  # in this process: it trains nothing
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "model.init: a supernet starts from fresh weights; remove model.init or use strategy: trials" in line
+
+
 def test_a_supernet_study_ranked_by_train_loss_is_one_line_and_exit_2(cli, write_spec):
     raw = {**SPEC, "search": {**SPEC["search"], "metric": "train_loss", "direction": "minimize"}}
     result = cli("validate", str(write_spec(yaml.safe_dump(raw))))

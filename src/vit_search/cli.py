@@ -77,8 +77,13 @@ def _space_problems(spec) -> list[str]:
     """Problems with the search space, one line each; a supernet study's must also share weights."""
     from .search.space import check_space
 
+    supernet = spec.search is not None and spec.search.strategy == "supernet"
+    if supernet and spec.model.init is not None:  # else each searched size is said not to fit weights it never takes
+        from .search.supernet_space import init_problem
+
+        return [init_problem(spec)]
     problems = check_space(spec)
-    if not problems and spec.search is not None and spec.search.strategy == "supernet":
+    if not problems and supernet:
         from .search.supernet_space import check_supernet_space
 
         problems = check_supernet_space(spec)

@@ -100,6 +100,12 @@ def _block_of(base: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return REGISTRY.describe(kind, block_type(base, kind)).builder
 
 
+def init_problem(spec: Spec) -> str:
+    """The line refusing ``model.init`` in a supernet study."""
+    return (f"{spec.locate(('model', 'init'))}: model.init: a supernet starts from fresh weights; remove model.init "
+            f"or use strategy: trials")
+
+
 def check_supernet_space(spec: Spec) -> list[str]:
     """Why ``spec``'s space cannot be searched by one supernet, one line per key (empty: it can)."""
     base = spec.model.model_dump(mode="json", by_alias=True)
@@ -112,8 +118,7 @@ def check_supernet_space(spec: Spec) -> list[str]:
                             f"elastic_args), so search.strategy supernet cannot share its weights; use an elastic "
                             f"block (vit-search blocks) or strategy: trials")
     if spec.model.init is not None:
-        problems.append(f"{where('model', 'init')}: model.init: a supernet starts from fresh weights; remove "
-                        f"model.init or use strategy: trials")
+        problems.append(init_problem(spec))
     metric = spec.search.metric
     if "train_loss" in ([metric] if isinstance(metric, str) else metric):
         problems.append(f"{where('search', 'metric')}: search.metric: train_loss: phase 2 scores subnets without "
