@@ -234,6 +234,18 @@ def test_a_tracking_database_that_cannot_be_used_is_one_line_at_once_without_its
     assert line.startswith("error: MLflow store ") and said in line and "hunter2" not in line
 
 
+def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_without_its_password(workdir, in_process):
+    from conftest import free_port
+
+    spec = write(workdir / "spec.yaml", study_raw("no-server-yet", n_trials=1))
+    port = free_port()  # nothing listens there
+    code, line = in_process("run", str(spec), env={"MLFLOW_TRACKING_URI": f"http://someone:hunter2@127.0.0.1:{port}"})
+    assert code == 2 and line.startswith(f"error: MLflow tracking server http://someone:***@127.0.0.1:{port} does not "
+                                         f"answer (") and "hunter2" not in line
+    assert line.endswith("start it (or point MLFLOW_TRACKING_URI at a store that answers), then run the command again")
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no study made
+
+
 def test_a_password_is_masked_wherever_a_message_repeats_its_url():
     from vit_search.redaction import redact_in
 
