@@ -629,6 +629,12 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert runs and {r.info.status for r in runs} == {"KILLED"}  # the parent, and the trial's run if it began
+    # Run again: the interrupted trial used up none of n_trials.
+    from vit_search.search.run import run_search
+    from vit_search.spec import load_spec
+
+    trials = run_search(load_spec(spec), progress=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
 # -- the tracking server goes away ------------------------------------------------------------------
