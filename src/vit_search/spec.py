@@ -81,8 +81,8 @@ def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
         # "function-after[...]"): keep the field path, and every key, whatever its name begins with.
         # A union gives one error per member it tried (`metric: x` is no objective, and no list of them):
         # one line per field, the one naming an item where there is one.
-        if loc in said or any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs) \
-                and e["type"] not in ("extra_forbidden", "missing"):
+        deeper = any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)
+        if loc in said or (deeper and e["type"] not in ("extra_forbidden", "missing")):
             continue
         said.add(loc)
         path = ".".join(loc) or "(top level)"
