@@ -44,8 +44,8 @@ def bounded_cli(*args: str, cwd: Path, memory_gb: float = 6, env: dict | None = 
 
 @pytest.fixture
 def in_process(capsys, monkeypatch):
-    """The command line in this process, for refusals that come before any work (no start-up to pay):
-    ``in_process(*args, env={...})`` returns its exit code and its stderr's last line."""
+    """The command line in this process, with no start-up to pay (MLflow's global state is reset after
+    each test): ``in_process(*args, env={...})`` returns its exit code and its stderr's last line."""
     from vit_search.cli import main
 
     def run(*args: str, env: dict | None = None) -> tuple[int, str]:
@@ -487,7 +487,7 @@ def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_
 
 @pytest.mark.slow
 def test_an_mlflow_store_whose_disk_fills_mid_study_is_one_line_and_the_same_command_loses_no_trial(
-        workdir, small_disk):
+        workdir, small_disk, in_process):
     store = f"sqlite:///{small_disk}/mlflow.db"
     env = {"MLFLOW_TRACKING_URI": store}
     raw = study_raw("store-fills", n_trials=1)
@@ -511,16 +511,15 @@ def test_an_mlflow_store_whose_disk_fills_mid_study_is_one_line_and_the_same_com
     assert err.strip().splitlines()[-1] == (
         f"error: MLflow store {store}: no space left on its disk: trial 0 is queued again; free space, then run the "
         f"same command to resume")
-    # `train` into the full store: one line too, and --resume goes on once there is space.
+    # `train` into the full store: one line too, and --resume goes on once there is space. (In this
+    # process from here: no start-up to pay.)
     plain = write(workdir / "plain.yaml", {**TINY, "tracking": {"experiment": "store-fills"}})
-    assert one_line(bounded_cli("train", str(plain), cwd=workdir, env=env), code=1) == (
-        f"error: MLflow store {store}: no space left on its disk; free space, then run the same command with --resume")
-
+    assert in_process("train", str(plain), "--quiet", env=env) == (
+        1, f"error: MLflow store {store}: no space left on its disk; free space, then run the same command with "
+           f"--resume")
     filler.unlink()
-    result = bounded_cli("train", str(plain), "--resume", cwd=workdir, env=env)  # what the line says to run
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = bounded_cli("run", str(spec), cwd=workdir, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert in_process("train", str(plain), "--resume", "--quiet")[0] == 0  # what the line says to run
+    assert in_process("run", str(spec), "--quiet")[0] == 0
     trials = optuna.load_study(study_name="store-fills", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == trials[0].params  # the same point, trained again
