@@ -197,12 +197,12 @@ def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(
                                                 ("train", "file:///{tmp}/mlruns", "filesystem tracking backend"),
                                                 ("run", "{tmp}/mlruns", "filesystem tracking backend")])
 def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_in_its_words_before_anything_is_written(
-        workdir, command, uri, said):
+        workdir, in_process, command, uri, said):
     raw = {**TINY, "search": study_raw("refused")["search"]} if command == "run" else TINY
     spec = write(workdir / "spec.yaml", {**raw, "tracking": {"experiment": "refused"}})
     uri = uri.format(tmp=workdir)
-    line = one_line(bounded_cli(command, str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
-    assert line.startswith(f"error: MLflow store {uri}: ") and said in line
+    code, line = in_process(command, str(spec), env={"MLFLOW_TRACKING_URI": uri})
+    assert code == 2 and line.startswith(f"error: MLflow store {uri}: ") and said in line
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no study, no runs folder
 
 
@@ -223,15 +223,16 @@ def test_an_mlflow_store_file_that_cannot_be_one_is_one_line_before_anything_is_
     ("postgresql://someone:hunter2@127.0.0.1:{port}/test", "does not answer"),
     ("mysql+nosuchdriver://someone:hunter2@127.0.0.1:{port}/test", "is not a database URL"),
 ])
-def test_a_tracking_database_that_cannot_be_used_is_one_line_at_once_without_its_password(workdir, uri, said):
+def test_a_tracking_database_that_cannot_be_used_is_one_line_at_once_without_its_password(workdir, in_process, uri,
+                                                                                          said):
     pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL stores (pip install -e '.[test]')")
     from conftest import free_port
 
     spec = write(workdir / "spec.yaml", {**TINY, "tracking": {"experiment": "no-database"}})
     uri = uri.format(port=free_port())  # nothing listens there
     # One line: not MLflow's own retries, which warn for two minutes before they give up.
-    line = one_line(bounded_cli("train", str(spec), env={"MLFLOW_TRACKING_URI": uri}, cwd=workdir))
-    assert line.startswith("error: MLflow store ") and said in line and "hunter2" not in line
+    code, line = in_process("train", str(spec), env={"MLFLOW_TRACKING_URI": uri})
+    assert code == 2 and line.startswith("error: MLflow store ") and said in line and "hunter2" not in line
 
 
 def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_without_its_password(workdir, in_process):
@@ -255,14 +256,14 @@ def test_a_password_is_masked_wherever_a_message_repeats_its_url():
                                    "password '***' refused for someone"
 
 
-def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir):
+def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir, in_process):
     raw = study_raw("mlflow-damaged")
     raw["search"]["storage"] = "sqlite:///optuna.db"
     spec = write(workdir / "spec.yaml", raw)
     (workdir / "mlflow.db").write_bytes(os.urandom(5000))
     before = _snapshot(workdir)
-    line = one_line(bounded_cli("run", str(spec), cwd=workdir, env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}))
-    assert "mlflow.db: not a SQLite database" in line
+    code, line = in_process("run", str(spec), env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    assert code == 2 and "mlflow.db: not a SQLite database" in line
     assert _snapshot(workdir) == before
 
 
@@ -714,12 +715,11 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
             _kill_group(server)
 
 
-def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, cli):
+def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, in_process):
     spec = workdir / "tiny.yaml"
     spec.write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "retries"}}))
-    result = cli("train", str(spec), cwd=workdir, env={"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"})
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    code, line = in_process("train", str(spec), env={"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"})
+    assert code == 2
     assert line.startswith("error: MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR='0.5': MLflow reads a whole number")
     assert "unset it" in line
     assert not (workdir / "runs").exists()  # nothing trained, nothing written
