@@ -148,10 +148,9 @@ class StudyRuns:
         try:
             self._record_trial_end(parent, frozen)
         except Exception as err:
-            full = mlflow_disk_full(err)
-            if full is None:
+            if mlflow_disk_full(err) is None:
                 raise
-            self.lost, self.remedy = full, "free space"
+            self.outage(err)
 
     def _record_trial_end(self, parent: str, frozen: FrozenTrial) -> None:
         runs = self.client.search_runs(
