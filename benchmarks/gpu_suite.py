@@ -209,7 +209,9 @@ def _img_per_second(model, device, batch: int, size: int, steps: int, compiled: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the script")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: tags,trial,packing,study,vit")
+    parser.add_argument("--parts", default="tags,trial,packing,study,vit",
+                        help="comma-separated parts to run, in this order (default: all of them)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     args = parser.parse_args()
     import torch
 
@@ -227,9 +229,13 @@ def main() -> None:
         "vit": lambda: vit_b16(args.cpu_smoke),
     }
     failed = []
-    for name, part in parts.items():
+    unknown = set(args.parts.split(",")) - set(parts)
+    if unknown:
+        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(parts)})")
+    for name in args.parts.split(","):
         if name in skip:
             continue
+        part = parts[name]
         started = time.perf_counter()
         try:
             part()

@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from vit_search.checkpoints import check_writable
 from vit_search.search.run import run_search
 from vit_search.search.study import PARENT_RUN, open_study
 from vit_search.spec import load_spec
@@ -186,3 +187,26 @@ def test_every_training_step_holds_the_capture_gate(workdir):
     train(spec, progress=False, make_step=make_step)
     assert inside and set(inside) == {1}  # every step of this run, and no other, inside the gate
     assert CAPTURE_GATE.stepping == 0
+
+
+def test_packed_trials_checking_one_checkpoint_folder_at_once_never_trip_over_each_others_probe(tmp_path):
+    # Packed trials share a process id: a probe file named after it alone was written by one thread
+    # and deleted by another, and the first then failed ("cannot write checkpoints ... No such file").
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def check() -> None:
+        start.wait()
+        for i in range(150):
+            try:
+                check_writable(tmp_path / "runs" / "study" / f"trial-{i}")
+            except BaseException as err:  # noqa: BLE001 (any error is the failure this test looks for)
+                errors.append(err)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert list(tmp_path.iterdir()) == []  # and it leaves nothing behind

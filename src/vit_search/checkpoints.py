@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -91,9 +92,10 @@ def check_writable(folder: Path) -> None:
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
-        probe = existing / f".vit-search-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name of its own (not the pid's): packed trials are threads of one process, checking at once
+        handle, probe = tempfile.mkstemp(prefix=".vit-search-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise CheckpointError(f"cannot write checkpoints in {folder}: {reason}; set train.checkpoint_dir "
