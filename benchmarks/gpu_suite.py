@@ -119,7 +119,7 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
                   optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
         said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
         # "this worker: N trials in W s (T s training)": T sums the trials' own train() times, packed ones overlapping
-        worker = next((line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:")), "")
+        worker = " | ".join(line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:"))
         said = "; ".join(part for part in (said, worker, run_tags(tmp, spec["name"])) if part)
     return wall, points, said
 
@@ -135,14 +135,84 @@ def packing(trials: int, epochs: int, packed: int) -> None:
           f"{len(points) - len(set(points))} repeated points of {len(points)} ({said})", flush=True)
 
 
-def quickstart_study(packed: int, cpu_smoke: bool) -> None:
+def designs(trials: int, epochs: int, layouts: list[tuple[int, int]]) -> None:
+    """The same study as worker processes x trials packed in each, all on one GPU: which layout pays."""
+    walls = {}
+    for jobs, per_gpu in layouts:
+        walls[jobs, per_gpu], _, said = study(trials, epochs, per_gpu, enqueue=True, jobs=str(jobs))
+        print(f"{trials} distinct enqueued trials of {epochs} epochs, --jobs {jobs} --trials-per-gpu {per_gpu}: "
+              f"{trials / walls[jobs, per_gpu] * 3600:,.0f} trials/hour ({walls[jobs, per_gpu]:.1f} s; {said})", flush=True)
+    base = walls.get((1, 1))
+    if base:
+        print("ratios to --jobs 1 --trials-per-gpu 1: " + ", ".join(
+            f"{jobs}x{per_gpu} {base / wall:.2f}x" for (jobs, per_gpu), wall in walls.items()), flush=True)
+
+
+def contention(copies: int, epochs: int) -> None:
+    """What ``copies`` processes at once on one GPU share: start-up alone (imports and a CUDA context),
+    then quickstart ``train`` runs without tracking, then with one shared MLflow SQLite store. Each
+    against one process alone: equal walls mean they overlap fully, ``copies`` times the wall none."""
+    start_up = ("import torch, vit_search.train, mlflow, optuna; "
+                "torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu')")
+    kinds = {"start-up": lambda tmp, i: [sys.executable, "-c", start_up],
+             "train, untracked": lambda tmp, i: [sys.executable, "-m", "vit_search", "train", str(QUICKSTART),
+                                                 f"--set=seed={i}", f"--set=train.epochs={epochs}",
+                                                 "--set=tracking.enabled=false", f"--checkpoint-dir={tmp}/ckpt-{i}"],
+             "train, one MLflow store": lambda tmp, i: [sys.executable, "-m", "vit_search", "train", str(QUICKSTART),
+                                                        f"--set=seed={i}", f"--set=train.epochs={epochs}",
+                                                        f"--checkpoint-dir={tmp}/ckpt-{i}"]}
+    for kind, command in kinds.items():
+        said = []
+        for n in (1, copies):
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+                       "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+                if kind == "train, one MLflow store":  # the store made first: its making is not what is measured
+                    subprocess.run([sys.executable, "-c", "import mlflow; mlflow.set_experiment('digits-vit')"],
+                                   cwd=tmp, env=env, check=True, capture_output=True, timeout=PART_TIMEOUT)
+                started = time.perf_counter()
+                procs = [subprocess.Popen(command(tmp, i), cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True) for i in range(n)]
+                outs = [proc.communicate(timeout=PART_TIMEOUT) for proc in procs]
+                wall = time.perf_counter() - started
+                if any(proc.returncode for proc in procs):
+                    raise RuntimeError(f"{kind}: {next(err for (_, err), proc in zip(outs, procs) if proc.returncode)[-800:]}")
+                training = [float(m.group(1)) for out, _ in outs if (m := re.search(r"([0-9.]+) s training", out))]
+                trained = f", training {statistics.median(training):.2f} s median" if training else ""
+                said.append(f"{n} at once {wall:.1f} s{trained}")
+        print(f"contention, {kind}: {'; '.join(said)}", flush=True)
+
+
+def storage_latency(commits: int = 200) -> None:
+    """How long one SQLite write transaction takes where the suite's stores are (its temporary folder):
+    every trial writes dozens (Optuna's reports and attributes, MLflow's metrics), one writer at a time."""
+    import sqlite3
+
+    said = []
+    for journal, synchronous in (("DELETE", "FULL"), ("WAL", "FULL"), ("WAL", "NORMAL")):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = sqlite3.connect(f"{tmp}/latency.db", isolation_level=None)
+            db.execute(f"PRAGMA journal_mode={journal}")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("CREATE TABLE t (value INTEGER)")
+            started = time.perf_counter()
+            for i in range(commits):
+                db.execute("BEGIN")
+                db.execute("INSERT INTO t VALUES (?)", (i,))
+                db.execute("COMMIT")
+            said.append(f"{journal.lower()}/{synchronous.lower()} {(time.perf_counter() - started) / commits * 1e3:.2f} ms")
+            db.close()
+    print(f"SQLite write transaction in {tempfile.gettempdir()}: {', '.join(said)}", flush=True)
+
+
+def quickstart_study(packed: int, cpu_smoke: bool, jobs: int = 0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--set=train.epochs=2", "--n-trials=4"] if cpu_smoke else []
-        out, wall = cli(["run", str(QUICKSTART), "--jobs", "0", "--trials-per-gpu", str(packed), *extra], tmp,
+        out, wall = cli(["run", str(QUICKSTART), "--jobs", str(jobs), "--trials-per-gpu", str(packed), *extra], tmp,
                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         said = outcome(f"sqlite:///{tmp}/optuna.db")
     best = next((line for line in out.splitlines() if line.startswith("best: ")), "no best trial")
-    print(f"vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu {packed}: {wall:.1f} s wall with "
+    print(f"vit-search run experiments/digits.yaml --jobs {jobs} --trials-per-gpu {packed}: {wall:.1f} s wall with "
           f"start-up; {said}; {best}", flush=True)
 
 
@@ -212,7 +282,15 @@ def main() -> None:
     parser.add_argument("--parts", default="tags,trial,packing,study,vit",
                         help="comma-separated parts to run, in this order (default: all of them)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
+    parser.add_argument("--layouts", default="1x1,8x1,4x2",
+                        help="part 'designs': worker processes x trials packed in each, comma-separated")
+    parser.add_argument("--layout-trials", type=int, default=32, help="part 'designs': trials per study")
+    parser.add_argument("--study-jobs", type=int, default=0, help="part 'study': --jobs (0: the planned default)")
+    parser.add_argument("--study-packed", type=int, default=0, help="part 'study': --trials-per-gpu (0: 8)")
+    parser.add_argument("--tmp", help="folder for the studies' stores and checkpoints (default: the system's; "
+                                      "/dev/shm takes the disk out of the figures)")
     args = parser.parse_args()
+    tempfile.tempdir = args.tmp
     import torch
 
     if not args.cpu_smoke and not torch.cuda.is_available():
@@ -225,7 +303,11 @@ def main() -> None:
         "tags": graph_tag,
         "trial": lambda: quickstart_trial(epochs, seeds),
         "packing": lambda: packing(trials, 2 if args.cpu_smoke else 20, packed),
-        "study": lambda: quickstart_study(packed, args.cpu_smoke),
+        "study": lambda: quickstart_study(args.study_packed or packed, args.cpu_smoke, args.study_jobs),
+        "storage": storage_latency,
+        "contention": lambda: contention(2 if args.cpu_smoke else 8, 2 if args.cpu_smoke else 20),
+        "designs": lambda: designs(4 if args.cpu_smoke else args.layout_trials, 2 if args.cpu_smoke else 20,
+                                   [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]),
         "vit": lambda: vit_b16(args.cpu_smoke),
     }
     failed = []

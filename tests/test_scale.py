@@ -45,6 +45,9 @@ def test_gpu_workers_are_pinned_one_per_gpu_and_pack_their_trials():
     plans = plan_workers(None, 3, gpus=2, cpus=16)  # 3 trials at once in each worker's threads
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1"]
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(4, 1, gpus=2, cpus=16)] == ["0", "1", "0", "1"]
+    # workers sharing GPUs share the cores too: a small trial's host work is most of it
+    assert [p.env["OMP_NUM_THREADS"] for p in plan_workers(8, 1, gpus=1, cpus=16)] == ["2"] * 8
+    assert [p.env["OMP_NUM_THREADS"] for p in plans] == ["8", "8"]
     with pytest.raises(ValueError, match="at least 1"):
         plan_workers(2, 0, gpus=1, cpus=2)
 

@@ -296,6 +296,22 @@ def test_attention_blocks_that_do_not_call_sdpa_are_tagged_with_no_kernel():
         assert _attention_kernel(build_model(spec), accelerator, "no") in expected
 
 
+def test_the_attention_kernel_is_probed_once_per_process_and_leaves_torchs_setting_as_it_was():
+    # The probe restricts SDPA's backends, a global setting: packed trials' attention in other
+    # threads meets it while the probe runs, so each trial must not probe again.
+    from vit_search.performance import fused_attention_kernel
+
+    fused_attention_kernel.cache_clear()
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+              torch.backends.cuda.math_sdp_enabled())
+    first = fused_attention_kernel(torch.device("cpu"), torch.float32, 16)
+    assert first in ("flash", "efficient", "math")
+    assert fused_attention_kernel(torch.device("cpu"), torch.float32, 16) == first
+    assert fused_attention_kernel.cache_info().hits == 1 and fused_attention_kernel.cache_info().misses == 1
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled()) == before
+
+
 def test_layer_decay_gives_each_layer_its_rate_and_the_schedule_keeps_the_ratios():
     from accelerate import Accelerator
 

@@ -6,6 +6,7 @@ falls back cleanly elsewhere (on a CPU: fp32, no fused optimizer, no TF32).
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -50,11 +51,14 @@ def enable_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+@functools.lru_cache(maxsize=64)
 def fused_attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """Which fused attention kernel SDPA can use here ("flash", "efficient", "cudnn"), or "math".
 
     Runs a tiny attention restricted to each fused backend in turn: a backend that cannot serve
     these shapes, dtype and device raises, so the answer is what torch would pick, not a guess.
+    Once per process for each answer's arguments: the restriction is torch's global setting, which
+    packed trials' attention in other threads would meet while the probe runs.
     """
     candidates = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
     if device.type == "cuda":

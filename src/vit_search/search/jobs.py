@@ -37,15 +37,14 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
     ``trials_per_gpu`` trials at once (one process per GPU pays start-up once for all of them)."""
     if trials_per_gpu < 1:
         raise ValueError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
-    if gpus:
-        jobs = jobs or gpus
-        return [WorkerPlan(i, {"CUDA_VISIBLE_DEVICES": str(i % gpus)}) for i in range(jobs)]
-    jobs = jobs or max(1, cpus)
+    jobs = jobs or gpus or max(1, cpus)
     plans = []
     for i in range(jobs):
-        # Cores split as evenly as they go; a worker never gets fewer than one thread.
-        threads = max(1, cpus // jobs + (1 if i < cpus % jobs else 0))
-        plans.append(WorkerPlan(i, {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}))
+        # Cores split as evenly as they go (also between workers sharing a GPU, whose host work is
+        # most of a small trial); a worker never gets fewer than one thread.
+        threads = str(max(1, cpus // jobs + (1 if i < cpus % jobs else 0)))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        plans.append(WorkerPlan(i, {**env, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else env))
     return plans
 
 
