@@ -80,6 +80,25 @@ def test_every_pruner_in_the_table_is_made(name):
     assert isinstance(PRUNERS[name](10), optuna.pruners.BasePruner)
 
 
+def test_samplers_and_pruners_are_made_with_the_settings_search_md_gives_them():
+    # docs/search.md's tables: TPE's 4 to 10 start-up trials (a quarter of n_trials), group,
+    # multivariate and the constant liar; each pruner's resources in epochs.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's experimental-feature warnings
+        tpe = {n: SAMPLERS["tpe"](0, [], n) for n in (8, 16, 60, None)}
+    assert {n: s._n_startup_trials for n, s in tpe.items()} == {8: 4, 16: 4, 60: 10, None: 5}
+    assert all(s._multivariate and s._group and s._constant_liar for s in tpe.values())
+    hyperband = PRUNERS["hyperband"](27)
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, 27, 3)
+    median = PRUNERS["median"](27)
+    assert (median._n_startup_trials, median._n_warmup_steps) == (4, 5)
+    assert PRUNERS["median"](3)._n_warmup_steps == 1
+    halving = PRUNERS["successive_halving"](27)
+    assert (halving._min_resource, halving._reduction_factor) == (1, 3)
+
+
 def test_docs_name_every_sampler_pruner_data_set_and_block_kind():
     search, spec = (DOCS / "search.md").read_text(), (DOCS / "spec.md").read_text()
     assert all(f"`{name}`" in search for name in [*SAMPLERS, *PRUNERS])

@@ -181,6 +181,28 @@ def test_missing_plugin_is_a_spec_error_at_its_line_and_exit_code_2(tmp_path, ca
     assert stderr.startswith(f"error: {expected}") and len(stderr.strip().splitlines()) == 1
 
 
+def test_a_module_name_is_looked_up_on_sys_path_then_beside_the_spec_then_in_the_working_directory(
+        tmp_path, monkeypatch):
+    # docs/plugins.md: the same module name in three places, each registering its own block name
+    places = {"path": tmp_path / "on-path", "spec": tmp_path / "specs", "cwd": tmp_path / "cwd"}
+    for place, folder in places.items():
+        _write(folder / "plugtest_where.py", MIX_BLOCK.format(name=f"plugtest_where_{place}"))
+    monkeypatch.chdir(places["cwd"])
+
+    def found_in() -> str:
+        sys.modules.pop("plugtest_where", None)
+        REGISTRY.load_plugin("plugtest_where", base_dir=places["spec"])
+        return sys.modules["plugtest_where"].__file__.split(os.sep)[-2]
+
+    assert found_in() == "specs"  # beside the spec before the working directory
+    (places["spec"] / "plugtest_where.py").unlink()
+    assert found_in() == "cwd"
+    monkeypatch.syspath_prepend(str(places["path"]))
+    (places["spec"] / "plugtest_where.py").write_text("raise RuntimeError('not this one')\n")
+    assert found_in() == "on-path"  # sys.path first
+    assert str(places["spec"]) not in sys.path and str(places["cwd"]) not in sys.path  # lent for the import only
+
+
 def test_plugin_whose_own_import_is_missing_is_reported_as_failing_not_as_not_found(tmp_path, monkeypatch):
     # The plugin exists; a module it imports does not. Its name being a prefix of the plugin's
     # must not make the plugin itself look missing.
@@ -234,6 +256,39 @@ def broken_distribution(tmp_path_factory) -> Path:
 def _listed(stdout: str) -> list[str]:
     """Block names from `vit-search blocks KIND` output."""
     return [line.split()[0] for line in stdout.splitlines() if line.startswith("  ")]
+
+
+def test_an_entry_point_naming_a_function_is_called_with_the_registry(tmp_path, monkeypatch):
+    # docs/plugins.md: `name = "module:function"` registers through the function, given the registry
+    from vit_search.registry import Registry
+
+    _write(tmp_path / "plugtest_setup_dist-0.1.dist-info" / "METADATA",
+           "Metadata-Version: 2.1\nName: plugtest-setup-dist\nVersion: 0.1\n")
+    _write(tmp_path / "plugtest_setup_dist-0.1.dist-info" / "entry_points.txt",
+           "[plugtest.entry_points]\nmix = plugtest_setup:setup\n")
+    _write(tmp_path / "plugtest_setup.py", """
+        from torch import nn
+
+        CALLS = []
+
+
+        class Mix(nn.Module):
+            def __init__(self, dim: int, heads: int, share: float = 0.5):
+                super().__init__()
+
+
+        def setup(registry):
+            CALLS.append(registry)
+            registry.add("attention", "plugtest_setup_mix", Mix)
+        """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry(builtin_module=None, entry_point_group="plugtest.entry_points")
+
+    info = registry.describe("attention", "plugtest_setup_mix")
+
+    assert sys.modules["plugtest_setup"].CALLS == [registry]  # once, with this registry, not the global one
+    assert registry.distribution_of(info) == "plugtest-setup-dist"
+    assert "plugtest_setup_mix" not in REGISTRY.list("attention")["attention"]
 
 
 def test_installed_plugin_is_listed_by_blocks(cli, installed_cosine):

@@ -603,3 +603,30 @@ def test_best_on_a_storage_without_the_study_exits_2_and_creates_nothing(workdir
     result = cli("best", str(spec_path), "--storage", other, cwd=workdir)
     assert result.returncode == 2 and "no study 'absent'" in result.stderr
     assert [s.study_name for s in optuna.get_all_study_summaries(other)] == ["someone-else"]
+
+
+def test_best_prints_the_top_n_completed_trials_best_first(workdir, capsys):
+    # README: `best SPEC --top N` prints the top trials; pruned and failed ones are counted, not ranked
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    from vit_search.cli import main
+
+    spec_path = workdir / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("top-n", space={"model.depth": {"int": [1, 6]}})))
+    study = optuna.create_study(study_name="top-n", storage=f"sqlite:///{workdir / 'optuna.db'}", direction="maximize")
+    depth = {"model.depth": IntDistribution(1, 6)}
+    for d, value in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.8)):
+        study.add_trial(create_trial(params={"model.depth": d}, distributions=depth, value=value,
+                                     user_attrs={"test_accuracy": value - 0.01, "parameters": 1000 * d}))
+    study.add_trial(create_trial(params={"model.depth": 5}, distributions=depth, state=TrialState.PRUNED))
+    study.add_trial(create_trial(params={"model.depth": 6}, distributions=depth, state=TrialState.FAIL))
+    capsys.readouterr()
+
+    assert main(["best", str(spec_path), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "study 'top-n': 4 complete, 1 pruned, 1 failed"
+    assert lines[1].split() == ["trial", "value", "test_acc", "params", "model.depth"]
+    assert [line.split() for line in lines[3:5]] == [["1", "0.9000", "0.8900", "2,000", "2"],
+                                                    ["3", "0.8000", "0.7900", "4,000", "4"]]
+    assert len(lines) > 5 and "  depth: 2" in lines[5:]  # the best trial's spec follows the table
