@@ -397,6 +397,30 @@ def test_epochs_that_train_faster_than_they_are_stored_are_stored_together_newes
     assert torch.load(path, weights_only=True)["epoch"] == 4  # the newest checkpoint is the one on disk
 
 
+def test_metrics_alone_wait_out_the_log_interval_but_a_checkpoint_or_the_end_stores_them_at_once(tmp_path):
+    # Epochs of milliseconds (a small trial on a GPU) would each be a write transaction on a store that
+    # every packed trial shares; a checkpoint must still never be on disk before its epoch's metrics.
+    path, calls = tmp_path / "checkpoint.pt", []
+    writer = CheckpointWriter(path, log=lambda epochs: calls.append([step for _, step, _ in epochs]), log_interval=60)
+    writer.save({"epoch": 0}, {"loss": 1.0}, 0)
+    for epoch in range(1, 5):
+        writer.save(None, {"loss": 1.0}, epoch)
+    writer.save({"epoch": 5}, {"loss": 1.0}, 5)  # long before the interval is out
+    deadline = time.monotonic() + 20
+    while not (path.exists() and torch.load(path, weights_only=True)["epoch"] == 5):
+        assert time.monotonic() < deadline, f"checkpoint 5 not written within 20 s; metrics stored: {calls}"
+        time.sleep(0.02)
+    assert [step for call in calls for step in call] == [0, 1, 2, 3, 4, 5]  # its metrics went first
+    for epoch in range(6, 9):
+        writer.save(None, {"loss": 1.0}, epoch)
+    time.sleep(0.2)
+    stored = len(calls)
+    writer.wait()  # the run's end: what waits is stored now, not in a minute
+    assert [step for call in calls for step in call] == list(range(9))
+    assert len(calls) == stored + 1 and calls[-1] == [6, 7, 8]  # in one call
+    assert len(calls) <= 4  # 9 epochs: the first at once, then in batches
+
+
 def test_epochs_shorter_than_copying_their_state_skip_checkpoints_but_never_metrics_or_the_last(tmp_path):
     path, stored = tmp_path / "checkpoint.pt", []
     writer = CheckpointWriter(path, log=lambda epochs: stored.extend(step for _, step, _ in epochs), budget=0.001)

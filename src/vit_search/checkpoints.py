@@ -9,6 +9,7 @@ removes its temporary file and says why in one line (a full disk above all).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import random
 import shutil
@@ -138,7 +139,9 @@ class CheckpointWriter:
     When the tracking store or the disk is slower than an epoch (small trials on a GPU, several of
     them on one SQLite file), the epochs waiting are stored together: their metrics in one call, and
     only the newest checkpoint, which is the one a resume wants. Training waits for neither, except
-    in :meth:`wait` at the end.
+    in :meth:`wait` at the end. Metrics alone are stored at most once every ``log_interval``
+    seconds (a checkpoint and the run's end store them at once): epochs of milliseconds would
+    otherwise make a write transaction each, which every trial sharing the store waits its turn for.
 
     Copying the state off the device is the one part training waits for. Where epochs are so short
     that copying after each would cost more than ``budget`` of the training time (a small model on
@@ -147,8 +150,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int, int]]], None] | None = None,
-                 budget: float = 0.05):
-        self.path, self.budget = path, budget
+                 budget: float = 0.05, log_interval: float = 1.0):
+        self.path, self.budget, self.log_interval = path, budget, log_interval
+        self._logged_at = -math.inf  # when metrics were last stored (monotonic): the first epoch's go at once
+        self._ending = False  # wait() or close() was called: what is waiting is stored now
         self._log = log or (lambda epochs: None)
         self._changed = threading.Condition()
         self._epochs: list[tuple[dict[str, float], int, int]] = []  # (metrics, step, ms) not yet stored
@@ -182,6 +187,7 @@ class CheckpointWriter:
             self._epochs.append((dict(metrics), step, int(time.time() * 1000)))  # when, not when stored
             if snapshot is not None:
                 self._payload = snapshot  # one still waiting is older: only the newest is worth writing
+                self._changed.notify_all()  # a store waiting out the interval goes now: metrics, then this
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._store, name="checkpoint", daemon=True).start()
@@ -189,6 +195,11 @@ class CheckpointWriter:
     def _store(self) -> None:
         while True:
             with self._changed:
+                while self._payload is None and self._epochs and not self._ending:
+                    left = self._logged_at + self.log_interval - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
                 epochs, payload = self._epochs, self._payload
                 self._epochs, self._payload = [], None
                 if (payload is None and not epochs) or self._error is not None:
@@ -196,7 +207,9 @@ class CheckpointWriter:
                     self._changed.notify_all()
                     return
             try:
-                self._log(epochs)
+                if epochs:
+                    self._log(epochs)
+                    self._logged_at = time.monotonic()
                 if payload is not None:
                     _save_checkpoint(self.path, payload)
             except BaseException as err:  # raised in the training thread by its next save() or wait()
@@ -206,6 +219,8 @@ class CheckpointWriter:
     def close(self) -> None:
         """Wait for what is being stored, whatever happened to it (the run is ending on another error)."""
         with self._changed:
+            self._ending = True
+            self._changed.notify_all()
             self._changed.wait_for(lambda: not self._running)
 
     def wait(self) -> None:
