@@ -28,43 +28,57 @@ TRIAL_LINE = re.compile(r"^trial (\d) COMPLETE val_accuracy \d\.\d{4} in \d+\.\d
 EPOCH_LINE = re.compile(r"^trial (\d) epoch ([12])/2: val_accuracy \d\.\d{4}, [\d,]+ img/s$")
 
 
-def env_for(tmp_path) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "VIT_SEARCH_LOG_SECONDS": "0"}
+@pytest.fixture
+def command(tmp_path, monkeypatch, capsys, sqlite_uri):
+    """The command line in this process (no start-up to pay; capsys's stdout is no terminal), in
+    tmp_path, on the session's MLflow store, an epoch line every epoch: ``command(*args)`` returns
+    (exit code, stdout)."""
+    from vit_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    monkeypatch.setenv("VIT_SEARCH_LOG_SECONDS", "0")
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        assert code == 0, captured.err[-3000:]
+        return code, captured.out
+
+    return run
 
 
 @pytest.mark.slow
-def test_run_without_a_terminal_prints_a_line_per_trial_and_per_epoch_then_what_to_do_next(write_spec, tmp_path, cli):
+def test_run_without_a_terminal_prints_a_line_per_trial_and_per_epoch_then_what_to_do_next(write_spec, command):
     spec = write_spec(SPEC)
-    result = cli("run", str(spec), "--set", "train.lr=0.002", cwd=tmp_path, env=env_for(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    _, stdout = command("run", str(spec), "--set", "train.lr=0.002")
+    lines = stdout.splitlines()
     trials = [m.group(1) for m in map(TRIAL_LINE.match, lines) if m]
     epochs = [(m.group(1), m.group(2)) for m in map(EPOCH_LINE.match, lines) if m]
-    assert sorted(trials) == ["0", "1"], result.stdout
-    assert sorted(epochs) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")], result.stdout
+    assert sorted(trials) == ["0", "1"], stdout
+    assert sorted(epochs) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")], stdout
     assert any(re.fullmatch(r"best: trial [01] \(\d\.\d{4}, test_accuracy \d\.\d{4}\)", line) for line in lines)
     assert f"  vit-search best {spec} --set=train.lr=0.002 --export best.yaml   # the best trial as a plain spec" in lines
     assert f"  vit-search ui {spec} --set=train.lr=0.002   # compare the trials in MLflow's UI" in lines
 
 
 @pytest.mark.slow
-def test_quiet_run_prints_only_the_table_and_what_to_do_next(write_spec, tmp_path, cli):
-    spec = write_spec(SPEC.replace("n_trials: 2", "n_trials: 1"))
-    result = cli("run", str(spec), "--quiet", cwd=tmp_path, env=env_for(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not any(TRIAL_LINE.match(line) or EPOCH_LINE.match(line) for line in result.stdout.splitlines())
-    assert "study 'logged': 1 complete, 0 pruned, 0 failed" in result.stdout
-    assert "next:" in result.stdout
+def test_quiet_run_prints_only_the_table_and_what_to_do_next(write_spec, command):
+    spec = write_spec(SPEC.replace("n_trials: 2", "n_trials: 1").replace("logged", "logged-quiet"))
+    _, stdout = command("run", str(spec), "--quiet")
+    assert not any(TRIAL_LINE.match(line) or EPOCH_LINE.match(line) for line in stdout.splitlines())
+    assert "study 'logged-quiet': 1 complete, 0 pruned, 0 failed" in stdout
+    assert "next:" in stdout
 
 
 @pytest.mark.slow
-def test_train_without_a_terminal_prints_its_epochs(write_spec, tmp_path, cli):
+def test_train_without_a_terminal_prints_its_epochs(write_spec, command):
     spec = write_spec(SPEC)
-    result = cli("train", str(spec), cwd=tmp_path, env=env_for(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    epochs = [line for line in result.stdout.splitlines() if re.fullmatch(
+    _, stdout = command("train", str(spec))
+    epochs = [line for line in stdout.splitlines() if re.fullmatch(
         r"logged epoch [12]/2: val_accuracy \d\.\d{4}, [\d,]+ img/s", line)]
-    assert len(epochs) == 2, result.stdout
+    assert len(epochs) == 2, stdout
 
 
 def finished_study() -> optuna.Study:
