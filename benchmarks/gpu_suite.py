@@ -12,7 +12,14 @@ Prints, with the device's name:
 5. ViT-B/16 bf16 batch 256 training img/s and MFU, eager and compiled: ours beside timm's
    ``vit_base_patch16_224`` measured the same way in the same process (timm if installed).
 
+Those are the default parts (tags, trial, packing, study, vit). Parts to find where packing's time
+goes, run on request: ``designs`` (the same study as worker processes x packed trials, e.g.
+``--layouts 1x1,8x1,4x2``), ``contention`` (8 processes at once against one: start-up, ``train``
+untracked, ``train`` on one MLflow store) and ``storage`` (one SQLite write transaction in the
+folder the stores go to; ``--tmp /dev/shm`` moves them off the disk).
+
     python benchmarks/gpu_suite.py               # on a GPU machine
+    python benchmarks/gpu_suite.py --parts storage,designs --layouts 1x1,8x1 [--tmp /dev/shm]
     python benchmarks/gpu_suite.py --cpu-smoke   # tiny sizes on the CPU: checks the script, measures nothing
 """
 
