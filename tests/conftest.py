@@ -99,6 +99,26 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_here(capsys, monkeypatch):
+    """The command line in the test's process, for refusals that need no process of their own (no
+    start-up to pay): ``cli_here("run", path, cwd=..., env=...)`` returns a CompletedProcess. An
+    exception out of the command fails the test, as a traceback would."""
+    from vit_search.cli import main
+
+    def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, said.out, said.err)
+
+    return run
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -86,12 +86,12 @@ def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-def test_packing_refuses_a_searched_precision_with_one_line(workdir, cli):
+def test_packing_refuses_a_searched_precision_with_one_line(workdir, cli_here):
     spec_path = workdir / "study.yaml"
     space = {**study_raw("x")["search"]["space"], "train.mixed_precision": {"choice": ["no", "bf16"]}}
     raw = study_raw("packed-precision", n_trials=2, space=space)
     spec_path.write_text(yaml.safe_dump(raw))
-    result = cli("run", str(spec_path), "--trials-per-gpu", "2", cwd=workdir)
+    result = cli_here("run", str(spec_path), "--trials-per-gpu", "2", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "train.mixed_precision cannot be searched with --trials-per-gpu above 1" in line

@@ -558,13 +558,13 @@ def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(wor
     assert sorted(workdir.iterdir()) == before
 
 
-def test_cli_run_of_a_study_stored_with_other_directions_exits_2(workdir, cli):
+def test_cli_run_of_a_study_stored_with_other_directions_exits_2(workdir, cli_here):
     from vit_search.search.study import open_study
 
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("directions"), sort_keys=False))
     open_study(load_spec(spec_path))  # created maximising val_accuracy
-    result = cli("run", str(spec_path), "--set", "search.metric=[val_loss, parameters]",
+    result = cli_here("run", str(spec_path), "--set", "search.metric=[val_loss, parameters]",
                  "--set", "search.direction=[minimize, minimize]", cwd=workdir)
     assert result.returncode == 2 and result.stdout == "", result.stderr
     (line,) = result.stderr.splitlines()

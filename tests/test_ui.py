@@ -60,19 +60,19 @@ def wait_until_gone(pids: list[int], deadline_seconds: float = 60) -> list[int]:
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
-def test_a_port_out_of_range_is_one_line_and_exit_2(ui_spec, cli, port):
-    result = cli("ui", str(ui_spec), "--port", port)
+def test_a_port_out_of_range_is_one_line_and_exit_2(ui_spec, cli_here, port):
+    result = cli_here("ui", str(ui_spec), "--port", port)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f"error: --port {port}: not a TCP port; give one from 1 to 65535, "
                                           f"or 0 for any free port"]
 
 
-def test_a_port_in_use_is_refused_before_any_server_starts(ui_spec, cli):
+def test_a_port_in_use_is_refused_before_any_server_starts(ui_spec, cli_here):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli("ui", str(ui_spec), "--port", str(port))
+        result = cli_here("ui", str(ui_spec), "--port", str(port))
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: --port {port}: 127.0.0.1:{port} is in use") and "--port 0" in line
