@@ -161,13 +161,14 @@ def contention(copies: int, epochs: int) -> None:
     against one process alone: equal walls mean they overlap fully, ``copies`` times the wall none."""
     start_up = ("import torch, vit_search.train, mlflow, optuna; "
                 "torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu')")
+
+    def train(tmp: str, i: int, *tracking: str) -> list[str]:
+        return [sys.executable, "-m", "vit_search", "train", str(QUICKSTART), f"--set=seed={i}",
+                f"--set=train.epochs={epochs}", f"--checkpoint-dir={tmp}/ckpt-{i}", *tracking]
+
     kinds = {"start-up": lambda tmp, i: [sys.executable, "-c", start_up],
-             "train, untracked": lambda tmp, i: [sys.executable, "-m", "vit_search", "train", str(QUICKSTART),
-                                                 f"--set=seed={i}", f"--set=train.epochs={epochs}",
-                                                 "--set=tracking.enabled=false", f"--checkpoint-dir={tmp}/ckpt-{i}"],
-             "train, one MLflow store": lambda tmp, i: [sys.executable, "-m", "vit_search", "train", str(QUICKSTART),
-                                                        f"--set=seed={i}", f"--set=train.epochs={epochs}",
-                                                        f"--checkpoint-dir={tmp}/ckpt-{i}"]}
+             "train, untracked": lambda tmp, i: train(tmp, i, "--set=tracking.enabled=false"),
+             "train, one MLflow store": train}
     for kind, command in kinds.items():
         said = []
         for n in (1, copies):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -94,9 +93,8 @@ def check_writable(folder: Path) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
         # A name of its own (not the pid's): packed trials are threads of one process, checking at once
-        handle, probe = tempfile.mkstemp(prefix=".vit-search-write-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
+        with tempfile.NamedTemporaryFile(prefix=".vit-search-write-probe-", dir=existing):
+            pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise CheckpointError(f"cannot write checkpoints in {folder}: {reason}; set train.checkpoint_dir "
