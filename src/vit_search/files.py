@@ -8,20 +8,18 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
 
 def sqlite_problem(path: Path) -> str | None:
     """Why an existing, non-empty file is no usable SQLite database (None: it is one, or absent or empty).
 
     Reads the header and the schema through a read-only connection: a garbage or truncated file is
-    caught without a byte of it written.
+    caught without a byte of it written. Only SQLite opens the file: closing a handle of our own
+    would drop the locks that this process's connections hold on it (POSIX locks belong to the
+    process), and in WAL mode another process could then take itself for the last user and reset
+    the log under them, damaging the file.
     """
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    with open(path, "rb") as handle:
-        if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return "not a SQLite database"
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     except sqlite3.Error as err:
@@ -29,7 +27,7 @@ def sqlite_problem(path: Path) -> str | None:
     try:
         connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as err:
-        return f"a damaged SQLite database ({err})"
+        return "not a SQLite database" if "file is not a database" in str(err) else f"a damaged SQLite database ({err})"
     finally:
         connection.close()
     return None

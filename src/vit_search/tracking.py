@@ -19,6 +19,7 @@ from .errors import RunFailed, UserError
 from .files import database_problem, disk_full, error_chain, sqlite_problem
 from .redaction import redact, redact_in
 from .schema import Spec
+from .sqlite_wal import use_wal
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
@@ -247,6 +248,8 @@ def check_store(spec: Spec) -> None:
                                 f"another store")
     try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
         with _made_by_one(uri):
+            if uri.startswith("sqlite:///"):
+                use_wal(Path(uri.removeprefix("sqlite:///")))
             mlflow.MlflowClient(tracking_uri=uri)  # makes a new SQLite store's tables
     except mlflow.exceptions.MlflowException as err:
         raise refused(err, uri) from None
@@ -263,16 +266,18 @@ def check_store(spec: Spec) -> None:
 
 @contextmanager
 def _made_by_one(uri: str) -> Iterator[None]:
-    """For a ``sqlite:///`` store: hold a lock on the nearest folder above its file that exists, so that
-    of the workers that start at once on a new store one makes its tables and the others wait, rather
-    than all run MLflow's migrations at once (and fail on each other's tables)."""
+    """For a ``sqlite:///`` store: hold a lock on its file's folder (made first, so that every worker
+    locks the same one), so that of the workers that start at once on a new store one makes its
+    tables and the others wait, rather than all run MLflow's migrations at once (and fail on each
+    other's tables)."""
     if not uri.startswith("sqlite:///"):
         yield
         return
     import fcntl
 
-    folder = next(p for p in Path(uri.removeprefix("sqlite:///")).absolute().parents if p.is_dir())
+    folder = Path(uri.removeprefix("sqlite:///")).absolute().parent
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         handle = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder this user cannot open: MLflow says what it makes of that
         yield

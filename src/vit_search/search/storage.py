@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from ..errors import RunFailed, UserError
 from ..files import database_problem, disk_full, sqlite_problem
 from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
+from ..sqlite_wal import use_wal
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 EXAMPLES = ("sqlite:///optuna.db, journal:study.log, postgresql://user@host/db, mysql+pymysql://user@host/db "
@@ -140,6 +141,7 @@ def open_storage(url: str) -> Any:
                 return optuna.storages.JournalStorage(JournalRedisBackend(url))
         engine_kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
+            use_wal(Path(url.removeprefix("sqlite:///")))
             # Several local workers write one file: wait for the lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
