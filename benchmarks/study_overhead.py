@@ -8,8 +8,12 @@ difference over N is the seconds a trial adds, start-up (imports, store creation
 
 With ``--strace`` (Linux, strace installed) it also counts the ``fsync``/``fdatasync`` calls of
 each run: the disk waits that SQLite makes per commit, which decide the pace where an fsync is slow.
+``--slow-fsync MS`` makes every fsync of the runs take MS milliseconds longer (a preloaded shim,
+compiled with the machine's C compiler, that sleeps before the real call), as on a disk whose
+flushes are slow: the local disk then behaves like many cloud machines' (GPU machines' included).
 
-    python benchmarks/study_overhead.py [--trials 16] [--packed 1,8] [--tmp /dev/shm] [--strace]
+    python benchmarks/study_overhead.py [--trials 16] [--packed 1,8] [--jobs 1] [--tmp /dev/shm] [--strace]
+    python benchmarks/study_overhead.py --slow-fsync 5 --packed 1 --jobs 1,2
 """
 
 from __future__ import annotations
@@ -38,14 +42,38 @@ SPEC = {
 }
 
 
-def one_study(trials: int, packed: int, tmp_root: str | None, trace: bool) -> tuple[float, int | None]:
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+static void slow(void) {
+    long ns = (long)(atof(getenv("SLOW_FSYNC_MS") ? getenv("SLOW_FSYNC_MS") : "0") * 1e6);
+    struct timespec pause = {ns / 1000000000L, ns % 1000000000L};
+    nanosleep(&pause, 0);
+}
+int fsync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fsync"); slow(); return real(fd); }
+int fdatasync(int fd) { static int (*real)(int); if (!real) real = dlsym(RTLD_NEXT, "fdatasync"); slow(); return real(fd); }
+"""
+
+
+def slow_fsync_env(ms: float, folder: str) -> dict[str, str]:
+    """The environment that makes every fsync of a process take ``ms`` longer (the shim, compiled here)."""
+    source, library = Path(folder) / "slow_fsync.c", Path(folder) / "slow_fsync.so"
+    source.write_text(SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True)
+    return {"LD_PRELOAD": str(library), "SLOW_FSYNC_MS": str(ms)}
+
+
+def one_study(trials: int, packed: int, jobs: int, tmp_root: str | None, trace: bool,
+              extra_env: dict[str, str]) -> tuple[float, int | None]:
     """Wall seconds of ``vit-search run`` over ``trials`` trials in fresh stores, and its fsync count."""
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         spec = Path(tmp) / "study.yaml"
         spec.write_text(yaml.safe_dump(SPEC))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", **extra_env}
         command = [sys.executable, "-m", "vit_search", "run", str(spec), "--n-trials", str(trials),
-                   "--jobs", "1", "--trials-per-gpu", str(packed)]
+                   "--jobs", str(jobs), "--trials-per-gpu", str(packed)]
         counts = Path(tmp) / "strace.txt"
         if trace:
             command = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(counts), *command]
@@ -63,25 +91,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=16, help="N: trials of the longer study")
     parser.add_argument("--packed", default="1,8", help="comma-separated --trials-per-gpu values to compare")
+    parser.add_argument("--jobs", default="1", help="comma-separated --jobs values to compare")
+    parser.add_argument("--slow-fsync", type=float, default=0.0, metavar="MS", help="add MS to every fsync")
     parser.add_argument("--tmp", help="folder for the stores (default: the system's temporary folder)")
     parser.add_argument("--strace", action="store_true", help="count fsync calls (slower: strace stops each)")
     args = parser.parse_args()
     if args.strace and not shutil.which("strace"):
         raise SystemExit("--strace: strace is not installed")
     where = args.tmp or tempfile.gettempdir()
-    print(f"stores in {where}; {args.trials} trials of 20 epochs that train almost nothing", flush=True)
-    paces = {}
-    for packed in (int(k) for k in args.packed.split(",")):
-        short, short_syncs = one_study(1, packed, args.tmp, args.strace)
-        long, long_syncs = one_study(1 + args.trials, packed, args.tmp, args.strace)
-        paces[packed] = (long - short) / args.trials
-        syncs = "" if short_syncs is None else (f"; fsyncs: {short_syncs} for start-up and one trial, "
-                                                f"{(long_syncs - short_syncs) / args.trials:.1f} per further trial")
-        print(f"--trials-per-gpu {packed}: 1 trial {short:.1f} s, {1 + args.trials} trials {long:.1f} s: "
-              f"{paces[packed]:.3f} s per trial ({3600 / paces[packed]:,.0f} trials/hour){syncs}", flush=True)
+    slow = f", every fsync {args.slow_fsync:g} ms slower" if args.slow_fsync else ""
+    print(f"stores in {where}{slow}; {args.trials} trials of 20 epochs that train almost nothing", flush=True)
+    with tempfile.TemporaryDirectory() as shim:
+        extra = slow_fsync_env(args.slow_fsync, shim) if args.slow_fsync else {}
+        paces = {}
+        for jobs in (int(j) for j in args.jobs.split(",")):
+            for packed in (int(k) for k in args.packed.split(",")):
+                short, short_syncs = one_study(1, packed, jobs, args.tmp, args.strace, extra)
+                long, long_syncs = one_study(1 + args.trials, packed, jobs, args.tmp, args.strace, extra)
+                paces[jobs, packed] = (long - short) / args.trials
+                syncs = "" if short_syncs is None else (f"; fsyncs: {short_syncs} for start-up and one trial, "
+                                                        f"{(long_syncs - short_syncs) / args.trials:.1f} per further trial")
+                print(f"--jobs {jobs} --trials-per-gpu {packed}: 1 trial {short:.1f} s, {1 + args.trials} trials "
+                      f"{long:.1f} s: {paces[jobs, packed]:.3f} s per trial ({3600 / paces[jobs, packed]:,.0f} "
+                      f"trials/hour){syncs}", flush=True)
     first = next(iter(paces.values()))
-    print("trials/hour against the first layout: " + ", ".join(f"K={k} {first / pace:.2f}x" for k, pace in paces.items()))
-
+    print("trials/hour against the first layout: " + ", ".join(
+        f"{jobs}x{packed} {first / pace:.2f}x" for (jobs, packed), pace in paces.items()))
 
 if __name__ == "__main__":
     main()

@@ -210,3 +210,19 @@ def test_packed_trials_checking_one_checkpoint_folder_at_once_never_trip_over_ea
         thread.join()
     assert not errors, errors[0]
     assert list(tmp_path.iterdir()) == []  # and it leaves nothing behind
+
+
+@pytest.mark.parametrize("wake", ["a neighbour's trial ends", "stop is set"])
+def test_a_slot_with_nothing_to_take_wakes_when_a_neighbours_trial_ends_or_stop_is_set(wake):
+    from vit_search.search.study import _TrialEnds
+
+    ends, stop = _TrialEnds(), threading.Event()
+    seen = ends.count
+    waiter = threading.Thread(target=ends.wait, args=(seen, 600.0, stop))
+    waiter.start()
+    ends.ended() if wake == "a neighbour's trial ends" else stop.set()
+    waiter.join(timeout=60)  # without the wake-up it would sleep out its 600 s
+    assert not waiter.is_alive()
+    started = time.monotonic()
+    ends.wait(ends.count - 1, 600.0, None)  # a trial ended since it looked: no wait at all
+    assert time.monotonic() - started < 60

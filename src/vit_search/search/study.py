@@ -274,6 +274,34 @@ def sample_spec(base: Spec, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
     return load_spec(raw, check_model=True), drawn
 
 
+class _TrialEnds:
+    """Counts the trials that ended in this process, so that a packed trial slot with nothing left to
+    take wakes when a neighbour's trial ends (the study may be done, or need a retry) rather than at
+    its next poll; trials in other processes are still seen at the poll."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.count = 0
+
+    def ended(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float, stop: threading.Event | None) -> None:
+        """Until a trial ends after the count was ``seen``, ``stop`` is set, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.count == seen and not (stop is not None and stop.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(min(left, 0.1))  # short, to see ``stop`` soon
+
+
+_TRIAL_ENDS = _TrialEnds()
+
+
 def worker_loop(
     handle: StudyHandle,
     n_trials: int | None,
@@ -306,6 +334,7 @@ def worker_loop(
             return report
         drawn: Any = None
         draw_error: BaseException | None = None
+        ends_seen = _TRIAL_ENDS.count
         with study_lock(handle.url, study.study_name):
             if initialise and not handle.attr(INITIALISED):
                 initialise()
@@ -332,7 +361,7 @@ def worker_loop(
                 except Exception as err:  # raised again below, where every trial's end is handled
                     draw_error = err
         if trial is None:
-            (stop or threading.Event()).wait(min(heartbeat, 2.0))
+            _TRIAL_ENDS.wait(ends_seen, min(heartbeat, 2.0), stop)
             continue
         report.trials_run.append(trial.number)
         # Below, skip_if_finished and _set_error: another worker may have failed this trial already
@@ -360,6 +389,7 @@ def worker_loop(
                 report.stopped = err
             else:
                 report.interrupted = True
+            _TRIAL_ENDS.ended()
             if on_trial_end:
                 on_trial_end(study.get_trials(deepcopy=False)[trial.number])
             return report
@@ -372,6 +402,7 @@ def worker_loop(
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             else:
                 study.tell(trial, values, skip_if_finished=True)
+        _TRIAL_ENDS.ended()
         if on_trial_end:
             on_trial_end(study.get_trials(deepcopy=False)[trial.number])
 
