@@ -4,6 +4,9 @@ commands that read no data import no data code."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +184,28 @@ def test_a_spec_round_trips_through_its_yaml():
     spec = load_spec(SRC.parents[1] / "experiments" / "digits.yaml")
     again = load_spec(__import__("yaml").safe_load(spec.to_yaml()))
     assert again.to_dict() == spec.to_dict() and isinstance(again, Spec)
+
+
+@pytest.mark.parametrize("command, torn_down", [
+    (["blocks"], False), (["validate", "experiments/digits.yaml"], False), (["validate", "no-such.yaml"], False),
+    (["summary", "experiments/digits.yaml"], False), (["--version"], False),
+    (["best", "experiments/digits.yaml", "--storage", "sqlite:///{tmp}/none.db"], True)])
+def test_commands_that_leave_nothing_open_skip_the_teardown_and_lose_no_output(command, torn_down, tmp_path):
+    from vit_search.cli import main
+
+    command = [part.format(tmp=tmp_path) for part in command]
+    # The program (entry) against main in this process: the same words and code, through a pipe.
+    probe = ("import atexit, sys\natexit.register(lambda: print('torn down', file=sys.stderr))\n"
+             "sys.argv = ['vit-search', *sys.argv[1:]]\nfrom vit_search.cli import entry\nentry()")
+    out = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True,
+                         cwd=SRC.parents[1], timeout=120)
+    said, errors = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(SRC.parents[1])
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(errors):
+            code = main(command)
+    finally:
+        os.chdir(cwd)
+    assert (out.returncode, out.stdout) == (code, said.getvalue()) and (out.stdout or code == 2)
+    assert errors.getvalue() in out.stderr and ("torn down" in out.stderr) is torn_down

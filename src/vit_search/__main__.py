@@ -1,5 +1,5 @@
 """``python -m vit_search`` (what ``accelerate launch -m vit_search`` runs)."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()
