@@ -62,19 +62,24 @@ def test_an_mlflow_sqlite_store_is_made_in_wal_mode(tmp_path, monkeypatch):
     assert tables > 10  # MLflow's migrations ran on the WAL file
 
 
-def test_a_killed_process_loses_no_commit_of_a_wal_storage(tmp_path):
+@pytest.mark.parametrize("end", ["killed", "exits"])
+def test_a_killed_process_loses_no_commit_and_one_that_exits_folds_the_log_back(tmp_path, end):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # Killed: no connection closed, no checkpoint, the commits are in the -wal file only.
     writer = textwrap.dedent(f"""
         import os, optuna
         from vit_search.search.storage import open_storage
-        study = optuna.create_study(study_name="killed", storage=open_storage({url!r}))
+        study = optuna.create_study(study_name="wal", storage=open_storage({url!r}))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
-        os.kill(os.getpid(), 9)  # no connection closed, no checkpoint: the commits are in the -wal file only
+        {"os.kill(os.getpid(), 9)" if end == "killed" else ""}
     """)
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
-    assert done.returncode == -9, done.stderr[-2000:]
-    assert (tmp_path / "optuna.db-wal").stat().st_size > 0
-    study = optuna.load_study(study_name="killed", storage=open_storage(url))
+    assert done.returncode == (-9 if end == "killed" else 0), done.stderr[-2000:]
+    if end == "killed":
+        assert (tmp_path / "optuna.db-wal").stat().st_size > 0
+    else:  # the last connection's close moved the log into the file: optuna.db alone can be copied
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("optuna.db")) == ["optuna.db"]
+    study = optuna.load_study(study_name="wal", storage=open_storage(url))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
