@@ -169,6 +169,12 @@ def test_a_supernet_study_scores_subnets_under_constraints_and_trains_finalists_
     phases = sorted(r.data.tags.get("supernet.phase", "3") for r in runs if r is not parent and
                     r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     assert phases == ["2: scored subnet", "2: scored subnet", "3"]
+    # Scored subnets' runs carry the score they inherited, the rank-1 one the study's best.
+    scored = sorted((r for r in runs if r.data.tags.get("supernet.phase") == "2: scored subnet"),
+                    key=lambda r: int(r.data.tags["supernet.rank"]))
+    assert all({"inherited_val_accuracy", "inherited_val_loss"} <= set(r.data.metrics) for r in scored)
+    assert scored[0].data.metrics["inherited_val_accuracy"] == parent.data.metrics["best_inherited_val_accuracy"]
+    assert scored[0].data.metrics["inherited_val_accuracy"] >= scored[1].data.metrics["inherited_val_accuracy"]
 
     from vit_search.search.report import best_spec
 

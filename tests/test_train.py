@@ -200,9 +200,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
     assert steps == list(range(8))
 
 
-def test_sigterm_mid_training_ends_the_run_killed_in_one_line_and_exits_143(workdir, sqlite_uri):
-    raw = {**TINY, "tracking": {"experiment": "sigterm"}, "train": {**TINY["train"], "epochs": 200}}
-    spec_path = write_yaml(workdir / "sigterm.yaml", raw)
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resume_finishes_it(
+        workdir, sqlite_uri, cli_here, signum, code, line):
+    experiment = f"stopped-{signum.name.lower()}"
+    raw = {**TINY, "tracking": {"experiment": experiment}, "train": {**TINY["train"], "epochs": 200}}
+    spec_path = write_yaml(workdir / "stopped.yaml", raw)
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir,
                             env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -211,12 +215,20 @@ def test_sigterm_mid_training_ends_the_run_killed_in_one_line_and_exits_143(work
     while not checkpoint.exists():  # training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)  # as Ctrl-C sends it (SIGINT), or a scheduler and `timeout` (SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err[-2000:]
+    assert proc.returncode == code and err.strip().splitlines()[-1] == line, err[-2000:]
     assert "Traceback" not in err
-    (run,) = mlflow.search_runs(experiment_names=["sigterm"], output_format="list")
+    (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert run.info.status == "KILLED"
+    # --resume continues it, in the same MLflow run (two epochs past its checkpoint, to keep the test short).
+    last = torch.load(checkpoint, weights_only=True)["epoch"]
+    resumed = cli_here("train", spec_path, "--resume", f"--set=train.epochs={last + 3}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")})
+    assert steps == list(range(last + 3))
 
 
 @pytest.mark.slow
