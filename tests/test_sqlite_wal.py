@@ -142,3 +142,25 @@ def test_checking_a_store_this_process_holds_leaves_its_wal_to_it(tmp_path):
     held.commit()
     held.close()
     assert sqlite3.connect(path).execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize("wal", [True, False])
+def test_a_reader_mid_transaction_does_not_block_a_writer_in_wal_mode(tmp_path, wal):
+    path = tmp_path / "study.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+    if wal:
+        assert sqlite_wal.use_wal(path)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()  # a report or `best` reading the study
+    writer = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        writer.execute("INSERT INTO t VALUES (1)")  # a worker's commit
+        committed = True
+    except sqlite3.OperationalError:  # "database is locked": the rollback journal waits for the reader
+        committed = False
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+        writer.close()
+    assert committed is wal

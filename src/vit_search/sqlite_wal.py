@@ -75,14 +75,12 @@ def use_wal(path: Path, timeout: float = 60.0) -> bool:
 def _listen() -> None:
     """SQLAlchemy's documented recipe for pragmas: a ``connect`` listener on every engine (Optuna and
     MLflow make their own), acting on the files ``use_wal`` named only."""
-    with _listening:
-        if getattr(_listen, "done", False):
-            return
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
 
-        event.listen(Engine, "connect", _commit_without_fsync)
-        _listen.done = True  # type: ignore[attr-defined]
+    with _listening:
+        if not event.contains(Engine, "connect", _commit_without_fsync):
+            event.listen(Engine, "connect", _commit_without_fsync)
 
 
 def _commit_without_fsync(dbapi_connection: object, _record: object) -> None:
