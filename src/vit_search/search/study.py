@@ -361,7 +361,9 @@ def worker_loop(
                 except Exception as err:  # raised again below, where every trial's end is handled
                     draw_error = err
         if trial is None:
-            _TRIAL_ENDS.wait(ends_seen, min(heartbeat, 2.0), stop)
+            # Trials in other processes end unannounced: look again soon (at a study's tail every idle
+            # worker waits here; a 2 s poll cost each `--jobs` worker up to 2 s of the study's wall).
+            _TRIAL_ENDS.wait(ends_seen, min(heartbeat, 0.5), stop)
             continue
         report.trials_run.append(trial.number)
         # Below, skip_if_finished and _set_error: another worker may have failed this trial already
