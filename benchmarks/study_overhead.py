@@ -13,7 +13,7 @@ compiled with the machine's C compiler, that sleeps before the real call), as on
 flushes are slow: the local disk then behaves like many cloud machines' (GPU machines' included).
 
     python benchmarks/study_overhead.py [--trials 16] [--packed 1,8] [--jobs 1] [--tmp /dev/shm] [--strace]
-    python benchmarks/study_overhead.py --slow-fsync 5 --packed 1 --jobs 1,2
+    python benchmarks/study_overhead.py --slow-fsync 5 --packed 1 --jobs 1,2 --repeat 3
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--packed", default="1,8", help="comma-separated --trials-per-gpu values to compare")
     parser.add_argument("--jobs", default="1", help="comma-separated --jobs values to compare")
     parser.add_argument("--slow-fsync", type=float, default=0.0, metavar="MS", help="add MS to every fsync")
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of studies per layout; the median pace is kept")
     parser.add_argument("--tmp", help="folder for the stores (default: the system's temporary folder)")
     parser.add_argument("--strace", action="store_true", help="count fsync calls (slower: strace stops each)")
     args = parser.parse_args()
@@ -106,8 +107,10 @@ def main() -> None:
         paces = {}
         for jobs in (int(j) for j in args.jobs.split(",")):
             for packed in (int(k) for k in args.packed.split(",")):
-                short, short_syncs = one_study(1, packed, jobs, args.tmp, args.strace, extra)
-                long, long_syncs = one_study(1 + args.trials, packed, jobs, args.tmp, args.strace, extra)
+                pairs = sorted(((one_study(1, packed, jobs, args.tmp, args.strace, extra),
+                                 one_study(1 + args.trials, packed, jobs, args.tmp, args.strace, extra))
+                                for _ in range(args.repeat)), key=lambda pair: pair[1][0] - pair[0][0])
+                (short, short_syncs), (long, long_syncs) = pairs[len(pairs) // 2]  # the median pace
                 paces[jobs, packed] = (long - short) / args.trials
                 syncs = "" if short_syncs is None else (f"; fsyncs: {short_syncs} for start-up and one trial, "
                                                         f"{(long_syncs - short_syncs) / args.trials:.1f} per further trial")
