@@ -1,11 +1,12 @@
 """Our SQLite stores (Optuna's and MLflow's) commit without waiting for the disk.
 
 In SQLite's default mode (a rollback journal, ``synchronous=FULL``) every commit waits for about
-three fsyncs while it holds the only write lock on the file. A 20-epoch trial makes about 56 commits
-(168 ``fdatasync`` calls, counted with strace) and a new MLflow store's migrations about 500: at a few
-milliseconds an fsync, as on many cloud disks, that is the pace of a whole study however many trials
-run at once. In WAL mode with ``synchronous=NORMAL`` a commit appends to the log and waits for no
-fsync (the log is synced at checkpoints), and readers no longer block the writer.
+three fsyncs while it holds the only write lock on the file. A 20-epoch trial waited for 168
+``fdatasync`` calls (about 56 commits, counted with strace), and making a new study's and MLflow
+store's tables for about 1,300: at a few milliseconds an fsync, as on many cloud disks, that was the
+pace of a whole study however many trials ran at once. In WAL mode with ``synchronous=NORMAL`` a
+commit appends to the log and waits for no fsync (the log is synced at checkpoints), and readers no
+longer block the writer.
 
 What that gives up: after a power cut or an operating-system crash (not a killed process) the last
 commits may be rolled back; the file stays consistent. WAL needs memory shared by every process
@@ -50,8 +51,8 @@ def local_file_system(path: Path) -> bool:
 
 def use_wal(path: Path, timeout: float = 60.0) -> bool:
     """Put the SQLite file ``path`` (made if absent) in WAL mode, and have every later connection of
-    this process to it commit with ``synchronous=NORMAL``. False, the file untouched, on a network
-    file system or where SQLite refuses (a full disk, a lock held past ``timeout``)."""
+    this process to it commit with ``synchronous=NORMAL``. False, the file left in its mode, on a
+    network file system or where SQLite refuses (a full disk, a lock held past ``timeout``)."""
     if not local_file_system(path):
         return False
     try:
