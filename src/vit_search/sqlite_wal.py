@@ -53,6 +53,8 @@ def use_wal(path: Path, timeout: float = 60.0) -> bool:
     """Put the SQLite file ``path`` (made if absent) in WAL mode, and have every later connection of
     this process to it commit with ``synchronous=NORMAL``. False, the file left in its mode, on a
     network file system or where SQLite refuses (a full disk, a lock held past ``timeout``)."""
+    if os.path.realpath(path) in _wal_files:  # done already in this process (every trial checks its store)
+        return True
     if not local_file_system(path):
         return False
     try:
