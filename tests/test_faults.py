@@ -651,6 +651,95 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+# An attention block whose training step holds for two minutes while a file named `hold` lies beside
+# it: a step far longer than a test waits, as a large model's step on a slow device is.
+HOLDING_BLOCK = '''
+import time
+from pathlib import Path
+
+from torch import nn
+
+from vit_search import register
+
+
+@register("attention", "holding")
+class Holding(nn.Module):
+    """A linear map of the tokens whose training step holds while the file ``hold`` exists."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        here = Path(__file__).parent
+        if self.training and (here / "hold").exists():
+            (here / "holding").touch()
+            time.sleep(120)
+        return self.proj(tokens)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [1, 2], ids=["one-trial", "packed-2"])
+def test_a_second_ctrl_c_stops_at_once_while_the_first_waits_for_the_step_and_the_trial_is_queued_again(
+        workdir, packed):
+    # docs/search.md: "The first Ctrl-C lets each trial in training finish its current step; a second stops at once."
+    # Packed trials train in threads, which no signal reaches: the worker leaves them mid-step.
+    name = f"second-ctrl-c-{packed}"
+    write(workdir / "holding_block.py", HOLDING_BLOCK)
+    raw = {**study_raw(name, n_trials=2), "plugins": ["holding_block.py"]}
+    raw["model"] = {**raw["model"], "attention": {"type": "holding"}}
+    spec = write(workdir / "spec.yaml", raw)
+    (workdir / "hold").touch()
+    with open(workdir / "stdout.txt", "w") as stdout, open(workdir / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--trials-per-gpu", str(packed)],
+                                cwd=workdir, stdout=stdout, stderr=stderr, text=True)
+
+    def wait_for(what, done) -> None:
+        deadline = time.monotonic() + 120
+        while not done():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"{what}: {(workdir / 'stderr.txt').read_text()[-2000:]}"
+            time.sleep(0.05)
+
+    try:
+        wait_for("the first step holding", (workdir / "holding").exists)
+        wait_for(f"{packed} trials in training", lambda: len(optuna.load_study(
+            study_name=name, storage=raw["search"]["storage"]).get_trials(states=(TrialState.RUNNING,))) == packed)
+        proc.send_signal(signal.SIGINT)
+        wait_for("the first Ctrl-C said", lambda: "Ctrl-C again to stop at once" in (workdir / "stderr.txt").read_text())
+        time.sleep(1)
+        assert proc.poll() is None  # the first waits for the step, which holds for two minutes
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:  # a second Ctrl-C that did not stop it leaves no process holding for minutes
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (workdir / "stdout.txt").read_text(), (workdir / "stderr.txt").read_text()
+    assert time.monotonic() - stopped_at < 60 and proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in out + err, err[-2000:]
+    stopped = [line for line in out.splitlines() if line.startswith("trial ") and " FAIL " in line]
+    assert len(stopped) == packed and all(line.endswith("interrupted (Ctrl-C)") for line in stopped), out
+    trials = optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * packed + [TrialState.WAITING] * packed  # queued again
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"}  # the study's run, and each stopped trial's
+
+    # The same command again: the trial stopped mid-step is retried, and the study ends with its two trials.
+    (workdir / "hold").unlink()
+    again = subprocess.run([sys.executable, "-m", "vit_search", "run", str(spec)], cwd=workdir,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * packed + [TrialState.COMPLETE] * 2
+    assert {t.params["train.lr"] for t in trials[:packed]} == {t.params["train.lr"] for t in trials[packed:2 * packed]}
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
 # -- the tracking server goes away ------------------------------------------------------------------
 def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real MLflow server on ``port`` over the store in ``root`` (the same store when started again)."""

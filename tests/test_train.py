@@ -450,12 +450,45 @@ def test_epochs_shorter_than_copying_their_state_skip_checkpoints_but_never_metr
 
 
 def test_epochs_longer_than_copying_their_state_each_get_a_checkpoint(tmp_path):
-    writer = CheckpointWriter(tmp_path / "checkpoint.pt", budget=1.0)
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt", budget=1.0, checkpoint_interval=0.0)
     for epoch in range(4):
         time.sleep(0.05)  # an epoch's training, far longer than copying a few numbers
         writer.save((lambda e=epoch: {"epoch": e}) if writer.due() else None, {"loss": 1.0}, epoch)
     writer.wait()
     assert writer.snapshots == 4
+
+
+def test_epochs_shorter_than_the_checkpoint_interval_get_one_checkpoint_per_interval_and_every_metric(tmp_path):
+    # Each checkpoint is a write of the weights and a store of the metrics before it: epochs of
+    # milliseconds (small trials, several packed in one process) would make one of each per epoch.
+    path, calls = tmp_path / "checkpoint.pt", []
+    writer = CheckpointWriter(path, log=lambda epochs: calls.append([step for _, step, _ in epochs]), budget=1.0,
+                              checkpoint_interval=0.25)
+    started = time.perf_counter()
+    for epoch in range(40):
+        time.sleep(0.01)  # an epoch's training
+        writer.save((lambda e=epoch: {"epoch": e}) if writer.due(last=epoch == 39) else None, {"loss": 1.0}, epoch)
+    writer.wait()
+    elapsed = time.perf_counter() - started
+    assert 2 <= writer.snapshots <= 2 + elapsed / 0.25  # the first, the last, and one per interval between
+    assert [step for call in calls for step in call] == list(range(40))  # every epoch's metrics, in order
+    assert len(calls) <= 2 + 2 * elapsed / 0.25  # stored with the checkpoints or once a second, not per epoch
+    assert torch.load(path, weights_only=True)["epoch"] == 39
+
+
+def test_runs_training_at_once_in_one_process_each_checkpoint_as_often_as_their_number_says(tmp_path):
+    # Trials packed into threads of one worker: K of them would otherwise store K times as often,
+    # and their host work runs one thread at a time.
+    first = CheckpointWriter(tmp_path / "first.pt", budget=1.0, checkpoint_interval=1.0)
+    first.save({"epoch": 0}, {"loss": 1.0}, 0)
+    time.sleep(1.1)
+    assert first.due()  # alone: an interval has passed
+    second = CheckpointWriter(tmp_path / "second.pt", budget=1.0, checkpoint_interval=1.0)
+    assert not first.due()  # two runs in the process: each waits two intervals
+    second.close()
+    second.close()  # closing twice counts once
+    assert first.due()
+    first.wait()
 
 
 def test_a_failed_store_is_raised_in_the_training_thread_at_its_next_save(tmp_path):

@@ -144,12 +144,23 @@ class CheckpointWriter:
     Copying the state off the device is the one part training waits for. Where epochs are so short
     that copying after each would cost more than ``budget`` of the training time (a small model on
     a GPU: milliseconds of copies after an epoch of milliseconds), epochs are skipped until it does
-    not; the first and the last epoch always have their checkpoint, and every epoch its metrics.
+    not; and a checkpoint is taken at most once every ``checkpoint_interval`` seconds, since each
+    costs a write of the weights and a store of the metrics before it: a killed run repeats at most
+    that much training. The first and the last epoch always have their checkpoint, and every epoch
+    its metrics.
+
+    Both intervals are per process: with K runs training at once in it (trials packed into
+    threads), each run's are K times as long, so that the process stores about as often as one run
+    alone would, rather than K times as often with K times the host work (one thread at a time).
     """
 
+    _alive = 0  # writers of this process between their start and close()
+    _alive_lock = threading.Lock()
+
     def __init__(self, path: Path, log: Callable[[list[tuple[dict[str, float], int, int]]], None] | None = None,
-                 budget: float = 0.05, log_interval: float = 1.0):
+                 budget: float = 0.05, log_interval: float = 1.0, checkpoint_interval: float = 1.0):
         self.path, self.budget, self.log_interval = path, budget, log_interval
+        self.checkpoint_interval = checkpoint_interval
         self._logged_at = -math.inf  # when metrics were last stored (monotonic): the first epoch's go at once
         self._ending = False  # wait() or close() was called: what is waiting is stored now
         self._log = log or (lambda epochs: None)
@@ -161,12 +172,21 @@ class CheckpointWriter:
         self._copied_at: float | None = None  # when the last snapshot was taken (perf_counter)
         self._copy_seconds = 0.0  # how long taking it took
         self.snapshots = 0  # checkpoints taken (and so written, unless a newer one replaced it first)
+        self._counted = True
+        with CheckpointWriter._alive_lock:
+            CheckpointWriter._alive += 1
+
+    @staticmethod
+    def _sharing() -> int:
+        """How many runs of this process store at once (at least 1)."""
+        return max(1, CheckpointWriter._alive)
 
     def due(self, last: bool = False) -> bool:
         """Whether this epoch's state is worth copying off the device now (see the class)."""
         if last or self._copied_at is None:
             return True
-        return self._copy_seconds <= self.budget * (time.perf_counter() - self._copied_at)
+        since = time.perf_counter() - self._copied_at
+        return since >= self.checkpoint_interval * self._sharing() and self._copy_seconds <= self.budget * since
 
     def save(self, payload: dict[str, Any] | Callable[[], dict[str, Any]] | None, metrics: dict[str, float],
              step: int) -> None:
@@ -194,7 +214,7 @@ class CheckpointWriter:
         while True:
             with self._changed:
                 while self._payload is None and self._epochs and not self._ending:
-                    left = self._logged_at + self.log_interval - time.monotonic()
+                    left = self._logged_at + self.log_interval * self._sharing() - time.monotonic()
                     if left <= 0:
                         break
                     self._changed.wait(left)
@@ -220,6 +240,10 @@ class CheckpointWriter:
             self._ending = True
             self._changed.notify_all()
             self._changed.wait_for(lambda: not self._running)
+            counted, self._counted = self._counted, False
+        if counted:
+            with CheckpointWriter._alive_lock:
+                CheckpointWriter._alive -= 1
 
     def wait(self) -> None:
         """Wait until every saved epoch is stored; raise what storing one failed with."""

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from .errors import RunFailed, UserError
 from .registry import KINDS
-from .stopping import Terminated, exit_code, sigterm_interrupts
+from .stopping import Terminated, exit_code, sigterm_interrupts, trials_left_behind
 
 EXIT_BAD_INPUT = 2
 
@@ -522,10 +522,11 @@ _NOTHING_TO_CLOSE = frozenset({"validate", "blocks", "summary", None})
 
 def entry() -> None:
     """The ``vit-search`` program: :func:`main`, then exit with its code; commands that leave
-    nothing open skip the interpreter's teardown."""
+    nothing open skip the interpreter's teardown, as does a run whose packed trials a second
+    Ctrl-C left mid-step (their study and MLflow runs already say so)."""
     argv = sys.argv[1:]
     code = main(argv)
-    if build_parser().parse_known_args(argv)[0].command in _NOTHING_TO_CLOSE:
+    if build_parser().parse_known_args(argv)[0].command in _NOTHING_TO_CLOSE or trials_left_behind():
         try:
             sys.stdout.flush()
             sys.stderr.flush()

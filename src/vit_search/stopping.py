@@ -90,3 +90,12 @@ def requests_set(stop: threading.Event) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+TRIAL_SLOT = "trial-slot-"  # the name of a thread that trains packed trials, before its index
+
+
+def trials_left_behind() -> bool:
+    """Whether threads training packed trials are still running: a second Ctrl-C left them mid-step,
+    and the interpreter's teardown would trip over them (they are daemons, caught in torch)."""
+    return any(t.name.startswith(TRIAL_SLOT) and t.is_alive() for t in threading.enumerate())

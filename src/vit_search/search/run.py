@@ -25,14 +25,17 @@ from ..model.cost import model_cost
 from ..performance import cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
-from ..stopping import requests_set
+from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
 from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import StorageLost, check_file, check_url, disk_full, redact, storage_problem, study_lock
-from .study import StopWorker, StudyHandle, WorkerReport, objective_values, open_study, sample_spec, storage_url_of, worker_loop
+from .study import (
+    StopWorker, StudyHandle, WorkerReport, interrupt_own_trials, objective_values, open_study, sample_spec, storage_url_of,
+    worker_loop,
+)
 from .study_runs import StudyRuns, end_active_run
 
 
@@ -120,7 +123,13 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
             runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
             # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
             with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
-                reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
+                try:
+                    reports = [loop(runners[0])] if trials_at_once == 1 else _in_threads(loop, runners, stop)
+                except StoppedAtOnce:  # their threads are left mid-step: the trials are ended from here
+                    ended = interrupt_own_trials(handle, "interrupted (Ctrl-C)")
+                    for frozen in ended:
+                        trial_end(frozen)
+                    reports = [WorkerReport(handle.study.study_name, url, [t.number for t in ended], interrupted=True)]
     except TrackingDiskFull:
         raise
     except Exception as err:
@@ -161,9 +170,15 @@ def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
                         f"from the space or pack 1")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C while packed trials finish their step: the worker leaves their threads behind."""
+
+
 def _in_threads(loop: Callable[[TrialRunner], WorkerReport], runners: list[TrialRunner],
                 stop: threading.Event) -> list[WorkerReport]:
-    """Run ``loop`` once per runner, each in its own thread; Ctrl-C stops them all, each trial queued again."""
+    """Run ``loop`` once per runner, each in its own thread; Ctrl-C stops them all after their step,
+    each trial queued again, and a second Ctrl-C at once (:class:`StoppedAtOnce`; the threads are
+    daemons, so that a step that never ends holds up no exit)."""
     reports: list[WorkerReport | None] = [None] * len(runners)
     errors: list[BaseException] = []
 
@@ -175,17 +190,18 @@ def _in_threads(loop: Callable[[TrialRunner], WorkerReport], runners: list[Trial
             errors.append(err)
             stop.set()
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"trial-slot-{i}") for i in range(len(runners))]
+    threads = [threading.Thread(target=work, args=(i,), name=f"{TRIAL_SLOT}{i}", daemon=True)
+               for i in range(len(runners))]
     for thread in threads:
         thread.start()
-    try:
-        while any(thread.is_alive() for thread in threads):
+    while any(thread.is_alive() for thread in threads):
+        try:
             for thread in threads:
                 thread.join(timeout=0.2)
-    except KeyboardInterrupt:  # only the main thread hears it: the others stop at their next step
-        stop.set()
-        for thread in threads:
-            thread.join()
+        except KeyboardInterrupt:  # only the main thread hears it: the others stop at their next step
+            if stop.is_set():  # asked before (the first Ctrl-C only sets it): now at once
+                raise StoppedAtOnce() from None
+            stop.set()
     if errors:
         raise errors[0]
     return [r for r in reports if r is not None]

@@ -196,6 +196,33 @@ def enqueue_retry(handle: StudyHandle, trial: optuna.trial.FrozenTrial, retry_of
     handle.set_trial_attr(waiting.number, RETRY_OF, retry_of)
 
 
+def queue_again(handle: StudyHandle, number: int) -> bool:
+    """Fail a RUNNING trial that was stopped (no fault of its own) and queue its values again, so
+    that re-running the command trains it: it uses up neither a trial of ``n_trials`` nor one of its
+    retries. False where it had ended already (another worker failed it); call under the lock."""
+    frozen = handle.study.get_trials(deepcopy=False)[number]
+    if frozen.state != TrialState.RUNNING:
+        return False
+    handle.set_trial_attr(number, RETRIED, True)
+    handle.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    enqueue_retry(handle, frozen, frozen.system_attrs.get(RETRY_OF, []))
+    return True
+
+
+def interrupt_own_trials(handle: StudyHandle, reason: str) -> list[optuna.trial.FrozenTrial]:
+    """Fail the trials this process is training with ``reason`` and queue each again, from outside
+    the threads that train them (stopped at once, they are left mid-step); returns them ended."""
+    study, me, ended = handle.study, _worker_id(), []
+    with study_lock(handle.url, study.study_name):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.system_attrs.get(WORKER) != me:
+                continue
+            handle.storage.set_trial_user_attr(handle.trial_id(trial.number), "error", reason)
+            if queue_again(handle, trial.number):
+                ended.append(study.get_trials(deepcopy=False)[trial.number])
+    return ended
+
+
 def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
     """The study's storage: ``--storage``, else ``$VIT_SEARCH_STORAGE``, else ``search.storage``, else
     the default beside MLflow's."""
@@ -380,13 +407,7 @@ def worker_loop(
             reason = str(err) if isinstance(err, StopWorker) else f"interrupted ({asked})"
             _set_error(trial, reason)
             with study_lock(handle.url, study.study_name):
-                frozen = study.get_trials(deepcopy=False)[trial.number]
-                if frozen.state == TrialState.RUNNING:  # not failed by another worker meanwhile
-                    # Queued again, so that re-running the command trains it: an interruption
-                    # uses up neither a trial of n_trials nor one of its retries.
-                    handle.set_trial_attr(trial.number, RETRIED, True)
-                    study.tell(trial, state=TrialState.FAIL)
-                    enqueue_retry(handle, frozen, frozen.system_attrs.get(RETRY_OF, []))
+                queue_again(handle, trial.number)
             if isinstance(err, StopWorker):
                 report.stopped = err
             else:

@@ -170,8 +170,9 @@ class StudyRuns:
                     self.client.set_tag(run.info.run_id, key, str(frozen.user_attrs[key])[:5000])
             if frozen.state == TrialState.PRUNED:
                 self.client.set_terminated(run.info.run_id, "KILLED")
-            elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died
-                self.client.set_terminated(run.info.run_id, "FAILED")
+            elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died, or left it mid-step
+                stopped = str(frozen.user_attrs.get("error", "")).startswith("interrupted")
+                self.client.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
 
     def finish(self, interrupted: bool = False) -> None:
         """Give the parent run the best trial's metrics and spec, the plots, the counts and the leaderboard.
