@@ -379,7 +379,7 @@ def test_a_full_disk_stops_train_with_one_line_and_leaves_no_temporary_file(work
 
 @pytest.mark.slow
 def test_a_study_whose_checkpoints_fill_the_disk_stops_in_one_line_with_its_trial_queued_again(workdir, tiny_disk):
-    raw = {**study_raw("full-disk", n_trials=2), "tracking": {"enabled": False}}
+    raw = study_raw("full-disk", n_trials=2)  # MLflow's store on another disk, with room
     raw["model"] = {**raw["model"], "dim": 256}
     spec = write(workdir / "spec.yaml", raw)
     result = bounded_cli("run", str(spec), "--checkpoint-dir", str(tiny_disk), cwd=workdir)
@@ -390,6 +390,11 @@ def test_a_study_whose_checkpoints_fill_the_disk_stops_in_one_line_with_its_tria
     trials = optuna.load_study(study_name="full-disk", storage=raw["search"]["storage"]).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # the one trial queued, none lost
     assert not list(tiny_disk.rglob("*.tmp"))
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("full-disk").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in runs if r.data.tags.get("optuna.trial_number") == "0"] == ["FAILED"]
 
 
 @pytest.mark.slow

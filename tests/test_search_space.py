@@ -197,6 +197,27 @@ def test_block_argument_is_drawn_exactly_in_trials_that_choose_its_block(write_s
     assert kinds == {("mlp", 2), ("mlp", 4), ("swiglu", 2)}
 
 
+@pytest.mark.parametrize("strategy", ["standard", "supernet"])
+def test_a_layers_own_key_is_drawn_exactly_in_trials_deep_enough_to_have_that_layer(write_spec, strategy):
+    # docs/search.md: "it is drawn only in subnets deep enough to have that layer, in both strategies".
+    space = ("model.depth: {int: [1, 3]}\n"
+             + "".join(f"model.layers.{i}.ffn.ratio: {{choice: [1, 2]}}\n" for i in range(3)))
+    extra = "strategy: supernet\n" if strategy == "supernet" else ""
+    spec = load_spec(write_spec(study_text(space, extra)))
+    study, depths = random_study(1), set()
+    for _ in range(30):
+        trial = study.ask()
+        built, drawn = sample_spec(spec, trial)
+        study.tell(trial, 0.0)
+        depth = built.model.depth
+        assert sorted(k for k in study.trials[trial.number].params if k.startswith("model.layers.")) == [
+            f"model.layers.{i}.ffn.ratio" for i in range(depth)]
+        assert {int(i): layer["ffn"]["ratio"] for i, layer in built.model.layers.items()} == {
+            i: drawn[f"model.layers.{i}.ffn.ratio"] for i in range(depth)}
+        depths.add(depth)
+    assert depths == {1, 2, 3}
+
+
 def test_block_argument_of_a_block_left_to_its_default_or_preset_is_drawn(write_spec):
     # No ffn in the spec: the schema's default ffn is an mlp, so its ratio is searched.
     default = load_spec(write_spec(study_text("model.ffn[mlp].ratio: {choice: [2, 4]}\n",

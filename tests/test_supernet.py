@@ -222,6 +222,8 @@ def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir):
     assert result.trials_run == [] and not result.study.get_trials()
     scores = optuna.load_study(study_name="scores-only:subnets", storage=spec.search.storage).get_trials()
     assert len(scores) == 3 and all("train_loss" not in t.user_attrs for t in scores)
+    # docs/search.md: a layer's own key is drawn only in subnets deep enough to have that layer.
+    assert all(("model.layers.1.ffn.ratio" in t.params) == (t.params["model.depth"] > 1) for t in scores)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("scores-only").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
