@@ -6,6 +6,7 @@ the spec's ``tracking.uri`` names one and the environment does not. Only the mai
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -293,7 +294,13 @@ def _made_by_one(uri: str) -> Iterator[None]:
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
-    """The commit checked out at ``path`` (None outside a git work tree)."""
+    """The commit checked out at ``path`` (None outside a git work tree), asked of git once per
+    folder and process: every trial of a study would otherwise start a git process."""
+    return _git_commit(str(Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=64)
+def _git_commit(path: str) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
@@ -372,21 +379,28 @@ class Tracker:
             return
         import mlflow
         import torch
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
 
         from . import __version__
 
-        params = {k: _param_value(v) for k, v in self.spec.flat().items()}
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
-            mlflow.log_params(dict(list(params.items())[start:start + 100]))
+        params = [Param(k, _param_value(v)) for k, v in self.spec.flat().items()]
         sizes = {"parameters": parameters, "flops": flops}
         if trainable is not None:
             sizes["trainable_parameters"] = trainable
-        mlflow.log_metrics(sizes)
+        at = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), at, 0) for key, value in sizes.items()]
         tags = {"vit_search.version": __version__, "torch.version": torch.__version__, "device": device}
         commit = git_commit(Path(self.spec.source).parent if self.spec.source else ".")
         if commit:
             tags["git.commit"] = commit
-        mlflow.set_tags({**tags, **(extra_tags or {})})
+        run_tags = [RunTag(key, str(value)) for key, value in {**tags, **(extra_tags or {})}.items()]
+        # One write for all of it where MLflow's limits allow (100 params and 100 tags a call): each
+        # call is a transaction on the store, which every trial of a study shares.
+        client = MlflowClient()
+        for start in range(0, max(len(params), len(run_tags), 1), 100):
+            client.log_batch(self.run_id, metrics=metrics if start == 0 else [], params=params[start:start + 100],
+                             tags=run_tags[start:start + 100])
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
