@@ -161,13 +161,15 @@ class StudyRuns:
                           f"tags.`optuna.study_name` = '{self.handle.study.study_name}' and "
                           f"tags.`mlflow.parentRunId` = '{parent}'",
         )
+        from mlflow.entities import RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
         name = trial_run_name(frozen.number, frozen.params, score_of(frozen, self.metrics))
+        # One write: the run's name (MLflow renames a run whose mlflow.runName tag is set), its state, why.
+        tags = [RunTag(MLFLOW_RUN_NAME, name), RunTag(STATE_TAG, frozen.state.name)] + [
+            RunTag(key, str(frozen.user_attrs[key])[:5000]) for key in ("error", "pruned_reason") if key in frozen.user_attrs]
         for run in runs:
-            self.client.update_run(run.info.run_id, name=name)
-            self.client.set_tag(run.info.run_id, STATE_TAG, frozen.state.name)
-            for key in ("error", "pruned_reason"):
-                if key in frozen.user_attrs:
-                    self.client.set_tag(run.info.run_id, key, str(frozen.user_attrs[key])[:5000])
+            self.client.log_batch(run.info.run_id, tags=tags)
             if frozen.state == TrialState.PRUNED:
                 self.client.set_terminated(run.info.run_id, "KILLED")
             elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died, or left it mid-step
