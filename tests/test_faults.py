@@ -746,13 +746,15 @@ def test_a_second_ctrl_c_stops_at_once_while_the_first_waits_for_the_step_and_th
 
 
 # -- the tracking server goes away ------------------------------------------------------------------
-def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real MLflow server on ``port`` over the store in ``root`` (the same store when started again)."""
+def _start_mlflow_server(root: Path, port: int, artifacts: Path | None = None) -> subprocess.Popen:
+    """A real MLflow server on ``port`` over the store in ``root`` (the same store when started again),
+    proxying artifacts to ``artifacts`` (default: a folder in ``root``)."""
     import urllib.request
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         str(artifacts or root / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True)
     deadline = time.monotonic() + 120
     while True:
@@ -769,6 +771,66 @@ def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
 def _kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
     proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_is_queued_and_a_rerun_agrees(
+        workdir, tmp_path, small_disk):
+    # The server proxies artifacts (--artifacts-destination) to a disk that fills while trial 0 trains:
+    # the client sees HTTP 500s or a dropped connection, never the server's "no space left".
+    from conftest import free_port
+
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    name = "artifacts-full"
+    raw = study_raw(name, n_trials=2)
+    spec = write(workdir / "spec.yaml", raw)
+    command = [sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=40"]
+    server = _start_mlflow_server(store, port, artifacts=small_disk)
+    try:
+        client = MlflowClient(uri)
+        filler = _fill(small_disk)  # full from the start: the study's run cannot store its study.yaml
+        result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            f"error: MLflow tracking server {uri} did not store an artifact ("), result.stderr[-3000:]
+        assert not optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
+        assert not client.search_runs([client.get_experiment_by_name(name).experiment_id])  # no run left RUNNING
+        filler.unlink()
+
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while True:  # trial 0 is training: its run has an epoch's metrics (and its spec.yaml is stored)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            experiment = client.get_experiment_by_name(name)
+            if experiment and client.search_runs([experiment.experiment_id],
+                                                 filter_string="tags.`optuna.trial_number` = '0' and metrics.val_accuracy > -1"):
+                break
+            time.sleep(0.2)
+        filler = _fill(small_disk)
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: MLflow tracking server {uri} did not store an artifact (") and line.endswith(
+            "its log says which: trial 0 is queued again; free space, then run the same command to resume"), line
+        trials = optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # queued again, none lost
+
+        filler.unlink()  # space again: the same command finishes the study, and MLflow agrees with Optuna
+        again = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+        assert again.returncode == 0, again.stderr[-3000:]
+        trials = optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        by_trial = {r.data.tags.get("optuna.trial_number"): r.info.status for r in runs}
+        assert by_trial["0"] == "FAILED" and by_trial["1"] == by_trial["2"] == "FINISHED"
+        assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FINISHED"]  # one parent
+    finally:
+        _kill_group(server)
 
 
 @pytest.mark.slow

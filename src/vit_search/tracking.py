@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -167,14 +168,15 @@ class TrackingDiskFull(RunFailed):
 
 def mlflow_disk_full(err: BaseException) -> str | None:
     """What filled up, when ``err`` is MLflow failing to write for a full disk ("MLflow store URI: no space
-    left on its disk", or its artifacts'); None for any other error, a full disk under Optuna's storage
-    included."""
+    left on its disk", or its artifacts'), or a tracking server that answers but could not store an
+    artifact (what its full artifact disk looks like from here); None for any other error, a full disk
+    under Optuna's storage included."""
     import mlflow
 
     if isinstance(err, TrackingDiskFull):
         return err.said
     if not disk_full(err):
-        return None
+        return _artifacts_refused(err)
     modules = list(_modules_raised_in(err))
     if not any(name.startswith("mlflow.") for name, _ in modules):
         return None
@@ -183,6 +185,26 @@ def mlflow_disk_full(err: BaseException) -> str | None:
             where = getattr(frame.f_locals.get("self"), "artifact_uri", None)
             return f"MLflow artifacts{f' {redact(where)}' if where else ''}: no space left on their disk"
     return f"MLflow store {redact(mlflow.get_tracking_uri())}: no space left on its disk"
+
+
+def _artifacts_refused(err: BaseException) -> str | None:
+    """Why a tracking server that proxies artifacts (``mlflow server --artifacts-destination``) did not
+    store one, when ``err`` is that upload failing while the server answers; None otherwise. The
+    server answers a full or unwritable artifact disk with HTTP 500 or a dropped connection, and
+    only its own log says which."""
+    import mlflow
+
+    if not any(name == "mlflow.store.artifact.http_artifact_repo" for name, _ in _modules_raised_in(err)):
+        return None
+    uri = mlflow.get_tracking_uri()
+    if server_problem(uri):  # the server is gone: that outage is said as such
+        return None
+    causes = [str(cause) for cause in error_chain(err)]
+    seen = next((m.group(0) for m in map(re.compile(r"too many \d{3} error responses|Connection reset by peer|"
+                                                    r"Connection aborted|status code \d{3}").search, causes) if m),
+                type(err).__name__)
+    return (f"MLflow tracking server {redact(uri)} did not store an artifact ({seen}): its artifact store "
+            f"(--artifacts-destination) is full or cannot be written; its log says which")
 
 
 def _modules_raised_in(err: BaseException) -> Iterator[tuple[str, Any]]:

@@ -6,6 +6,7 @@ weights) is written by :func:`~vit_search.train.train` through :class:`~vit_sear
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,7 +83,14 @@ class StudyRuns:
         name = self.handle.study.study_name
         parent = self.client.create_run(self.experiment_id, run_name=name, tags={
             **self.study_tags(), "optuna.storage": redact(self.handle.url), "mlflow.runName": name})
-        self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
+        try:
+            self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
+        except BaseException:
+            # The study does not name this run yet, so the next start makes another: this one would
+            # stay RUNNING for ever beside it.
+            with contextlib.suppress(Exception):
+                self.client.delete_run(parent.info.run_id)
+            raise
         self.handle.set_attr(PARENT_RUN, parent.info.run_id)
 
     def _check_parent(self) -> None:
