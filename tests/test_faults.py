@@ -818,6 +818,9 @@ def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_i
             "its log says which: trial 0 is queued again; free space, then run the same command to resume"), line
         trials = optuna.load_study(study_name=name, storage=raw["search"]["storage"]).get_trials()
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # queued again, none lost
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert sorted((r.data.tags.get("optuna.trial_number", "parent"), r.info.status) for r in runs) == [
+            ("0", "FAILED"), ("parent", "RUNNING")]  # the store still takes writes; the study resumes
 
         filler.unlink()  # space again: the same command finishes the study, and MLflow agrees with Optuna
         again = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
