@@ -187,6 +187,10 @@ def mlflow_disk_full(err: BaseException) -> str | None:
     return f"MLflow store {redact(mlflow.get_tracking_uri())}: no space left on its disk"
 
 
+# What requests and urllib3 say of an upload the server refused: its 5xx answers, or a dropped connection.
+_REFUSAL = re.compile(r"too many \d{3} error responses|Connection reset by peer|Connection aborted|status code \d{3}")
+
+
 def _artifacts_refused(err: BaseException) -> str | None:
     """Why a tracking server that proxies artifacts (``mlflow server --artifacts-destination``) did not
     store one, when ``err`` is that upload failing while the server answers; None otherwise. The
@@ -199,9 +203,7 @@ def _artifacts_refused(err: BaseException) -> str | None:
     uri = mlflow.get_tracking_uri()
     if server_problem(uri):  # the server is gone: that outage is said as such
         return None
-    causes = [str(cause) for cause in error_chain(err)]
-    seen = next((m.group(0) for m in map(re.compile(r"too many \d{3} error responses|Connection reset by peer|"
-                                                    r"Connection aborted|status code \d{3}").search, causes) if m),
+    seen = next((found.group(0) for cause in error_chain(err) if (found := _REFUSAL.search(str(cause)))),
                 type(err).__name__)
     return (f"MLflow tracking server {redact(uri)} did not store an artifact ({seen}): its artifact store "
             f"(--artifacts-destination) is full or cannot be written; its log says which")
