@@ -752,39 +752,12 @@ def test_a_second_ctrl_c_stops_at_once_while_the_first_waits_for_the_step_and_th
 
 
 # -- the tracking server goes away ------------------------------------------------------------------
-def _start_mlflow_server(root: Path, port: int, artifacts: Path | None = None) -> subprocess.Popen:
-    """A real MLflow server on ``port`` over the store in ``root`` (the same store when started again),
-    proxying artifacts to ``artifacts`` (default: a folder in ``root``)."""
-    import urllib.request
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-         str(artifacts or root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.3)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_is_queued_and_a_rerun_agrees(
         workdir, tmp_path, small_disk):
     # The server proxies artifacts (--artifacts-destination) to a disk that fills while trial 0 trains:
     # the client sees HTTP 500s or a dropped connection, never the server's "no space left".
-    from conftest import free_port
+    from conftest import free_port, kill_group, start_mlflow_server
 
     store, port = tmp_path / "server", free_port()
     store.mkdir()
@@ -795,7 +768,7 @@ def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_i
     raw = study_raw(name, n_trials=1)
     spec = write(workdir / "spec.yaml", raw)
     command = [sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=40"]
-    server = _start_mlflow_server(store, port, artifacts=small_disk)
+    server = start_mlflow_server(store, port, artifacts=small_disk)
     try:
         client = MlflowClient(uri)
         filler = _fill(small_disk)  # full from the start: the study's run cannot store its study.yaml
@@ -832,13 +805,13 @@ def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_i
         assert by_trial["0"] == "FAILED" and by_trial["1"] == "FINISHED"
         assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FINISHED"]  # one parent
     finally:
-        _kill_group(server)
+        kill_group(server)
 
 
 @pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_and_a_rerun_agrees(workdir, tmp_path,
                                                                                                    in_process):
-    from conftest import free_port
+    from conftest import free_port, kill_group, start_mlflow_server
 
     store, port = tmp_path / "server", free_port()
     store.mkdir()
@@ -848,12 +821,12 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     spec = write(workdir / "spec.yaml", study_raw("outage", n_trials=1))
     command = [sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=60"]
-    server = _start_mlflow_server(store, port)
+    server = start_mlflow_server(store, port)
     try:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client = MlflowClient(uri)
         _wait_until_trial_0_trains(proc, client, "outage")
-        _kill_group(server)
+        kill_group(server)
         out, err = proc.communicate(timeout=180)  # MLflow's retries are bounded: well under this
         line = err.strip().splitlines()[-1]
         assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
@@ -862,7 +835,7 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
         assert trials[1].system_attrs["fixed_params"] == trials[0].params and "does not answer" in trials[0].user_attrs["error"]
 
-        server = _start_mlflow_server(store, port)
+        server = start_mlflow_server(store, port)
         # The queued trial again, at the spec's 2 epochs: the first run's 60 only kept it training for the kill.
         # (In this process: no start-up to pay.)
         assert in_process("run", str(spec), "--quiet", env={k: env[k] for k in env if k.startswith("MLFLOW_")}) == (
@@ -877,7 +850,7 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
         assert [p.info.status for p in parents] == ["FINISHED"]
     finally:
         if server.poll() is None:
-            _kill_group(server)
+            kill_group(server)
 
 
 def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, in_process):

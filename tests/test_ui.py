@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vit_search.ui import serve
+from vit_search.ui import JOB_RUNNER, serve, server_environment
 
 SPEC = """
 name: uitest
@@ -100,12 +100,23 @@ def test_port_0_serves_the_studys_runs_on_a_free_port_and_sigterm_stops_the_whol
             assert response.status == 200
         server = psutil.Process(proc.pid).children(recursive=True)
         assert server, "no server process under vit-search ui"
+        # MLflow's job runner (huey consumers) is not started: comparing trials needs none of it.
+        assert not [p for p in server if "huey" in " ".join(p.cmdline())]
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 0
         assert wait_until_gone([p.pid for p in server]) == []
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_server_starts_without_mlflows_job_runner_unless_the_users_environment_turns_it_on(monkeypatch):
+    monkeypatch.delenv(JOB_RUNNER, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    env = server_environment("sqlite:///here.db")
+    assert env[JOB_RUNNER] == "false" and env["MLFLOW_TRACKING_URI"] == "sqlite:///here.db"
+    monkeypatch.setenv(JOB_RUNNER, "true")
+    assert server_environment("sqlite:///here.db")[JOB_RUNNER] == "true"
 
 
 def _is_mlflow_ui(process: psutil.Process) -> bool:
