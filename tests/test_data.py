@@ -110,6 +110,34 @@ def test_synthetic_any_shape_deterministic_and_learnable():
     assert (predicted == data.test.labels).float().mean() > 0.6
 
 
+@pytest.mark.parametrize("shape, size", [((3, 1, 8, 8), (16, 16)), ((2, 3, 32, 24), (8, 12)), ((5, 4, 4, 4), (12, 20)),
+                                         ((1, 3, 7, 9), (7, 9))])
+def test_the_float_resize_is_torchvisions_to_the_last_bit(shape, size):
+    from torchvision.transforms.v2 import functional as TF
+
+    from vit_search.data.resize import resize_float
+
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(resize_float(images, size), TF.resize(images, list(size), antialias=True))
+
+
+def test_training_on_digits_never_imports_torchvision(tmp_path):
+    # torchvision's import costs every worker about 1.5 s; digits and synthetic data need none of it.
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom vit_search.data import load_data\nfrom vit_search.data.augment import BatchAugment\n"
+             "from vit_search.schema import AugmentSpec, DataSpec\n"
+             "for name in ('digits', 'synthetic'):\n"
+             "    data = load_data(DataSpec(dataset=name, image_size=16), seed=0)\n"
+             "    BatchAugment(AugmentSpec(random_crop_padding=1, hflip=True), data.num_classes, 16)(\n"
+             "        data.train.images[:8], data.train.labels[:8])\n"
+             "print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 # -- batching ---------------------------------------------------------------------------------
 def test_tensor_split_batches_are_slices_of_one_seeded_order_per_epoch():
     ds = TensorSplit(torch.arange(100.0).view(100, 1, 1, 1), torch.arange(100))

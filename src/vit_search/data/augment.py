@@ -14,12 +14,11 @@ their BatchAugment is built with ``randaugment=False``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms import v2
 
 from ..schema import AugmentSpec
 from ..sizes import pair
@@ -103,6 +102,25 @@ def random_crop_flip_normalize(images: Tensor, padding: int, hflip: bool, fill: 
     return out
 
 
+# torchvision is imported only where its transforms are used: its import costs a start-up about 1.5 s.
+def rand_augment() -> Callable[[Tensor], Tensor]:
+    """torchvision's v2.RandAugment, its module imported on first use."""
+    from torchvision.transforms import v2
+
+    return v2.RandAugment()
+
+
+def _mixer(spec: AugmentSpec, num_classes: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """MixUp, CutMix, or (both on) one of the two per batch, as in timm and torchvision's references; None if off."""
+    if spec.mixup_alpha <= 0 and spec.cutmix_alpha <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    mixers = [v2.MixUp(alpha=spec.mixup_alpha, num_classes=num_classes)] if spec.mixup_alpha > 0 else []
+    mixers += [v2.CutMix(alpha=spec.cutmix_alpha, num_classes=num_classes)] if spec.cutmix_alpha > 0 else []
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 class BatchAugment:
     """Augments a training batch on its device: crop, flip, RandAugment, then MixUp/CutMix.
 
@@ -130,16 +148,10 @@ class BatchAugment:
         self.randaugment = spec.randaugment if randaugment is None else randaugment
         self.crop_padding = spec.random_crop_padding if geometric else 0
         self.hflip = spec.hflip and geometric
-        self._randaugment = v2.RandAugment() if self.randaugment else None
+        self._randaugment = rand_augment() if self.randaugment else None
         self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mixers: list[v2.Transform] = []
-        if spec.mixup_alpha > 0:
-            mixers.append(v2.MixUp(alpha=spec.mixup_alpha, num_classes=num_classes))
-        if spec.cutmix_alpha > 0:
-            mixers.append(v2.CutMix(alpha=spec.cutmix_alpha, num_classes=num_classes))
-        # Both on: each batch gets one of the two, as in timm and torchvision's references.
-        self._mix = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+        self._mix = _mixer(spec, num_classes)
         self.soft_labels = self._mix is not None
         self.enabled = bool(self.crop_padding or self.hflip or self.randaugment or self._mix)
 

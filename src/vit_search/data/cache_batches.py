@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from .augment import random_crop_flip_normalize, random_crop_flip_uint8
+from .augment import rand_augment, random_crop_flip_normalize, random_crop_flip_uint8
 from .batches import DeviceBatches
 from .cache import CachedPart
 from .decode import decode_threads
@@ -47,7 +46,7 @@ class CachedSplit(Dataset):
         self.crop_padding, self.hflip = crop_padding, hflip
         # RandAugment on uint8 too (its ops are defined there, and are cheaper), per chunk of images (0: off).
         self.randaugment_chunk = randaugment_chunk
-        self._randaugment = v2.RandAugment() if randaugment_chunk else None
+        self._randaugment = rand_augment() if randaugment_chunk else None
         channels = part.shape[1]
         self.fill = [round(255 * m) for m in mean] if mean is not None else [0] * channels
         mean = [0.0] * channels if mean is None else list(mean)

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from ..performance import usable_cores
+from .resize import resize_uint8
 from .sources import undecodable
 
 _CHUNK = 32  # images a thread decodes per task: few enough to keep the progress line moving
@@ -27,19 +27,14 @@ def decode_threads() -> int:
     return usable_cores()
 
 
-def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (N, C, h, w) -> uint8 (N, C, H, W): bilinear, antialiased when shrinking (as the worker path)."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return TF.resize(images, list(size), antialias=True)
-
-
 def decode_dataset(dataset: Any, out: np.ndarray, size: tuple[int, int], advance: Callable[[int], None],
                    threads: int | None = None) -> None:
     """Decode every (PIL image, label) item of ``dataset`` into ``out`` (N, C, H, W) uint8, resized.
 
     Files that cannot be decoded are all found before one DataError names the first few: a large
     set is not decoded again for each bad file."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
     count = len(out)
     failures: list[tuple[int, BaseException]] = []
 
@@ -51,7 +46,7 @@ def decode_dataset(dataset: Any, out: np.ndarray, size: tuple[int, int], advance
             except Exception as err:  # the file, not the code: reported below with its name
                 failures.append((i, err))
                 continue
-            out[i] = resize_uint8(TF.pil_to_tensor(image).unsqueeze(0), size)[0].numpy()
+            out[i] = resize_uint8(pil_to_tensor(image).unsqueeze(0), size)[0].numpy()
         return stop - start
 
     intra_op = torch.get_num_threads()

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
 from ..schema import DataSpec
@@ -40,6 +38,7 @@ from .augment import BatchAugment
 from .batches import DeviceBatches
 from .cache import DecodedCache, cache_root, open_cache
 from .cache_batches import CacheBatches, CachedSplit
+from .resize import resize_float
 from .sources import DATASETS, Arrays, Items, Parts, PartSplits, default_root, read_image
 
 _CHUNK = 4096  # images resized at a time when building tensors: bounds the temporary memory
@@ -112,8 +111,10 @@ class _Transformed(Dataset):
 
 def _transform(
     size: tuple[int, int], *, scale: bool, randaugment: bool = False, mean: Stats = None, std: Stats = None
-) -> v2.Compose:
+) -> Callable[[Any], Tensor]:
     """PIL image or uint8 tensor -> resized uint8 (scale=False) or float, optionally normalised."""
+    from torchvision.transforms import v2
+
     steps: list[Any] = [v2.ToImage(), v2.Resize(size, antialias=True)]
     steps += [v2.RandAugment()] if randaugment else []  # per image, on uint8 as the paper's PIL did
     steps += [v2.ToDtype(torch.float32, scale=True)] if scale else []
@@ -271,8 +272,7 @@ def _to_float(images: Tensor, size: tuple[int, int], device: torch.device) -> Te
     for start in range(0, len(images), _CHUNK):
         chunk = images[start : start + _CHUNK].to(device)
         chunk = chunk.float().div_(255) if chunk.dtype == torch.uint8 else chunk.float()
-        if tuple(chunk.shape[-2:]) != size:
-            chunk = TF.resize(chunk, list(size), antialias=True)  # bilinear, antialiased when shrinking
+        chunk = resize_float(chunk, size)
         out[start : start + _CHUNK] = chunk
     return out
 

@@ -90,14 +90,14 @@ def read_digits(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
 def read_synthetic(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
     """Each class a smooth random pattern (4x4 upsampled, so any patch size sees it) plus uniform noise."""
     import torch
-    from torchvision.transforms.v2 import functional as TF
 
     from ..sizes import pair
+    from .resize import resize_float
 
     g = torch.Generator().manual_seed(seed)
     h, w = pair(spec.image_size)
     coarse = torch.rand(spec.num_classes, spec.channels, 4, 4, generator=g)
-    patterns = TF.resize(coarse, [h, w], antialias=True)
+    patterns = resize_float(coarse, (h, w))
     labels = torch.randperm(spec.num_samples, generator=g) % spec.num_classes  # balanced classes
     noise = torch.rand(spec.num_samples, spec.channels, h, w, generator=g)
     images = 0.5 * patterns[labels] + 0.5 * noise
