@@ -382,7 +382,7 @@ def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_lo
 
     server = _redis_server(folder, port)
     try:
-        # The same command resumes the study (at the spec's 2 epochs: the 6 only kept a trial training for the stop).
+        # Run again, at the spec's 2 epochs (the 6 kept a trial training for the stop): the study resumes.
         finish(worker(spec_path, workdir))
         storage = _storage(url)
         trials = optuna.load_study(study_name="lost-storage", storage=storage).get_trials()
@@ -424,7 +424,7 @@ def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    finish(worker(spec_path, workdir, "--set", "train.epochs=4"))  # the same command resumes the study
+    finish(worker(spec_path, workdir))  # run again, at the spec's 2 epochs (the 4 kept a trial training for the kill)
     trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
     killed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(killed) == 1 and killed[0].system_attrs[RETRIED]
