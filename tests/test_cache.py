@@ -260,7 +260,7 @@ def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli, sqli
     assert run.data.tags["data_cache_read"] == "batches"  # on_device: no
 
 
-def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli):
+def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli_here):
     images = folder_of_images(tmp_path / "images", {"a": 3, "b": 3})
     (tmp_path / "file").write_text("not a folder")
     spec_path = tmp_path / "bad.yaml"
@@ -268,7 +268,7 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli):
         name: bad
         data: {{dataset: imagefolder, root: {images}, image_size: 16, on_device: "no", cache: {tmp_path / 'file' / 'x'}}}
     """))
-    result = cli("prepare", str(spec_path), cwd=tmp_path)
+    result = cli_here("prepare", str(spec_path), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write the decoded cache" in result.stderr.strip().splitlines()[-1]
 

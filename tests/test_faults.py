@@ -173,36 +173,36 @@ def test_a_damaged_optuna_db_is_one_line_and_nothing_changes(workdir, content, c
     ("sqlite:///{tmp}/folder", "a folder, not a storage file; name a file in it (e.g. {tmp}/folder/optuna.db)"),
     ("journal:{tmp}/a-file/study.log", "its folder {tmp}/a-file cannot be made (a file is in the way)"),
 ])
-def test_a_storage_file_that_cannot_be_one_is_one_line_and_exit_2(workdir, storage, said):
+def test_a_storage_file_that_cannot_be_one_is_one_line_and_exit_2(workdir, cli_here, storage, said):
     spec = write(workdir / "spec.yaml", {**study_raw("nowhere"), "tracking": {"enabled": False}})
     (workdir / "folder").mkdir()
     (workdir / "a-file").write_text("")
     before = sorted(p.name for p in workdir.iterdir())
-    line = one_line(bounded_cli("run", str(spec), "--storage", storage.format(tmp=workdir), cwd=workdir))
+    line = one_line(cli_here("run", str(spec), "--storage", storage.format(tmp=workdir), cwd=workdir))
     assert said.format(tmp=workdir) in line
     assert sorted(p.name for p in workdir.iterdir()) == before and not list((workdir / "folder").iterdir())
 
 
-def test_best_on_an_empty_optuna_db_says_there_is_no_study_and_leaves_it_empty(workdir):
+def test_best_on_an_empty_optuna_db_says_there_is_no_study_and_leaves_it_empty(workdir, cli_here):
     raw = {**study_raw("empty"), "tracking": {"enabled": False}}
     raw["search"]["storage"] = "sqlite:///optuna.db"
     spec = write(workdir / "spec.yaml", raw)
     (workdir / "optuna.db").write_bytes(b"")
-    assert "no study 'empty'" in one_line(bounded_cli("best", str(spec), cwd=workdir))
+    assert "no study 'empty'" in one_line(cli_here("best", str(spec), cwd=workdir))
     assert (workdir / "optuna.db").stat().st_size == 0
 
 
 @pytest.mark.parametrize("command", ["run", "best"])
 @pytest.mark.parametrize("server", ["postgresql://someone:hunter2@127.0.0.1:{port}/test",
                                     "redis://:hunter2@127.0.0.1:{port}"])
-def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(workdir, command, server):
+def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(workdir, cli_here, command, server):
     pytest.importorskip(server.split(":")[0].replace("postgresql", "psycopg"),
                         reason="psycopg and redis are needed for those storages (pip install -e '.[test]')")
     from conftest import free_port
 
     spec = write(workdir / "spec.yaml", {**study_raw("no-server"), "tracking": {"enabled": False}})
     url = server.format(port=free_port())  # nothing listens there
-    line = one_line(bounded_cli(command, str(spec), "--storage", url, cwd=workdir))
+    line = one_line(cli_here(command, str(spec), "--storage", url, cwd=workdir))
     assert "cannot be opened" in line and "refused" in line and "hunter2" not in line
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
 

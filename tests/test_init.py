@@ -346,7 +346,7 @@ def test_a_logged_runs_weights_start_a_new_model(tmp_path, monkeypatch, sqlite_u
 
 
 # -- the command line ---------------------------------------------------------------------------------------
-def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli):
+def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli_here):
     _, path = source_file
     (tmp_path / "wrong.pth").write_text("not weights")
     cases = {
@@ -360,7 +360,7 @@ def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli):
         spec_path = tmp_path / f"{name}.yaml"
         spec_path.write_text(yaml.safe_dump({"name": name, "data": {"dataset": "synthetic", "image_size": 32,
                                                                      "channels": 1}, "model": model}))
-        result = cli(command, str(spec_path), cwd=tmp_path, env=env)
+        result = cli_here(command, str(spec_path), cwd=tmp_path, env=env)
         assert result.returncode == 2, (name, result.stderr[-2000:])
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"error: {spec_path}:") and message in line, (name, line)

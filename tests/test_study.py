@@ -547,11 +547,11 @@ def test_an_unusable_storage_url_is_refused_naming_it(url, message):
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
-def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(workdir, cli):
+def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(workdir, cli_here):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("bad-storage")))
     before = sorted(workdir.iterdir())
-    result = cli("run", str(spec_path), "--storage", "foo.db", cwd=workdir)
+    result = cli_here("run", str(spec_path), "--storage", "foo.db", cwd=workdir)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         "error: storage 'foo.db' is not a storage URL; write sqlite:///foo.db for a SQLite file or journal:foo.db "
