@@ -53,9 +53,9 @@ def workdir(tmp_path, monkeypatch, sqlite_uri):
     return tmp_path
 
 
-def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subnet(cli, write_spec):
+def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subnet(cli_here, write_spec):
     path = write_spec(yaml.safe_dump(SPEC, sort_keys=False))
-    result = cli("validate", str(path))
+    result = cli_here("validate", str(path))
     assert result.returncode == 0, result.stderr
     assert "supernet over model.depth, model.dim" in result.stdout
     assert "largest subnet: depth 2, dim 32, attention.heads 4, ffn.ratio 2" in result.stdout
@@ -70,9 +70,9 @@ def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subn
     ("model.layers.5.ffn.ratio", {"choice": [1, 2]}, "no layer 5"),
     ("model.drop_path_rate", {"choice": [0.0, 0.1]}, "not a size a supernet can share weights over"),
 ])
-def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli, write_spec, key, value, says):
+def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli_here, write_spec, key, value, says):
     raw = {**SPEC, "search": {**SPEC["search"], "space": {key: value}}}
-    result = cli("validate", str(write_spec(yaml.safe_dump(raw))))
+    result = cli_here("validate", str(write_spec(yaml.safe_dump(raw))))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and says in lines[0], result.stderr
@@ -90,16 +90,16 @@ def test_a_supernet_study_from_pretrained_weights_is_one_line_and_exit_2(write_s
     assert "model.init: a supernet starts from fresh weights; remove model.init or use strategy: trials" in line
 
 
-def test_a_supernet_study_ranked_by_train_loss_is_one_line_and_exit_2(cli, write_spec):
+def test_a_supernet_study_ranked_by_train_loss_is_one_line_and_exit_2(cli_here, write_spec):
     raw = {**SPEC, "search": {**SPEC["search"], "metric": "train_loss", "direction": "minimize"}}
-    result = cli("validate", str(write_spec(yaml.safe_dump(raw))))
+    result = cli_here("validate", str(write_spec(yaml.safe_dump(raw))))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "search.metric: train_loss" in lines[0], result.stderr
 
 
-def test_dry_run_of_a_supernet_study_shows_the_subnets_phase_2_would_draw(cli, write_spec):
-    result = cli("run", str(write_spec(yaml.safe_dump(SPEC))), "--dry-run", "3")
+def test_dry_run_of_a_supernet_study_shows_the_subnets_phase_2_would_draw(cli_here, write_spec):
+    result = cli_here("run", str(write_spec(yaml.safe_dump(SPEC))), "--dry-run", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("supernet study: the first 3 subnets phase 2 would draw")
