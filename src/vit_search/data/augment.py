@@ -102,7 +102,7 @@ def random_crop_flip_normalize(images: Tensor, padding: int, hflip: bool, fill: 
     return out
 
 
-# torchvision is imported only where its transforms are used: its import costs a start-up about 1.5 s.
+# torchvision is imported only where its transforms are used (why: data/resize.py).
 def rand_augment() -> Callable[[Tensor], Tensor]:
     """torchvision's v2.RandAugment, its module imported on first use."""
     from torchvision.transforms import v2
