@@ -122,7 +122,7 @@ def test_the_float_resize_is_torchvisions_to_the_last_bit(shape, size):
 
 
 def test_training_on_digits_never_imports_torchvision(tmp_path):
-    # torchvision's import costs every worker about 1.5 s; digits and synthetic data need none of it.
+    # torchvision's import takes a process about 1.5 s (see data/resize.py); digits and synthetic data need none of it.
     import subprocess
     import sys
 
