@@ -4,8 +4,8 @@ Prints, with the device's name:
 
 1. the quickstart trial (experiments/digits.yaml, 100 epochs): training seconds and the process's
    wall, and its test accuracy over 3 seeds (median; target >= 0.985), with the run's cuda_graph tag;
-2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--trials-per-gpu 1``
-   and ``8`` (no pruning) and the ratio (target >= 4x);
+2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--jobs 0 --trials-per-gpu 1``
+   and ``8`` (no pruning) and the ratio (target >= 4x): with the start-up, and once the workers are up;
 3. repeated points in a seeded, non-enqueued study of 8 trials packed 8 to the GPU (target 0);
 4. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
    (target <= 60 s for its 16 trials);
@@ -107,9 +107,9 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
     return "cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common())
 
 
-def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str]:
+def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str, float]:
     """A quickstart-space study of ``trials`` trials; returns (wall seconds, the trials' points, their outcome:
-    states, errors, the worker's own account of its time, and how the steps ran)."""
+    states, errors, the worker's own account of its time, and how the steps ran; trials/hour once started)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load(QUICKSTART.read_text())
         spec["search"].update(n_trials=trials, pruner="none", timeout=None,
@@ -122,22 +122,38 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         import optuna
 
-        points = [tuple(sorted(t.params.items())) for t in
-                  optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
+        done = optuna.load_study(study_name=spec["name"], storage=f"sqlite:///{tmp}/optuna.db").get_trials()
+        points = [tuple(sorted(t.params.items())) for t in done]
         said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
+        steady, span = steady_rate(done)
+        said += f"; {steady:,.0f} trials/hour once started ({span:.1f} s from the first trial's start)"
         # "this worker: N trials in W s (T s training)": T sums the trials' own train() times, packed ones overlapping
         worker = " | ".join(line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:"))
         said = "; ".join(part for part in (said, worker, run_tags(tmp, spec["name"])) if part)
-    return wall, points, said
+    return wall, points, said, steady
+
+
+def steady_rate(trials: list) -> tuple[float, float]:
+    """Trials/hour once the workers are up, and the seconds it is over: from the first trial's start to
+    the last one's end, so without the imports and CUDA start-up that a long study pays once per worker."""
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if not starts or not ends:
+        return 0.0, 0.0
+    span = (max(ends) - min(starts)).total_seconds()
+    return len(ends) / span * 3600, span
 
 
 def packing(trials: int, epochs: int, packed: int) -> None:
-    one, _, one_said = study(trials, epochs, 1, enqueue=True)
-    many, _, many_said = study(trials, epochs, packed, enqueue=True)
+    """``--jobs 0 --trials-per-gpu 1`` against ``8`` (8 worker processes on the GPU), then the repeated
+    points of a seeded study packed the same way."""
+    one, _, one_said, one_steady = study(trials, epochs, 1, enqueue=True, jobs="0")
+    many, _, many_said, many_steady = study(trials, epochs, packed, enqueue=True, jobs="0")
     print(f"{trials} distinct enqueued trials of {epochs} epochs, no pruning: --trials-per-gpu 1: "
           f"{trials / one * 3600:,.0f} trials/hour ({one:.1f} s; {one_said}); --trials-per-gpu {packed}: "
-          f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s; {many_said}); ratio {one / many:.2f}x", flush=True)
-    _, points, said = study(packed, epochs, packed, enqueue=False)
+          f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s; {many_said}); ratio {one / many:.2f}x with the "
+          f"start-up, {many_steady / max(one_steady, 1e-9):.2f}x once started", flush=True)
+    _, points, said, _ = study(packed, epochs, packed, enqueue=False, jobs="0")
     print(f"seeded study of {packed} trials packed {packed} at once, nothing enqueued: "
           f"{len(points) - len(set(points))} repeated points of {len(points)} ({said})", flush=True)
 
@@ -146,7 +162,7 @@ def designs(trials: int, epochs: int, layouts: list[tuple[int, int]]) -> None:
     """The same study as worker processes x trials packed in each, all on one GPU: which layout pays."""
     walls = {}
     for jobs, per_gpu in layouts:
-        walls[jobs, per_gpu], _, said = study(trials, epochs, per_gpu, enqueue=True, jobs=str(jobs))
+        walls[jobs, per_gpu], _, said, _ = study(trials, epochs, per_gpu, enqueue=True, jobs=str(jobs))
         print(f"{trials} distinct enqueued trials of {epochs} epochs, --jobs {jobs} --trials-per-gpu {per_gpu}: "
               f"{trials / walls[jobs, per_gpu] * 3600:,.0f} trials/hour ({walls[jobs, per_gpu]:.1f} s; {said})", flush=True)
     base = walls.get((1, 1))

@@ -41,13 +41,25 @@ def test_cpu_workers_share_the_cores_out():
     assert len(plan_workers(0, 1, gpus=0, cpus=2)) == 2  # 0: one per core
 
 
-def test_gpu_workers_are_pinned_one_per_gpu_and_pack_their_trials():
-    plans = plan_workers(None, 3, gpus=2, cpus=16)  # 3 trials at once in each worker's threads
-    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1"]
-    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(4, 1, gpus=2, cpus=16)] == ["0", "1", "0", "1"]
+def test_jobs_0_puts_trials_per_gpu_worker_processes_on_each_gpu():
+    plans = plan_workers(0, 3, gpus=2, cpus=16)  # 3 trials at once per GPU: 3 processes each, one trial each
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1", "0", "1", "0", "1"]
+    assert [p.trials_at_once for p in plans] == [1] * 6
     # workers sharing GPUs share the cores too: a small trial's host work is most of it
+    assert [p.env["OMP_NUM_THREADS"] for p in plans] == ["3", "3", "3", "3", "2", "2"]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(None, 1, gpus=2, cpus=16)] == ["0", "1"]
+
+
+def test_explicit_jobs_on_gpus_pack_trials_per_gpu_into_each_workers_threads():
+    plans = plan_workers(2, 4, gpus=1, cpus=16)
+    assert [(p.env["CUDA_VISIBLE_DEVICES"], p.trials_at_once) for p in plans] == [("0", 4), ("0", 4)]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan_workers(4, 1, gpus=2, cpus=16)] == ["0", "1", "0", "1"]
     assert [p.env["OMP_NUM_THREADS"] for p in plan_workers(8, 1, gpus=1, cpus=16)] == ["2"] * 8
-    assert [p.env["OMP_NUM_THREADS"] for p in plans] == ["8", "8"]
+    assert "trials-at-once=4" in plans[0].describe()
+
+
+def test_cpu_workers_pack_trials_per_gpu_into_their_threads():
+    assert [p.trials_at_once for p in plan_workers(0, 2, gpus=0, cpus=2)] == [2, 2]
     with pytest.raises(ValueError, match="at least 1"):
         plan_workers(2, 0, gpus=1, cpus=2)
 

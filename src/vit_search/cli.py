@@ -311,7 +311,7 @@ def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
     with study_lock(url, spec.search.study_name or spec.name):
         open_study(spec, url)
     # The storage goes by environment, not argument: a password in it must not show in `ps`.
-    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker", f"--trials-per-gpu={args.trials_per_gpu}",
+    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker",
                  *(["--quiet"] if args.quiet else []),
                  *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:

@@ -271,6 +271,9 @@ def check_store(spec: Spec) -> None:
         if problem:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
                                 f"another store")
+        # Imported before the lock below, not under it: about 290 modules (SQLAlchemy, alembic, the
+        # store's own) that K workers starting at once would otherwise import one after another.
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
         with _made_by_one(uri):
             if uri.startswith("sqlite:///"):
