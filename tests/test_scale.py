@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -75,6 +76,28 @@ def test_jobs_0_with_one_usable_core_is_one_worker_in_the_commands_own_process(w
     assert result.returncode == 0, result.stderr
     assert "worker 0:" not in result.stderr  # no worker process was started
     assert "this worker: 2 trials" in result.stdout  # this process trained the study itself
+
+
+def test_a_spec_refused_under_jobs_is_one_line_and_leaves_no_worker_running(workdir, cli_here):
+    # The workers start before the command has checked the spec (they import meanwhile): a refusal
+    # must kill them before they touch anything, and say it once.
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("refused-under-jobs", n_trials=2)))
+    result = cli_here("run", str(spec_path), "--jobs", "2", "--set", "model.depth=0", cwd=workdir)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("worker ")] != []  # they were started
+    (error,) = [line for line in result.stderr.splitlines() if not line.startswith("worker ")]
+    assert error.startswith("error: --set model.depth=0: model.depth")
+    running = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "--worker" in text and str(spec_path) in text:
+            running.append(text)
+    assert running == []
+    assert not (workdir / "optuna.db").exists() and not (workdir / "runs").exists()
 
 
 def run_jobs(spec_path, cwd, *extra):

@@ -232,17 +232,19 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the spec's Optuna study (or join it as one more worker); trials are logged to MLflow."""
     _check_run_numbers(args)
+    if args.worker and not _wait_for_the_command():
+        return EXIT_BAD_INPUT  # the command refused the input, and said why
+    if args.jobs != 1 and args.dry_run is None:
+        plans = _worker_plans(args)
+        if len(plans) > 1:
+            return _run_jobs(args, plans)
+        # One worker (one GPU, or one core): this process is it, and start-up is paid once.
     spec = _load_study_spec(args)
     if args.n_trials is not None:
         spec.search.n_trials = args.n_trials
     if args.dry_run is not None:
         return _dry_run(spec, args.dry_run)
     _prepare_weights(spec)
-    if args.jobs != 1:
-        plans = _worker_plans(args)
-        if len(plans) > 1:
-            return _run_jobs(args, spec, plans)
-        # One worker (one GPU, or one core): this process is it, and start-up is paid once.
     from .log_lines import wanted
     from .redaction import redact
     from .search.next_steps import next_steps
@@ -290,43 +292,73 @@ def _worker_plans(args: argparse.Namespace) -> list:
         raise BadInput(str(err)) from None
 
 
-def _run_jobs(args: argparse.Namespace, spec, plans: list) -> int:
+def _run_jobs(args: argparse.Namespace, plans: list) -> int:
     """Several worker processes of the study on this machine (cores or GPUs shared out)."""
-    import optuna
-
     from .search.jobs import jobs_exit_code, run_workers
     from .search.next_steps import next_steps
     from .search.report import top_table
-    from .search.storage import STORAGE_ENV, study_lock
-    from .search.study import open_study, storage_url_of
+    from .search.storage import STORAGE_ENV
+    from .search.study import open_study
 
-    url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if spec.tracking.enabled:  # a store MLflow refuses is one line here, not one per worker after the study is made
-        from .tracking import check_store
+    checked: dict = {}
 
-        check_store(spec)
-    # Open the study once here: a bad storage or a study of other directions is one error line,
-    # not one per worker.
-    with study_lock(url, spec.search.study_name or spec.name):
-        open_study(spec, url)
-    # The storage goes by environment, not argument: a password in it must not show in `ps`.
+    def ready() -> dict[str, str]:
+        """This command's checks, made while the workers import: a bad spec, storage or MLflow store is
+        one error line, not one per worker."""
+        import optuna
+
+        from .search.storage import study_lock
+        from .search.study import storage_url_of
+
+        spec = _load_study_spec(args)
+        if args.n_trials is not None:
+            spec.search.n_trials = args.n_trials
+        _prepare_weights(spec)
+        url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if spec.tracking.enabled:
+            from .tracking import check_store
+
+            check_store(spec)
+        with study_lock(url, spec.search.study_name or spec.name):
+            open_study(spec, url)
+        checked.update(spec=spec, url=url)
+        # The storage goes by environment, not argument: a password in it must not show in `ps`.
+        return {STORAGE_ENV: url}
+
     arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker",
                  *(["--quiet"] if args.quiet else []),
                  *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
-    codes, interrupted = run_workers(arguments, plans, env={STORAGE_ENV: url})
+    codes, interrupted = run_workers(arguments, plans, ready)
     code, failure = jobs_exit_code(codes, interrupted)
-    if code == 2:  # every worker refused the input before training, and said why
+    if code == 2 or not checked:  # every worker refused the input and said why, or a stop before the checks ended
         return code
-    study = open_study(spec, url).study
+    study = open_study(checked["spec"], checked["url"]).study
     print(top_table(study))
     if failure:
         print(failure, file=sys.stderr)
     elif code == 0:
         print("\n".join(next_steps(args.spec, args.overrides, args.storage, study)))
     return code
+
+
+def _wait_for_the_command() -> bool:
+    """A worker of ``--jobs``: import what every trial needs while the command that started it checks
+    the spec and makes the stores, then take its word (the storage, by environment); False when it
+    sent none (it refused the input, and said why)."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import torch._dynamo  # noqa: F401  (the first backward imports it: 1-2 s)
+
+    from .search import run  # noqa: F401  (torch, Optuna, Accelerate, our training)
+    from .search.jobs import wait_for_the_command
+
+    env = wait_for_the_command()
+    if env is None:
+        return False
+    os.environ.update(env)
+    return True
 
 
 def _export(path: Path, text: str) -> None:

@@ -11,12 +11,14 @@ failed and retried by the survivors.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..stopping import Terminated, exit_code
 
@@ -62,10 +64,16 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
     return plans
 
 
-def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = False,
-                env: dict[str, str] | None = None) -> tuple[list[int], bool]:
-    """Start one ``vit-search run ARGUMENTS`` per plan (``env`` added to each one's environment) and
-    wait for all; returns their exit codes, and whether this process was asked to stop.
+def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[], dict[str, str]],
+                quiet: bool = False) -> tuple[list[int], bool]:
+    """Start one ``vit-search run ARGUMENTS --worker`` per plan and wait for all; returns their exit
+    codes, and whether this process was asked to stop.
+
+    The workers start first: each imports what its trials need (seconds of torch, MLflow, Optuna)
+    while ``ready`` runs here (loading the spec, making the stores), then waits for the word it sends
+    them on their standard input: the environment ``ready`` returns (the storage URL, which a command
+    line would show in ``ps``). If ``ready`` raises, the workers are killed before they touch
+    anything, and the error goes on up: one line from this command, not one per worker.
 
     Ctrl-C reaches every worker (same process group); SIGTERM, sent to this process alone (by a
     scheduler, ``timeout``), is passed on to each. Either way each ends its trials' bookkeeping.
@@ -77,8 +85,17 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = Fal
                 print(plan.describe(), file=sys.stderr, flush=True)
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "vit_search", "run", *arguments, f"--trials-per-gpu={plan.trials_at_once}"],
-                env={**os.environ, **(env or {}), **plan.env, "VIT_SEARCH_WORKER": str(plan.index)},
+                env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)}, stdin=subprocess.PIPE, text=True,
             ))
+        try:
+            word = json.dumps(ready()) + "\n"
+        except Exception:
+            for process in processes:
+                process.kill()
+                process.wait()
+            raise
+        for process in processes:
+            _tell(process, word)
         # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
         # others, which would then wait out the heartbeat grace before retrying its trial.
         while not all(process.poll() is not None for process in processes):
@@ -90,6 +107,22 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], quiet: bool = Fal
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
         return [process.wait() for process in processes], True
+
+
+def _tell(process: subprocess.Popen, word: str) -> None:
+    """Send a waiting worker its word, and close its input; one that died meanwhile is reaped later."""
+    try:
+        process.stdin.write(word)
+        process.stdin.close()
+    except OSError:  # BrokenPipeError: it exited during its imports (its exit code says how)
+        pass
+
+
+def wait_for_the_command() -> dict[str, str] | None:
+    """In a worker: the environment the command sends once its checks pass (see :func:`run_workers`),
+    or None when it sent nothing (it refused the input, said why, and is gone)."""
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
 
 
 def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None]:
