@@ -502,7 +502,7 @@ def test_an_empty_option_or_a_zero_count_is_one_line_rather_than_the_default(wri
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--jobs=-1", "--jobs -1: must be 0 (one worker per GPU, else per core) or more"),
+    ("--jobs=-1", "--jobs -1: must be 0 (--trials-per-gpu workers per GPU, else one per core) or more"),
     ("--n-trials=0", "--n-trials 0: must be at least 1 (trials in the whole study)"),
     ("--dry-run=0", "--dry-run 0: must be at least 1 (configurations to sample), or leave N out for 5"),
     ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (trials at once in each worker)"),

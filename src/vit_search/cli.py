@@ -219,7 +219,7 @@ def _check_not_empty(args: argparse.Namespace) -> None:
 def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
     if args.jobs < 0:
-        raise BadInput(f"--jobs {args.jobs}: must be 0 (one worker per GPU, else per core) or more")
+        raise BadInput(f"--jobs {args.jobs}: must be 0 (--trials-per-gpu workers per GPU, else one per core) or more")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInput(f"--n-trials {args.n_trials}: must be at least 1 (trials in the whole study)")
     if args.dry_run is not None and args.dry_run < 1:
@@ -466,10 +466,10 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="worker processes on this machine (0: one per GPU, else one per core)")
+                        help="worker processes on this machine (0: --trials-per-gpu per GPU, else one per core)")
     parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
-                        help="train K trials at once in each worker process (small trials share a GPU; "
-                             "each on its own CUDA stream)")
+                        help="train K trials at once: with --jobs 0 on GPUs, K worker processes per GPU; "
+                             "otherwise K threads in each worker, each on its own CUDA stream")
     parser.add_argument("--checkpoint-dir", help="where trials' epoch checkpoints go: DIR/<study>/trial-<n> "
                                                  "(default: train.checkpoint_dir, else runs/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
