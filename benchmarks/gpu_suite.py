@@ -126,7 +126,7 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
         points = [tuple(sorted(t.params.items())) for t in done]
         said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
         steady, span = steady_rate(done)
-        said += f"; {steady:,.0f} trials/hour once started ({span:.1f} s from the first trial's start)"
+        said += f"; {steady:,.0f} trials/hour once started ({span:.1f} s from the first trial's start); {durations(done)}"
         # "this worker: N trials in W s (T s training)": T sums the trials' own train() times, packed ones overlapping
         worker = " | ".join(line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:"))
         said = "; ".join(part for part in (said, worker, run_tags(tmp, spec["name"])) if part)
@@ -142,6 +142,21 @@ def steady_rate(trials: list) -> tuple[float, float]:
         return 0.0, 0.0
     span = (max(ends) - min(starts)).total_seconds()
     return len(ends) / span * 3600, span
+
+
+def durations(trials: list) -> str:
+    """The trials' own seconds (Optuna's start to end), median: each worker's first trial, which pays
+    for what the worker sets up once (CUDA's libraries, the data), and its later ones."""
+    from vit_search.search.study import WORKER
+
+    by_worker: dict[str, list[float]] = {}
+    for t in sorted((t for t in trials if t.datetime_start and t.datetime_complete), key=lambda t: t.datetime_start):
+        by_worker.setdefault(str(t.system_attrs.get(WORKER)), []).append(
+            (t.datetime_complete - t.datetime_start).total_seconds())
+    first = [seconds[0] for seconds in by_worker.values()]
+    later = [s for seconds in by_worker.values() for s in seconds[1:]]
+    said = f"a trial's seconds: {len(by_worker)} workers' first {statistics.median(first):.2f}" if first else "no trial"
+    return said + (f", later ones {statistics.median(later):.2f}" if later else "")
 
 
 def packing(trials: int, epochs: int, packed: int) -> None:

@@ -349,11 +349,15 @@ def _wait_for_the_command() -> bool:
     the spec and makes the stores, then take its word (the storage, by environment); False when it
     sent none (it refused the input, and said why)."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import sklearn.model_selection  # noqa: F401  (the data's splits)
+    import torch
     import torch._dynamo  # noqa: F401  (the first backward imports it: 1-2 s)
 
-    from .search import run  # noqa: F401  (torch, Optuna, Accelerate, our training)
+    from .search import run  # noqa: F401  (Optuna, Accelerate, our training)
     from .search.jobs import wait_for_the_command
 
+    if torch.cuda.is_available():  # the worker's CUDA context, made meanwhile too
+        torch.empty(1, device="cuda")
     env = wait_for_the_command()
     if env is None:
         return False
