@@ -104,7 +104,18 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=[name], output_format="list")
     tags = Counter(r.data.tags["cuda_graph"][:80] for r in runs if "cuda_graph" in r.data.tags)
-    return "cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common())
+    # A trial's first epoch pays for what each trial sets up on the device (the warm-up steps and the
+    # step's capture); the later ones are the model's arithmetic.
+    client = mlflow.MlflowClient()
+    first, later = [], []
+    for run in [r for r in runs if "cuda_graph" in r.data.tags][:8]:
+        seconds = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"),
+                                           key=lambda m: m.step)]
+        first += seconds[:1]
+        later += seconds[1:]
+    epochs = (f"; epoch seconds, median of {len(first)} trials: first {statistics.median(first):.3f}, later "
+              f"{statistics.median(later):.4f}") if first and later else ""
+    return "cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common()) + epochs
 
 
 def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str, float]:

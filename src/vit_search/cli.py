@@ -323,7 +323,8 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
         with study_lock(url, spec.search.study_name or spec.name):
             open_study(spec, url)
         checked.update(spec=spec, url=url)
-        # The storage goes by environment, not argument: a password in it must not show in `ps`.
+        # The storage goes to the workers by their standard input, not as an argument: a password in it
+        # must not show in `ps`.
         return {STORAGE_ENV: url}
 
     arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker",
