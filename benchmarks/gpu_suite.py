@@ -1,22 +1,28 @@
-"""Trials per GPU-hour, in one command (under 5 minutes on one H100): every figure of the trials-per-GPU work.
+"""Trials per GPU-hour, in one command on one H100: every figure of the trials-per-GPU work.
 
 Prints, with the device's name:
 
 1. the quickstart trial (experiments/digits.yaml, 100 epochs): training seconds and the process's
-   wall, and its test accuracy over 3 seeds (median; target >= 0.985), with the run's cuda_graph tag;
+   wall, and its test accuracy over 3 seeds (median; target >= 0.985);
 2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--jobs 0 --trials-per-gpu 1``
-   and ``8`` (no pruning) and the ratio (target >= 4x): with the start-up, and once the workers are up;
-3. repeated points in a seeded, non-enqueued study of 8 trials packed 8 to the GPU (target 0);
-4. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
-   (target <= 60 s for its 16 trials);
-5. ViT-B/16 bf16 batch 256 training img/s and MFU, eager and compiled: ours beside timm's
+   and ``8`` (no pruning) and the ratio (target >= 4x): with the start-up, and once the workers are up,
+   with each trial's own seconds and its first and later epochs' (the first pays for the step's capture);
+3. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
+   (target <= 60 s for its 16 trials), and repeated points among its trials (target 0: one is
+   enqueued, the other 15 drawn by the seeded sampler, 8 at once at the start), with its runs'
+   ``cuda_graph`` and ``attention_kernel`` tags;
+4. ViT-B/16 bf16 batch 256 training img/s and MFU, eager and compiled: ours beside timm's
    ``vit_base_patch16_224`` measured the same way in the same process (timm if installed).
 
-Those are the default parts (tags, trial, packing, study, vit). Parts to find where packing's time
-goes, run on request: ``designs`` (the same study as worker processes x packed trials, e.g.
-``--layouts 1x1,8x1,4x2``), ``contention`` (8 processes at once against one: start-up, ``train``
-untracked, ``train`` on one MLflow store) and ``storage`` (one SQLite write transaction in the
-folder the stores go to; ``--tmp /dev/shm`` moves them off the disk).
+Those are the default parts (trial, packing, study, vit). Measured one by one on an H100
+(2026-11-28), before 9771995 overlapped the workers' start-up with the command's checks: trial
+about 70 s, packing 82 s, study 65 s; vit's eager half ran within 100 s, its compiled half was not
+timed. Parts run on request: ``repeats`` (a seeded study of 8 trials drawn at once, nothing
+enqueued), ``tags`` (a 2-epoch tracked ``train``: its run's tags), and, to find where packing's
+time goes, ``designs`` (the same study as worker processes x packed trials, e.g. ``--layouts
+1x1,8x1,1x8``), ``contention`` (8 processes at once against one: start-up, ``train`` untracked,
+``train`` on one MLflow store) and ``storage`` (one SQLite write transaction in the folder the
+stores go to; ``--tmp /dev/shm`` moves them off the disk).
 
     python benchmarks/gpu_suite.py               # on a GPU machine
     python benchmarks/gpu_suite.py --parts storage,designs --layouts 1x1,8x1 [--tmp /dev/shm]
@@ -104,6 +110,7 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=[name], output_format="list")
     tags = Counter(r.data.tags["cuda_graph"][:80] for r in runs if "cuda_graph" in r.data.tags)
+    kernels = Counter(r.data.tags["attention_kernel"] for r in runs if "attention_kernel" in r.data.tags)
     # A trial's first epoch pays for what each trial sets up on the device (the warm-up steps and the
     # step's capture); the later ones are the model's arithmetic.
     client = mlflow.MlflowClient()
@@ -115,7 +122,8 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
         later += seconds[1:]
     epochs = (f"; epoch seconds, median of {len(first)} trials: first {statistics.median(first):.3f}, later "
               f"{statistics.median(later):.4f}") if first and later else ""
-    return "cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common()) + epochs
+    return ("cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common()) + "; attention_kernel "
+            + ", ".join(f"{kernel}: {n}" for kernel, n in kernels.most_common()) + epochs)
 
 
 def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1") -> tuple[float, list, str, float]:
@@ -171,14 +179,18 @@ def durations(trials: list) -> str:
 
 
 def packing(trials: int, epochs: int, packed: int) -> None:
-    """``--jobs 0 --trials-per-gpu 1`` against ``8`` (8 worker processes on the GPU), then the repeated
-    points of a seeded study packed the same way."""
+    """``--jobs 0 --trials-per-gpu 1`` against ``8`` (8 worker processes on the GPU)."""
     one, _, one_said, one_steady = study(trials, epochs, 1, enqueue=True, jobs="0")
     many, _, many_said, many_steady = study(trials, epochs, packed, enqueue=True, jobs="0")
     print(f"{trials} distinct enqueued trials of {epochs} epochs, no pruning: --trials-per-gpu 1: "
           f"{trials / one * 3600:,.0f} trials/hour ({one:.1f} s; {one_said}); --trials-per-gpu {packed}: "
           f"{trials / many * 3600:,.0f} trials/hour ({many:.1f} s; {many_said}); ratio {one / many:.2f}x with the "
           f"start-up, {many_steady / max(one_steady, 1e-9):.2f}x once started", flush=True)
+
+
+def repeats(epochs: int, packed: int) -> None:
+    """Repeated points in a seeded study of ``packed`` trials drawn at once, nothing enqueued (the
+    quickstart study's part counts them too, among its drawn trials)."""
     _, points, said, _ = study(packed, epochs, packed, enqueue=False, jobs="0")
     print(f"seeded study of {packed} trials packed {packed} at once, nothing enqueued: "
           f"{len(points) - len(set(points))} repeated points of {len(points)} ({said})", flush=True)
@@ -256,14 +268,23 @@ def storage_latency(commits: int = 200) -> None:
 
 
 def quickstart_study(packed: int, cpu_smoke: bool, jobs: int = 0) -> None:
+    """The quickstart study as the README runs it, with ``packed`` trials per GPU: its wall, its
+    outcome, and repeated points among its trials (one is enqueued, the others drawn by the seeded
+    sampler, ``packed`` at once at the start)."""
+    import optuna
+
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--set=train.epochs=2", "--n-trials=4"] if cpu_smoke else []
         out, wall = cli(["run", str(QUICKSTART), "--jobs", str(jobs), "--trials-per-gpu", str(packed), *extra], tmp,
                         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         said = outcome(f"sqlite:///{tmp}/optuna.db")
+        points = [tuple(sorted(t.params.items())) for t in
+                  optuna.load_study(study_name="digits-vit", storage=f"sqlite:///{tmp}/optuna.db").get_trials()]
+        runs = run_tags(tmp)
     best = next((line for line in out.splitlines() if line.startswith("best: ")), "no best trial")
     print(f"vit-search run experiments/digits.yaml --jobs {jobs} --trials-per-gpu {packed}: {wall:.1f} s wall with "
-          f"start-up; {said}; {best}", flush=True)
+          f"start-up; {said}; {best}; {len(points) - len(set(points))} repeated points of {len(points)}; {runs}",
+          flush=True)
 
 
 def vit_b16(cpu_smoke: bool) -> None:
@@ -329,7 +350,7 @@ def _img_per_second(model, device, batch: int, size: int, steps: int, compiled: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the script")
-    parser.add_argument("--parts", default="tags,trial,packing,study,vit",
+    parser.add_argument("--parts", default="trial,packing,study,vit",
                         help="comma-separated parts to run, in this order (default: all of them)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     parser.add_argument("--layouts", default="1x1,8x1,4x2",
@@ -353,6 +374,7 @@ def main() -> None:
         "tags": graph_tag,
         "trial": lambda: quickstart_trial(epochs, seeds),
         "packing": lambda: packing(trials, 2 if args.cpu_smoke else 20, packed),
+        "repeats": lambda: repeats(2 if args.cpu_smoke else 20, packed),
         "study": lambda: quickstart_study(args.study_packed or packed, args.cpu_smoke, args.study_jobs),
         "storage": storage_latency,
         "contention": lambda: contention(2 if args.cpu_smoke else 8, 2 if args.cpu_smoke else 20),
