@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from vit_search.model import build_model
-from vit_search.search.jobs import jobs_exit_code, plan_workers
+from vit_search.search.jobs import jobs_exit_code, plan_workers, wait_for_the_command
 from vit_search.search.run import run_search
 from vit_search.search.study import WORKER, _worker_dead
 from vit_search.spec import load_spec
@@ -98,6 +99,29 @@ def test_a_spec_refused_under_jobs_is_one_line_and_leaves_no_worker_running(work
             running.append(text)
     assert running == []
     assert not (workdir / "optuna.db").exists() and not (workdir / "runs").exists()
+
+
+def test_a_worker_takes_the_commands_word_and_leaves_when_none_comes(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"VIT_SEARCH_STORAGE": "sqlite:///x.db"}\n'))
+    assert wait_for_the_command() == {"VIT_SEARCH_STORAGE": "sqlite:///x.db"}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # the command exited without a word
+    assert wait_for_the_command() is None
+
+
+def test_jobs_workers_train_on_the_storage_named_on_the_commands_command_line(workdir, cli_here):
+    # --storage is not passed on to the workers' command lines (a password would show in `ps`): they
+    # take it from the command's word on their standard input.
+    spec_path = workdir / "study.yaml"
+    raw = study_raw("storage-by-word", n_trials=2)
+    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
+    elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
+    result = cli_here("run", str(spec_path), "--jobs", "2", "--storage", elsewhere, "--set", "train.epochs=1",
+                      cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="storage-by-word", storage=elsewhere)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert len({t.system_attrs[WORKER] for t in study.get_trials()}) >= 1
+    assert not (workdir / "optuna.db").exists()  # the spec's own storage was never opened
 
 
 def run_jobs(spec_path, cwd, *extra):

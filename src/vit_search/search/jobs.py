@@ -120,7 +120,10 @@ def _tell(process: subprocess.Popen, word: str) -> None:
 
 def wait_for_the_command() -> dict[str, str] | None:
     """In a worker: the environment the command sends once its checks pass (see :func:`run_workers`),
-    or None when it sent nothing (it refused the input, said why, and is gone)."""
+    or None when it sent nothing (it refused the input, said why, and is gone). A worker started by
+    hand from a terminal has no command to wait for."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return {}
     line = sys.stdin.readline()
     return json.loads(line) if line.strip() else None
 
