@@ -6,7 +6,7 @@ Prints, with the device's name:
    wall, and its test accuracy over 3 seeds (median; target >= 0.985);
 2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--jobs 0 --trials-per-gpu 1``
    and ``8`` (no pruning) and the ratio (target >= 4x): with the start-up, and once the workers are up,
-   with each trial's own seconds and its first and later epochs' (the first pays for the step's capture);
+   with each trial's own seconds, and how much of its run was epochs (the rest: set-up, capture, evaluation);
 3. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
    (target <= 60 s for its 16 trials), and repeated points among its trials (target 0: one is
    enqueued, the other 15 drawn by the seeded sampler, 8 at once at the start), with its runs'
@@ -111,17 +111,22 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
     runs = mlflow.search_runs(experiment_names=[name], output_format="list")
     tags = Counter(r.data.tags["cuda_graph"][:80] for r in runs if "cuda_graph" in r.data.tags)
     kernels = Counter(r.data.tags["attention_kernel"] for r in runs if "attention_kernel" in r.data.tags)
-    # A trial's first epoch pays for what each trial sets up on the device (the warm-up steps and the
-    # step's capture); the later ones are the model's arithmetic.
+    # Where a trial's time goes: its run's seconds (MLflow's start to end, inside train()) against its
+    # epochs' (the steps); the rest is the trial's set-up (model, data on the device, the step's warm-up
+    # and capture), evaluation and checkpoints. The first epoch against the later ones: first use.
     client = mlflow.MlflowClient()
-    first, later = [], []
-    for run in [r for r in runs if "cuda_graph" in r.data.tags][:8]:
+    whole, steps, first, later = [], [], [], []
+    for run in [r for r in runs if "cuda_graph" in r.data.tags and r.info.end_time][:8]:
         seconds = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"),
                                            key=lambda m: m.step)]
-        first += seconds[:1]
-        later += seconds[1:]
-    epochs = (f"; epoch seconds, median of {len(first)} trials: first {statistics.median(first):.3f}, later "
-              f"{statistics.median(later):.4f}") if first and later else ""
+        if len(seconds) > 1:
+            whole.append((run.info.end_time - run.info.start_time) / 1e3)
+            steps.append(sum(seconds))
+            first.append(seconds[0])
+            later.append(statistics.median(seconds[1:]))
+    epochs = (f"; median of {len(whole)} runs: {statistics.median(whole):.2f} s a run, {statistics.median(steps):.2f} s "
+              f"of it in epochs (the first {statistics.median(first):.3f} s, later ones {statistics.median(later):.4f} s)"
+              ) if whole else ""
     return ("cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common()) + "; attention_kernel "
             + ", ".join(f"{kernel}: {n}" for kernel, n in kernels.most_common()) + epochs)
 

@@ -119,12 +119,17 @@ def test_jobs_workers_share_exactly_n_trials_at_pairwise_distinct_points(workdir
     raw = study_raw("jobs-distinct", n_trials=6, sampler="tpe", space=SMALL_SPACE)
     spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
     # Each worker packs two trials in threads: six draws at once, none of them told of the others' yet.
-    result = cli("run", str(spec_path), "--jobs", "3", "--trials-per-gpu", "2", "--set", "train.epochs=1", cwd=workdir)
+    # The storage is the command's --storage, which the workers take from its word on their standard
+    # input (not from their command lines, where `ps` would show a password).
+    elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
+    result = cli("run", str(spec_path), "--jobs", "3", "--trials-per-gpu", "2", "--storage", elsewhere,
+                 "--set", "train.epochs=1", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "study 'jobs-distinct': 6 complete" in result.stdout
     assert result.stderr.count("OMP_NUM_THREADS=") == 3  # three workers, each with its share of the cores
     assert result.stderr.count("trials-at-once=2") == 3
-    study = optuna.load_study(study_name="jobs-distinct", storage=raw["search"]["storage"])
+    assert not (workdir / "optuna.db").exists()  # the spec's own storage was never opened
+    study = optuna.load_study(study_name="jobs-distinct", storage=elsewhere)
     trials = study.get_trials()
     assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
     assert len(set(points(study))) == 6

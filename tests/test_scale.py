@@ -108,22 +108,6 @@ def test_a_worker_takes_the_commands_word_and_leaves_when_none_comes(monkeypatch
     assert wait_for_the_command() is None
 
 
-def test_jobs_workers_train_on_the_storage_named_on_the_commands_command_line(workdir, cli_here):
-    # --storage is not passed on to the workers' command lines (a password would show in `ps`): they
-    # take it from the command's word on their standard input.
-    spec_path = workdir / "study.yaml"
-    raw = study_raw("storage-by-word", n_trials=2)
-    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
-    elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
-    result = cli_here("run", str(spec_path), "--jobs", "2", "--storage", elsewhere, "--set", "train.epochs=1",
-                      cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="storage-by-word", storage=elsewhere)
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
-    assert len({t.system_attrs[WORKER] for t in study.get_trials()}) >= 1
-    assert not (workdir / "optuna.db").exists()  # the spec's own storage was never opened
-
-
 def run_jobs(spec_path, cwd, *extra):
     return subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2", *extra],
                             cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
