@@ -321,7 +321,11 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
 
             check_store(spec)
         with study_lock(url, spec.search.study_name or spec.name):
-            open_study(spec, url)
+            handle = open_study(spec, url)
+            if spec.search.strategy != "supernet":  # whose phases make their own runs
+                from .search.study_runs import StudyRuns
+
+                StudyRuns(spec, handle)  # a parent run that this MLflow store does not hold: one line here
         checked.update(spec=spec, url=url)
         # The storage goes to the workers by their standard input, not as an argument: a password in it
         # must not show in `ps`.
