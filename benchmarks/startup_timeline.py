@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-OUT_ENV = "VIT_SEARCH_TIMELINE_DIR"
 TRIALS = "worker_loop"  # a process whose main thread is in here has started on its trials
 
 
@@ -109,7 +108,7 @@ def main() -> None:
         hook.joinpath("sitecustomize.py").write_text(
             f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport startup_timeline\n"
             f"startup_timeline.start({str(out)!r}, {args.interval!r})\nsys.path.pop(0)\n")
-        env = {**os.environ, OUT_ENV: str(out),
+        env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
         t0 = time.time()
         code = subprocess.run([sys.executable, "-m", "vit_search", *argv], env=env, stdout=subprocess.DEVNULL).returncode
