@@ -3,10 +3,12 @@
 Prints, with the device's name:
 
 1. the quickstart trial (experiments/digits.yaml, 100 epochs): training seconds and the process's
-   wall, and its test accuracy over 3 seeds (median; target >= 0.985);
+   wall (seed 0, alone on the device), and its test accuracy over 3 seeds (median; target >= 0.985;
+   seeds 1 and 2 train at once, after seed 0);
 2. trials/hour of a study of distinct enqueued quickstart-size trials with ``--jobs 0 --trials-per-gpu 1``
    and ``8`` (no pruning) and the ratio (target >= 4x): with the start-up, and once the workers are up,
-   with each trial's own seconds, and how much of its run was epochs (the rest: set-up, capture, evaluation);
+   with each trial's own seconds, and where its run's time went (the set-up, the step's capture, the
+   evaluation and the epochs each run logged; the workers' sums, pruned trials included);
 3. ``vit-search run experiments/digits.yaml --jobs 0 --trials-per-gpu 8``: wall with start-up
    (target <= 60 s for its 16 trials), and repeated points among its trials (target 0: one is
    enqueued, the other 15 drawn by the seeded sampler, 8 at once at the start), with its runs'
@@ -14,7 +16,8 @@ Prints, with the device's name:
 4. ViT-B/16 bf16 batch 256 training img/s and MFU, eager and compiled: ours beside timm's
    ``vit_base_patch16_224`` measured the same way in the same process (timm if installed).
 
-Those are the default parts (trial, packing, study, vit). Measured one by one on an H100
+Those are the default parts (trial, packing, study, vit); each part's seconds, and the suite's, are
+printed as it ends (the target for the default parts: under 5 minutes). Measured one by one on an H100
 (2026-11-28), before 9771995 overlapped the workers' start-up with the command's checks: trial
 about 70 s, packing 82 s, study 65 s; vit's eager half ran within 100 s, its compiled half was not
 timed. Parts run on request: ``repeats`` (a seeded study of 8 trials drawn at once, nothing
@@ -54,28 +57,44 @@ PART_TIMEOUT = 240  # seconds: one command of the suite that runs longer has hun
 
 def cli(args: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run ``python -m vit_search ARGS``; returns (stdout, wall seconds)."""
+    (out,), wall = cli_at_once([args], cwd, env)
+    return out, wall
+
+
+def cli_at_once(commands: list[list[str]], cwd: str, env: dict[str, str] | None = None) -> tuple[list[str], float]:
+    """Run ``python -m vit_search ARGS`` for each ARGS at once; returns (their stdouts, wall seconds)."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "vit_search", *args], cwd=cwd, env={**os.environ, **(env or {})},
-                         capture_output=True, text=True, timeout=PART_TIMEOUT)
-    if out.returncode != 0:  # the suite goes on with its other parts; this one says why it stopped
-        raise RuntimeError(f"vit-search {' '.join(args)} exited {out.returncode}: ...{out.stderr[-1500:]}")
-    return out.stdout, time.perf_counter() - started
+    procs = [subprocess.Popen([sys.executable, "-m", "vit_search", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outs = [proc.communicate(timeout=PART_TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    wall = time.perf_counter() - started
+    for args, proc, (_, err) in zip(commands, procs, outs):
+        if proc.returncode != 0:  # the suite goes on with its other parts; this one says why it stopped
+            raise RuntimeError(f"vit-search {' '.join(args)} exited {proc.returncode}: ...{err[-1500:]}")
+    return [out for out, _ in outs], wall
 
 
 def quickstart_trial(epochs: int, seeds: int) -> None:
-    """The quickstart's single trial: training seconds, wall, test accuracy per seed."""
-    accuracies, train_times, walls = [], [], []
-    for seed in range(seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            out, wall = cli(["train", str(QUICKSTART), f"--set=seed={seed}", f"--set=train.epochs={epochs}",
-                             "--set=tracking.enabled=false"], tmp)
-        accuracies.append(float(re.search(r"test_accuracy ([0-9.]+)", out).group(1)))
-        train_times.append(float(re.search(r"([0-9.]+) s training", out).group(1)))
-        walls.append(wall)
-    print(f"quickstart trial ({epochs} epochs): training {statistics.median(train_times):.2f} s (median of "
-          f"{seeds}; {', '.join(f'{t:.2f}' for t in train_times)}), process wall {statistics.median(walls):.1f} s; "
-          f"test accuracy median {statistics.median(accuracies):.4f} ({', '.join(f'{a:.4f}' for a in accuracies)})",
-          flush=True)
+    """The quickstart's single trial: training seconds and wall of seed 0 alone on the device, and the
+    test accuracy of every seed (the others trained at once, sharing the device: their accuracy is
+    what they are run for, and running them one by one would add their start-up to the suite's time)."""
+    def train(seed: int) -> list[str]:
+        return ["train", str(QUICKSTART), f"--set=seed={seed}", f"--set=train.epochs={epochs}",
+                "--set=tracking.enabled=false", f"--checkpoint-dir=ckpt-{seed}"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, wall = cli(train(0), tmp)
+        others, _ = cli_at_once([train(seed) for seed in range(1, seeds)], tmp) if seeds > 1 else ([], 0.0)
+    accuracies = [float(re.search(r"test_accuracy ([0-9.]+)", said).group(1)) for said in [out, *others]]
+    training = float(re.search(r"([0-9.]+) s training", out).group(1))
+    print(f"quickstart trial ({epochs} epochs): training {training:.2f} s, process wall {wall:.1f} s (seed 0 alone); "
+          f"test accuracy median of {seeds} seeds {statistics.median(accuracies):.4f} "
+          f"({', '.join(f'{a:.4f}' for a in accuracies)})", flush=True)
 
 
 def graph_tag() -> None:
@@ -111,22 +130,27 @@ def run_tags(tmp: str, name: str = "digits-vit") -> str:
     runs = mlflow.search_runs(experiment_names=[name], output_format="list")
     tags = Counter(r.data.tags["cuda_graph"][:80] for r in runs if "cuda_graph" in r.data.tags)
     kernels = Counter(r.data.tags["attention_kernel"] for r in runs if "attention_kernel" in r.data.tags)
-    # Where a trial's time goes: its run's seconds (MLflow's start to end, inside train()) against its
-    # epochs' (the steps); the rest is the trial's set-up (model, data on the device, the step's warm-up
-    # and capture), evaluation and checkpoints. The first epoch against the later ones: first use.
+    # Where a trial's time goes: its run's seconds (MLflow's start to end, inside train()), split into
+    # what the run logged of its set-up (model, data on the device), its step's warm-up and capture,
+    # its evaluation, and its epochs (the steps); the rest is checkpoints, reports and the run's end.
+    # The first epoch against the later ones: first use.
     client = mlflow.MlflowClient()
-    whole, steps, first, later = [], [], [], []
-    for run in [r for r in runs if "cuda_graph" in r.data.tags and r.info.end_time][:8]:
+    phases: dict[str, list[float]] = {}
+    first, later = [], []
+    for run in [r for r in runs if "setup_seconds" in r.data.metrics and r.info.end_time][:8]:
         seconds = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"),
                                            key=lambda m: m.step)]
         if len(seconds) > 1:
-            whole.append((run.info.end_time - run.info.start_time) / 1e3)
-            steps.append(sum(seconds))
+            logged = {name: run.data.metrics[f"{name}_seconds"] for name in ("setup", "capture", "eval")}
+            for name, value in {"run": (run.info.end_time - run.info.start_time) / 1e3, **logged,
+                                "epochs": sum(seconds)}.items():
+                phases.setdefault(name, []).append(value)
             first.append(seconds[0])
             later.append(statistics.median(seconds[1:]))
-    epochs = (f"; median of {len(whole)} runs: {statistics.median(whole):.2f} s a run, {statistics.median(steps):.2f} s "
-              f"of it in epochs (the first {statistics.median(first):.3f} s, later ones {statistics.median(later):.4f} s)"
-              ) if whole else ""
+    epochs = (f"; median of {len(first)} runs: " + ", ".join(
+        f"{statistics.median(values):.3f} s {name}" for name, values in phases.items())
+        + f" (the first epoch {statistics.median(first):.3f} s, later ones {statistics.median(later):.4f} s)"
+    ) if first else ""
     return ("cuda_graph " + ", ".join(f"{tag}: {n}" for tag, n in tags.most_common()) + "; attention_kernel "
             + ", ".join(f"{kernel}: {n}" for kernel, n in kernels.most_common()) + epochs)
 
@@ -151,8 +175,10 @@ def study(trials: int, epochs: int, per_gpu: int, enqueue: bool, jobs: str = "1"
         said = outcome(f"sqlite:///{tmp}/optuna.db", spec["name"])
         steady, span = steady_rate(done)
         said += f"; {steady:,.0f} trials/hour once started ({span:.1f} s from the first trial's start); {durations(done)}"
-        # "this worker: N trials in W s (T s training)": T sums the trials' own train() times, packed ones overlapping
-        worker = " | ".join(line.split("; storage")[0] for line in out.splitlines() if line.startswith("this worker:"))
+        # "[this ]worker: N trials in W s (T s training: S s set-up, ...)": T sums the trials' own train() times,
+        # pruned ones included, packed ones overlapping; then T phase by phase
+        worker = " | ".join(line.split("; storage")[0] for line in out.splitlines()
+                            if line.startswith(("this worker:", "worker:")))
         said = "; ".join(part for part in (said, worker, run_tags(tmp, spec["name"])) if part)
     return wall, points, said, steady
 
@@ -374,7 +400,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else 'CPU'}; "
           f"torch {torch.__version__}", flush=True)
     skip = set(args.skip.split(","))
-    epochs, seeds, trials, packed = (2, 1, 4, 2) if args.cpu_smoke else (100, 3, 16, 8)
+    epochs, seeds, trials, packed = (2, 2, 4, 2) if args.cpu_smoke else (100, 3, 16, 8)
     parts = {
         "tags": graph_tag,
         "trial": lambda: quickstart_trial(epochs, seeds),
@@ -387,7 +413,7 @@ def main() -> None:
                                    [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]),
         "vit": lambda: vit_b16(args.cpu_smoke),
     }
-    failed = []
+    failed, suite_started = [], time.perf_counter()
     unknown = set(args.parts.split(",")) - set(parts)
     if unknown:
         raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(parts)})")
@@ -398,10 +424,13 @@ def main() -> None:
         started = time.perf_counter()
         try:
             part()
+            print(f"part {name}: {time.perf_counter() - started:.0f} s", flush=True)
         except Exception as err:  # one part's failure leaves the others' figures standing
             failed.append(name)
             print(f"part {name} failed after {time.perf_counter() - started:.0f} s: {type(err).__name__}: {err}",
                   flush=True)
+    print(f"suite: {time.perf_counter() - suite_started:.0f} s for the parts {args.parts} (the default parts' target: "
+          f"under 300 s on one H100)", flush=True)
     if failed:
         raise SystemExit(f"parts failed: {', '.join(failed)}")
 

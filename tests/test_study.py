@@ -78,6 +78,11 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
     assert {k: parent.data.metrics[k] for k in ("trials_complete", "trials_pruned", "trials_fail")} == {
         "trials_complete": 4, "trials_pruned": 0, "trials_fail": 0}
     assert {"best_test_accuracy", "best_test_loss", "best_parameters", "best_flops"} <= set(parent.data.metrics)
+    # The worker's account of its trials' time is the sum of what each trial's run logged.
+    children = children_of(client, parent.info.run_id)
+    assert result.seconds.setup == pytest.approx(sum(r.data.metrics["setup_seconds"] for r in children))
+    assert result.seconds.evaluation == pytest.approx(sum(r.data.metrics["eval_seconds"] for r in children))
+    assert result.seconds.total <= result.train_seconds
     children = children_of(client, parent.info.run_id)
     assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2, 3]
     for child in children:

@@ -72,6 +72,37 @@ def test_training_on_cpu_learns_and_logs_everything_to_mlflow(workdir):
     assert {"spec.yaml", "model/state_dict.pt", "model/spec.yaml"} <= artifacts
 
 
+def test_a_run_says_where_its_time_went_phase_by_phase_and_logs_it(workdir):
+    result = train(tiny_spec("phases"))
+    seconds = result.seconds
+    assert seconds.epochs == pytest.approx(sum(m["epoch_seconds"] for m in result.history))
+    assert min(seconds.setup, seconds.epochs, seconds.evaluation, seconds.bookkeeping) > 0
+    # Phases timed apart: none counted twice, so together they are never more than the whole run.
+    assert seconds.setup + seconds.capture + seconds.epochs + seconds.evaluation < seconds.total
+    assert result.metrics.keys().isdisjoint({"setup_seconds", "capture_seconds", "eval_seconds"})  # not the trial's
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.metrics["setup_seconds"] == pytest.approx(seconds.setup)
+    assert run.data.metrics["eval_seconds"] == pytest.approx(seconds.evaluation)
+    assert run.data.metrics["capture_seconds"] == pytest.approx(seconds.capture)
+    assert seconds.summary().endswith(f"{seconds.bookkeeping:.1f} s bookkeeping")
+
+
+def test_a_run_stopped_by_its_epoch_callback_still_says_where_its_time_went(workdir):
+    from vit_search.performance import RunSeconds
+
+    class Pruned(Exception):
+        pass
+
+    def prune(epoch, metrics):
+        raise Pruned(f"after epoch {epoch + 1}")
+
+    seconds = RunSeconds()
+    with pytest.raises(Pruned, match="after epoch 1"):
+        train(tiny_spec("phases-pruned"), on_epoch=prune, seconds=seconds)
+    assert min(seconds.setup, seconds.epochs, seconds.evaluation) > 0
+    assert seconds.setup + seconds.capture + seconds.epochs + seconds.evaluation < seconds.total
+
+
 def test_logged_model_loads_back_with_one_call(workdir):
     import torch
 

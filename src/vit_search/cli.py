@@ -267,14 +267,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {result.stopped}", file=sys.stderr)
         return result.stopped.exit_code
     if args.worker:  # one of --jobs: the parent prints the study's table
-        print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s")
+        print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
+              f"({result.train_seconds:.1f} s training: {result.seconds.summary()})")
         return exit_code() if result.interrupted else 1 if failed else 0
     print(top_table(result.study))
     if failed and not result.interrupted:
         print(f"error: {failed}", file=sys.stderr)
         return 1
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
-          f"({result.train_seconds:.1f} s training); storage {redact(result.storage)}")
+          f"({result.train_seconds:.1f} s training: {result.seconds.summary()}); storage {redact(result.storage)}")
     print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study)))
     return exit_code() if result.interrupted else 0
 

@@ -28,7 +28,8 @@ from .finetune import frozen, lr_scale
 from .model import build_model
 from .model.cost import model_cost
 from .performance import (
-    cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops, resolve_mixed_precision,
+    RunSeconds, cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops,
+    resolve_mixed_precision,
 )
 from .checkpoints import (
     CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_writable, checkpoint_dir_of, load_checkpoint, rng_state,
@@ -83,6 +84,7 @@ class TrainResult:
     run_id: str | None = None
     train_seconds: float = 0.0
     trainable_parameters: int = 0
+    seconds: RunSeconds = field(default_factory=RunSeconds)  # where the run's wall time went, phase by phase
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
@@ -245,6 +247,7 @@ def train(
     stop: threading.Event | None = None,
     make_step: StepFactory | None = None,
     run_id: str | None = None,
+    seconds: RunSeconds | None = None,
 ) -> TrainResult:
     """Train and evaluate ``spec``; returns final val and test metrics.
 
@@ -255,10 +258,25 @@ def train(
     :data:`StepFactory`); ``run_id`` logs into that existing MLflow run. With ``resume``, a
     run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
     Whatever fails after the start, data loading included, ends the MLflow run FAILED.
+    ``seconds``, given, is filled with where the run's time goes as it goes (a run that raises
+    included); the result carries it too, and the run logs its set-up, capture and evaluation seconds.
     """
+    clock = seconds if seconds is not None else RunSeconds()
+    with clock.timing("total"):
+        result = _train(spec, clock, on_epoch, resume, checkpoint_dir, parent_run_id, run_name, tags, progress, stop,
+                        make_step, run_id)
+    result.seconds = clock
+    return result
+
+
+def _train(spec: Spec, clock: RunSeconds, on_epoch: EpochCallback | None, resume: bool,
+           checkpoint_dir: str | Path | None, parent_run_id: str | None, run_name: str | None,
+           tags: dict[str, str] | None, progress: bool, stop: threading.Event | None,
+           make_step: StepFactory | None, run_id: str | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
 
+    began = time.perf_counter()
     cfg = spec.train
     precision = resolve_mixed_precision(cfg.mixed_precision)
     enable_tf32(cfg.tf32)
@@ -299,7 +317,9 @@ def train(
             with CAPTURE_GATE.shared():
                 set_rng_state(checkpoint["rng"])
             start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
-        graph = _make_step(spec, run, accelerator, make_step)
+        clock.setup += time.perf_counter() - began
+        with clock.timing("capture"):
+            graph = _make_step(spec, run, accelerator, make_step)
         if checkpoint is None:
             tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
                 "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
@@ -312,7 +332,9 @@ def train(
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
-                metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
+                clock.epochs += metrics["epoch_seconds"]
+                with clock.timing("evaluation"):
+                    metrics.update(evaluate(run.model, run.loaders["val"], accelerator, "val"))
                 metrics["peak_memory_mb"] = peak_memory_mb(accelerator.device)
                 utilisation = mfu(run.flops, metrics["images_per_second"] / accelerator.num_processes, peak)
                 if utilisation is not None:
@@ -328,9 +350,11 @@ def train(
         finally:
             checkpoints.close()  # no write left running behind an error
         # Validation after the last epoch is that epoch's: only the test split is new here.
-        test = evaluate(run.model, run.loaders["test"], accelerator, "test")
-        tracker.log_metrics(test, step=cfg.epochs - 1)
-        last = history[-1] if history else evaluate(run.model, run.loaders["val"], accelerator, "val")
+        with clock.timing("evaluation"):
+            test = evaluate(run.model, run.loaders["test"], accelerator, "test")
+            last = history[-1] if history else evaluate(run.model, run.loaders["val"], accelerator, "val")
+        tracker.log_metrics(test | {"setup_seconds": clock.setup, "capture_seconds": clock.capture,
+                                    "eval_seconds": clock.evaluation}, step=cfg.epochs - 1)
         final = {key: last[key] for key in ("train_loss", "val_loss", "val_accuracy") if key in last} | test
         if accelerator.is_main_process:
             tracker.log_model(_plain(run.model, accelerator).state_dict())

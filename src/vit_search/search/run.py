@@ -11,9 +11,9 @@ import contextlib
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import optuna
 from optuna.trial import TrialState
@@ -22,7 +22,7 @@ from ..checkpoints import CheckpointDiskFull, check_writable
 from ..errors import UserError
 from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
-from ..performance import cpu_only
+from ..performance import RunSeconds, cpu_only
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..stopping import TRIAL_SLOT, requests_set
@@ -50,6 +50,7 @@ class SearchResult:
     train_seconds: float
     interrupted: bool
     stopped: StopWorker | None = None  # why this worker stopped early, its trial queued again (e.g. MLflow went away)
+    seconds: RunSeconds = field(default_factory=RunSeconds)  # its trials' train() time, phase by phase, pruned ones too
 
 
 class Infeasible(optuna.TrialPruned):
@@ -151,7 +152,15 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     if not runs.lost:
         end_active_run()
     return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
-                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted, stopped)
+                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted, stopped,
+                        _summed(r.seconds for r in runners))
+
+
+def _summed(parts: Iterable[RunSeconds]) -> RunSeconds:
+    total = RunSeconds()
+    for part in parts:
+        total.add(part)
+    return total
 
 
 def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
@@ -224,6 +233,7 @@ class TrialRunner:
         self.checkpoints = checkpoints  # trial n's go to checkpoints / trial-n
         self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
         self.train_seconds = 0.0
+        self.seconds = RunSeconds()  # where this runner's trials spent their train() time
 
     def initialise(self) -> None:
         """Once per study, under the study lock: the enqueued configurations and the parent run."""
@@ -289,13 +299,14 @@ class TrialRunner:
         shown = next((m for m in self.runs.metrics if m not in ("parameters", "flops")), "val_accuracy")
         # The line first: a pruning verdict raises in `reports`.
         on_epoch = both(EpochLines(f"trial {number}", trial_spec.train.epochs, shown) if self.lines else None, reports)
-        started = time.perf_counter()
+        started, seconds = time.perf_counter(), RunSeconds()
         try:
             result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
                            run_name=trial_run_name(number, values), tags=self.runs.trial_tags(number, searched),
-                           checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop)
+                           checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop, seconds=seconds)
         finally:
             self.train_seconds += time.perf_counter() - started
+            self.seconds.add(seconds)  # a pruned trial's too: its train() raised
             if reports is not None:
                 reports.close()
         for name, value in result.metrics.items():
