@@ -263,13 +263,14 @@ def train(
     """
     clock = seconds if seconds is not None else RunSeconds()
     with clock.timing("total"):
-        result = _train(spec, clock, on_epoch, resume, checkpoint_dir, parent_run_id, run_name, tags, progress, stop,
-                        make_step, run_id)
+        result = _train(spec, clock, on_epoch=on_epoch, resume=resume, checkpoint_dir=checkpoint_dir,
+                        parent_run_id=parent_run_id, run_name=run_name, tags=tags, progress=progress, stop=stop,
+                        make_step=make_step, run_id=run_id)
     result.seconds = clock
     return result
 
 
-def _train(spec: Spec, clock: RunSeconds, on_epoch: EpochCallback | None, resume: bool,
+def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, resume: bool,
            checkpoint_dir: str | Path | None, parent_run_id: str | None, run_name: str | None,
            tags: dict[str, str] | None, progress: bool, stop: threading.Event | None,
            make_step: StepFactory | None, run_id: str | None) -> TrainResult:
