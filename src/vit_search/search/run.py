@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -151,16 +151,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
     if not runs.lost:
         end_active_run()
+    seconds = RunSeconds()
+    for runner in runners:
+        seconds.add(runner.seconds)
     return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
                         time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted, stopped,
-                        _summed(r.seconds for r in runners))
-
-
-def _summed(parts: Iterable[RunSeconds]) -> RunSeconds:
-    total = RunSeconds()
-    for part in parts:
-        total.add(part)
-    return total
+                        seconds)
 
 
 def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
