@@ -24,7 +24,9 @@ timed. Parts run on request: ``repeats`` (a seeded study of 8 trials drawn at on
 enqueued), ``tags`` (a 2-epoch tracked ``train``: its run's tags), and, to find where packing's
 time goes, ``designs`` (the same study as worker processes x packed trials, e.g. ``--layouts
 1x1,8x1,1x8``), ``contention`` (8 processes at once against one: start-up, ``train`` untracked,
-``train`` on one MLflow store) and ``storage`` (one SQLite write transaction in the folder the
+``train`` on one MLflow store), ``capture`` (a trial's pieces on the device one at a time: the model,
+an eager step, a validation pass, the warm-up and capture, the capture as ``torch.cuda.graph`` does
+it against ``capture_begin``/``capture_end``) and ``storage`` (one SQLite write transaction in the folder the
 stores go to; ``--tmp /dev/shm`` moves them off the disk).
 
     python benchmarks/gpu_suite.py               # on a GPU machine
@@ -35,6 +37,7 @@ stores go to; ``--tmp /dev/shm`` moves them off the disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -44,6 +47,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -318,6 +322,96 @@ def quickstart_study(packed: int, cpu_smoke: bool, jobs: int = 0) -> None:
           flush=True)
 
 
+def capture_cost(cpu_smoke: bool, repeats: int = 5) -> None:
+    """What a quickstart trial pays on the device around its steps, one piece at a time, each a fresh
+    model as a new trial's: building it there, its optimizer, one eager step, the step's warm-up and
+    capture as ``train()`` makes it (``GraphedStep``), a validation pass; then the capture alone, as
+    ``torch.cuda.graph`` does it (a device synchronize and emptied caches first) against
+    ``CUDAGraph.capture_begin``/``capture_end`` directly, and one replayed step. Medians of ``repeats``."""
+    import torch
+
+    from vit_search.model import build_model
+    from vit_search.spec import load_spec
+    from vit_search.train import evaluate, param_groups
+    from vit_search.train_step import WARMUP_STEPS, EagerStep, GraphedStep, device_learning_rates
+
+    class Plain:  # what EagerStep and evaluate use of an Accelerator, for one process
+        device = torch.device("cpu" if cpu_smoke else "cuda")
+        num_processes = 1
+
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, parameters, norm):
+            torch.nn.utils.clip_grad_norm_(parameters, norm)
+
+    accelerator, cuda = Plain(), not cpu_smoke
+    device = accelerator.device
+    spec = load_spec(QUICKSTART)
+    cfg = spec.train
+    images = torch.randn(cfg.batch_size, spec.model.in_channels, 16, 16, device=device)
+    labels = torch.randint(0, spec.model.num_classes, (cfg.batch_size,), device=device)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val = [(torch.randn(360, spec.model.in_channels, 16, 16, device=device),
+            torch.randint(0, spec.model.num_classes, (360,), device=device))]
+    times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+        times.setdefault(name, []).append(time.perf_counter() - started)
+
+    for _ in range(repeats):
+        with timed("model on the device"):
+            model = build_model(spec).to(device)
+        with timed("AdamW"):
+            optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=cuda,
+                                          capturable=cuda)
+        if cuda:
+            device_learning_rates(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        with timed("one eager step"):
+            EagerStep(model, optimizer, scheduler, criterion, cfg.grad_clip, accelerator)(images, labels)
+        with timed("validation pass"):
+            evaluate(model, val, accelerator, "val")
+        model.train()
+        if not cuda:
+            continue
+        with timed(f"warm-up ({WARMUP_STEPS} steps) and capture"):
+            step = GraphedStep(model, optimizer, scheduler, criterion, cfg.grad_clip, images, labels)
+        with timed("one replayed step"):
+            step(images, labels)
+        with timed("synchronize and empty the caches"):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        side = torch.cuda.Stream()  # warmed up once, as the step's own stream is before its capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with timed("capture alone, torch.cuda.graph"):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                step._step()
+        graph = torch.cuda.CUDAGraph()
+        with timed("capture alone, capture_begin/capture_end"):
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    step._step()
+                finally:
+                    graph.capture_end()
+    print("a quickstart trial's pieces on the device, median of "
+          f"{repeats} fresh models: " + "; ".join(f"{name} {statistics.median(values) * 1e3:.1f} ms"
+                                                  for name, values in times.items())
+          + ("" if cuda else " (on the CPU: no capture)"), flush=True)
+
+
 def vit_b16(cpu_smoke: bool) -> None:
     """Ours and timm's ViT-B/16, bf16, eager and compiled: img/s and MFU, same steps, same process."""
     import torch
@@ -412,6 +506,7 @@ def main() -> None:
         "designs": lambda: designs(4 if args.cpu_smoke else args.layout_trials, 2 if args.cpu_smoke else 20,
                                    [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]),
         "vit": lambda: vit_b16(args.cpu_smoke),
+        "capture": lambda: capture_cost(args.cpu_smoke),
     }
     failed, suite_started = [], time.perf_counter()
     unknown = set(args.parts.split(",")) - set(parts)
