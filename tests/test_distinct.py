@@ -113,11 +113,46 @@ def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(
     assert len(set(points(study))) == 6
 
 
+# A head whose training waits, in each process, until two processes have begun a trial (60 s at
+# most): one quick worker cannot take every trial before the others have started, however loaded
+# the machine, so the study is shared whenever the workers run at once.
+TWO_PROCESSES_HEAD = """
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vit_search.registry import register
+
+ARRIVED = Path(__file__).parent / "arrived"
+
+
+@register("head", "distinct_test_two_processes")
+class TwoProcessesHead(nn.Linear):
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+
+    def forward(self, pooled):
+        if self.training and torch.is_grad_enabled() and pooled.device.type != "meta":
+            ARRIVED.mkdir(exist_ok=True)
+            (ARRIVED / str(os.getpid())).touch()
+            deadline = time.monotonic() + 60
+            while len(list(ARRIVED.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().forward(pooled)
+"""
+
+
 @pytest.mark.slow
 def test_jobs_workers_share_exactly_n_trials_at_pairwise_distinct_points(workdir, cli):
     spec_path = workdir / "study.yaml"
+    (workdir / "two_processes_head.py").write_text(TWO_PROCESSES_HEAD)
     raw = study_raw("jobs-distinct", n_trials=6, sampler="tpe", space=SMALL_SPACE)
-    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
+    raw = {**raw, "plugins": ["two_processes_head.py"], "tracking": {"enabled": False},
+           "model": {**raw["model"], "head": {"type": "distinct_test_two_processes"}}}
+    spec_path.write_text(yaml.safe_dump(raw))
     # Each worker packs two trials in threads: six draws at once, none of them told of the others' yet.
     # The storage is the command's --storage, which the workers take from its word on their standard
     # input (not from their command lines, where `ps` would show a password).
@@ -134,3 +169,4 @@ def test_jobs_workers_share_exactly_n_trials_at_pairwise_distinct_points(workdir
     assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
     assert len(set(points(study))) == 6
     assert len({t.system_attrs[WORKER] for t in trials}) >= 2  # the workers shared the study
+    assert len(list((workdir / "arrived").iterdir())) >= 2  # ... because two were training at once
