@@ -48,6 +48,8 @@ def test_packed_trials_in_one_worker_finish_exactly_n_trials_each_with_its_mlflo
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2, 3, 4]
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["trial.state"] for r in children} == {"COMPLETE"}
+    # Each trial's run says it was packed, and that its stream of its own fell back on the CPU's one queue.
+    assert {(r.data.tags["trials_at_once"], r.data.tags["cuda_stream"]) for r in children} == {("2", "off: no CUDA device")}
     for run in children:  # each run holds its own trial's values, not the other thread's
         number = int(run.data.tags["optuna.trial_number"])
         assert int(run.data.params["model.depth"]) == trials[number].params["model.depth"]

@@ -103,7 +103,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
                        failures=not lines)
     stop = threading.Event()
-    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root, lines) for _ in range(trials_at_once)]
+    runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root, lines, _packing_tags(trials_at_once))
+               for _ in range(trials_at_once)]
 
     def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
         bar.update(handle.study, frozen)
@@ -219,17 +220,30 @@ def _own_stream() -> Any:
     return torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
+def _packing_tags(trials_at_once: int) -> dict[str, str]:
+    """What a trial's run says of its packing: how many trials its worker trains at once, and, packed,
+    whether each has a CUDA stream of its own (:func:`_own_stream`) or shares the CPU's one queue."""
+    import torch
+
+    tags = {"trials_at_once": str(trials_at_once)}
+    if trials_at_once > 1:
+        tags["cuda_stream"] = "own" if torch.cuda.is_available() else "off: no CUDA device"
+    return tags
+
+
 class TrialRunner:
     """How this worker starts the study, draws a trial's spec, and trains it."""
 
     def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, num_processes: int,
-                 stop: threading.Event | None = None, checkpoints: Path = Path("runs"), lines: bool = False):
+                 stop: threading.Event | None = None, checkpoints: Path = Path("runs"), lines: bool = False,
+                 tags: dict[str, str] | None = None):
         self.spec, self.handle, self.runs, self.num_processes = spec, handle, runs, num_processes
         self.lines = lines  # print a line per epoch every so often (for logs)
         self.checkpoints = checkpoints  # trial n's go to checkpoints / trial-n
         self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
         self.train_seconds = 0.0
         self.seconds = RunSeconds()  # where this runner's trials spent their train() time
+        self.tags = tags or {}  # on every trial's run besides the study's (its packing)
 
     def initialise(self) -> None:
         """Once per study, under the study lock: the enqueued configurations and the parent run."""
@@ -298,7 +312,8 @@ class TrialRunner:
         started, seconds = time.perf_counter(), RunSeconds()
         try:
             result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
-                           run_name=trial_run_name(number, values), tags=self.runs.trial_tags(number, searched),
+                           run_name=trial_run_name(number, values),
+                           tags={**self.runs.trial_tags(number, searched), **self.tags},
                            checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop, seconds=seconds)
         finally:
             self.train_seconds += time.perf_counter() - started
