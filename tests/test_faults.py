@@ -200,11 +200,12 @@ def test_a_storage_server_that_does_not_answer_is_one_line_without_its_password(
                         reason="psycopg and redis are needed for those storages (pip install -e '.[test]')")
     from conftest import free_port
 
-    spec = write(workdir / "spec.yaml", {**study_raw("no-server"), "tracking": {"enabled": False}})
+    spec = write(workdir / "spec.yaml", {**study_raw("no-server"), "tracking": {"experiment": "no-server"}})
     url = server.format(port=free_port())  # nothing listens there
-    line = one_line(cli_here(command, str(spec), "--storage", url, cwd=workdir))
-    assert "cannot be opened" in line and "refused" in line and "hunter2" not in line
-    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+    line = one_line(cli_here(command, str(spec), "--storage", url, cwd=workdir,
+                             env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}))
+    assert "refused" in line and "hunter2" not in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no MLflow store either
 
 
 @pytest.mark.parametrize("command, uri, said", [("train", "garbage://x", "unsupported URI 'garbage://x'"),
@@ -247,6 +248,19 @@ def test_a_tracking_database_that_cannot_be_used_is_one_line_at_once_without_its
     # One line: not MLflow's own retries, which warn for two minutes before they give up.
     code, line = in_process("train", str(spec), env={"MLFLOW_TRACKING_URI": uri})
     assert code == 2 and line.startswith("error: MLflow store ") and said in line and "hunter2" not in line
+
+
+def test_an_optuna_database_that_does_not_answer_is_one_line_before_jobs_make_the_mlflow_store(workdir, in_process):
+    pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL storages (pip install -e '.[test]')")
+    from conftest import free_port
+
+    spec = write(workdir / "spec.yaml", {**study_raw("no-database"), "tracking": {"experiment": "no-database"}})
+    url = f"postgresql://someone:hunter2@127.0.0.1:{free_port()}/test"  # nothing listens there
+    code, line = in_process("run", str(spec), "--jobs", "2",
+                            env={"VIT_SEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    assert code == 2 and line.startswith(f"error: Optuna storage {url.replace('hunter2', '***')} does not answer (")
+    assert "hunter2" not in line and line.endswith("then run the command again")
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no MLflow store, no runs folder
 
 
 def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_without_its_password(workdir, in_process):

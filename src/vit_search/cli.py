@@ -308,7 +308,7 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
         one error line, not one per worker."""
         import optuna
 
-        from .search.storage import study_lock
+        from .search.storage import check_server, check_url, study_lock
         from .search.study import storage_url_of
 
         spec = _load_study_spec(args)
@@ -317,6 +317,8 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
         _prepare_weights(spec)
         url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        check_url(url)
+        check_server(url)
         if spec.tracking.enabled:
             from .tracking import check_store
 

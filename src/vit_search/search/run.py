@@ -31,7 +31,9 @@ from ..train import TrainingStopped, train
 from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
-from .storage import StorageLost, check_file, check_url, disk_full, redact, storage_problem, study_lock
+from .storage import (
+    StorageLost, check_file, check_server, check_url, disk_full, redact, storage_problem, study_lock,
+)
 from .study import (
     StopWorker, StudyHandle, WorkerReport, interrupt_own_trials, objective_values, open_study, sample_spec, storage_url_of,
     worker_loop,
@@ -93,6 +95,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / (search.study_name or spec.name)
     check_url(url)
     check_file(url)
+    check_server(url)
     if spec.tracking.enabled:
         check_store(spec)
     check_writable(root)  # before anything is written: a folder that cannot take checkpoints is one line, exit 2

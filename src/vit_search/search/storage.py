@@ -182,6 +182,15 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
     return None
 
 
+def check_server(url: str) -> None:
+    """Raise StorageError when the database server behind ``url`` does not answer: said before the MLflow
+    store or the stores' folders are made, so that a mistyped URL leaves nothing behind."""
+    problem = storage_problem(url)
+    if problem:
+        raise StorageError(f"{problem}; start it or fix the URL (--storage, {STORAGE_ENV} or search.storage), then run "
+                           f"the command again")
+
+
 _NO_SPACE = "storage '{url}': no space left on its disk; free space, or pass another --storage"
 
 

@@ -34,7 +34,7 @@ from ..spec import SpecError, load_spec
 from ..tracking import check_store
 from .run import Infeasible, SearchResult, TrialRunner, check_constraints
 from .space import parse_space, to_params
-from .storage import check_file, check_url, study_lock
+from .storage import check_file, check_server, check_url, study_lock
 from .study import (
     PARENT_RUN, StudyHandle, _worker_dead, _worker_id, counted, objective_values, open_study, sample_spec,
     storage_url_of, worker_loop,
@@ -65,6 +65,7 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / name
     check_url(url)
     check_file(url)
+    check_server(url)
     if spec.tracking.enabled:
         check_store(spec)
     check_writable(root)
