@@ -164,6 +164,33 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
 
 
+@register("head", "test_counted_nan_head")
+class CountedNanHead:
+    """A NaN head that counts its training forwards on a real device (not the FLOP count's meta one)."""
+
+    steps: list[int] = []
+
+    def __new__(cls, dim: int, num_classes: int):
+        import torch
+
+        class Head(torch.nn.Linear):
+            def forward(self, x):
+                if self.training and x.device.type != "meta":
+                    CountedNanHead.steps.append(1)
+                return super().forward(x) * float("nan")
+
+        return Head(dim, num_classes)
+
+
+def test_a_nan_loss_ends_its_epoch_after_25_steps_not_at_the_epochs_end(workdir):
+    CountedNanHead.steps.clear()
+    raw = {**TINY, "tracking": {"enabled": False}, "model": {**TINY["model"], "head": {"type": "test_counted_nan_head"}},
+           "train": {**TINY["train"], "batch_size": 8}}  # about 140 steps an epoch
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
+        train(load_spec(raw))
+    assert len(CountedNanHead.steps) == 25
+
+
 def test_tracking_uri_names_the_store_unless_mlflow_tracking_uri_is_set(workdir, monkeypatch, sqlite_uri):
     from mlflow.exceptions import MlflowException
 

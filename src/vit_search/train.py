@@ -453,9 +453,10 @@ def _train_epoch(spec: Spec, run: _Setup, accelerator: Any, epoch: int, show_bar
             loss_sum += run.step(images, labels, sync)
         seen += images.shape[0]
         steps += 1
-        # Checked now and then, not every step: on a GPU each check waits for the device. Decided
-        # by all processes together, or one would stop while the others wait for its gradients.
-        if step % 25 == 0 and accelerator.reduce((~torch.isfinite(loss_sum)).float(), reduction="sum").item():
+        # Checked after every 25th step, not every step: on a GPU each check waits for the device (an
+        # epoch shorter than that waits once, at its end). Decided by all processes together, or one
+        # would stop while the others wait for its gradients.
+        if step % 25 == 24 and accelerator.reduce((~torch.isfinite(loss_sum)).float(), reduction="sum").item():
             break
     train_loss = accelerator.reduce(loss_sum / max(steps, 1), reduction="mean").item()
     seconds = time.perf_counter() - started  # after .item(): the device has finished the epoch
