@@ -191,6 +191,23 @@ def test_a_nan_loss_ends_its_epoch_after_25_steps_not_at_the_epochs_end(workdir)
     assert len(CountedNanHead.steps) == 25
 
 
+def test_mlflow_giving_up_on_telemetry_later_leaves_the_environment_of_running_trials_alone(workdir, monkeypatch):
+    # Offline, MLflow's telemetry thread removes its session id from os.environ about a second after
+    # the first MLflow call; a trial's thread copying os.environ then (every Accelerator does) got a
+    # KeyError. After the store's check, that removal must change nothing.
+    from mlflow.environment_variables import _MLFLOW_TELEMETRY_SESSION_ID
+    from mlflow.telemetry.client import _set_telemetry_client, get_telemetry_client
+
+    from vit_search.tracking import check_store
+
+    monkeypatch.setenv(_MLFLOW_TELEMETRY_SESSION_ID.name, "a-session")  # as `import mlflow` sets it
+    monkeypatch.setattr("mlflow.telemetry.client._MLFLOW_TELEMETRY_CLIENT", get_telemetry_client())  # restored after
+    check_store(load_spec({**TINY, "tracking": {"experiment": "telemetry"}}))
+    before = dict(os.environ)
+    _set_telemetry_client(None)  # what MLflow's thread calls when its config fetch fails
+    assert dict(os.environ) == before
+
+
 def test_tracking_uri_names_the_store_unless_mlflow_tracking_uri_is_set(workdir, monkeypatch, sqlite_uri):
     from mlflow.exceptions import MlflowException
 

@@ -251,6 +251,7 @@ def check_store(spec: Spec) -> None:
     before MLflow (or a study) writes anything."""
     import mlflow
 
+    _still_environment()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
     # Asked once, here: MLflow itself retries a database that does not answer for minutes.
     problem = server_problem(uri)
@@ -290,6 +291,19 @@ def check_store(spec: Spec) -> None:
                                 f"{str(getattr(err, 'orig', err)).splitlines()[0][:160]}; set MLFLOW_TRACKING_URI to "
                                 f"another store") from None
         raise
+
+
+# MLflow's telemetry puts its session id into os.environ at import, and takes it out again from a
+# background thread when it gives up on telemetry (offline, its config fetch fails), about a second
+# after the run's first MLflow call. A removal while another thread copies os.environ (every
+# Accelerator does) raises KeyError in that thread: a trial failed so.
+_TELEMETRY_SESSION = "_MLFLOW_TELEMETRY_SESSION_ID"
+
+
+def _still_environment() -> None:
+    """Take MLflow's telemetry session id out of os.environ now, before the process's trials run in
+    threads, so that MLflow's later removal changes nothing under them (child processes get their own)."""
+    os.environ.pop(_TELEMETRY_SESSION, None)
 
 
 @contextmanager
