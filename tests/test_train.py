@@ -191,19 +191,25 @@ def test_a_nan_loss_ends_its_epoch_after_25_steps_not_at_the_epochs_end(workdir)
     assert len(CountedNanHead.steps) == 25
 
 
-def test_mlflow_giving_up_on_telemetry_later_leaves_the_environment_of_running_trials_alone(workdir, monkeypatch):
-    # Offline, MLflow's telemetry thread removes its session id from os.environ about a second after
-    # the first MLflow call; a trial's thread copying os.environ then (every Accelerator does) got a
-    # KeyError. After the store's check, that removal must change nothing.
+def test_after_the_stores_check_neither_a_trials_tracker_nor_mlflow_changes_the_environment(workdir, monkeypatch):
+    # A change to os.environ while another thread copies it (every Accelerator does) raises there:
+    # offline, MLflow's telemetry thread removed its session id about a second after the first MLflow
+    # call, and a packed trial's Accelerator got a KeyError. The process's check of the store, made
+    # before its trials run in threads, makes every change there is to make.
     from mlflow.environment_variables import _MLFLOW_TELEMETRY_SESSION_ID
     from mlflow.telemetry.client import _set_telemetry_client, get_telemetry_client
 
-    from vit_search.tracking import check_store
+    from vit_search.tracking import HTTP_RETRY_DEFAULTS, check_store, use_store
 
+    for key in HTTP_RETRY_DEFAULTS:  # unset, as in a fresh process; restored after the test
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv(_MLFLOW_TELEMETRY_SESSION_ID.name, "a-session")  # as `import mlflow` sets it
     monkeypatch.setattr("mlflow.telemetry.client._MLFLOW_TELEMETRY_CLIENT", get_telemetry_client())  # restored after
-    check_store(load_spec({**TINY, "tracking": {"experiment": "telemetry"}}))
+    spec = load_spec({**TINY, "tracking": {"experiment": "environment"}})
+    check_store(spec)
     before = dict(os.environ)
+    use_store(spec)  # what each trial's tracker does, in its thread
     _set_telemetry_client(None)  # what MLflow's thread calls when its config fetch fails
     assert dict(os.environ) == before
 

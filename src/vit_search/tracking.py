@@ -103,7 +103,6 @@ def use_store(spec: Spec) -> None:
     database_log = logging.getLogger("mlflow.store.db.utils")
     if not any(isinstance(f, _RaisedAgain) for f in database_log.filters):
         database_log.addFilter(_RaisedAgain())
-    bound_http_retries()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
@@ -251,6 +250,9 @@ def check_store(spec: Spec) -> None:
     before MLflow (or a study) writes anything."""
     import mlflow
 
+    # What changes os.environ changes it here, before a process's trials run in threads: a change
+    # while another thread copies it (every Accelerator does) raises there.
+    bound_http_retries()
     _still_environment()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
     # Asked once, here: MLflow itself retries a database that does not answer for minutes.
@@ -295,8 +297,8 @@ def check_store(spec: Spec) -> None:
 
 # MLflow's telemetry puts its session id into os.environ at import, and takes it out again from a
 # background thread when it gives up on telemetry (offline, its config fetch fails), about a second
-# after the run's first MLflow call. A removal while another thread copies os.environ (every
-# Accelerator does) raises KeyError in that thread: a trial failed so.
+# after the run's first MLflow call. A removal while another thread copies os.environ raises
+# KeyError in that thread: a trial's Accelerator failed so.
 _TELEMETRY_SESSION = "_MLFLOW_TELEMETRY_SESSION_ID"
 
 
