@@ -193,6 +193,52 @@ def test_every_training_step_holds_the_capture_gate(workdir):
     assert CAPTURE_GATE.stepping == 0
 
 
+def test_packed_trials_never_empty_the_environment_under_each_other(workdir):
+    # Accelerate empties os.environ and puts it back around each of its kwargs handlers (building an
+    # Accelerator; preparing a model with bf16 autocast). Two such windows at once in packed threads
+    # can leave the process with no environment (the second saves the empty one and restores it).
+    # Each window is held open 0.2 s here, so that two trials starting together would meet in one.
+    environ = type(os.environ)
+    clear, open_in, met, guard = environ.clear, set(), [], threading.Lock()
+
+    def watched_clear(self):
+        me = threading.get_ident()
+        with guard:
+            opening = me not in open_in
+            if opening:
+                met.extend(sorted(open_in))  # another thread's window is open as this one opens
+                open_in.add(me)
+            else:
+                open_in.discard(me)
+        clear(self)
+        if opening:
+            time.sleep(0.2)
+
+    spec = load_spec({**STUDY, "name": "environ", "search": None, "tracking": {"enabled": False}},
+                     ["train.epochs=1", "train.mixed_precision=bf16"])
+    before, start, errors = dict(os.environ), threading.Barrier(2), []
+
+    def trial(folder: str) -> None:
+        start.wait()
+        try:
+            train(spec, progress=False, checkpoint_dir=str(workdir / folder))
+        except BaseException as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    environ.clear = watched_clear
+    try:
+        threads = [threading.Thread(target=trial, args=(f"t{i}",)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        del environ.clear  # MutableMapping's again
+    assert environ.clear is clear
+    assert not errors and not met
+    assert {key: os.environ.get(key) for key in before} == before  # nothing lost (torch adds a few of its own)
+
+
 def test_packed_trials_checking_one_checkpoint_folder_at_once_never_trip_over_each_others_probe(tmp_path):
     # Packed trials share a process id: a probe file named after it alone was written by one thread
     # and deleted by another, and the first then failed ("cannot write checkpoints ... No such file").

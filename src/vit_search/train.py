@@ -44,6 +44,9 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 # (model, optimizer, scheduler, criterion, grad_clip, accelerator) -> step(images, labels, sync) -> loss:
 # a training step of the caller's own, such as the supernet's sandwich step.
 StepFactory = Callable[..., Callable[..., torch.Tensor]]
+# Held while Accelerate builds an Accelerator or prepares a run: its process-wide state is shared by
+# trials packed into threads, and around each kwargs handler it empties os.environ and puts it back,
+# which two threads at once would leave empty.
 _ACCELERATE_STATE = threading.Lock()
 
 
@@ -180,7 +183,8 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
     }
     # Accelerate shards DataLoaders; device-held splits are drawn and sharded on the device already.
     to_prepare = [name for name, loader in loaders.items() if not isinstance(loader, DeviceBatches)]
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *(loaders[name] for name in to_prepare))
+    with _ACCELERATE_STATE:
+        model, optimizer, *prepared = accelerator.prepare(model, optimizer, *(loaders[name] for name in to_prepare))
     loaders.update(zip(to_prepare, prepared))
     if len(loaders["train"]) == 0:  # drop_last: not one full batch per process
         raise DataError(
@@ -281,7 +285,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     cfg = spec.train
     precision = resolve_mixed_precision(cfg.mixed_precision)
     enable_tf32(cfg.tf32)
-    with _ACCELERATE_STATE:  # one process-wide state, which trials packed into threads share
+    with _ACCELERATE_STATE:
         _allow_precision(precision)
         accelerator = Accelerator(
             mixed_precision=precision,
