@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -201,3 +203,34 @@ def test_a_models_cost_is_counted_once_and_again_when_a_block_name_gets_another_
     params, flops = model_cost(section)
     assert len(counted) == 2
     assert params == one[0] + 2 * (32 * 32 + 32) and flops == one[1] + 2 * 2 * 17 * 32 * 32  # 16 patches + cls
+
+
+def test_counting_a_models_flops_on_the_meta_device_counts_its_attention_and_leaves_sdpa_alone():
+    import threading
+
+    from vit_search.model import cost
+    from vit_search.model.vit import build_vit
+    from vit_search.schema import ModelSpec
+
+    section = ModelSpec(dim=32, depth=2, image_size=16, in_channels=3, num_classes=5,
+                        patch_embed={"type": "conv", "patch_size": 4}, attention={"type": "sdpa", "heads": 4})
+    counted_on_cpu = cost.flop_count(build_vit(section).eval(), torch.zeros(1, 3, 16, 16))  # the math kernel's
+    assert cost.model_cost(section)[1] == counted_on_cpu
+    # Trials packed into threads train while another counts: torch's SDPA kernel choice is
+    # process-wide, and a capture meanwhile would keep the math kernel for its whole trial.
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.add(torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled())
+            time.sleep(0)  # lets the count go on
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for depth in range(3, 7):  # architectures not counted before
+            cost.model_cost(section.model_copy(update={"depth": depth}))
+    finally:
+        done.set()
+        watcher.join()
+    assert seen == {True}

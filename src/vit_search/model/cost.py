@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,8 +18,11 @@ def flop_count(model: nn.Module, images: torch.Tensor) -> int:
     """Forward FLOPs of ``model`` on ``images`` (torch.utils.flop_counter; a multiply-add is 2)."""
     counter = FlopCounterMode(display=False)
     # The counter has no formula for some fused CPU attention kernels; the math backend is plain
-    # matmuls and softmax, which it counts, and computes the same thing.
-    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    # matmuls and softmax, which it counts, and computes the same thing. On the meta device SDPA is
+    # that already, and the restriction is left out: it is torch's global setting, under which
+    # trials packed into other threads would train, or capture their steps, meanwhile.
+    math_only = sdpa_kernel(SDPBackend.MATH) if images.device.type != "meta" else contextlib.nullcontext()
+    with counter, torch.no_grad(), math_only:
         model(images)
     return counter.get_total_flops()
 
