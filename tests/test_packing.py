@@ -176,6 +176,32 @@ def test_a_capture_waits_for_the_packed_steps_in_flight_and_holds_new_ones_back(
     assert gate.stepping == 0 and gate.waiting == 0
 
 
+def test_no_packed_step_runs_while_a_trial_probes_its_attention_kernel():
+    # The probe allows one SDPA kernel at a time, a process-wide setting: a neighbour stepping (or
+    # capturing) meanwhile would run on it, and a second probe at once would restore it for good.
+    from vit_search.performance import fused_attention_kernel
+
+    seen, done = set(), threading.Event()
+
+    def packed_steps() -> None:
+        while not done.is_set():
+            with CAPTURE_GATE.shared():
+                seen.add(torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+                         and torch.backends.cuda.math_sdp_enabled())
+            time.sleep(0)
+
+    stepper = threading.Thread(target=packed_steps)
+    stepper.start()
+    try:
+        for head_dim in (3, 5, 7, 9, 11, 13):  # shapes not probed before in this process
+            fused_attention_kernel(torch.device("cpu"), torch.float32, head_dim)
+    finally:
+        done.set()
+        stepper.join(30)
+    assert seen == {True}
+    assert CAPTURE_GATE.stepping == 0 and CAPTURE_GATE.waiting == 0
+
+
 def test_every_training_step_holds_the_capture_gate(workdir):
     inside = []
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .train_step import CAPTURE_GATE
+
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, without sparsity) by device name; fp32 runs use the
 # TF32 peak, half of these. A spec's train.peak_tflops overrides the table.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -62,20 +64,22 @@ def fused_attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: i
 
     Runs a tiny attention restricted to each fused backend in turn: a backend that cannot serve
     these shapes, dtype and device raises, so the answer is what torch would pick, not a guess.
-    Once per process for each answer's arguments: the restriction is torch's global setting, which
-    packed trials' attention in other threads would meet while the probe runs.
+    Once per process for each answer's arguments. The restriction is torch's process-wide setting:
+    the probe holds the capture gate alone, so that no packed trial steps or captures under it,
+    and no other probe saves it as the setting to restore.
     """
     candidates = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
     if device.type == "cuda":
         candidates.insert(0, ("cudnn", SDPBackend.CUDNN_ATTENTION))
     q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
-    for name, backend in candidates:
-        try:
-            with sdpa_kernel([backend]), torch.no_grad():
-                F.scaled_dot_product_attention(q, q, q)
-            return name
-        except RuntimeError:
-            continue
+    with CAPTURE_GATE.exclusive():
+        for name, backend in candidates:
+            try:
+                with sdpa_kernel([backend]), torch.no_grad():
+                    F.scaled_dot_product_attention(q, q, q)
+                return name
+            except RuntimeError:
+                continue
     return "math"
 
 

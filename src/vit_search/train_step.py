@@ -68,7 +68,8 @@ class CaptureGate:
 
     @contextlib.contextmanager
     def exclusive(self) -> Any:
-        """Hold while capturing (and while swapping the process's random state for it)."""
+        """Hold while capturing (and while swapping the process's random state for it), or while
+        changing another process-wide setting that a step would read (the SDPA kernels allowed)."""
         me = threading.get_ident()
         with self._changed:
             if self._owner != me:
