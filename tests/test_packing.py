@@ -90,15 +90,21 @@ def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-def test_packing_refuses_a_searched_precision_with_one_line(workdir, cli_here):
+@pytest.mark.parametrize("key, values, why", [
+    ("train.mixed_precision", ["no", "bf16"], "Accelerate keeps one precision per process"),
+    ("train.grad_accum_steps", [1, 2], "Accelerate keeps one gradient accumulation count per process"),
+    ("train.tf32", [True, False], "TF32 matmuls are a process-wide torch setting"),
+])
+def test_packing_refuses_a_searched_process_wide_setting_with_one_line(workdir, cli_here, key, values, why):
     spec_path = workdir / "study.yaml"
-    space = {**study_raw("x")["search"]["space"], "train.mixed_precision": {"choice": ["no", "bf16"]}}
-    raw = study_raw("packed-precision", n_trials=2, space=space)
+    space = {**study_raw("x")["search"]["space"], key: {"choice": values}}
+    raw = study_raw("packed-setting", n_trials=2, space=space)
     spec_path.write_text(yaml.safe_dump(raw))
     result = cli_here("run", str(spec_path), "--trials-per-gpu", "2", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "train.mixed_precision cannot be searched with --trials-per-gpu above 1" in line
+    assert f"{key} cannot be searched with --trials-per-gpu above 1 (packed trials share one process, and {why})" in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["study.yaml"]  # nothing made
 
 
 def test_the_pruners_verdict_on_an_epoch_stops_the_trial_one_epoch_later():

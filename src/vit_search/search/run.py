@@ -172,11 +172,20 @@ def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
     if num_processes > 1:
         raise UserError("--trials-per-gpu packs trials into one process; under accelerate launch each trial already "
                         "spans the launched processes: drop one of the two")
-    if any(d.path == ("train", "mixed_precision") for d in parse_space(spec.search.space)):
-        # Accelerate keeps one precision per process: packed trials share it.
-        raise UserError(f"{spec.locate(('search', 'space'))}: search.space: train.mixed_precision cannot be searched "
-                        f"with --trials-per-gpu above 1 (packed trials share one process's precision); remove it "
-                        f"from the space or pack 1")
+    shared = next((d.path for d in parse_space(spec.search.space) if d.path in _PROCESS_WIDE), None)
+    if shared is not None:
+        key = ".".join(shared)
+        raise UserError(f"{spec.locate(('search', 'space'))}: search.space: {key} cannot be searched with "
+                        f"--trials-per-gpu above 1 (packed trials share one process, and {_PROCESS_WIDE[shared]}); "
+                        f"remove it from the space or pack 1")
+
+
+# Settings that one process holds for all the trials packed into it.
+_PROCESS_WIDE = {
+    ("train", "mixed_precision"): "Accelerate keeps one precision per process",
+    ("train", "grad_accum_steps"): "Accelerate keeps one gradient accumulation count per process",
+    ("train", "tf32"): "TF32 matmuls are a process-wide torch setting",
+}
 
 
 class StoppedAtOnce(KeyboardInterrupt):
