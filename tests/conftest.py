@@ -128,6 +128,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def two_process_launch(*args: str) -> list[str]:
+    """``accelerate launch`` of ``args`` on two processes of this machine (one gloo group on CPUs), on a
+    free port of its own: launches from tests running at once would all take torch's default 29500."""
+    # --multi_gpu selects torchrun's launcher; on a machine without GPUs the processes join one gloo
+    # group (accelerate's --cpu flag alone starts a single process unless MPI is set up).
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+
+
 def start_mlflow_server(root: Path, port: int, artifacts: Path | None = None) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1:``port``, in a process group of its own, over the sqlite store in
     ``root`` (the same store when started again), proxying artifacts to ``artifacts`` (default: a folder in

@@ -24,6 +24,7 @@ from vit_search.data.cache_batches import CachedSplit
 from vit_search.data.loading import _transform
 from vit_search.schema import DataSpec
 
+from conftest import two_process_launch
 from test_data import _fake_mnist
 
 
@@ -220,9 +221,7 @@ def test_two_launched_processes_read_disjoint_shards_of_one_cache(tmp_path):
     script.write_text(SHARDS)
     (tmp_path / "out").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(images), str(tmp_path / "cache"),
-         str(tmp_path / "out")],
+        two_process_launch(str(script), str(images), str(tmp_path / "cache"), str(tmp_path / "out")),
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,6 +26,7 @@ from vit_search.search.study import WORKER, _worker_dead
 from vit_search.spec import load_spec
 from vit_search.train import train
 
+from conftest import two_process_launch
 from test_study import STUDY, study_raw
 
 
@@ -293,9 +294,7 @@ def test_trials_of_a_launched_study_train_on_two_processes_and_report_once(workd
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=3, pruner="successive_halving")))
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=3"],
+        two_process_launch("-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=3"),
         cwd=workdir, env=os.environ.copy(), capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]

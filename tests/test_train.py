@@ -23,6 +23,8 @@ from vit_search.spec import load_spec
 from vit_search.tracking import load_model
 from vit_search.train import TrainingDiverged, train
 
+from conftest import two_process_launch
+
 TINY = {
     "name": "tiny",
     "seed": 3,
@@ -317,10 +319,7 @@ def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdi
     raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3, "peak_tflops": 1.0}}
     spec_path = write_yaml(workdir / "ddp.yaml", raw)
     result = subprocess.run(
-        # --multi_gpu selects torchrun's launcher; on a machine without GPUs the processes join one
-        # gloo group (accelerate's --cpu flag alone starts a single process unless MPI is set up).
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vit_search", "train", str(spec_path)],
+        two_process_launch("-m", "vit_search", "train", str(spec_path)),
         cwd=workdir, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=400,
     )
