@@ -159,8 +159,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     for runner in runners:
         seconds.add(runner.seconds)
     return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
-                        time.perf_counter() - started, sum(r.train_seconds for r in runners), interrupted, stopped,
-                        seconds)
+                        time.perf_counter() - started, seconds.total, interrupted, stopped, seconds)
 
 
 def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
@@ -253,7 +252,6 @@ class TrialRunner:
         self.lines = lines  # print a line per epoch every so often (for logs)
         self.checkpoints = checkpoints  # trial n's go to checkpoints / trial-n
         self.stop = stop  # set: the worker is stopping; the trial in training ends as Ctrl-C would end it
-        self.train_seconds = 0.0
         self.seconds = RunSeconds()  # where this runner's trials spent their train() time
         self.tags = tags or {}  # on every trial's run besides the study's (its packing)
 
@@ -321,14 +319,13 @@ class TrialRunner:
         shown = next((m for m in self.runs.metrics if m not in ("parameters", "flops")), "val_accuracy")
         # The line first: a pruning verdict raises in `reports`.
         on_epoch = both(EpochLines(f"trial {number}", trial_spec.train.epochs, shown) if self.lines else None, reports)
-        started, seconds = time.perf_counter(), RunSeconds()
+        seconds = RunSeconds()
         try:
             result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
                            run_name=trial_run_name(number, values),
                            tags={**self.runs.trial_tags(number, searched), **self.tags},
                            checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop, seconds=seconds)
         finally:
-            self.train_seconds += time.perf_counter() - started
             self.seconds.add(seconds)  # a pruned trial's too: its train() raised
             if reports is not None:
                 reports.close()
