@@ -305,20 +305,6 @@ def _storage(url: str):
     return open_storage(url)
 
 
-@pytest.mark.slow
-def test_two_workers_on_a_real_postgresql_server(workdir, postgres_url):
-    url = postgres_url
-    name = f"pg-{os.getpid()}-{int(time.time())}"
-    spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump({**study_raw(name, n_trials=4, storage=url)}))
-    workers = [worker(spec_path, workdir) for _ in range(2)]
-    for w in workers:
-        finish(w)
-    trials = optuna.load_study(study_name=name, storage=url).get_trials()
-    assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
-    optuna.delete_study(study_name=name, storage=url)
-
-
 def test_a_study_on_a_real_redis_server_runs_its_trials_under_the_redis_lock(workdir, redis_url):
     import redis
 
@@ -388,7 +374,8 @@ def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_lo
     server = _redis_server(folder, port)
     try:
         # Run again, at the spec's 2 epochs (the 6 kept a trial training for the stop): the study resumes.
-        finish(worker(spec_path, workdir))
+        # (In this process: no start-up to pay.)
+        run_search(load_spec(spec_path), progress=False)
         storage = _storage(url)
         trials = optuna.load_study(study_name="lost-storage", storage=storage).get_trials()
     finally:
@@ -429,7 +416,8 @@ def test_a_killed_worker_loses_no_trial_when_the_study_is_resumed(workdir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    finish(worker(spec_path, workdir))  # run again, at the spec's 2 epochs (the 4 kept a trial training for the kill)
+    # Run again, at the spec's 2 epochs (the 4 kept a trial training for the kill); in this process: no start-up.
+    run_search(load_spec(spec_path), progress=False)
     trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
     killed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(killed) == 1 and killed[0].system_attrs[RETRIED]
