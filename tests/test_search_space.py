@@ -515,3 +515,27 @@ def test_cli_run_refuses_counts_below_their_minimum_with_one_line(write_spec, em
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f"error: {message}"]
     assert list(empty_cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "{spec}", "--n-trials", "abc"], "vit-search run: argument --n-trials: invalid int value: 'abc'; "
+                                             "see 'vit-search run --help'"),
+    (["run", "{spec}", "--set"], "vit-search run: argument --set: expected one argument; see 'vit-search run --help'"),
+    (["train"], "vit-search train: the following arguments are required: spec; see 'vit-search train --help'"),
+    (["run", "{spec}", "--timeout", "3"], "vit-search: unrecognized arguments: --timeout 3; see 'vit-search --help'"),
+    (["serve"], "vit-search: argument COMMAND: invalid choice: 'serve' (choose from 'blocks', 'validate', 'summary', "
+                "'train', 'prepare', 'run', 'best', 'ui'); see 'vit-search --help'"),
+    (["run", "{spec}", "--set", "=3"], "--set =3: expected PATH=VALUE, e.g. --set model.depth=6"),
+])
+def test_arguments_the_parser_refuses_are_one_line_naming_the_help_to_read(write_spec, empty_cwd, capsys, monkeypatch,
+                                                                            args, message):
+    from vit_search.cli import main
+
+    monkeypatch.chdir(empty_cwd)  # refused before any work: in this process
+    path = str(write_spec(study_text("model.depth: {int: [1, 3]}\n")))
+    try:
+        code = main([path if arg == "{spec}" else arg for arg in args])
+    except SystemExit as exit_:  # argparse leaves through sys.exit, as the program then does
+        code = exit_.code
+    assert code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert list(empty_cwd.iterdir()) == []

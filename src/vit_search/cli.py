@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from .errors import RunFailed, UserError
 from .registry import KINDS
@@ -20,6 +20,14 @@ EXIT_BAD_INPUT = 2
 
 class BadInput(UserError):
     """A bad command-line argument: printed as one line, exit code 2, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, refusing in one line as every other bad input is (argparse's own prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with what argparse found wrong and where the usage is."""
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -529,7 +537,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vit-search",
         description="Search Vision Transformer architectures and hyperparameters from YAML specs.",
     )

@@ -103,7 +103,7 @@ def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
 # -- loading ------------------------------------------------------------------------------------
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"model.depth=6"`` -> (["model", "depth"], 6); the value is read as YAML."""
-    if "=" not in item:
+    if "=" not in item or not item.split("=", 1)[0].strip():
         raise SpecError([f"--set {item}: expected PATH=VALUE, e.g. --set model.depth=6"])
     path, value = item.split("=", 1)
     try:
