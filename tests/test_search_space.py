@@ -344,6 +344,10 @@ def test_check_space_points_at_an_enqueued_key_outside_the_space(write_spec):
     path, problems = check(write_spec, text)
     assert problems == [f"{path}:{line_of(text, 'model.dpth')}: search.enqueue.1: 'model.dpth' is not a key of "
                         f"search.space; did you mean 'model.depth'?"]
+    text = study_text("{}\n", "enqueue:\n  - model.depth: 2\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'model.depth: 2')}: search.enqueue.0: 'model.depth' is not a key of "
+                        f"search.space; search.space is empty: add it there, or leave it out here"]
 
 
 def test_check_space_reports_malformed_entries_at_their_line_one_each(write_spec):

@@ -164,6 +164,15 @@ def test_bad_override_is_located_at_the_set_flag(write_spec):
     assert line.startswith("--set model.deph=3: model.deph: unknown key 'deph'; did you mean 'depth'?")
 
 
+def test_a_problem_inside_a_section_an_override_replaced_is_located_at_the_override(write_spec):
+    # The file's data section says dataset on line 2; the override replaced the whole section.
+    (line,) = problems(GOOD, write_spec, ["data={dataset: image_folder}"])
+    assert line.startswith("--set data={dataset: image_folder}: data.dataset: Input should be ")
+    (line,) = problems(GOOD.replace("image_size: 16", "image_size: 15"), write_spec, ["data.dataset=digits"])
+    assert line.endswith("spec.yaml:6: model.patch_embed (conv): image size 15x15 is not divisible by patch size 4x4; "
+                         "change data.image_size or patch_size so that each side divides evenly")  # the file's line
+
+
 def test_cli_bad_spec_exits_2_with_one_line_and_creates_nothing(write_spec, cli, tmp_path):
     path = write_spec(GOOD.replace("ratio: 2", "ratoi: 2"))
     before = sorted(p.name for p in tmp_path.iterdir())

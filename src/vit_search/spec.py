@@ -45,12 +45,12 @@ class _Locator:
         for key, item in self.overrides.items():
             if key[: len(path)] == path and path:  # an override inside the failing field
                 return f"--set {item}"
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.overrides:
-                return f"--set {self.overrides[path[:n]]}"
-            if path[:n] in self.lines:
-                return f"{self.source}:{self.lines[path[:n]]}"
-        return self.source
+        # An override of the field or of a section above it replaced what the file says there.
+        overridden = next((path[:n] for n in range(len(path), 0, -1) if path[:n] in self.overrides), None)
+        if overridden is not None:
+            return f"--set {self.overrides[overridden]}"
+        line = next((self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines), None)
+        return self.source if line is None else f"{self.source}:{line}"
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:

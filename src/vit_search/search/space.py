@@ -292,7 +292,9 @@ def check_space(spec: Any) -> list[str]:
     for i, values in enumerate(spec.search.enqueue):
         for name in values:
             if name not in spec.search.space:
-                hint = did_you_mean(name, list(spec.search.space)) or f"; keys: {', '.join(spec.search.space)}"
+                keys = list(spec.search.space)
+                hint = did_you_mean(name, keys) or (f"; keys: {', '.join(keys)}" if keys else
+                                                    "; search.space is empty: add it there, or leave it out here")
                 problems.append(f"{spec.locate(('search', 'enqueue', str(i), str(name)))}: search.enqueue.{i}: "
                                 f"'{name}' is not a key of search.space{hint}")
                 break
