@@ -120,12 +120,29 @@ def cli_here(capsys, monkeypatch):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing holds right now, drawn below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` lies in that range, from which the kernel also gives every client socket and
+    every listener without a port of its own (gloo's, in a launch beside ours) theirs: one of them
+    could take it before the server meant to bind it does. The likely cause of a launched study's
+    rank that once aborted in the suite while its process group was being made.
+    """
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default
+    for _ in range(200):
+        port = random.randrange(10000, max(ephemeral, 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between 10000 and {ephemeral}")
 
 
 def two_process_launch(*args: str) -> list[str]:
