@@ -124,8 +124,7 @@ def free_port() -> int:
 
     A port from ``bind(0)`` lies in that range, from which the kernel also gives every client socket and
     every listener without a port of its own (gloo's, in a launch beside ours) theirs: one of them
-    could take it before the server meant to bind it does. The likely cause of a launched study's
-    rank that once aborted in the suite while its process group was being made.
+    could take it in the seconds before the server meant to bind it (which starts Python first) does.
     """
     import random
     import socket
@@ -147,11 +146,13 @@ def free_port() -> int:
 
 def two_process_launch(*args: str) -> list[str]:
     """``accelerate launch`` of ``args`` on two processes of this machine (one gloo group on CPUs), on a
-    free port of its own: launches from tests running at once would all take torch's default 29500."""
+    port of its own: launches from tests running at once would all take torch's default 29500. Port 0
+    lets torchrun pick one and bind it at once; one picked here would stay free for the seconds the
+    launcher takes to import, and something else could take it meanwhile."""
     # --multi_gpu selects torchrun's launcher; on a machine without GPUs the processes join one gloo
     # group (accelerate's --cpu flag alone starts a single process unless MPI is set up).
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-            "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+            "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
 
 
 def start_mlflow_server(root: Path, port: int, artifacts: Path | None = None) -> subprocess.Popen:
