@@ -217,7 +217,8 @@ def test_an_exited_but_unreaped_worker_counts_as_dead():
 def test_device_options_fall_back_cleanly_on_cpu_and_metrics_are_logged(workdir):
     raw = {**STUDY, "name": "devices", "tracking": {"experiment": "devices"}}
     raw.pop("search")
-    spec = load_spec(raw, ["train.epochs=1", "train.mixed_precision=auto", "train.compile=false",
+    # train.cpu: on the CPU where a GPU is as well, so that this holds on a GPU machine too
+    spec = load_spec(raw, ["train.epochs=1", "train.mixed_precision=auto", "train.compile=false", "train.cpu=true",
                            "train.fused_optimizer=true", "train.tf32=true", "train.peak_tflops=0.5"])
     result = train(spec)
     run = MlflowClient().get_run(result.run_id)
