@@ -598,6 +598,15 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(w
     assert "cannot write checkpoints in" in line and "--checkpoint-dir" in line
 
 
+
+def test_a_study_whose_checkpoint_folder_cannot_be_written_is_refused_before_anything_is_made(workdir, in_process):
+    (workdir / "a-file").write_text("")
+    spec = write(workdir / "spec.yaml", study_raw("unwritable-checkpoints", n_trials=1))
+    code, line = in_process("run", str(spec), "--checkpoint-dir", str(workdir / "a-file" / "sub"))
+    assert code == 2 and "cannot write checkpoints in" in line and "--checkpoint-dir" in line, line
+    assert sorted(p.name for p in workdir.iterdir()) == ["a-file", "spec.yaml"]  # no study
+    assert MlflowClient().get_experiment_by_name("unwritable-checkpoints") is None
+
 # -- secrets ---------------------------------------------------------------------------------------
 SECRET = "s3cretPW"
 

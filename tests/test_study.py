@@ -222,6 +222,46 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
     assert not client.list_artifacts(parent.info.run_id, "plots")
 
 
+@register("head", "test_nan_when_evaluated_head")
+class NanWhenEvaluatedHead:
+    """A head that trains as a linear one and gives NaN logits in evaluation: a finite loss in
+    training, a non-finite validation loss."""
+
+    def __new__(cls, dim: int, num_classes: int):
+        import torch
+
+        class Head(torch.nn.Linear):
+            def forward(self, x):
+                logits = super().forward(x)
+                return logits if self.training else torch.full_like(logits, float("nan"))
+
+        return Head(dim, num_classes)
+
+
+def test_a_non_finite_objective_fails_its_trial_which_is_not_retried_and_the_study_goes_on(workdir):
+    raw = study_raw("non-finite", n_trials=2, metric="val_loss", space={
+        "model.head.type": {"choice": ["linear", "test_nan_when_evaluated_head"]}},
+        enqueue=[{"model.head.type": "test_nan_when_evaluated_head"}, {"model.head.type": "linear"}])
+    trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # nothing queued again
+    assert trials[0].user_attrs["error"] == "objective is not finite: [nan]"
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("non-finite").experiment_id],
+                                filter_string="tags.`optuna.trial_number` = '0'")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "objective is not finite: [nan]"
+
+
+def test_a_study_with_tracking_disabled_makes_no_mlflow_store_and_no_run(tmp_path, monkeypatch):
+    store = tmp_path / "store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path)
+    raw = {**study_raw("untracked", n_trials=2), "tracking": {"enabled": False}}
+    trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert not store.parent.exists() and not (tmp_path / "mlruns").exists()
+    assert not [t for t in trials if "mlflow_run_id" in t.user_attrs]
+
+
 def test_a_study_whose_every_trial_failed_exits_1_saying_so(workdir, capsys):
     from vit_search.cli import main
 

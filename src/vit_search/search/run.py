@@ -331,7 +331,8 @@ class TrialRunner:
                 reports.close()
         for name, value in result.metrics.items():
             trial.set_user_attr(name, value)
-        trial.set_user_attr("mlflow_run_id", result.run_id)
+        if result.run_id is not None:  # None: tracking.enabled is false
+            trial.set_user_attr("mlflow_run_id", result.run_id)
         return objective_values(self.spec, result.metrics, result.parameters, result.flops)
 
 

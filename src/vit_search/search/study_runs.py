@@ -180,7 +180,9 @@ class StudyRuns:
             self.client.log_batch(run.info.run_id, tags=tags)
             if frozen.state == TrialState.PRUNED:
                 self.client.set_terminated(run.info.run_id, "KILLED")
-            elif frozen.state == TrialState.FAIL and run.info.status == "RUNNING":  # its worker died, or left it mid-step
+            elif frozen.state == TrialState.FAIL and run.info.status in ("RUNNING", "FINISHED"):
+                # RUNNING: its worker died, or left it mid-step. FINISHED: training ended, then the trial
+                # failed (a non-finite objective).
                 stopped = str(frozen.user_attrs.get("error", "")).startswith("interrupted")
                 self.client.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
 
