@@ -107,3 +107,34 @@ def test_trial_runs_are_named_with_their_values_and_score_and_the_parent_holds_a
     best = result.study.best_trial
     assert "2 complete, 0 pruned, 0 failed" in note
     assert f"| 1 | [trial {best.number}](#/experiments/{experiment}/runs/{children[best.number].info.run_id}) |" in note
+
+
+@pytest.mark.parametrize("state, values, ending", [
+    (optuna.trial.TrialState.COMPLETE, [0.986111, 1234567.0], " · val_accuracy 0.9861 · flops 1.235e+06"),
+    (optuna.trial.TrialState.PRUNED, None, " · pruned"),
+    (optuna.trial.TrialState.FAIL, None, " · failed"),
+])
+def test_a_trial_run_name_shows_block_types_under_the_block_and_floats_to_3_digits_then_how_it_ended(state, values,
+                                                                                                         ending):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from vit_search.search.leaderboard import score_of, trial_run_name
+
+    params = {"model.depth": 6, "model.pooling.type": "cls", "train.lr": 0.0031415}
+    frozen = optuna.trial.create_trial(
+        state=state, values=values, params=params,
+        distributions={"model.depth": IntDistribution(1, 12), "model.pooling.type": CategoricalDistribution(["cls", "mean"]),
+                       "train.lr": FloatDistribution(1e-4, 1e-2, log=True)})
+    name = trial_run_name(7, frozen.params, score_of(frozen, ["val_accuracy", "flops"]))
+    assert name == "trial 7 · depth 6 · pooling cls · lr 0.00314" + ending
+
+
+def test_the_top_table_of_a_multi_objective_study_is_sorted_by_its_first_objective():
+    from vit_search.search.report import top_table
+
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="two-objectives")
+    for values in [(0.5, 10.0), (0.9, 30.0), (0.7, 5.0), (0.1, 1.0)]:
+        study.add_trial(optuna.trial.create_trial(values=list(values), user_attrs={"test_accuracy": values[0]}))
+    rows = top_table(study).splitlines()[3:]
+    assert [row.split()[0] for row in rows] == ["1", "2", "0", "3"]  # val first, best first; not the Pareto order
+    assert rows[0].split()[1:3] == ["0.9000,", "30.0000"]

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
+from .leaderboard import ranked
 from .study import trial_spec
 
 
@@ -30,9 +31,7 @@ def best_spec(spec: Spec, study: optuna.Study) -> Spec:
 
 def top_table(study: optuna.Study, limit: int = 10) -> str:
     """The top trials by the first objective, as aligned text."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    reverse = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    complete.sort(key=lambda t: t.values[0], reverse=reverse)
+    complete = ranked(study)
     states = {s: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
     header = (f"study '{study.study_name}': {states[TrialState.COMPLETE]} complete, "
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed")
