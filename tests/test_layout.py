@@ -14,7 +14,7 @@ import pytest
 from vit_search.data.sources import DATASETS
 from vit_search.init_sources import INIT_KEYS, INIT_SOURCES
 from vit_search.registry import KINDS, REGISTRY
-from vit_search.schema import DataSpec, InitSpec, ModelSpec, SearchSpec, Spec
+from vit_search.schema import AugmentSpec, DataSpec, InitSpec, ModelSpec, SearchSpec, Spec, TrackingSpec, TrainSpec
 from vit_search.search.samplers import PRUNERS, SAMPLERS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vit_search"
@@ -198,3 +198,50 @@ def test_commands_that_leave_nothing_open_skip_the_teardown_and_lose_no_output(c
     assert (entry.returncode, entry.stdout) == (main.returncode, main.stdout) and (main.stdout or main.returncode == 2)
     assert entry.stderr.replace("torn down\n", "") == main.stderr.replace("torn down\n", "")
     assert ("torn down" in entry.stderr) is torn_down and "torn down" in main.stderr
+
+
+def _documented_defaults() -> list[tuple[str, str, str]]:
+    """(section heading, key, default as written) for every row of docs/spec.md's key tables whose
+    default is a literal value in backticks."""
+    import re
+
+    rows, section = [], None
+    for line in (DOCS / "spec.md").read_text().splitlines():
+        if line.startswith("## ") or line.startswith("### "):
+            section = line.lstrip("#").strip()
+        match = re.match(r"\| `([\w.]+)` \| [^|]+ \| `([^`]+)` \|", line)
+        if match and section in _SECTIONS:
+            rows.append((section, *match.groups()))
+    return rows
+
+
+_SECTIONS = {"Top level": Spec, "data": DataSpec, "data.augment": AugmentSpec, "model": ModelSpec,
+             "train": TrainSpec, "search": SearchSpec, "tracking": TrackingSpec}
+
+
+def _default(section: type, key: str):
+    """The schema's default of a (dotted) key, as plain JSON-like data."""
+    import json
+
+    model, *rest = key.split(".")
+    field = section.model_fields[model]
+    value = field.get_default(call_default_factory=True)
+    if rest:
+        return _default(type(value), ".".join(rest))
+    value = value.model_dump(exclude_defaults=True) if hasattr(value, "model_dump") else value
+    return json.loads(json.dumps(value, default=str))
+
+
+def test_every_default_docs_spec_md_gives_is_the_schemas():
+    import yaml
+
+    def same(text: str, default) -> bool:
+        written = yaml.safe_load(text)  # YAML 1.1 reads 1e-6 as text; the schema takes it as the float
+        return written == default or (isinstance(default, float) and isinstance(written, str)
+                                      and float(written) == default)
+
+    rows = _documented_defaults()
+    assert len(rows) > 60  # the tables were read
+    wrong = [f"{section}: {key}: docs `{text}`, schema {_default(_SECTIONS[section], key)!r}"
+             for section, key, text in rows if not same(text, _default(_SECTIONS[section], key))]
+    assert not wrong, wrong
