@@ -460,6 +460,20 @@ def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdi
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingOutOfMemory: out of memory")
 
 
+def test_a_trial_out_of_memory_fails_in_one_line_and_the_next_trial_trains_in_the_memory_it_let_go(workdir):
+    # Under the same 6 GB cap: trial 0's 13 GB attention weight fails; trial 1 then trains in what it let go.
+    raw = study_raw("oom-study", n_trials=2, space={"model.dim": {"choice": [16, 32768]}},
+                    enqueue=[{"model.dim": 32768}, {"model.dim": 16}])
+    result = bounded_cli("run", str(write(workdir / "spec.yaml", raw)), cwd=workdir)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="oom-study", storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # not retried: it would fail again
+    assert trials[0].user_attrs["error"].startswith("TrainingOutOfMemory: out of memory on cpu: ")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("oom-study").experiment_id],
+                              filter_string="tags.`optuna.trial_number` = '0'")
+    assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["error"] == trials[0].user_attrs["error"]
+
 def _wait_until_trial_0_trains(proc: subprocess.Popen, client: MlflowClient, experiment: str,
                                timeout: float = 240) -> None:
     """Poll until trial 0's MLflow run has an epoch's metrics (its run started, its spec.yaml stored)."""
