@@ -180,6 +180,8 @@ def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
             break
     workers = [int(t.system_attrs[WORKER].rsplit(":", 1)[1]) for t in trials]
     proc.send_signal(signal.SIGTERM)  # as a scheduler or `timeout` sends it: to the command alone, which passes it on
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # docs/search.md: a second SIGTERM changes nothing (unlike a second Ctrl-C)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "retried by the others" not in err
