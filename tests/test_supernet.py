@@ -98,6 +98,21 @@ def test_a_supernet_study_ranked_by_train_loss_is_one_line_and_exit_2(cli_here, 
     assert len(lines) == 1 and "search.metric: train_loss" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("heads, end, impossible", [
+    ([4, 6], "its largest subnet (depth 2, dim 32, attention.heads 6, ffn.ratio 2)", 6),
+    ([3, 4], "the supernet (depth 2, dim 32, attention.heads 3, ffn.ratio 2)", 3),  # attention's capacity: fewest heads
+])
+def test_validate_refuses_a_space_whose_supernet_or_largest_or_smallest_subnet_cannot_exist(cli_here, write_spec,
+                                                                                            heads, end, impossible):
+    raw = spec_raw("no-ends")
+    raw["search"]["space"] = {"model.dim": {"choice": [24, 32]}, "model.attention.heads": {"choice": heads}}
+    result = cli_here("validate", write_spec(yaml.safe_dump(raw, sort_keys=False)))
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.endswith(f": search.space: {end} cannot exist, and the sandwich rule trains it at every step: dim 32 "
+                         f"is not divisible by heads {impossible}; choose heads that divide dim")
+
+
 def test_dry_run_of_a_supernet_study_shows_the_subnets_phase_2_would_draw(cli_here, write_spec):
     result = cli_here("run", str(write_spec(yaml.safe_dump(SPEC))), "--dry-run", "3")
     assert result.returncode == 0, result.stderr
@@ -128,6 +143,29 @@ def test_the_sandwich_step_trains_the_largest_the_smallest_and_random_subnets_on
     # Weights only the largest subnet has (its second layer's wider FFN units) moved too.
     assert not torch.equal(before["blocks.1.ffn.fc1.weight"][32:], after["blocks.1.ffn.fc1.weight"][32:])
     assert model.active_depth == 2 and model.blocks[0].attn.sample["heads"] == 4  # left as the largest
+
+
+def test_the_sandwich_step_skips_subnets_that_cannot_exist():
+    # docs/plugins.md: a block raises ValueError for a subnet that cannot exist (heads that do not divide
+    # dim); the subnet is then skipped. Width 32 with 3 heads is drawn here, and cannot exist.
+    from accelerate import Accelerator
+
+    raw = {**SPEC, "search": {**SPEC["search"], "space": {**SPEC["search"]["space"], "model.dim": {"choice": [24, 32, 48]},
+                                                            "model.attention.heads": {"choice": [3, 4]}}}}
+    spec = load_spec(raw)
+    space = SupernetSpace.of(spec)
+    draw = SubnetDraw(space, seed=0, random_subnets=6)
+    drawn = [m for n in range(10) for m in draw.subnets(n, lambda m: True)]
+    impossible = [m for m in drawn if m.model_dump()["attention"]["heads"] == 3 and m.dim == 32]
+    model = build_vit(supernet_spec(spec, space))
+    with pytest.raises(ValueError):
+        set_subnet(model, impossible[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = SandwichStep(SubnetDraw(space, seed=0, random_subnets=6), model, optimizer, scheduler,
+                        torch.nn.CrossEntropyLoss(), None, Accelerator(cpu=True))
+    for _ in range(10):  # the same steps' draws as above: each meets the impossible subnet and goes on
+        assert torch.isfinite(step(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])))
 
 
 def test_phase_1_trains_the_supernet_through_train_with_a_sandwich_step(workdir):

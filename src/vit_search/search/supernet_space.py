@@ -129,7 +129,36 @@ def check_supernet_space(spec: Spec) -> list[str]:
         reason = _refusal(key, base, max_depth)
         if reason:
             problems.append(f"{where('search', 'space', key)}: search.space.{key}: {reason}")
+    if not problems:
+        problems = [f"{where('search', 'space')}: search.space: {reason}" for reason in [_ends_problem(spec)] if reason]
     return problems
+
+
+def _ends_problem(spec: Spec) -> str | None:
+    """Why the supernet, or its largest or smallest subnet, cannot exist (None: they can). Other
+    subnets that cannot exist are skipped; these three are trained at every step."""
+    import torch
+
+    from ..model.elastic import set_subnet
+    from ..model.vit import build_vit
+
+    space = SupernetSpace.of(spec)
+    ends = (("the supernet", space.capacity()), ("its largest subnet", space.extreme(True)),
+            ("its smallest subnet", space.extreme(False)))
+    with torch.device("meta"):  # no memory, no arithmetic
+        supernet = None
+        for label, values in ends:
+            model = space.model(values)
+            try:
+                if supernet is None:
+                    supernet = build_vit(model)
+                else:
+                    set_subnet(supernet, model)
+            except ValueError as err:
+                message = str(err).split(": ", 1)[-1] if str(err).startswith("model.") else str(err)
+                return (f"{label} ({describe_subnet(model)}) cannot exist, and the sandwich rule trains it at every "
+                        f"step: {message}")
+    return None
 
 
 def _refusal(key: str, base: Mapping[str, Any], max_depth: int) -> str | None:
