@@ -285,6 +285,23 @@ def test_cifar_from_python_pickles(tmp_path, dataset, cls):
     assert torch.equal((data.test.images * 255).round().byte(), expected)  # channel-major rows, as documented
 
 
+def test_torchvision_sets_live_in_vit_search_data_else_in_the_home_cache(tmp_path, monkeypatch):
+    from vit_search.data.sources import default_root
+
+    monkeypatch.setenv("VIT_SEARCH_DATA", str(tmp_path / "sets"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_root() == tmp_path / "sets"
+    arrays = _fake_mnist(tmp_path / "sets", "MNIST")  # data.root unset: read from $VIT_SEARCH_DATA
+    data = load_data(spec(dataset="mnist", image_size=28, normalize=False), seed=0)
+    assert torch.equal((data.test.images[:, 0] * 255).round().byte(), torch.from_numpy(arrays["t10k"]))
+    monkeypatch.delenv("VIT_SEARCH_DATA")
+    home_cache = tmp_path / "home" / ".cache" / "vit-search" / "data"
+    assert default_root() == home_cache
+    with pytest.raises(DataError) as err:  # the files in $VIT_SEARCH_DATA are no longer where it looks
+        load_data(spec(dataset="mnist"), seed=0)
+    assert f"data files not found in {home_cache / 'MNIST' / 'raw'} " in str(err.value)
+
+
 @pytest.mark.parametrize("dataset, expected", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
 def test_missing_files_error_names_the_expected_place(tmp_path, dataset, expected):
     with pytest.raises(DataError) as err:
@@ -356,6 +373,39 @@ def test_images_that_cannot_be_decoded_are_all_named_in_one_line_and_no_cache_is
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` RGB pixels (its one IDAT chunk is empty)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_past_three_images_that_cannot_be_decoded_the_line_says_how_many_more_and_a_decompression_bomb_is_one(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_SEARCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "images"
+    _pngs(folder, {"cat": 6, "dog": 6})
+    bomb = folder / "cat" / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))  # 1e10 pixels: past PIL's limit, whatever the file's size
+    with pytest.raises(Image.DecompressionBombError) as pil:
+        Image.open(bomb)
+    cut, notes = _spoil(folder)
+    (folder / "dog" / "empty.png").write_bytes(b"")
+    (folder / "dog" / "text.png").write_text("hello")
+    with pytest.raises(DataError) as caught:
+        load_data(spec(dataset="imagefolder", root=str(folder), image_size=8), seed=0)
+    (line,) = str(caught.value).splitlines()
+    # In the folder's order: cat/bomb, cat/cut, dog/empty; then dog/notes and dog/text are counted, not named.
+    assert line == (f"cannot decode 5 images: {bomb} ({pil.value}); {cut} (image file is truncated); "
+                    f"{folder / 'dog' / 'empty.png'} (cannot identify image file) and 2 more; "
+                    f"remove or replace the files, then run again")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_an_image_that_cannot_be_decoded_in_a_dataloader_worker_is_one_line_naming_it(tmp_path):
     _pngs(tmp_path, {"cat": 6, "dog": 6})
     cut, _ = _spoil(tmp_path)
@@ -374,3 +424,29 @@ def test_imagefolder_rejects_unknown_val_classes(tmp_path):
     _pngs(tmp_path / "val", {"zebra": 1})
     with pytest.raises(DataError, match="zebra"):
         load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
+
+
+def test_an_imagefolder_root_without_class_folders_is_an_error_at_data(tmp_path, write_spec):
+    from vit_search.spec import SpecError, load_spec
+
+    flat = tmp_path / "flat"
+    _pngs(tmp_path, {"flat": 3})  # images straight in the root: no class folder holds them
+    path = write_spec(f"name: t\nseed: 0\ndata: {{dataset: imagefolder, root: {flat}, image_size: 16}}\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert raised.value.problems == [f"{path}:3: data: data.root '{flat}' has no class folders; "
+                                     f"imagefolder expects root/<class>/<image>"]
+    _pngs(flat, {"cat": 2, "dog": 2})
+    assert load_spec(path).model.num_classes == 2  # with class folders the same spec loads
+
+
+def test_an_imagefolder_without_data_root_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_SEARCH_CACHE", str(tmp_path / "cache"))
+    _pngs(tmp_path / "here", {"cat": 5, "dog": 5, "owl": 5})
+    monkeypatch.chdir(tmp_path / "here")
+    data = load_data(spec(dataset="imagefolder", image_size=8), seed=0)
+    assert data.classes == ["cat", "dog", "owl"] and len(data.train) + len(data.val) + len(data.test) == 15
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(ValueError, match="data.root '.' has no class folders"):
+        spec(dataset="imagefolder")

@@ -66,6 +66,15 @@ def test_set_overrides_values_as_yaml(write_spec):
     assert spec.model.depth == 6 and spec.model.attention["type"] == "einsum" and spec.train.lr == 0.01
 
 
+def test_set_creates_the_mappings_missing_on_its_path(write_spec):
+    path = write_spec("name: bare\n")  # no data, tracking or search section
+    spec = load_spec(path, ["tracking.experiment=x", "data.augment.hflip=true", "search.space={}",
+                            "search.n_trials=3"])
+    assert spec.tracking.experiment == "x" and spec.data.augment.hflip is True and spec.search.n_trials == 3
+    assert spec.raw == {"name": "bare", "tracking": {"experiment": "x"}, "data": {"augment": {"hflip": True}},
+                        "search": {"space": {}, "n_trials": 3}}
+
+
 def test_set_given_twice_keeps_the_last_and_a_preset_block_of_another_type_takes_its_defaults(write_spec):
     spec = load_spec(write_spec("name: p\nmodel: {preset: vit_ti_16, attention: {type: einsum}}\n"),
                      ["model.depth=3", "model.depth=5"])
@@ -135,6 +144,15 @@ def test_unknown_block_argument_names_the_block(write_spec):
 def test_dim_not_divisible_by_heads(write_spec):
     (line,) = problems(GOOD.replace("heads: 4", "heads: 5"), write_spec)
     assert "spec.yaml:7:" in line and "dim 32 is not divisible by heads 5" in line
+
+
+def test_sincos2d_position_with_dim_not_divisible_by_4_is_one_error_at_the_position_block(write_spec):
+    text = GOOD.replace("dim: 32", "dim: 30").replace("heads: 4", "heads: 3").replace(
+        "  attention:", "  position: {type: sincos2d}\n  attention:")
+    (line,) = problems(text, write_spec)
+    assert line.endswith("spec.yaml:7: model.position (sincos2d): sincos2d needs dim divisible by 4, got 30")
+    assert load_spec(write_spec(text.replace("sincos2d", "learned"))).model.dim == 30  # only sincos2d needs it
+    assert load_spec(write_spec(text.replace("dim: 30", "dim: 36"))).model.position == {"type": "sincos2d"}
 
 
 def test_image_size_not_divisible_by_patch_size(write_spec):
