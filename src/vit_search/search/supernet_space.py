@@ -129,8 +129,9 @@ def check_supernet_space(spec: Spec) -> list[str]:
         reason = _refusal(key, base, max_depth)
         if reason:
             problems.append(f"{where('search', 'space', key)}: search.space.{key}: {reason}")
-    if not problems:
-        problems = [f"{where('search', 'space')}: search.space: {reason}" for reason in [_ends_problem(spec)] if reason]
+    ends = None if problems else _ends_problem(spec)
+    if ends:
+        problems.append(f"{where('search', 'space')}: search.space: {ends}")
     return problems
 
 
