@@ -110,8 +110,8 @@ def test_study_logs_a_parent_run_with_one_child_per_trial(workdir):
 def test_a_multi_objective_study_prunes_nothing_and_logs_its_pareto_front(workdir, capsys):
     from vit_search.cli import main
 
-    raw = study_raw("pareto", n_trials=3, metric=["val_accuracy", "parameters"], direction=["maximize", "minimize"],
-                    pruner="median")
+    raw = study_raw("pareto", plots=True, n_trials=3, metric=["val_accuracy", "parameters"],
+                    direction=["maximize", "minimize"], pruner="median")
     (workdir / "spec.yaml").write_text(yaml.safe_dump(raw))
     result = run_search(load_spec(raw), progress=False)
     study = result.study
@@ -123,6 +123,7 @@ def test_a_multi_objective_study_prunes_nothing_and_logs_its_pareto_front(workdi
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags.get("pareto_front", str(front[0])) == ",".join(map(str, front))  # tagged when 2 or more
     assert parent.data.tags["best_trial"] == str(front[0])
+    assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert main(["best", "spec.yaml", "--export", "best.yaml"]) == 0  # the first trial of the front
     exported = yaml.safe_load((workdir / "best.yaml").read_text())
     assert exported["model"]["depth"] == study.trials[front[0]].params["model.depth"]
