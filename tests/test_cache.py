@@ -167,6 +167,32 @@ def test_a_killed_build_leaves_nothing_complete_and_is_redone(tmp_path):
     assert data.cache.parts["train"].read(np.arange(10)).shape == (10, 3, 12, 12)
 
 
+@pytest.mark.slow
+def test_a_builder_that_finds_the_lock_held_says_it_waits_and_builds_when_the_holder_dies(tmp_path):
+    images = folder_of_images(tmp_path / "images", {"a": 5, "b": 5})
+    env = {**os.environ, "VIT_SEARCH_CACHE": str(tmp_path / "cache")}
+    holder = subprocess.Popen([sys.executable, "-c", HANG, str(images)], env=env, stdout=subprocess.PIPE, text=True)
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "written"  # it holds the lock until it dies
+        waiter = subprocess.Popen([sys.executable, "-c", BUILD, str(images)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        said = []
+        while not said or "waiting for another process to build the decoded cache" not in said[-1]:
+            line = waiter.stderr.readline()
+            assert line, f"the waiter ended without saying it waits: {''.join(said)[-2000:]}"
+            said.append(line)
+        assert waiter.poll() is None  # it waits, it does not build beside the holder
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, err[-2000:]
+    assert "decoding 10 images" in err  # the holder's half-built folder is not taken for a cache
+    (folder,) = cache_folders(tmp_path / "cache")
+    assert out.strip() == str(folder) and not [p for p in (tmp_path / "cache").iterdir() if ".building-" in p.name]
+
+
 def test_a_changed_source_rebuilds_the_cache_in_place(tmp_path):
     images = folder_of_images(tmp_path / "images", {"a": 4, "b": 4})
     spec = folder_spec(images, cache=str(tmp_path / "cache"))

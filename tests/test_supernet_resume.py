@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from vit_search.search.study import PARENT_RUN, RETRIED
-from vit_search.search.supernet import LOGGED, TRAINED
+from vit_search.search.supernet import LOGGED, OWNER, TRAINED
 
 SPEC = {
     "seed": 0,
@@ -181,3 +181,32 @@ def test_a_worker_killed_in_phase_2_has_its_subnet_retried_and_nothing_lost_or_s
     assert parent.info.status == "FINISHED" and parent.data.metrics["subnets_scored"] == len(complete)
     runs = client.search_runs([parent.info.experiment_id])
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_supernet_study_train_it_once_and_share_the_scores_and_finalists(workdir):
+    path, storage = write(workdir, "shared", epochs=2, n_subnets=24, finalists=2)
+    proc = subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", "2", "--quiet"], cwd=workdir,
+                          env=os.environ, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attrs = study_attrs(storage, "shared")
+    assert attrs[TRAINED] == str((workdir / "runs" / "shared" / "supernet" / "checkpoint.pt").resolve())
+    assert attrs[OWNER]  # one worker owned phase 1; the other waited for it
+    client = MlflowClient()
+    parent = client.get_run(attrs[PARENT_RUN])
+    assert parent.info.status == "FINISHED"
+    # Trained once: one value per epoch in the parent run's curve (a second training would log each again).
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "train_loss")) == [0, 1]
+
+    scored = optuna.load_study(study_name="shared:subnets", storage=storage).get_trials()
+    assert len(scored) == 24 and all(t.state == TrialState.COMPLETE for t in scored), \
+        [(t.number, t.state, t.user_attrs.get("error")) for t in scored]
+    points = [tuple(sorted(t.params.items())) for t in scored]
+    assert len(set(points)) == len(points)  # the two workers drew no subnet twice
+    finalists = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert [t.state for t in finalists] == [TrialState.COMPLETE] * 2
+    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "subnets.csv"))
+                                            .read_text())))
+    assert sorted(int(row["trial"]) for row in table) == list(range(24))
+    runs = client.search_runs([parent.info.experiment_id])
+    assert not [r for r in runs if r.info.status != "FINISHED"]
