@@ -11,7 +11,8 @@ from torch import nn
 
 from vit_search.errors import WeightsError
 from vit_search.model import build_model, build_vit, from_timm, resample_position_embedding
-from vit_search.model.pretrained import OFFLINE_ENV, init_report
+from vit_search.model.pretrained import init_report
+from vit_search.model.weight_sources import OFFLINE_ENV
 from vit_search.spec import SpecError, load_spec
 
 # A small source model: width 48 is none of the paper's, so a bare state dict of it needs the spec's heads.

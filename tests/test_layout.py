@@ -32,7 +32,7 @@ def test_the_schema_takes_samplers_pruners_and_data_sets_from_their_tables():
 
 
 def test_every_init_source_in_the_table_is_in_the_schema_has_a_reader_and_a_valid_example():
-    from vit_search.model.pretrained import READERS
+    from vit_search.model.weight_sources import READERS
 
     assert allowed(InitSpec, "source") == set(INIT_SOURCES) == set(READERS)
     for name, source in INIT_SOURCES.items():

@@ -1,8 +1,8 @@
 """Where a model's starting weights can come from (``model.init: {from: ...}``): one table, which the
-spec schema takes its names and keys from and :mod:`vit_search.model.pretrained` implements.
+spec schema takes its names and keys from and :mod:`vit_search.model.weight_sources` reads.
 
 Nothing here imports torch: a spec's init section is checked for its keys before any weights are read.
-Adding a source is an entry here and its reader in :mod:`vit_search.model.pretrained`.
+Adding a source is an entry here and its readers in :mod:`vit_search.model.weight_sources`.
 """
 
 from __future__ import annotations

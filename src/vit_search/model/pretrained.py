@@ -6,7 +6,8 @@ depth, heads, patch size, pooling, position type...) without reading the weights
 without the network: a torchvision or timm model is built on the meta device, a file's tensors are
 mapped, not read, and an MLflow run gives its logged spec. When the model is built, :func:`fetch`
 reads the tensors, downloading torchvision and timm weights into torch's cache where they are
-missing (unless ``VIT_SEARCH_OFFLINE`` is set), and :func:`load_init_weights` copies them in.
+missing (unless ``VIT_SEARCH_OFFLINE`` is set), and :func:`load_init_weights` copies them in. Each
+source's two readers are in :mod:`vit_search.model.weight_sources`.
 
 What a spec may set on top of the weights: the image size (a learned position embedding is
 resampled to the new patch grid), the number of classes (a new head, initialised as usual), the
@@ -20,56 +21,23 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from ..init_sources import INIT_SOURCES
-from ..presets import HEADS_BY_DIM
 from ..registry import KINDS
 from ..schema import InitSpec, ModelSpec, with_preset
-from ..sizes import pair
-from .resample import adapt_input_channels, resample_position_embedding, square_grid
-from .timm_weights import convert_timm_state, timm_module_facts
+from .resample import adapt_input_channels, resample_position_embedding
 from .vit import VisionTransformer, build_on_meta, build_vit
-from .weights import _model_section_from_state_dict, convert_torchvision_state, torchvision_module_facts
+from .weight_sources import FREE_ARGS, OFFLINE_ENV, READERS, Weights, hub_checkpoints
 
-OFFLINE_ENV = "VIT_SEARCH_OFFLINE"
-"""Set to 1 to never download weights: a source that is not cached is an error saying where to put it."""
-
-# Keys the data decides (the weights are fitted to them), and keys only training reads.
-DATA_KEYS = ("image_size", "in_channels", "num_classes")
-TRAINING_ONLY = ("drop_path_rate", "pos_dropout")
-# Block arguments that no weight depends on: dropouts, and the spread of a fresh initialisation.
-FREE_ARGS = ("attn_dropout", "proj_dropout", "dropout", "std")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 # Where a parameter's name points in the model section, for naming the key that does not fit.
 _PART_KEYS = {"patch_embed": "patch_embed", "pos_embed": "position", "pool": "pooling", "head": "head",
               "attn": "attention", "ffn": "ffn"}
-
-
-@dataclass(frozen=True)
-class Weights:
-    """What a source's weights fix about the model, read without reading the weights."""
-
-    section: dict[str, Any]  # model keys the weights fix, in our spec's terms (no data keys)
-    in_channels: int
-    num_classes: int
-    grid: tuple[int, int] | None  # the learned position embedding's patch grid (None: none, or unknown)
-    shapes: dict[str, tuple[int, ...]] = field(repr=False)  # our parameter name -> shape
-    origin: str  # where they come from, for people: "timm vit_small_patch16_224 (cached at ...)"
-
-
-@dataclass(frozen=True)
-class _Reader:
-    """How one init source is described (offline) and fetched (tensors under our names)."""
-
-    describe: Callable[[InitSpec, int | None], Weights]
-    fetch: Callable[[InitSpec, int | None], dict[str, Tensor]]
 
 
 # -- the model section: composed from the weights and the spec ------------------------------------------
@@ -179,7 +147,7 @@ def _spec_key(name: str) -> str | None:
     return _PART_KEYS.get(part)
 
 
-# -- describing and fetching ------------------------------------------------------------------------------
+# -- describing and fetching, once per source and version ---------------------------------------------------
 def describe(init: InitSpec, heads: int | None = None) -> Weights:
     """What ``init``'s weights fix about the model (offline; read once per source and file version).
     ``heads``: the spec's, used where the weights do not record them. Raises WeightsError."""
@@ -218,359 +186,8 @@ def _version(init: InitSpec) -> Any:
             return stat.st_size, stat.st_mtime_ns
         except OSError:
             return None
-    folders = (_hub_checkpoints(), _hub_checkpoints() / "timm")
+    folders = (hub_checkpoints(), hub_checkpoints() / "timm")
     return tuple(folder.stat().st_mtime_ns if folder.is_dir() else None for folder in folders), os.environ.get(OFFLINE_ENV)
-
-
-def _offline() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _heads_for(dim: int, heads: int | None) -> int:
-    """The heads of a state dict of width ``dim``: the spec's, else the paper's for that width."""
-    found = heads or HEADS_BY_DIM.get(dim)
-    if found is None:
-        raise WeightsError(f"the weights do not record the number of heads, and width {dim} is none of the "
-                           f"paper's ({', '.join(map(str, sorted(HEADS_BY_DIM)))}); set model.attention.heads")
-    return found
-
-
-def _weights(section: dict[str, Any], state: Mapping[str, Tensor], origin: str) -> Weights:
-    """A :class:`Weights` from a full model section (data keys included) and our state dict."""
-    section = dict(section)
-    image_size, in_channels, num_classes = (section.pop(key, None) for key in DATA_KEYS)
-    grid = None
-    if "pos_embed.weight" in state:
-        patch = pair(section["patch_embed"].get("patch_size", 16))
-        grid = (pair(image_size)[0] // patch[0], pair(image_size)[1] // patch[1]) if image_size else None
-    for key in TRAINING_ONLY + ("preset", "init"):
-        section.pop(key, None)
-    for kind in KINDS:
-        if isinstance(section.get(kind), dict):  # arguments left at None say nothing about the weights
-            section[kind] = {k: v for k, v in section[kind].items() if k not in FREE_ARGS and v is not None}
-    ffn = section.get("ffn")
-    if isinstance(ffn, dict) and ffn.get("type") == "mlp" and ffn.get("hidden_dim"):
-        if ffn["hidden_dim"] % section["dim"] == 0:  # written as the ratio, as specs usually write it
-            ffn["ratio"] = float(ffn.pop("hidden_dim") // section["dim"])
-    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    return Weights(section, int(in_channels), int(num_classes), grid, shapes, origin)
-
-
-def _hub_checkpoints() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _cached(path: Path) -> str:
-    return f"cached at {path}" if path.is_file() else f"not cached: downloaded on first use into {path}"
-
-
-# torchvision ---------------------------------------------------------------------------------------------
-def _torchvision_member(init: InitSpec) -> Any:
-    import torchvision
-
-    vits = sorted(n for n in torchvision.models.list_models(torchvision.models) if n.startswith("vit_"))
-    if init.name not in vits:
-        raise WeightsError(f"torchvision has no ViT '{init.name}'; its ViTs: {', '.join(vits)}")
-    enum = torchvision.models.get_model_weights(init.name)
-    if init.weights not in enum.__members__:
-        raise WeightsError(f"torchvision {init.name} has no weights '{init.weights}'; it has: "
-                           f"{', '.join(enum.__members__)}")
-    return enum[init.weights]
-
-
-def _torchvision_file(member: Any) -> Path:
-    return _hub_checkpoints() / os.path.basename(member.url)
-
-
-def _describe_torchvision(init: InitSpec, heads: int | None) -> Weights:
-    import torchvision
-
-    member = _torchvision_member(init)
-    with torch.device("meta"):  # the architecture without its weights: no memory, no download
-        module = torchvision.models.get_model_builder(init.name)(
-            weights=None, image_size=member.meta["min_size"][0], num_classes=len(member.meta["categories"]))
-    module_heads, norm_eps = torchvision_module_facts(module)
-    state = module.state_dict()
-    section = _model_section_from_state_dict(state, module_heads, norm_eps)
-    origin = f"torchvision {init.name} {member} ({_cached(_torchvision_file(member))})"
-    return _weights(section, convert_torchvision_state(state), origin)
-
-
-def _fetch_torchvision(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
-    member = _torchvision_member(init)
-    path = _torchvision_file(member)
-    if not path.is_file():
-        _download(member.url, path)
-    return convert_torchvision_state(_load_file(path))
-
-
-def _download(url: str, path: Path) -> None:
-    """``url`` into ``path`` (torch's cache), its hash checked as torch.hub does; WeightsError when it cannot."""
-    where = f"put the file at {path} (download it from {url} on a machine with a network)"
-    if _offline():
-        raise WeightsError(f"the weights are not cached and {OFFLINE_ENV} is set: {where}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hashed = torch.hub.HASH_REGEX.search(path.name)  # torchvision's file names end in their hash's prefix
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=hashed.group(1) if hashed else None)
-    except Exception as err:  # no network, a proxy, a full disk, a bad hash: one line, and the way out
-        raise WeightsError(f"cannot download {url} ({type(err).__name__}: {err}); {where}") from None
-
-
-# timm ----------------------------------------------------------------------------------------------------
-def _timm() -> Any:
-    try:
-        import timm
-    except ImportError:
-        raise WeightsError("from timm needs timm: pip install 'vit-search[timm]' (or give the weights file to "
-                           "from: file, which does not)") from None
-    return timm
-
-
-_TIMM_SUFFIXES = (".safetensors", ".pth")  # Hugging Face's format, torch's
-
-
-def _timm_files(name: str) -> list[Path]:
-    """Where a timm model's weights may be put by hand: torch's cache, under timm/<name> (any of the suffixes)."""
-    return [_hub_checkpoints() / "timm" / f"{name}{suffix}" for suffix in _TIMM_SUFFIXES]
-
-
-def _timm_url(timm: Any, name: str) -> str:
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is not None and cfg.hf_hub_id:
-        return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{cfg.hf_hub_filename or 'model.safetensors'}"
-    return getattr(cfg, "url", None) or "timm's model card"
-
-
-def _timm_module(timm: Any, name: str, **kwargs: Any) -> Any:
-    try:
-        return timm.create_model(name, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" not in str(err):
-            raise
-        known = timm.list_models("vit_*") + timm.list_models("deit_*")
-        from ..registry import did_you_mean
-
-        raise WeightsError(f"timm has no model '{name}'{did_you_mean(name, known) or ''}; "
-                           f"see timm.list_models('vit_*', pretrained=True)") from None
-
-
-def _describe_timm(init: InitSpec, heads: int | None) -> Weights:
-    timm = _timm()
-    with torch.device("meta"):
-        module = _timm_module(timm, init.name, pretrained=False)
-    section, ours = convert_timm_state(module.state_dict(), timm_module_facts(module))
-    cached = next((path for path in _timm_files(init.name) if path.is_file()), None)
-    where = f"cached at {cached}" if cached else "not cached: downloaded through timm on first use"
-    return _weights(section, ours, f"timm {init.name} ({where})")
-
-
-def _fetch_timm(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
-    timm = _timm()
-    files = _timm_files(init.name)
-    cached = next((path for path in files if path.is_file()), None)
-    if cached is not None:
-        # timm reads the file and filters it as it does its own downloads (the tag's custom loader
-        # is for Google's .npz files, which this file is not).
-        overlay = {"file": str(cached), "custom_load": False}
-        try:
-            module = _timm_module(timm, init.name, pretrained=True, pretrained_cfg_overlay=overlay)
-        except WeightsError:
-            raise
-        except Exception as err:
-            raise WeightsError(f"{cached}: timm cannot load it as {init.name}'s weights: {type(err).__name__}: "
-                               f"{_first_line(err)}") from None
-    else:
-        where = f"put the file at {files[0]} (download it from {_timm_url(timm, init.name)})"
-        if _offline():
-            raise WeightsError(f"the timm weights {init.name} are not cached and {OFFLINE_ENV} is set: {where}")
-        try:
-            module = _timm_module(timm, init.name, pretrained=True)
-        except WeightsError:
-            raise
-        except Exception as err:
-            raise WeightsError(f"cannot download the timm weights {init.name} ({type(err).__name__}: "
-                               f"{_first_line(err)}); {where}") from None
-    _, ours = convert_timm_state(module.state_dict(), timm_module_facts(module))
-    return ours
-
-
-# file ----------------------------------------------------------------------------------------------------
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]
-
-
-def _load_file(path: Path, shapes_only: bool = False) -> Any:
-    """A weights file as torch.load(weights_only=True) reads it (mapped, not read, where the format
-    allows), or a safetensors file; WeightsError for anything else."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file (a relative path is read from the spec's folder)")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as handle:
-                if shapes_only:
-                    return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
-                return {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as err:
-            raise WeightsError(f"{path}: not a safetensors file: {_first_line(err)}") from None
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format maps not
-    except Exception as err:
-        raise WeightsError(f"{path}: not a weights file that torch.load(weights_only=True) reads: "
-                           f"{_first_line(err)}") from None
-
-
-def _unwrap(content: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(the state dict, the vit-search model section it records, if any) of a loaded file."""
-    recorded = None
-    if isinstance(content, Mapping):
-        if isinstance(content.get("model_spec"), Mapping):  # `vit-search train`'s checkpoint records its model
-            recorded = dict(content["model_spec"])
-        for wrapper in ("model", "state_dict"):
-            if isinstance(content.get(wrapper), Mapping):
-                content = content[wrapper]
-                break
-    if not isinstance(content, Mapping) or not content or not all(isinstance(v, Tensor) for v in content.values()):
-        raise WeightsError(f"{path}: holds no state dict (a mapping of names to tensors, bare or under 'model' "
-                           f"or 'state_dict')")
-    return dict(content), recorded
-
-
-def _format(state: Mapping[str, Tensor]) -> str:
-    """Which library's names a state dict uses: torchvision, timm or vit-search (ours)."""
-    if "conv_proj.weight" in state or any(key.startswith("encoder.layers.") for key in state):
-        return "torchvision"
-    if any(key in state for key in ("pos_embed.weight", "pool.cls_token", "head.fc.weight")) or any(
-            ".ffn." in key for key in state):
-        return "vit-search"
-    if "patch_embed.proj.weight" in state and any(".mlp." in key for key in state):
-        return "timm"
-    keys = ", ".join(list(state)[:3])
-    raise WeightsError(f"not a torchvision, timm or vit-search ViT state dict (its keys begin {keys})")
-
-
-def _read_file(init: InitSpec, heads: int | None, shapes_only: bool) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """(full model section, our state dict, what the file is: "timm state dict", ...) of a weights file."""
-    path = Path(init.path)
-    state, recorded = _unwrap(_load_file(path, shapes_only), path)
-    try:
-        kind = _format(state)
-        if kind == "torchvision":
-            dim = state["conv_proj.weight"].shape[0] if "conv_proj.weight" in state else 0
-            section = _model_section_from_state_dict(state, _heads_for(dim, heads), None)
-            return section, convert_torchvision_state(state), "torchvision state dict"
-        if kind == "timm":
-            dim = state["patch_embed.proj.weight"].shape[0]
-            return (*convert_timm_state(state, {"heads": _heads_for(dim, heads)}), "timm state dict")
-        if recorded is not None:
-            return _checked_record(recorded, "the model section it records"), state, "vit-search checkpoint"
-        return _our_section(state, heads), state, "vit-search state dict"
-    except WeightsError as err:
-        raise WeightsError(f"{path}: {err}") from None
-
-
-def _our_section(state: Mapping[str, Tensor], heads: int | None) -> dict[str, Any]:
-    """The model section of a bare vit-search state dict, as far as its names and shapes fix it."""
-    for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.ffn.fc2.weight", "head.fc.weight"):
-        if key not in state:
-            raise WeightsError(f"the vit-search state dict has no '{key}'")
-    patch = state["patch_embed.proj.weight"]
-    if patch.dim() != 4:
-        raise WeightsError("a state dict with linear patches does not record the patch size; use the checkpoint "
-                           "`vit-search train` writes (runs/NAME/checkpoint.pt), which records its model, or from: mlflow")
-    dim, in_channels, patch_h, patch_w = patch.shape
-    fc1, hidden = state["blocks.0.ffn.fc1.weight"].shape[0], state["blocks.0.ffn.fc2.weight"].shape[1]
-    prefix = 1 if "pool.cls_token" in state else 0
-    section: dict[str, Any] = {
-        "dim": dim,
-        "depth": len({key.split(".")[1] for key in state if key.startswith("blocks.")}),
-        "patch_embed": {"type": "conv", "patch_size": patch_h if patch_h == patch_w else [patch_h, patch_w]},
-        "attention": {"type": "sdpa", "heads": _heads_for(dim, heads), "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-                      "qk_norm": "blocks.0.attn.q_norm.weight" in state},
-        "ffn": {"type": "swiglu" if fc1 == 2 * hidden else "mlp", "hidden_dim": hidden},
-        "pooling": {"type": "cls" if prefix else "mean"},
-        "head": {"type": "linear", "norm": "head.norm.weight" in state},
-        "in_channels": in_channels,
-        "num_classes": state["head.fc.weight"].shape[0],
-        "layer_scale": 1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value only initialises
-    }
-    if "pos_embed.weight" in state:  # otherwise sincos2d or none: no weights, so the spec's choice
-        rows, cols = square_grid(state["pos_embed.weight"].shape[1] - prefix)
-        section["position"] = {"type": "learned"}
-        section["image_size"] = rows * patch_h if patch_h == patch_w else [rows * patch_h, cols * patch_w]
-    return section
-
-
-def _describe_file(init: InitSpec, heads: int | None) -> Weights:
-    section, state, what = _read_file(init, heads, shapes_only=True)
-    return _weights(section, state, f"file {init.path} ({what})")
-
-
-def _fetch_file(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
-    return _read_file(init, heads, shapes_only=False)[1]
-
-
-def _checked_record(recorded: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """A recorded vit-search model section, validated (its own init dropped: these weights replace it)."""
-    raw = {key: value for key, value in recorded.items() if key != "init"}
-    try:
-        return ModelSpec.model_validate(raw).model_dump(mode="json", by_alias=True, exclude={"init"})
-    except ValueError as err:
-        raise WeightsError(f"{what} is not a valid model section here: {_first_line(err)}") from None
-
-
-# mlflow --------------------------------------------------------------------------------------------------
-def _mlflow_artifact(init: InitSpec, name: str, folder: str) -> Path:
-    import mlflow
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=init.run, artifact_path=f"model/{name}", dst_path=folder,
-                                                        tracking_uri=init.uri))
-    except Exception as err:
-        store = init.uri or mlflow.get_tracking_uri()
-        raise WeightsError(f"MLflow run '{init.run}' in {store}: no logged model/{name} ({type(err).__name__}: "
-                           f"{_first_line(err)}); was tracking.log_model off, or is the run in another store "
-                           f"(model.init.uri, MLFLOW_TRACKING_URI)?") from None
-
-
-def _describe_mlflow(init: InitSpec, heads: int | None) -> Weights:
-    import tempfile
-
-    import yaml
-
-    with tempfile.TemporaryDirectory() as folder:
-        logged = yaml.safe_load(_mlflow_artifact(init, "spec.yaml", folder).read_text())
-    model = logged.get("model") if isinstance(logged, Mapping) else None
-    if not isinstance(model, Mapping):
-        raise WeightsError(f"MLflow run '{init.run}': its model/spec.yaml has no model section")
-    recorded = _checked_record(model, f"MLflow run '{init.run}': its logged model")
-    shapes = build_on_meta(ModelSpec.model_validate(recorded)).state_dict()
-    return _weights(recorded, shapes, f"mlflow run {init.run} ({init.uri or 'the default tracking store'})")
-
-
-def _fetch_mlflow(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = _mlflow_artifact(init, "state_dict.pt", folder)
-        state, _ = _unwrap(_load_file(path), path)
-        return {name: tensor.clone() for name, tensor in state.items()}  # not mapped: the file goes
-
-
-READERS: dict[str, _Reader] = {
-    "torchvision": _Reader(_describe_torchvision, _fetch_torchvision),
-    "timm": _Reader(_describe_timm, _fetch_timm),
-    "file": _Reader(_describe_file, _fetch_file),
-    "mlflow": _Reader(_describe_mlflow, _fetch_mlflow),
-}
-assert set(READERS) == set(INIT_SOURCES), "every init source in the table needs its reader here"
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -666,5 +283,5 @@ def init_report(spec: ModelSpec) -> str | None:
     return "; ".join(notes)
 
 
-__all__ = ["OFFLINE_ENV", "READERS", "Weights", "build_model", "describe", "fetch", "fit_problems", "fit_state",
+__all__ = ["build_model", "describe", "fetch", "fit_problems", "fit_state",
            "heads_written", "init_report", "load_init_weights", "merge_onto_weights", "prepare"]
