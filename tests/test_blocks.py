@@ -205,6 +205,56 @@ def test_a_models_cost_is_counted_once_and_again_when_a_block_name_gets_another_
     assert params == one[0] + 2 * (32 * 32 + 32) and flops == one[1] + 2 * 2 * 17 * 32 * 32  # 16 patches + cls
 
 
+class _ReadsValues(torch.nn.Module):
+    """An FFN whose forward reads a value back to the host (research code does): no meta tensor holds one."""
+
+    def __init__(self, dim: int, fail: bool = False):
+        super().__init__()
+        self.fc, self.fail = torch.nn.Linear(dim, dim), fail
+
+    def forward(self, tokens):
+        if self.fail and float(tokens.detach().abs().amax()) >= 0:
+            raise ValueError("this block always fails")
+        return self.fc(tokens) if float(tokens.detach().abs().amax()) < 1e30 else tokens
+
+
+def test_a_block_that_reads_values_is_counted_and_summarized_on_the_cpu_without_touching_the_seed(
+        write_spec, cli_here):
+    from vit_search.model.cost import _FLOPS, flop_count, model_cost
+    from vit_search.model.vit import build_vit
+    from vit_search.registry import REGISTRY, register
+    from vit_search.schema import ModelSpec
+
+    register("ffn", "test_reads_values")(_ReadsValues)
+    try:
+        section = ModelSpec(dim=16, depth=1, image_size=8, in_channels=1, num_classes=10,  # the digits spec below
+                            patch_embed={"type": "conv", "patch_size": 4}, attention={"type": "sdpa", "heads": 2},
+                            ffn={"type": "test_reads_values"})
+        _FLOPS.clear()
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        parameters, flops = model_cost(section)
+        assert torch.equal(torch.rand(3), expected)  # built on the CPU to count: the seeded draws go on as before
+        on_cpu = build_vit(section).eval()
+        assert (parameters, flops) == (sum(p.numel() for p in on_cpu.parameters()),
+                                       flop_count(on_cpu, torch.zeros(1, 1, 8, 8)))
+        path = write_spec("""
+            name: reads
+            data: {dataset: digits, image_size: 8}
+            model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 4}, attention: {type: sdpa, heads: 2},
+                    ffn: {type: test_reads_values}}
+        """)
+        said = cli_here("summary", path)
+        assert said.returncode == 0 and f"forward FLOPs per image: {flops:,}" in said.stdout, said.stderr
+        register("ffn", "test_reads_values", override=True)(lambda dim: _ReadsValues(dim, fail=True))
+        said = cli_here("summary", path)
+        assert said.returncode == 2 and said.stderr.strip().splitlines() == [
+            "error: model: its forward pass fails on one image: ValueError: this block always fails"], said.stderr
+    finally:
+        REGISTRY._blocks["ffn"].pop("test_reads_values", None)
+
+
 def test_counting_a_models_flops_on_the_meta_device_counts_its_attention_and_leaves_sdpa_alone():
     import threading
 

@@ -134,9 +134,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Print the model's per-stage table, parameters and FLOPs."""
-    import torch
-
-    from .model import build_vit
     from .model.summary import summarize
 
     spec = _load(args)
@@ -146,9 +143,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         from .model.pretrained import init_report
 
         print(f"weights: {init_report(spec.model)}")
-    with torch.device("meta"):  # shapes, parameters and FLOPs need no weights
-        model = build_vit(spec)
-    print(summarize(model).table())
+    print(summarize(spec.model).table())
     return 0
 
 

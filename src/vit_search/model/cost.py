@@ -1,17 +1,27 @@
-"""What a model costs: parameters and forward FLOPs per image, counted on the meta device."""
+"""What a model costs: parameters and forward FLOPs per image, counted on the meta device.
+
+A block whose forward reads a value back to the host (``.item()``, ``float(tensor)``, ``if
+tensor.any():``) cannot run there: meta tensors hold no values. Such a model is counted on the CPU
+instead, built there with one image of zeros (:func:`run_one_image`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import UserError
 from ..schema import ModelSpec
 from ..sizes import pair
-from .vit import build_vit, count_parameters
+from .vit import VisionTransformer, build_vit, count_parameters
+
+T = TypeVar("T")
+MAX_CPU_FALLBACK_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights, built only to count a forward pass
 
 
 def flop_count(model: nn.Module, images: torch.Tensor) -> int:
@@ -27,6 +37,40 @@ def flop_count(model: nn.Module, images: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tensor], T]) -> T:
+    """``use(built, images)`` on the model of ``model`` in eval mode and one image of zeros: on the meta
+    device (no memory, no arithmetic), or on the CPU where a block's forward reads values, which
+    meta tensors do not hold. Raises UserError when the forward pass fails on the CPU too."""
+    with torch.device("meta"):
+        built = build_vit(model).eval()
+    shape = (1, model.in_channels, *pair(model.image_size))
+    try:
+        return use(built, torch.zeros(shape, device="meta"))
+    except Exception:
+        parameters = count_parameters(built)
+    if parameters > MAX_CPU_FALLBACK_PARAMETERS:
+        raise UserError(f"model: its forward pass does not run on the meta device (a block reads values back: "
+                        f".item(), float(tensor)), and at {parameters:,} parameters it is too large to run once "
+                        f"on the CPU instead; make the blocks' forward free of such reads")
+    # Building initialises weights from the global generator: the caller's seeded draws stay as they were.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        built = build_vit(model).eval()
+    try:
+        with _one_at_a_time():
+            return use(built, torch.zeros(shape))
+    except Exception as err:
+        line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"model: its forward pass fails on one image: {type(err).__name__}: {line}") from None
+
+
+def _one_at_a_time() -> contextlib.AbstractContextManager:
+    """While a forward pass on the CPU runs with SDPA's math kernel alone (torch's process-wide
+    setting, see :func:`flop_count`), trials packed into other threads do not step or capture."""
+    from ..train_step import CAPTURE_GATE
+
+    return CAPTURE_GATE.exclusive()
+
+
 def model_cost(model: ModelSpec) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of a model section, built on the meta device: no memory,
     no arithmetic, so a ViT-H costs what a ViT-Ti does.
@@ -36,13 +80,13 @@ def model_cost(model: ModelSpec) -> tuple[int, int]:
     (a search checks each trial's size, then trains it; trials often differ only in training keys)."""
     with torch.device("meta"):
         built = build_vit(model).eval()
-        key = (model.model_dump_json(), frozenset(type(module) for module in built.modules()))
-        flops = _FLOPS.get(key)
-        if flops is None:
-            flops = flop_count(built, torch.empty(1, model.in_channels, *pair(model.image_size)))
-            if len(_FLOPS) >= _FLOPS_KEPT:
-                _FLOPS.pop(next(iter(_FLOPS)), None)  # the oldest
-            _FLOPS[key] = flops
+    key = (model.model_dump_json(), frozenset(type(module) for module in built.modules()))
+    flops = _FLOPS.get(key)
+    if flops is None:
+        flops = run_one_image(model, flop_count)
+        if len(_FLOPS) >= _FLOPS_KEPT:
+            _FLOPS.pop(next(iter(_FLOPS)), None)  # the oldest
+        _FLOPS[key] = flops
     return count_parameters(built), flops
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sizes import pair
-from .cost import flop_count
+from ..schema import ModelSpec
+from .cost import flop_count, run_one_image
 from .vit import VisionTransformer, count_parameters
 
 
@@ -41,24 +41,24 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(model: VisionTransformer) -> Summary:
-    """Run one image through ``model`` (on its device: the meta device gives shapes without arithmetic)
-    and record each stage."""
-    device = next(model.parameters()).device
-    images = torch.zeros(1, model.in_channels, *pair(model.image_size), device=device)
-    stages = model.stages()
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-        for name, module in stages
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        flops = flop_count(model, images)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    rows = [Stage(name, shapes[name], count_parameters(module)) for name, module in stages]
-    return Summary(rows, count_parameters(model), flops)
+def summarize(model: ModelSpec) -> Summary:
+    """Run one image through the model of ``model`` (on the meta device: shapes without arithmetic;
+    on the CPU where a block reads values, see :func:`~vit_search.model.cost.run_one_image`) and
+    record each stage."""
+
+    def record(built: VisionTransformer, images: torch.Tensor) -> Summary:
+        stages = built.stages()
+        shapes: dict[str, tuple[int, ...]] = {}
+        hooks = [
+            module.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+            for name, module in stages
+        ]
+        try:
+            flops = flop_count(built, images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        rows = [Stage(name, shapes[name], count_parameters(module)) for name, module in stages]
+        return Summary(rows, count_parameters(built), flops)
+
+    return run_one_image(model, record)
