@@ -284,6 +284,36 @@ def test_a_password_is_masked_wherever_a_message_repeats_its_url():
                                    "password '***' refused for someone"
 
 
+def test_a_password_with_a_slash_or_an_at_sign_is_masked_as_the_driver_reads_it():
+    from vit_search.redaction import redact, redact_in
+
+    # SQLAlchemy reads a password up to the first '@' of the part before the host; '/' is part of it.
+    assert redact("postgresql://user:pa/hunter2@127.0.0.1/test") == "postgresql://user:***@127.0.0.1/test"
+    url = "postgresql://user:pa@hunter2@127.0.0.1/test"
+    assert redact(url) == "postgresql://user:***@127.0.0.1/test"
+    # ... and the driver then names the rest as the host: that piece is hidden too.
+    assert "hunter2" not in redact_in(f"failed to resolve host 'hunter2@127.0.0.1' for {url}", url)
+    assert redact("sqlite:////tmp/a@b/optuna.db") == "sqlite:////tmp/a@b/optuna.db"  # an '@' in a path: no password
+
+
+@pytest.mark.parametrize("override", ["search.storag=postgresql://user:s3cret@127.0.0.1/test",
+                                      "search.storage=[postgresql://user:s3cret@127.0.0.1/test]",
+                                      "tracking.uri={u: 'http://u:s3cret@127.0.0.1:5000'}"])
+def test_a_refused_override_that_repeats_a_password_shows_it_masked(workdir, cli_here, override):
+    spec = write(workdir / "spec.yaml", study_raw("masked"))
+    said = cli_here("validate", spec, "--set", override)
+    assert said.returncode == 2 and len(said.stderr.splitlines()) == 1 and said.stderr.startswith("error: ")
+    assert "s3cret" not in said.stderr and ":***@127.0.0.1" in said.stderr
+
+
+def test_a_key_with_a_newline_in_it_is_still_one_error_line(workdir, cli_here):
+    spec = workdir / "spec.yaml"
+    spec.write_text('name: x\n"mo\\ndel\\nerror: fake": 1\n')
+    said = cli_here("validate", spec)
+    assert said.returncode == 2 and said.stderr.count("\n") == 1, said.stderr
+    assert "mo\\ndel\\nerror: fake" in said.stderr  # shown escaped, as YAML wrote it
+
+
 def test_a_damaged_mlflow_db_is_one_line_and_nothing_is_created(workdir, in_process):
     raw = study_raw("mlflow-damaged")
     raw["search"]["storage"] = "sqlite:///optuna.db"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from .errors import RunFailed, UserError
+from .redaction import scrub
 from .registry import KINDS
 from .stopping import Terminated, exit_code, sigterm_interrupts, trials_left_behind
 
@@ -27,7 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Exit 2 with what argparse found wrong and where the usage is."""
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {scrub(f'{self.prog}: {message}')}; see '{self.prog} --help'\n")
+
+
+def _say_error(message: object) -> None:
+    """``error: MESSAGE`` on stderr, as one line with no password in it, whatever the message repeats
+    of the input (a --set, a key with a newline in it, a URL refused)."""
+    print(f"error: {scrub(str(message))}", file=sys.stderr)
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
                        progress=not args.quiet)
     except TrainingFailed as err:  # diverged, or a checkpoint that could not be written
-        print(f"error: {err}", file=sys.stderr)
+        _say_error(err)
         return 1
     from accelerate import PartialState
 
@@ -267,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     failed = all_failed(result.study, result.trials_run)
     if result.stopped:  # the tracking server went away, the data cannot be read: one line, its trial queued again
-        print(f"error: {result.stopped}", file=sys.stderr)
+        _say_error(result.stopped)
         return result.stopped.exit_code
     if args.worker:  # one of --jobs: the parent prints the study's table
         print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
@@ -275,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return exit_code() if result.interrupted else 1 if failed else 0
     print(top_table(result.study))
     if failed and not result.interrupted:
-        print(f"error: {failed}", file=sys.stderr)
+        _say_error(failed)
         return 1
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training: {result.seconds.summary()}); storage {redact(result.storage)}")
@@ -609,13 +616,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SpecError as err:
         for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            _say_error(problem)
         return EXIT_BAD_INPUT
     except UserError as err:  # registry, data, weights, storage, arguments
-        print(f"error: {err}", file=sys.stderr)
+        _say_error(err)
         return EXIT_BAD_INPUT
     except RunFailed as err:  # started, then could not go on: a database gone, a diverged run, a full disk
-        print(f"error: {err}", file=sys.stderr)
+        _say_error(err)
         return 1
     except KeyboardInterrupt as err:
         print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import re
 
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|sslpassword)=)[^&]*")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|sslpassword)=)[^&\s'\"]*")
+# A URL inside free text (an error message that repeats a --set or a value it refused): it ends at
+# white space or a quote, as it does when a message quotes it.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# Control characters would split one error line into several (or fake one); shown escaped instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _userinfo(rest: str) -> tuple[str, str, str] | None:
+    """(user, password, the rest from the host on) of the part of a URL after ``://``, or None.
+
+    The password runs to the last ``@`` before the query: a password with ``/`` or ``@`` in it
+    (not escaped, as it should be) is still the password, and SQLAlchemy reads everything up to
+    the first of those ``@`` as one, the host from there on."""
+    authority = rest.split("?", 1)[0]
+    if "@" not in authority:
+        return None
+    userinfo, host = rest[:authority.rindex("@")], rest[authority.rindex("@") + 1:]
+    user, colon, password = userinfo.partition(":")
+    if not colon or "/" in user:  # no password, or an '@' in a path (sqlite:////tmp/a@b/x.db)
+        return None
+    return user, password, host
 
 
 def redact(url: str) -> str:
@@ -12,25 +33,37 @@ def redact(url: str) -> str:
     message, tag, artifact and log line shows of a storage."""
     if "://" in url:
         scheme, rest = url.split("://", 1)
-        netloc, slash, path = rest.partition("/")
-        if "@" in netloc:  # user:password@host; the password may hold '@' or ':' itself
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-        url = f"{scheme}://{netloc}{slash}{path}"
+        parts = _userinfo(rest)
+        if parts is not None:
+            url = f"{scheme}://{parts[0]}:***@{parts[2]}"
     return _SECRET_QUERY.sub(r"\1***", url)
+
+
+def _secrets(url: str) -> set[str]:
+    """The password of ``url`` as written and unescaped, and the pieces of it a driver may repeat
+    (it reads a password with an '@' only up to that '@', and the rest as the host)."""
+    from urllib.parse import unquote
+
+    parts = _userinfo(url.split("://", 1)[1]) if "://" in url else None
+    if parts is None or not parts[1]:
+        return set()
+    password = parts[1]
+    found = {password, unquote(password)}
+    found |= {piece for piece in re.split(r"[@/:]", password) if len(piece) >= 3}
+    return found
 
 
 def redact_in(text: str, url: str) -> str:
     """``text`` (a driver's or MLflow's message about ``url``) with the URL as :func:`redact` shows it,
     and its password nowhere else either."""
-    from urllib.parse import unquote, urlsplit
-
     text = text.replace(url, redact(url))
-    try:
-        password = urlsplit(url).password
-    except ValueError:  # a port that is no number: the URL is shown redacted above, nothing more to find
-        password = None
-    for secret in {password, unquote(password or "")} - {None, ""}:
+    for secret in sorted(_secrets(url), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def scrub(line: str) -> str:
+    """A line for the terminal: every URL in it redacted, and control characters (a newline in a key
+    or a value it repeats) escaped, so that one error stays one line."""
+    line = _URL_IN_TEXT.sub(lambda match: redact_in(match.group(0), match.group(0)), line)
+    return _CONTROL.sub(lambda match: repr(match.group(0))[1:-1], line)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from ..redaction import scrub
 from ..schema import Spec
 from ..spec import load_spec
 from ..stopping import Terminated
@@ -433,6 +434,6 @@ def worker_loop(
 def _set_error(trial: optuna.Trial, message: str) -> None:
     """Record why a trial failed, unless it is finished already (failed by another worker)."""
     try:
-        trial.set_user_attr("error", message)
+        trial.set_user_attr("error", scrub(message))  # kept in the storage and the run's tags: no password
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         pass
