@@ -121,3 +121,21 @@ def test_a_pruned_or_failed_trials_line_says_where_it_stood_and_why(monkeypatch)
     assert EpochLines("run", 10).every == 60  # a line a minute, unless set
     monkeypatch.setenv("VIT_SEARCH_LOG_SECONDS", "0")
     assert EpochLines("run", 10).every == 0
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan", "inf"])
+def test_a_log_interval_that_is_no_number_of_seconds_is_one_line_before_anything_runs(tmp_path, cli_here, value):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ndata: {dataset: digits, image_size: 8}\n")
+    said = cli_here("train", spec, cwd=tmp_path, env={"VIT_SEARCH_LOG_SECONDS": value})
+    assert said.returncode == 2 and said.stderr.splitlines() == [
+        f"error: VIT_SEARCH_LOG_SECONDS={value!r}: not a number of seconds between epoch lines; set it to 0 (every "
+        f"epoch), 30 or more, or unset it for 60"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]  # no run, no store
+
+
+def test_no_command_is_one_error_line_naming_the_commands(cli_here):
+    said = cli_here()
+    assert said.returncode == 2 and said.stdout == "" and said.stderr.splitlines() == [
+        "error: vit-search: a command is needed (blocks, validate, summary, train, prepare, run, best, ui); "
+        "see 'vit-search --help'"]

@@ -300,8 +300,11 @@ def test_an_export_is_written_whole_or_not_at_all(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(BadInput, match="cannot write it"):
         _export(tmp_path / "taken", "model: {}\n")  # a folder of that name: nothing replaces it
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BadInput, match="afile/best.yaml: cannot write it"):
+        _export(tmp_path / "afile" / "best.yaml", "model: {}\n")  # a file where its folder should be
     _export(tmp_path / "best.yaml", "model: {}\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml", "taken"]  # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "best.yaml", "taken"]  # no partial file left
     assert (tmp_path / "best.yaml").read_text() == "model: {}\n"
 
 

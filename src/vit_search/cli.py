@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a failure at run time, 2 a bad input (spec, arguments, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -391,7 +392,8 @@ def _export(path: Path, text: str) -> None:
         partial.write_text(text)
         os.replace(partial, path)
     except OSError as err:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that is a file, or none: there is no partial file
+            partial.unlink(missing_ok=True)
         raise BadInput(f"--export {path}: cannot write it ({err.strerror or err}); name a file in a folder that "
                        f"exists and can be written") from None
 
@@ -604,12 +606,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vit-search {__version__}")
         return 0
     if not getattr(args, "func", None):
-        parser.print_help()
+        _say_error(f"vit-search: a command is needed ({', '.join(COMMANDS)}); see 'vit-search --help'")
         return EXIT_BAD_INPUT
     from .spec import SpecError
 
     try:
         _check_not_empty(args)
+        if args.command in ("train", "run"):
+            from .log_lines import every_seconds
+
+            every_seconds()  # a bad VIT_SEARCH_LOG_SECONDS: refused now, not in each trial's thread
         with sigterm_interrupts():  # SIGTERM (a scheduler, `timeout`, `docker stop`) stops as Ctrl-C does
             code = args.func(args)
         _leave_process_group()

@@ -5,6 +5,7 @@ line per epoch every so often; ``--quiet`` turns them off.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -12,6 +13,8 @@ import time
 from typing import Any, Callable
 
 from optuna.trial import FrozenTrial, TrialState
+
+from .errors import UserError
 
 EVERY_ENV = "VIT_SEARCH_LOG_SECONDS"
 DEFAULT_EVERY = 60.0  # seconds between a long run's epoch lines
@@ -30,12 +33,19 @@ def say(line: str) -> None:
 
 
 def every_seconds() -> float:
-    """Seconds between epoch lines: ``VIT_SEARCH_LOG_SECONDS`` (0: every epoch), else 60."""
-    text = os.environ.get(EVERY_ENV, "")
-    try:
-        return max(float(text), 0.0) if text else DEFAULT_EVERY
-    except ValueError:
+    """Seconds between epoch lines: ``VIT_SEARCH_LOG_SECONDS`` (0: every epoch), else 60. Raises
+    UserError for a value that is no number of seconds (the command checks it before it starts)."""
+    text = os.environ.get(EVERY_ENV, "").strip()
+    if not text:
         return DEFAULT_EVERY
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise UserError(f"{EVERY_ENV}={text!r}: not a number of seconds between epoch lines; set it to 0 (every "
+                        f"epoch), 30 or more, or unset it for {DEFAULT_EVERY:.0f}")
+    return seconds
 
 
 class EpochLines:
