@@ -319,6 +319,30 @@ def test_failed_download_is_a_data_error(tmp_path, monkeypatch):
         load_data(spec(dataset="mnist", root=str(tmp_path), download=True), seed=0)
 
 
+def test_a_failed_download_says_torchvisions_reason_from_the_lines_after_its_first(tmp_path, monkeypatch):
+    def failing(self):  # torchvision's own wording: the reason is on the lines after the first
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/x, got:\n"
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", failing)
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="mnist", root=str(tmp_path), download=True), seed=0)
+    assert "Temporary failure in name resolution" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_unreadable_data_files_name_the_reason_even_when_the_error_has_no_text(tmp_path, monkeypatch):
+    from vit_search.data import sources
+
+    _fake_mnist(tmp_path, "MNIST")
+
+    def empty_error(*args):
+        raise EOFError()
+
+    monkeypatch.setattr(sources, "_read_official", empty_error)
+    with pytest.raises(DataError, match=r"cannot read the files in .*MNIST/raw \(EOFError\); delete them"):
+        load_data(spec(dataset="mnist", root=str(tmp_path)), seed=0)
+
+
 # -- image folders ----------------------------------------------------------------------------
 def _pngs(folder: Path, classes: dict[str, int], size=(10, 6)) -> None:
     rng = np.random.default_rng(0)
@@ -438,6 +462,11 @@ def test_an_imagefolder_root_without_class_folders_is_an_error_at_data(tmp_path,
                                      f"imagefolder expects root/<class>/<image>"]
     _pngs(flat, {"cat": 2, "dog": 2})
     assert load_spec(path).model.num_classes == 2  # with class folders the same spec loads
+    for root, says in ((tmp_path / "absent", "does not exist"), (flat / "cat" / "0.png", "is not a folder")):
+        with pytest.raises(SpecError) as raised:
+            load_spec(write_spec(f"name: t\ndata: {{dataset: imagefolder, root: {root}}}\n"))
+        assert raised.value.problems[0].endswith(f"data: data.root '{root}' {says}; imagefolder expects "
+                                                 f"root/<class>/<image>")
 
 
 def test_an_imagefolder_without_data_root_is_read_from_the_working_directory(tmp_path, monkeypatch):

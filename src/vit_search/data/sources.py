@@ -127,7 +127,8 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
             try:
                 cls(str(root), train=True, download=True)
             except (RuntimeError, OSError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                # torchvision's reason is on the lines after "Error downloading NAME:": all of it, on one line.
+                first = " ".join(str(err).split())[:300] or type(err).__name__
                 raise DataError(
                     f"{spec.dataset}: could not download into {folder} ({first}); "
                     f"check the network, or place {', '.join(names)} there"
@@ -141,7 +142,8 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
         try:
             splits, classes = _read_official(cls, root, folder)
         except (AssertionError, TypeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
-            raise DataError(f"{spec.dataset}: cannot read the files in {folder} ({err}); delete them and download "
+            reason = f"{type(err).__name__}: {err}" if str(err).strip() else type(err).__name__
+            raise DataError(f"{spec.dataset}: cannot read the files in {folder} ({reason}); delete them and download "
                             f"again") from None
         # (N, H, W) grey or (N, H, W, 3) colour -> (N, C, H, W)
         (train_x, train_y), (test_x, test_y) = [
@@ -197,6 +199,9 @@ def _read_cifar(cls: type, folder: Path) -> tuple[Pairs, list[str]]:
 def class_folders(spec: "DataSpec") -> list[Path]:
     """The class folders of an image folder: ``root/train/<class>``, else ``root/<class>``."""
     root = Path(spec.root or ".").expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data.root '{root}' {'is not a folder' if root.exists() else 'does not exist'}; "
+                         f"imagefolder expects root/<class>/<image>")
     train = root / "train" if (root / "train").is_dir() else root
     classes = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
     if not classes:
