@@ -321,13 +321,16 @@ def test_failed_download_is_a_data_error(tmp_path, monkeypatch):
 
 def test_a_failed_download_says_torchvisions_reason_from_the_lines_after_its_first(tmp_path, monkeypatch):
     def failing(self):  # torchvision's own wording: the reason is on the lines after the first
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)  # as torchvision's download does first
+        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz").write_bytes(b"part")
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/x, got:\n"
                            "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", failing)
     with pytest.raises(DataError) as raised:
-        load_data(spec(dataset="mnist", root=str(tmp_path), download=True), seed=0)
+        load_data(spec(dataset="mnist", root=str(tmp_path / "dl"), download=True), seed=0)
     assert "Temporary failure in name resolution" in str(raised.value) and "\n" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []  # the folders made for the download are gone with it
 
 
 def test_unreadable_data_files_name_the_reason_even_when_the_error_has_no_text(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,13 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
             names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [n for n in names if not (folder / n).is_file()]
         if missing and spec.download:
+            # The highest folder the download is about to make: a failed one removes it, and all it made.
+            new = next((d for d in reversed([folder, *folder.parents]) if not d.exists()), None)
             try:
                 cls(str(root), train=True, download=True)
             except (RuntimeError, OSError) as err:
+                if new is not None:
+                    shutil.rmtree(new, ignore_errors=True)
                 # torchvision's reason is on the lines after "Error downloading NAME:": all of it, on one line.
                 first = " ".join(str(err).split())[:300] or type(err).__name__
                 raise DataError(
