@@ -88,7 +88,8 @@ def test_a_train_checkpoint_records_its_model_so_nothing_need_be_set(source_file
     source, _ = source_file
     path = tmp_path / "checkpoint.pt"
     # As `vit-search train` writes it: the weights under "model", the model section under "model_spec".
-    recorded = load_spec({"name": "s", "model": SOURCE}).model.model_dump(mode="json", by_alias=True)
+    data = {"dataset": "synthetic", "image_size": 16, "channels": 1, "num_classes": 7}  # the source model's
+    recorded = load_spec({"name": "s", "data": data, "model": SOURCE}).model.model_dump(mode="json", by_alias=True)
     torch.save({"model": source.state_dict(), "optimizer": {}, "epoch": 3, "model_spec": recorded}, path)
     spec = spec_from(path)  # no heads given: the checkpoint says 3
     assert spec.model.attention["heads"] == 3 and spec.model.ffn["ratio"] == 2

@@ -26,6 +26,7 @@ SHOWN = 80  # a value quoted in a message is cut to this many characters
 
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
+_MERGE = "tag:yaml.org,2002:merge"  # `<<: *base`: its keys may be given again, to override them
 # Tags whose constructors raise a plain ValueError on odd text (``!!int x``, ``2001-13-45``):
 # constructed while the path and line are still known.
 _CHECKED = {_INT: "integer", _FLOAT: "number", "tag:yaml.org,2002:timestamp": "date",
@@ -131,8 +132,11 @@ def _check_scalar(loader: _BoundedLoader, node: ScalarNode, path: tuple[str, ...
         raise _Problem(line, f"{clip(node.value)} is not a finite number", path)
 
 
-def _walk(loader: _BoundedLoader, root: Node) -> dict[tuple[str, ...], int]:
+def _walk(loader: _BoundedLoader, root: Node, unique_keys: bool = False) -> dict[tuple[str, ...], int]:
     """Field path -> line, as ``spec._line_map`` gives, checking keys and scalars on the way.
+
+    With ``unique_keys``, a key given twice in one mapping is refused at its second line (PyYAML
+    would keep the last silently); keys a merge (``<<: *base``) brings in may still be overridden.
 
     Iterative and pre-order like the recursive original, so the assignments come in the same
     order and duplicate keys resolve the same way. Aliases are walked into as the original
@@ -153,11 +157,17 @@ def _walk(loader: _BoundedLoader, root: Node) -> dict[tuple[str, ...], int]:
             continue
         children: list[tuple[Node, tuple[str, ...], int | None]] = []
         if isinstance(node, MappingNode):
+            seen: dict[str, int] = {}  # key -> the line it was first given on
             for key, value in node.value:
                 if not isinstance(key, ScalarNode):  # unhashable in Python, and no field name
                     raise _Problem(key.start_mark.line + 1, "a mapping key must be a plain value, not a list "
                                    "or mapping", path)
                 sub = path + (str(key.value),)
+                if unique_keys and key.tag != _MERGE:
+                    if str(key.value) in seen:
+                        raise _Problem(key.start_mark.line + 1, f"'{clip(str(key.value), 40)}' is given twice in this "
+                                       f"mapping (first on line {seen[str(key.value)]}); keep one", sub)
+                    seen[str(key.value)] = key.start_mark.line + 1
                 if key not in checked:
                     checked.add(key)
                     _check_scalar(loader, key, sub)
@@ -168,7 +178,8 @@ def _walk(loader: _BoundedLoader, root: Node) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _load(text: str, where: Callable[[int | None], str], with_lines: bool) -> tuple[Any, dict[tuple[str, ...], int]]:
+def _load(text: str, where: Callable[[int | None], str], with_lines: bool, unique_keys: bool = False,
+          field: tuple[str, ...] = ()) -> tuple[Any, dict[tuple[str, ...], int]]:
     """Compose once under the limits, walk the nodes, construct; every failure one YamlError."""
     if len(text) > MAX_CHARS:  # before parsing: 50 MB would take minutes and gigabytes
         raise YamlError(f"{where(None)}: the YAML is {len(text)} characters, more than the {MAX_CHARS} "
@@ -179,13 +190,14 @@ def _load(text: str, where: Callable[[int | None], str], with_lines: bool) -> tu
         root = loader.get_single_node()
         if root is None:
             return None, {}
-        lines = _walk(loader, root)
+        lines = _walk(loader, root, unique_keys)
         data = loader.construct_document(root)
         return data, lines if with_lines else {}
     except _Problem as problem:
         # A --set value's own top level is the field its flag names: no path to add.
         top = problem.path == () and not with_lines
-        field = "" if problem.path is None or top else f"{clip('.'.join(problem.path)) or '(top level)'}: "
+        path = None if problem.path is None else field + problem.path  # a --set value's paths start at its field
+        field = "" if path is None or top else f"{clip('.'.join(path)) or '(top level)'}: "
         raise YamlError(f"{where(problem.line)}: {field}{problem.message}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -208,21 +220,25 @@ def _load(text: str, where: Callable[[int | None], str], with_lines: bool) -> tu
             loader.dispose()
 
 
-def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+def load_yaml(text: str, source: str, unique_keys: bool = False) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The data in ``text`` (as ``yaml.safe_load`` gives it) and field path -> 1-based line.
 
     ``source`` names the file in messages (``source:line: field: problem``). Raises
-    :class:`YamlError` for invalid YAML and for input beyond the module's limits.
+    :class:`YamlError` for invalid YAML and for input beyond the module's limits, and, with
+    ``unique_keys``, for a key given twice in one mapping (which ``yaml.safe_load`` lets the last win).
     """
-    return _load(text, lambda line: source if line is None else f"{source}:{line}", with_lines=True)
+    return _load(text, lambda line: source if line is None else f"{source}:{line}", with_lines=True,
+                 unique_keys=unique_keys)
 
 
-def load_yaml_value(text: str, where: str) -> Any:
+def load_yaml_value(text: str, where: str, unique_keys: bool = False, field: tuple[str, ...] = ()) -> Any:
     """The data in a ``--set PATH=VALUE`` value, under the same limits as :func:`load_yaml`.
 
     ``where`` (e.g. ``--set seed=...``) starts each message, cut to a readable length; the
-    value itself is never repeated in full.
+    value itself is never repeated in full. ``field`` (the PATH) starts the field path a
+    message names inside the value (``train.betas.0``, not ``0``).
     """
     label = clip(where)
     multiline = "\n" in text.strip()
-    return _load(text, lambda line: f"{label} (line {line})" if multiline and line else label, with_lines=False)[0]
+    return _load(text, lambda line: f"{label} (line {line})" if multiline and line else label, with_lines=False,
+                 unique_keys=unique_keys, field=field)[0]

@@ -28,6 +28,29 @@ from .sizes import Size
 
 
 MAX_IMAGE_SIDE = 8192  # pixels: beyond any ViT, and bounded so that no size estimate overflows
+MAX_NAME = 100  # characters of a name that is also a folder (runs/<name>/): well below a file system's 255 bytes
+MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
+
+
+def folder_name(value: str) -> str:
+    """``value`` if it can name a folder of its own (runs/<name>/): one path component, printable, short."""
+    if value in (".", ".."):
+        raise ValueError(f"'{value}' would name the folder above or this one (runs/{value}); "
+                         "give a word, e.g. digits-vit")
+    if "/" in value or "\\" in value:
+        raise ValueError(f"'{_clip_name(value)}' names a folder under runs/ and cannot hold '/' or '\\'; "
+                         "use '-' or '_' instead")
+    if any(not ch.isprintable() for ch in value):
+        raise ValueError(f"{_clip_name(value)!r} holds a control character (a tab, newline, ...); "
+                         "use letters, digits, '-', '_' and '.'")
+    if len(value) > MAX_NAME or len(value.encode()) > 2 * MAX_NAME:
+        raise ValueError(f"{len(value)} characters, more than the {MAX_NAME} a folder name under runs/ "
+                         "may have; shorten it")
+    return value
+
+
+def _clip_name(value: str) -> str:
+    return value if len(value) <= 60 else f"{value[:59]}…"
 
 
 class _Section(BaseModel):
@@ -236,7 +259,9 @@ class TrainSpec(_Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
     weight_decay: float = Field(0.05, ge=0, description="decoupled; not applied to norms, biases and tokens")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1)"
+    )
     warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length, in epochs")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: off)")
@@ -298,7 +323,7 @@ class SearchSpec(_Section):
     sampler: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
     pruner: Literal[tuple(PRUNERS)] = "hyperband"  # type: ignore[valid-type]
     storage: str | None = Field(None, description="Optuna storage URL or journal file (default: optuna.db)")
-    study_name: str | None = Field(None, description="default: the spec's name")
+    study_name: str | None = Field(None, min_length=1, description="default: the spec's name")
     space: dict[str, Any] = Field(default_factory=dict, description="dotted path -> {choice|int|float: ...}")
     constraints: dict[Literal["max_params", "min_params", "max_flops", "min_flops"], float] = Field(
         default_factory=dict, description="trials outside these bounds are pruned before training"
@@ -306,6 +331,24 @@ class SearchSpec(_Section):
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first")
     heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running trial says it is alive")
     grace_seconds: float = Field(60.0, gt=0, description="silence after which a trial's worker counts as dead")
+
+    @field_validator("study_name")
+    @classmethod
+    def _study_name_is_a_folder(cls, value: str | None) -> str | None:
+        # Checkpoints go to runs/<study_name>/; the study of a supernet's subnets is '<study_name>:subnets'.
+        if value is not None:
+            folder_name(value.removesuffix(":subnets"))
+        return value
+
+    @field_validator("constraints")
+    @classmethod
+    def _bounds_in_order(cls, value: dict[str, float]) -> dict[str, float]:
+        for what in ("params", "flops"):
+            low, high = value.get(f"min_{what}"), value.get(f"max_{what}")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"min_{what} {low:g} is above max_{what} {high:g}, so every trial would be pruned; "
+                                 f"lower min_{what} or raise max_{what}")
+        return value
 
     @model_validator(mode="after")
     def _objectives_match(self) -> "SearchSpec":
@@ -333,8 +376,8 @@ class TrackingSpec(_Section):
 class Spec(_Section):
     """A whole experiment: data, model, training, and optionally a search."""
 
-    name: str = Field(min_length=1)
-    seed: int = 0
+    name: str = Field(min_length=1, description="names the run, and its folder runs/<name>/")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds every random generator")
     plugins: list[str] = Field(default_factory=list, description="modules or .py files registering blocks")
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -346,6 +389,11 @@ class Spec(_Section):
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _where: Any = PrivateAttr(None)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, value: str) -> str:
+        return folder_name(value)
+
     @model_validator(mode="after")
     def _derive(self) -> "Spec":
         channels, classes = dataset_shape(self.data)
@@ -356,6 +404,12 @@ class Spec(_Section):
             model.in_channels = channels
         if model.num_classes is None:
             model.num_classes = classes
+        elif model.num_classes < classes:  # a label past the head's outputs would end training in a traceback
+            raise ValueError(f"model.num_classes {model.num_classes} is fewer than the {classes} classes of the data "
+                             f"({self.data.dataset}); leave model.num_classes out to take it from the data")
+        if model.in_channels != channels:  # the patch embedding would meet other images than it was built for
+            raise ValueError(f"model.in_channels {model.in_channels} is not the {channels} channel(s) of the data "
+                             f"({self.data.dataset}); leave model.in_channels out to take it from the data")
         return self
 
     @property

@@ -10,8 +10,11 @@ image not divisible by patch) fail here, before anything runs or is written.
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import os
 import re
+import stat
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin
@@ -49,7 +52,17 @@ class _Locator:
         overridden = next((path[:n] for n in range(len(path), 0, -1) if path[:n] in self.overrides), None)
         if overridden is not None:
             return f"--set {self.overrides[overridden]}"
-        line = next((self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines), None)
+        depth = next((n for n in range(len(path), -1, -1) if path[:n] in self.lines), None)
+        if depth != len(path):
+            # The file does not write the field: an override in the same section (`--set model.dim=true` for a
+            # problem found at model.attention) is nearer the cause than the section's line, or line 1.
+            def shared(key: tuple[str, ...]) -> int:
+                return next((n for n in range(min(len(key), len(path)), 0, -1) if key[:n] == path[:n]), 0)
+
+            nearest = max(self.overrides, key=shared, default=None)
+            if nearest is not None and shared(nearest) >= max(depth or 0, 1):
+                return f"--set {self.overrides[nearest]}"
+        line = None if depth is None else self.lines[path[:depth]]
         return self.source if line is None else f"{self.source}:{line}"
 
 
@@ -68,6 +81,9 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
 
 
 _SCHEMA_PART = re.compile(r"^(int|str|float|bool|bytes|none|(tuple|list|dict|set|literal|union|function-\w+)\[.*\])$")
+
+
+_NAMED_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)+) (?=\S)")  # "model.num_classes 3 is fewer than ..."
 
 
 def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
@@ -96,6 +112,9 @@ def _pydantic_problems(err: ValidationError, where: _Locator) -> list[str]:
             message = e["msg"].removeprefix("Value error, ")
             if e["type"] not in ("value_error", "assertion_error") and "input" in e:
                 message += f" (got {clip(repr(e['input']))})"
+            named = _NAMED_FIELD.match(message) if not loc else None
+            if named:  # a check across sections names its field first: located there, not at the top
+                loc, path, message = tuple(named.group(1).split(".")), named.group(1), message[named.end():]
         problems.append(f"{where(loc)}: {path}: {message}")
     return problems
 
@@ -106,11 +125,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item or not item.split("=", 1)[0].strip():
         raise SpecError([f"--set {item}: expected PATH=VALUE, e.g. --set model.depth=6"])
     path, value = item.split("=", 1)
+    keys = path.strip().split(".")
     try:
-        parsed = load_yaml_value(value, f"--set {item}") if value.strip() else None
+        parsed = load_yaml_value(value, f"--set {item}", unique_keys=True, field=tuple(keys)) if value.strip() else None
     except YamlError as err:
         raise SpecError([err.problem]) from None
-    return path.strip().split("."), parsed
+    return keys, parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -139,17 +159,9 @@ def load_spec(
     else:
         path = Path(source)
         name, base_dir = str(path), path.parent
+        text = _read_spec(path, name)
         try:
-            if path.stat().st_size > MAX_CHARS * 4:  # before reading: a spec is a few KB
-                raise SpecError([f"{name}: the file is {path.stat().st_size:,} bytes; a spec is a few KB (at most "
-                                 f"{MAX_CHARS:,} characters)"])
-            text = path.read_text()
-        except FileNotFoundError:
-            raise SpecError([f"{name}: no such file; check the path"]) from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-            raise SpecError([f"{name}: cannot read the spec: {err}"]) from None
-        try:
-            raw, lines = load_yaml(text, name)
+            raw, lines = load_yaml(text, name, unique_keys=True)
         except YamlError as err:
             raise SpecError([err.problem]) from None
         if raw is None:
@@ -188,6 +200,43 @@ def load_spec(
     if problems:
         raise SpecError(problems)
     return spec
+
+
+_NOT_A_FILE = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_spec(path: Path, name: str) -> str:
+    """The text of the spec file at ``path``, read in bounded time and memory: a device (/dev/zero),
+    a pipe (which blocks until written) or anything else but a regular file is refused before it is
+    opened, and at most the size limit and one more character is read (a file may grow meanwhile)."""
+    limit = MAX_CHARS * 4  # bytes: UTF-8 takes up to 4 a character
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _NOT_A_FILE if test(mode)), "not a regular file")
+            raise SpecError([f"{name}: is {kind}, not a spec file; give the path of a YAML file"])
+        # Non-blocking: should a pipe take the file's place after the check, opening it does not wait.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb", closefd=True) as handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise SpecError([f"{name}: is not a regular file, not a spec file; give the path of a YAML file"])
+            # Before reading, as far as the size is known; and never past the limit, should the file grow.
+            data = handle.read(limit + 1) if opened.st_size <= limit else b""
+            size = max(len(data), opened.st_size)
+        if size > limit:  # read no further: a spec is a few KB
+            raise SpecError([f"{name}: the file is {size:,} bytes; a spec is a few KB (at most "
+                             f"{MAX_CHARS:,} characters)"])
+        return io.TextIOWrapper(io.BytesIO(data)).read()  # as Path.read_text decodes it
+    except FileNotFoundError:
+        raise SpecError([f"{name}: no such file; check the path"]) from None
+    except (PermissionError, UnicodeDecodeError) as err:
+        raise SpecError([f"{name}: cannot read the spec: {err}"]) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SpecError([f"{name}: its symbolic links form a loop; give the path of the spec file itself"]) from None
+        raise SpecError([f"{name}: cannot read the spec: {err.strerror or err}"]) from None
 
 
 def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tuple[Any, dict[str, Any]]:
@@ -252,9 +301,17 @@ def check_blocks(model: ModelSpec, where: _Locator | None = None) -> list[str]:
 MAX_PARAMETERS = 100_000_000_000  # a model beyond this is a typo (ViT-22B has 2.2e10)
 
 
+def _forward(model: Any, images: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        model(images)
+
+
 def _check_build(spec: Spec, where: _Locator) -> list[str]:
     from .finetune import frozen, unmatched
     from .model import build_on_meta, count_parameters
+    from .model.cost import run_one_image
 
     try:
         model = build_on_meta(spec.model)
@@ -266,7 +323,19 @@ def _check_build(spec: Spec, where: _Locator) -> list[str]:
         path = tuple((err.path or "model").split("."))
         return [f"{where(path)}: {err.message}"]
     except Exception as err:  # a plugin block failing in its own way: still one line, not a traceback
-        return [f"{where(('model',))}: model: building it failed: {type(err).__name__}: {err}"]
+        first = clip(str(err).strip().split("\n", 1)[0], 200)  # torch's C++ errors carry a frame dump below
+        if isinstance(err, OverflowError) or "overflow" in first.lower():  # a size past any integer torch takes
+            return [f"{where(('model',))}: model: its sizes overflow, far more than {MAX_PARAMETERS:,} parameters; "
+                    f"check dim, depth and the blocks' sizes"]
+        return [f"{where(('model',))}: model: building it failed: {type(err).__name__}: {first}"]
+    # A plugin's block must chain with the others: one image through the model, on the meta device,
+    # says so. (Ours are tested to; the check costs a second of imports, torch's meta kernels.)
+    plugins = {type(m).__module__ for m in model.modules()} - {""}
+    if any(not name.startswith(("vit_search.", "torch.")) for name in plugins):
+        try:
+            run_one_image(spec.model, _forward)
+        except UserError as err:
+            return [f"{where(('model',))}: {err}"]
     names = [name for name, _ in model.named_parameters()]
     for i, pattern in enumerate(spec.train.freeze):
         if unmatched(names, [pattern]):

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..registry import KINDS, did_you_mean
+from ..safe_yaml import clip
 from ..schema import ModelSpec, block_type, set_path, with_preset
 from ..spec import SpecError, load_spec
 
@@ -122,10 +123,41 @@ class Dimension:
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.step is None:
-            raise SpaceError(self.key, "grid search needs a step for float ranges")
+            raise SpaceError(self.key, GRID_NEEDS_STEP)
         # As Optuna does: the last value is the highest step at or below high, never above it.
         count = math.floor((self.high - self.low) / self.step + 1e-9)
         return [min(self.high, float(f"{self.low + i * self.step:.12g}")) for i in range(count + 1)]
+
+
+GRID_NEEDS_STEP = ("grid search needs a step for float ranges; add one (e.g. step: 0.01), use choice, "
+                   "or another search.sampler")
+
+
+def _number(value: Any) -> Any:
+    """A bound written as text that reads as a finite number (YAML 1.1 reads ``1.0e3`` and ``1e-3`` as
+    text, which the spec's float fields accept as numbers), as that float; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return number if math.isfinite(number) else value
+
+
+def _text_hint(values: list[Any], kind: str = "float") -> str:
+    """What is wrong with the first of ``values`` that is text, for a message ('' if none is)."""
+    text = next((v for v in values if isinstance(v, str)), None)
+    if text is None:
+        return ""
+    number = _number(text)
+    if isinstance(number, float) and (kind == "float" or number.is_integer()):
+        written = yaml.safe_dump(int(number) if kind == "int" else number).split("\n", 1)[0]
+        how = f"write it as {written}" + ("" if kind == "int" else "; YAML reads 1.0e+3 as a number, 1e3 and 1.0e3 "
+                                                                     "as text")
+    else:
+        how = "write a number"
+    return f"; {clip(text, 40)!r} is text, not a number ({how})"
 
 
 def _label(value: Any) -> str:
@@ -189,8 +221,10 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
             raise SpaceError(key, "step and log apply to int and float ranges, not choice")
         return Dimension(key, path, kind, choices=tuple(choices), condition=condition)
     bounds = raw[kind]
+    if kind == "float" and isinstance(bounds, list):
+        bounds = [_number(b) for b in bounds]
     if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
-        raise SpaceError(key, f"{kind} needs [low, high]")
+        raise SpaceError(key, f"{kind} needs [low, high]" + (_text_hint(bounds, kind) if isinstance(bounds, list) else ""))
     low, high = bounds
     if kind == "int" and not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
         raise SpaceError(key, "int bounds must be integers")
@@ -199,12 +233,14 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
     if low > high:
         raise SpaceError(key, f"low {low} is above high {high}")
     log, step = raw.get("log", False), raw.get("step")
+    if kind == "float":
+        step = _number(step)
     if not isinstance(log, bool):
         raise SpaceError(key, f"log must be true or false, got {log!r}")
     if log and low <= 0:
         raise SpaceError(key, "a log range needs low > 0")
     if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0):
-        raise SpaceError(key, "step must be positive")
+        raise SpaceError(key, "step must be positive" + _text_hint([step]))
     if step is not None and kind == "int" and not isinstance(step, int):
         raise SpaceError(key, f"an int range needs an integer step, got {step!r}")
     if log and step is not None and kind == "float":
@@ -272,6 +308,15 @@ def check_space(spec: Any) -> list[str]:
             problems.append(f"{spec.locate(('search', 'space', key))}: search.space.{err}")
     for key, dim in dims.items():
         where = spec.locate(("search", "space", key))
+        if spec.search.sampler == "grid" and dim.kind == "float" and dim.step is None:
+            problems.append(f"{where}: search.space.{key}: {GRID_NEEDS_STEP}")
+            continue
+        whole = _whole_block(dims, dim)
+        if whole is not None:
+            problems.append(f"{where}: search.space.{key}: overlaps search.space.{whole}, which draws the whole "
+                            f"block, its type included; search one of them (a block's own arguments go under "
+                            f"{whole}[TYPE].ARGUMENT)")
+            continue
         for value in dim.values_to_check():
             trial_raw = copy.deepcopy(base)
             if dim.condition is not None:  # the block the argument belongs to, freshly chosen
@@ -298,7 +343,41 @@ def check_space(spec: Any) -> list[str]:
                 problems.append(f"{spec.locate(('search', 'enqueue', str(i), str(name)))}: search.enqueue.{i}: "
                                 f"'{name}' is not a key of search.space{hint}")
                 break
+            outside = _outside(dims[name], values[name]) if name in dims else None
+            if outside is not None:
+                problems.append(f"{spec.locate(('search', 'enqueue', str(i), str(name)))}: search.enqueue.{i}.{name}: "
+                                f"{clip(repr(values[name]))} {outside}; enqueue a value search.space.{name} can draw")
+                break
     return problems
+
+
+def _whole_block(dims: Mapping[str, Dimension], dim: Dimension) -> str | None:
+    """The key drawing the whole block whose type ``dim`` would set over it, if any (``model.ffn`` for
+    ``model.ffn.type``): the block drawn would keep its own arguments under another type."""
+    if dim.path[-1] != "type" or dim.condition is not None:
+        return None
+    return next((o.key for o in dims.values() if o.path == dim.path[:-1] and o.condition is None), None)
+
+
+def _outside(dim: Dimension, value: Any) -> str | None:
+    """Why ``value`` is no value ``dim`` draws (None: it is one): Optuna would prune it, or fail."""
+    if dim.kind == "choice":
+        if value in dim.choices or (isinstance(value, str) and value in dim.labels):
+            return None
+        return f"is not one of its choices ({clip(', '.join(str(label) for label in dim.labels))})"
+    if isinstance(value, str):
+        return _text_hint([value], dim.kind).removeprefix("; ").split(" ", 1)[1]  # "is text, not a number (...)"
+    if dim.kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        return "is not an integer"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "is not a number"
+    if not dim.low <= value <= dim.high:
+        return f"is outside its range [{dim.low:g}, {dim.high:g}]"
+    if dim.step is not None:
+        steps = (value - dim.low) / dim.step
+        if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+            return f"is not on its steps of {dim.step:g} from {dim.low:g}"
+    return None
 
 
 def _block_types(dims: list[Dimension], base: Mapping[str, Any], block_path: tuple[str, ...]) -> set[Any]:

@@ -1,0 +1,248 @@
+"""Bad specs that once slipped through validate: each is one located line and exit 2, before anything runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vit_search.safe_yaml import YamlError, load_yaml, load_yaml_value
+from vit_search.spec import SpecError, load_spec
+
+SEARCH = """\
+name: holes
+data: {dataset: digits, image_size: 16}
+model: {dim: 32, depth: 2, attention: {type: sdpa, heads: 4}}
+train: {epochs: 1}
+search:
+  sampler: random
+"""
+
+
+def problems(path, overrides=()) -> list[str]:
+    with pytest.raises(SpecError) as err:
+        load_spec(path, overrides)
+    return err.value.problems
+
+
+def refused(cli_here, *args, **where) -> str:
+    """The one line a refused command prints (exit 2, nothing on stdout, no traceback)."""
+    result = cli_here(*args, **where)
+    assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines[:3]
+    return lines[0]
+
+
+# -- the spec path itself ------------------------------------------------------------------
+def test_a_device_is_refused_before_it_is_read(cli_here):
+    assert refused(cli_here, "validate", "/dev/zero") == (
+        "error: /dev/zero: is a device, not a spec file; give the path of a YAML file")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(cli_here, tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    assert refused(cli_here, "validate", fifo) == (
+        f"error: {fifo}: is a pipe (FIFO), not a spec file; give the path of a YAML file")
+
+
+def test_a_directory_is_refused_in_one_line(cli_here, tmp_path):
+    assert refused(cli_here, "validate", tmp_path).endswith(": is a directory, not a spec file; give the path of a YAML file")
+
+
+def test_a_file_over_the_size_limit_is_refused_by_its_bytes(write_spec, monkeypatch):
+    import vit_search.spec as spec_module
+
+    path = write_spec("name: x\n" + "# padding\n" * 100)
+    monkeypatch.setattr(spec_module, "MAX_CHARS", 100)  # 400 bytes allowed; the file has 1,008
+    assert problems(path) == [f"{path}: the file is 1,008 bytes; a spec is a few KB (at most 100 characters)"]
+
+
+def test_a_symlink_loop_is_one_line(cli_here, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert refused(cli_here, "validate", tmp_path / "a") == (
+        f"error: {tmp_path / 'a'}: its symbolic links form a loop; give the path of the spec file itself")
+
+
+# -- duplicate keys ---------------------------------------------------------------------------
+def test_a_key_given_twice_is_refused_at_its_second_line(write_spec):
+    path = write_spec("name: x\nseed: 1\nname: y\n")
+    assert problems(path) == [f"{path}:3: name: 'name' is given twice in this mapping (first on line 1); keep one"]
+
+
+def test_a_key_given_twice_in_a_set_value_is_refused(write_spec):
+    assert problems(write_spec("name: x\n"), ["model={dim: 8, dim: 16}"]) == [
+        "--set model={dim: 8, dim: 16}: model.dim: 'dim' is given twice in this mapping (first on line 1); keep one"]
+
+
+def test_keys_a_merge_brings_in_may_still_be_overridden_once(write_spec):
+    text = "base: &b {dim: 48, depth: 2}\nname: x\nmodel:\n  <<: *b\n  dim: 64\n"
+    assert load_yaml(text, "s", unique_keys=True)[0]["model"] == {"dim": 64, "depth": 2}
+    with pytest.raises(YamlError, match=r"^s:6: model.dim: 'dim' is given twice in this mapping \(first on line 5\)"):
+        load_yaml(text + "  dim: 32\n", "s", unique_keys=True)
+
+
+# -- names that are folders -------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("name=../../escaped", "name: '../../escaped' names a folder under runs/ and cannot hold '/' or '\\'"),
+    ("name=..", "name: '..' would name the folder above or this one (runs/..)"),
+    ('name="a\\tb"', "name: 'a\\tb' holds a control character"),
+    ("name=" + "x" * 300, "name: 300 characters, more than the 100 a folder name under runs/ may have"),
+    ("search.study_name=a/b", "search.study_name: 'a/b' names a folder under runs/"),
+    ("search.study_name=" + "y" * 101, "search.study_name: 101 characters, more than the 100"),
+])
+def test_a_name_that_would_leave_runs_or_not_fit_a_folder_is_refused(write_spec, override, message):
+    [problem] = problems(write_spec("name: x\n"), [override])
+    assert problem.startswith(f"--set {override}: {message}"), problem
+
+
+@pytest.mark.parametrize("name", ["pretrain-synthetic", "digits-vit", "run_2.v1", "a" * 100, "study:subnets"])
+def test_names_in_use_still_load(write_spec, name):
+    assert load_spec(write_spec(f"name: '{name}'\nsearch: {{study_name: '{name}'}}\n")).name == name
+
+
+# -- seed and betas ------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+    ("seed=99999999999999999999999", "seed: Input should be less than or equal to 4294967295"),
+    ("train.betas=[0.9, 1.5]", "train.betas.1: Input should be less than 1 (got 1.5)"),
+    ("train.betas=[-0.1, 0.9]", "train.betas.0: Input should be greater than or equal to 0 (got -0.1)"),
+])
+def test_a_seed_or_beta_the_optimiser_would_refuse_is_refused_by_validate(write_spec, override, message):
+    [problem] = problems(write_spec("name: x\n"), [override])
+    assert problem.startswith(f"--set {override}: {message}"), problem
+
+
+def test_the_largest_seed_still_loads(write_spec):
+    assert load_spec(write_spec("name: x\nseed: 4294967295\n")).seed == 2**32 - 1
+
+
+# -- sizes past any integer -------------------------------------------------------------------
+def test_a_block_size_that_overflows_is_one_line_without_a_frame_dump(write_spec, cli_here):
+    path = write_spec("name: x\nmodel: {ffn: {type: mlp, ratio: 1.0e+300}}\n")
+    assert refused(cli_here, "validate", path) == (
+        f"error: {path}:2: model: its sizes overflow, far more than 100,000,000,000 parameters; "
+        "check dim, depth and the blocks' sizes")
+
+
+# -- the search section --------------------------------------------------------------------
+def test_a_grid_over_a_float_range_without_a_step_is_refused_by_validate_and_run(write_spec, cli_here):
+    path = write_spec(SEARCH.replace("random", "grid") + "  space:\n    train.lr: {float: [0.001, 0.1]}\n")
+    line = (f"error: {path}:8: search.space.train.lr: grid search needs a step for float ranges; add one "
+            "(e.g. step: 0.01), use choice, or another search.sampler")
+    assert refused(cli_here, "validate", path) == line
+    assert refused(cli_here, "run", path, "--dry-run", "2", cwd=path.parent) == line
+
+
+@pytest.mark.parametrize("space, value, message", [
+    ("model.depth: {int: [2, 4]}", "-3", "-3 is outside its range [2, 4]"),
+    ("model.depth: {int: [2, 6], step: 2}", "3", "3 is not on its steps of 2 from 2"),
+    ("model.depth: {int: [2, 4]}", "true", "True is not an integer"),
+    ("train.lr: {float: [1.0e-4, 1.0e-2], log: true}", "1.0", "1.0 is outside its range [0.0001, 0.01]"),
+    ("train.lr: {float: [1.0e-4, 1.0e-2]}", "1e-3", "'1e-3' is text, not a number (write it as 0.001;"),
+    ("model.pooling.type: {choice: [cls, mean]}", "max", "'max' is not one of its choices (cls, mean)"),
+])
+def test_an_enqueued_value_the_space_cannot_draw_is_refused_where_it_is_written(write_spec, cli_here, space, value,
+                                                                                message):
+    key = space.split(":")[0]
+    path = write_spec(SEARCH + f"  space:\n    {space}\n  enqueue:\n    - {{{key}: {value}}}\n")
+    assert refused(cli_here, "validate", path).startswith(f"error: {path}:10: search.enqueue.0.{key}: {message}")
+
+
+def test_enqueued_values_the_space_draws_pass(write_spec, cli_here):
+    path = write_spec(SEARCH + """\
+  space:
+    model.depth: {int: [2, 6], step: 2}
+    train.lr: {float: [1.0e-4, 1.0e-2], log: true}
+    model.attention: {choice: [{type: sdpa, heads: 4}, {type: einsum, heads: 2}]}
+  enqueue:
+    - {model.depth: 4, train.lr: 1.0e-3, model.attention: {type: einsum, heads: 2}}
+    - {model.depth: 6, model.attention: "{type: sdpa, heads: 4}"}
+""")
+    assert cli_here("validate", path).returncode == 0
+
+
+@pytest.mark.parametrize("what", ["params", "flops"])
+def test_a_minimum_above_its_maximum_is_refused(write_spec, what):
+    path = write_spec(SEARCH + f"  constraints: {{max_{what}: 10, min_{what}: 1000}}\n")
+    assert problems(path) == [f"{path}:7: search.constraints: min_{what} 1000 is above max_{what} 10, so every trial "
+                              f"would be pruned; lower min_{what} or raise max_{what}"]
+
+
+def test_a_block_drawn_whole_and_its_type_drawn_apart_is_refused(write_spec):
+    from vit_search.search.space import check_space
+
+    path = write_spec(SEARCH + "  space:\n    model.ffn.type: {choice: [mlp, swiglu]}\n"
+                               "    model.ffn: {choice: [{type: mlp, ratio: 2}, {type: swiglu}]}\n")
+    assert check_space(load_spec(path)) == [
+        f"{path}:8: search.space.model.ffn.type: overlaps search.space.model.ffn, which draws the whole block, its "
+        "type included; search one of them (a block's own arguments go under model.ffn[TYPE].ARGUMENT)"]
+
+
+def test_float_bounds_and_steps_written_as_yaml_text_read_as_numbers_as_the_schema_does(write_spec):
+    from vit_search.search.space import check_space, parse_space
+
+    path = write_spec(SEARCH + "  space:\n    train.lr: {float: [1e-4, 1.0e-2], log: true}\n"
+                               "    train.weight_decay: {float: [0, 1.0e1], step: 1e-1}\n")
+    spec = load_spec(path, ["train.min_lr=1e-6"])
+    assert spec.train.min_lr == 1e-6 and check_space(spec) == []
+    dims = {d.key: d for d in parse_space(spec.search.space)}
+    assert (dims["train.lr"].low, dims["train.weight_decay"].high, dims["train.weight_decay"].step) == (1e-4, 10.0, 0.1)
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ("{float: [abc, 1]}", "float needs [low, high]; 'abc' is text, not a number (write a number)"),
+    ("{int: ['2', 4]}", "int needs [low, high]; '2' is text, not a number (write it as 2)"),
+])
+def test_a_bound_that_is_text_says_so(write_spec, bounds, message):
+    path = write_spec(SEARCH + f"  space:\n    model.depth: {bounds}\n")
+    from vit_search.search.space import check_space
+
+    assert check_space(load_spec(path)) == [f"{path}:8: search.space.model.depth: {message}"]
+
+
+# -- where --set problems are ----------------------------------------------------------------
+def test_a_problem_a_set_causes_elsewhere_in_its_section_is_located_at_the_set(write_spec):
+    [problem] = problems(write_spec("name: x\n"), ["model.dim=true"])
+    assert problem.startswith("--set model.dim=true: model.attention (sdpa): dim 1 is not divisible by heads")
+
+
+def test_a_problem_inside_a_set_value_names_the_whole_field_path(write_spec):
+    assert problems(write_spec("name: x\n"), ["train.betas=[.nan, 0.9]"]) == [
+        "--set train.betas=[.nan, 0.9]: train.betas.0: .nan is not a finite number"]
+    with pytest.raises(YamlError, match=r"^--set seed=\.inf: \.inf is not a finite number$"):
+        load_yaml_value(".inf", "--set seed=.inf", field=("seed",))
+
+
+# -- the model against the data, and a plugin's shapes -------------------------------------------
+@pytest.mark.parametrize("override, says", [
+    ("model.num_classes=3", "model.num_classes: 3 is fewer than the 10 classes of the data (digits); leave "
+                            "model.num_classes out to take it from the data"),
+    ("model.in_channels=3", "model.in_channels: 3 is not the 1 channel(s) of the data (digits); leave "
+                            "model.in_channels out to take it from the data"),
+])
+def test_a_model_that_does_not_fit_the_datas_classes_or_channels_is_refused_at_the_set(write_spec, override, says):
+    path = write_spec(SEARCH)
+    assert problems(path, [override]) == [f"--set {override}: {says}"]
+    assert load_spec(path, ["model.num_classes=12"]).model.num_classes == 12  # more outputs than classes: allowed
+
+
+def test_a_plugin_block_whose_output_does_not_chain_is_refused_by_validate(write_spec, cli_here, tmp_path):
+    (tmp_path / "narrow.py").write_text(
+        "import torch\n"
+        "from vit_search.registry import register\n\n\n"
+        "@register('ffn', 'test_narrow_ffn')\n"
+        "class Narrow(torch.nn.Linear):\n"
+        "    def __init__(self, dim: int):\n"
+        "        super().__init__(dim, 4)  # the next block expects dim\n")
+    path = write_spec("name: narrow\nplugins: [narrow.py]\ndata: {dataset: digits, image_size: 8}\n"
+                      "model:\n  dim: 32\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_narrow_ffn}\n")
+    try:
+        line = refused(cli_here, "validate", path)
+    finally:
+        from vit_search.registry import REGISTRY
+
+        REGISTRY._blocks["ffn"].pop("test_narrow_ffn", None)
+    assert line.startswith(f"error: {path}:4: model: its forward pass fails on one image: RuntimeError: ")
