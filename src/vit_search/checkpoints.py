@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, RunFailed
+from .files import symlink_loop
 from .schema import Spec
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -88,6 +89,9 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def check_writable(folder: Path) -> None:
     """Refuse, before any training, a checkpoint folder that cannot be written (exit 2); creates nothing."""
+    if symlink_loop(folder):  # exists() says False of a loop: the probe below would go to a folder above it
+        raise CheckpointError(f"cannot write checkpoints in {folder}: its symbolic links form a loop; set "
+                              f"train.checkpoint_dir (--checkpoint-dir) to a writable folder")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         if not existing.is_dir():

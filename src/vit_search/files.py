@@ -4,9 +4,39 @@ servers that may not answer."""
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 from pathlib import Path
 from typing import Iterator
+
+
+def symlink_loop(path: Path) -> bool:
+    """Whether ``path``, or a folder on the way to it, is a loop of symbolic links (``ln -s b a; ln -s a b``):
+    pathlib's ``exists()``, ``is_file()`` and ``is_dir()`` all say False of one, and opening it fails."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    except ValueError:  # a NUL in the name: no file, and no loop either
+        return False
+    return False
+
+
+def in_memory_sqlite(url: str) -> bool:
+    """Whether the SQLAlchemy ``url`` names an in-memory SQLite database (``sqlite://``,
+    ``sqlite:///:memory:``, ``?mode=memory``): each connection gets an empty database of its own."""
+    if not url.startswith("sqlite"):
+        return False
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL: the caller's own check says so
+        return False
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory"
 
 
 def sqlite_problem(path: Path) -> str | None:

@@ -216,6 +216,7 @@ class Registry:
         mistyped argument, so that a spec fails before any constructor runs.
         """
         from pydantic import TypeAdapter, ValidationError
+        from pydantic.errors import PydanticUndefinedAnnotation, PydanticUserError
 
         info = self.describe(kind, name)
         own = {a.name: a for a in info.args}
@@ -235,7 +236,11 @@ class Registry:
             if arg is None or arg.annotation is inspect.Parameter.empty or isinstance(arg.annotation, str):
                 continue
             try:
-                checked[key] = TypeAdapter(arg.annotation).validate_python(value, strict=False)
+                adapter = TypeAdapter(arg.annotation)
+            except (PydanticUserError, PydanticUndefinedAnnotation):  # torch.Tensor, ...: as if unannotated
+                continue
+            try:
+                checked[key] = adapter.validate_python(value, strict=False)
             except ValidationError as err:
                 reason = err.errors()[0]["msg"]
                 raise RegistryError(

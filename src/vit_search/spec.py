@@ -253,7 +253,12 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
 
     init_raw = dict(model["init"])
     if init_raw.get("from") == "file" and isinstance(init_raw.get("path"), str) and init_raw["path"]:
-        init_raw["path"] = str((base_dir / Path(init_raw["path"]).expanduser()).resolve())
+        target = base_dir / Path(init_raw["path"]).expanduser()
+        try:
+            target = target.resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links: the weights reader says so in one line
+            target = target.absolute()
+        init_raw["path"] = str(target)
     if init_raw.get("from") == "mlflow" and not init_raw.get("uri"):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (raw.get("tracking") or {}).get("uri")
         if isinstance(uri, str) and uri:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import RunFailed, UserError
-from .files import database_problem, disk_full, error_chain, sqlite_problem
-from .redaction import redact, redact_in
+from .files import database_problem, disk_full, error_chain, in_memory_sqlite, sqlite_problem, symlink_loop
+from .redaction import redact, redact_in, scrub
 from .schema import Spec
 from .sqlite_wal import use_wal
 
@@ -56,6 +56,7 @@ def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
     health check, or the database of a database store (``postgresql://``, ``mysql://``) does not
     answer or lacks its driver; None when it answers, or the store is a file."""
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     if uri is None:
@@ -67,15 +68,24 @@ def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
         return problem and f"MLflow store {redact(uri)} {problem}"
     if not uri.startswith(("http://", "https://")):
         return None
+    # urllib takes user:password@ for part of the host name: ask without it, the credentials in a header.
+    parts = urllib.parse.urlsplit(uri)
+    user, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health")
+    if user:
+        import base64
+
+        credentials = urllib.parse.unquote(user).encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(credentials).decode()}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status == 200:
                 return None
             reason = f"HTTP {response.status}"
     except urllib.error.HTTPError as err:
         reason = f"HTTP {err.code}"
     except (OSError, ValueError) as err:
-        reason = str(getattr(err, "reason", err))
+        reason = redact_in(str(getattr(err, "reason", err)), uri)
     return f"MLflow tracking server {redact(uri)} does not answer ({reason[:120]})"
 
 
@@ -245,6 +255,28 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def source_store_problem(uri: str) -> str | None:
+    """Why the MLflow store at ``uri`` cannot hold a run to read weights from, said as a sentence about it
+    without the fix (None: it may): an in-memory database, a SQLite file that is not there (MLflow would
+    make it), a loop of links, a folder, a file that is no database, a server that does not answer.
+    Quick (one connection at most, within seconds), and writes nothing."""
+    if in_memory_sqlite(uri):
+        return f"MLflow store {redact(uri)} is an in-memory SQLite database, which holds no runs"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if symlink_loop(path):
+            return f"MLflow store {path}: its symbolic links form a loop"
+        if path.is_dir():
+            return f"MLflow store {path} is a folder, not a store file"
+        if not path.exists():
+            return f"no such MLflow store: {path} does not exist, so no run is in it"
+        if path.stat().st_size == 0:
+            return f"MLflow store {path} is an empty file, so no run is in it"
+        problem = sqlite_problem(path)
+        return problem and f"MLflow store {path} is {problem}"
+    return server_problem(uri)
+
+
 def check_store(spec: Spec) -> None:
     """Refuse an MLflow store file that is no usable database, or a server that does not answer,
     before MLflow (or a study) writes anything."""
@@ -255,6 +287,9 @@ def check_store(spec: Spec) -> None:
     bound_http_retries()
     _still_environment()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+    if in_memory_sqlite(uri):  # MLflow's tables would be made in one connection and missing in the next
+        raise TrackingError(f"MLflow store {redact(uri)}: an in-memory SQLite database keeps nothing between MLflow's "
+                            f"connections; name a file, e.g. sqlite:///mlflow.db (MLFLOW_TRACKING_URI or tracking.uri)")
     # Asked once, here: MLflow itself retries a database that does not answer for minutes.
     problem = server_problem(uri)
     if problem:
@@ -263,6 +298,9 @@ def check_store(spec: Spec) -> None:
                             f"command again")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
+        if symlink_loop(path):  # else MLflow retries opening it for minutes
+            raise TrackingError(f"{path}: its symbolic links form a loop, not MLflow's store file; point the link at a "
+                                f"file, or set MLFLOW_TRACKING_URI to another store")
         if path.is_dir():
             raise TrackingError(f"{path}: a folder, not MLflow's store file; name a file in it (e.g. sqlite:///"
                                 f"{path / 'mlflow.db'}), or set MLFLOW_TRACKING_URI to another store")
@@ -406,7 +444,7 @@ class Tracker:
         if server_problem():
             return
         try:
-            mlflow.set_tag("error", error)
+            mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
         except Exception:
             pass  # the error being raised says more; a study reconciles the run's state later
         try:

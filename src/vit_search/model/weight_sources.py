@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
+from ..files import symlink_loop
 from ..init_sources import INIT_SOURCES
 from ..presets import HEADS_BY_DIM
 from ..registry import KINDS
@@ -242,6 +243,12 @@ def _load_file(path: Path, shapes_only: bool = False) -> Any:
     """A weights file as torch.load(weights_only=True) reads it (mapped, not read, where the format
     allows), or a safetensors file; WeightsError for anything else."""
     if not path.is_file():
+        if symlink_loop(path):
+            raise WeightsError(f"{path}: its symbolic links form a loop; point the path at the weights file itself")
+        if path.is_dir():
+            raise WeightsError(f"{path}: is a folder, not a weights file; name the file in it")
+        if path.exists():
+            raise WeightsError(f"{path}: is not a regular file (a device, a pipe or a socket); name a weights file")
         raise WeightsError(f"{path}: no such file (a relative path is read from the spec's folder)")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -365,9 +372,24 @@ def _checked_record(recorded: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 # mlflow --------------------------------------------------------------------------------------------------
+def _check_run_store(init: InitSpec) -> None:
+    """Refuse, quickly, a store that cannot hold the run: MLflow would retry one that does not answer for
+    minutes, and make a SQLite file that is not there (``validate`` writes nothing)."""
+    import mlflow
+
+    from ..tracking import bound_http_retries, source_store_problem
+
+    bound_http_retries()  # the artifacts' own requests, once the server answers
+    problem = source_store_problem(init.uri or mlflow.get_tracking_uri())
+    if problem:
+        raise WeightsError(f"MLflow run '{init.run}': {problem}; name the store it was logged to in model.init.uri "
+                           f"(or MLFLOW_TRACKING_URI), or start it if it is a server")
+
+
 def _mlflow_artifact(init: InitSpec, name: str, folder: str) -> Path:
     import mlflow
 
+    _check_run_store(init)
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=init.run, artifact_path=f"model/{name}", dst_path=folder,
                                                         tracking_uri=init.uri))

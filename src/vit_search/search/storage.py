@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RunFailed, UserError
-from ..files import database_problem, disk_full, sqlite_problem
+from ..files import database_problem, disk_full, in_memory_sqlite, sqlite_problem, symlink_loop
 from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
 from ..sqlite_wal import use_wal
 
@@ -100,7 +100,7 @@ def check_url(url: str) -> None:
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(f"storage '{redact(url)}' is not a storage URL SQLAlchemy can read; use one of "
                            f"{EXAMPLES} (--storage or search.storage)") from None
-    if dialect.name == "sqlite" and not url.startswith("sqlite:///"):
+    if dialect.name == "sqlite" and (not url.startswith("sqlite:///") or in_memory_sqlite(url)):
         raise StorageError(f"storage '{redact(url)}': an in-memory SQLite database cannot be shared by workers; "
                            f"name a file, e.g. sqlite:///optuna.db")
     if dialect.name not in ("sqlite", "postgresql", "mysql", "mariadb"):
@@ -214,6 +214,9 @@ def check_file(url: str) -> None:
     path = storage_file(url)
     if path is None:
         return
+    if symlink_loop(path):
+        raise StorageError(f"storage '{redact(url)}': {path}: its symbolic links form a loop; point the link at a "
+                           f"file, or pass another --storage")
     if path.is_dir():
         example = path / ("optuna.db" if url.startswith("sqlite:///") else "study.log")
         raise StorageError(f"{path}: a folder, not a storage file; name a file in it (e.g. {example}), or pass "
