@@ -190,14 +190,17 @@ def test_an_input_error_no_searched_value_can_cause_stops_the_worker_with_its_tr
 
 @register("head", "test_exploding_head")
 class ExplodingHead:
-    """A head that raises in forward: a plugin bug inside one trial."""
+    """A head that raises in a training forward: a plugin bug inside one trial, which the spec's check
+    (one image through the model in eval mode) cannot see."""
 
     def __new__(cls, dim: int, num_classes: int):
         import torch
 
         class Head(torch.nn.Linear):
             def forward(self, x):
-                raise RuntimeError("plugin bug")
+                if self.training:
+                    raise RuntimeError("plugin bug")
+                return super().forward(x)
 
         return Head(dim, num_classes)
 

@@ -17,76 +17,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .errors import RunFailed, UserError
-from .files import database_problem, disk_full, error_chain, in_memory_sqlite, sqlite_problem, symlink_loop
+from .errors import RunFailed
+from .files import disk_full, error_chain, in_memory_sqlite, sqlite_problem, symlink_loop
 from .redaction import redact, redact_in, scrub
 from .schema import Spec
 from .sqlite_wal import use_wal
+from .tracking_store import (  # noqa: F401  (the checks are this module's too)
+    HTTP_RETRY_DEFAULTS, TrackingError, bound_http_retries, server_problem, source_store_problem,
+)
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# MLflow retries an unreachable server for minutes per request by default (7 retries, backoff
-# factor 2, 120 s timeouts); a study should hear of an outage within a minute. Users may override,
-# with values of the type MLflow reads (one it cannot read stops it with a traceback mid-request).
-HTTP_RETRY_DEFAULTS: dict[str, tuple[str, type]] = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": ("3", int), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": ("1", int),
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": ("0.5", float), "MLFLOW_HTTP_REQUEST_TIMEOUT": ("10", int),
-}
-
-
-def bound_http_retries() -> None:
-    """Bound MLflow's retries of a tracking server that does not answer (unless the environment sets
-    them); a value set that MLflow cannot read is one line (TrackingError, exit 2)."""
-    for key, (default, kind) in HTTP_RETRY_DEFAULTS.items():
-        value = os.environ.setdefault(key, default)
-        try:
-            readable = kind(value) >= 0
-        except ValueError:
-            readable = False
-        if not readable:
-            what = "a whole number" if kind is int else "a number"
-            raise TrackingError(f"{key}={value!r}: MLflow reads {what}, 0 or more, here; set it to one (such as "
-                                f"{default}), or unset it for vit-search's default {default}")
-
-
-def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
-    """Why the MLflow tracking server at ``uri`` (default: the current one) does not answer its
-    health check, or the database of a database store (``postgresql://``, ``mysql://``) does not
-    answer or lacks its driver; None when it answers, or the store is a file."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    if uri is None:
-        import mlflow
-
-        uri = mlflow.get_tracking_uri()
-    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):  # MLflow's database stores
-        problem = database_problem(uri, timeout)
-        return problem and f"MLflow store {redact(uri)} {problem}"
-    if not uri.startswith(("http://", "https://")):
-        return None
-    # urllib takes user:password@ for part of the host name: ask without it, the credentials in a header.
-    parts = urllib.parse.urlsplit(uri)
-    user, _, host = parts.netloc.rpartition("@")
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health")
-    if user:
-        import base64
-
-        credentials = urllib.parse.unquote(user).encode()
-        request.add_header("Authorization", f"Basic {base64.b64encode(credentials).decode()}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if response.status == 200:
-                return None
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        reason = f"HTTP {err.code}"
-    except (OSError, ValueError) as err:
-        reason = redact_in(str(getattr(err, "reason", err)), uri)
-    return f"MLflow tracking server {redact(uri)} does not answer ({reason[:120]})"
 
 
 def configure(spec: Spec) -> str:
@@ -142,10 +85,6 @@ def use_experiment(spec: Spec) -> str:
         # MLflow 3's UI shows the GenAI (traces) view unless the experiment says it trains models.
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
-
-
-class TrackingError(UserError):
-    """An MLflow store that cannot be used: one line naming it (exit 2)."""
 
 
 def refused(err: Exception, uri: str | None = None) -> TrackingError:
@@ -253,28 +192,6 @@ def run_exists(run_id: str) -> bool:
             raise refused(err) from None
         return False
     return True
-
-
-def source_store_problem(uri: str) -> str | None:
-    """Why the MLflow store at ``uri`` cannot hold a run to read weights from, said as a sentence about it
-    without the fix (None: it may): an in-memory database, a SQLite file that is not there (MLflow would
-    make it), a loop of links, a folder, a file that is no database, a server that does not answer.
-    Quick (one connection at most, within seconds), and writes nothing."""
-    if in_memory_sqlite(uri):
-        return f"MLflow store {redact(uri)} is an in-memory SQLite database, which holds no runs"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if symlink_loop(path):
-            return f"MLflow store {path}: its symbolic links form a loop"
-        if path.is_dir():
-            return f"MLflow store {path} is a folder, not a store file"
-        if not path.exists():
-            return f"no such MLflow store: {path} does not exist, so no run is in it"
-        if path.stat().st_size == 0:
-            return f"MLflow store {path} is an empty file, so no run is in it"
-        problem = sqlite_problem(path)
-        return problem and f"MLflow store {path} is {problem}"
-    return server_problem(uri)
 
 
 def check_store(spec: Spec) -> None:

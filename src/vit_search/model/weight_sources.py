@@ -377,7 +377,7 @@ def _check_run_store(init: InitSpec) -> None:
     minutes, and make a SQLite file that is not there (``validate`` writes nothing)."""
     import mlflow
 
-    from ..tracking import bound_http_retries, source_store_problem
+    from ..tracking_store import bound_http_retries, source_store_problem
 
     bound_http_retries()  # the artifacts' own requests, once the server answers
     problem = source_store_problem(init.uri or mlflow.get_tracking_uri())
