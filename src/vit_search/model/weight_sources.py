@@ -22,6 +22,7 @@ from ..errors import WeightsError
 from ..files import symlink_loop
 from ..init_sources import INIT_SOURCES
 from ..presets import HEADS_BY_DIM
+from ..redaction import redact
 from ..registry import KINDS
 from ..schema import InitSpec, ModelSpec
 from ..sizes import pair
@@ -394,7 +395,7 @@ def _mlflow_artifact(init: InitSpec, name: str, folder: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=init.run, artifact_path=f"model/{name}", dst_path=folder,
                                                         tracking_uri=init.uri))
     except Exception as err:
-        store = init.uri or mlflow.get_tracking_uri()
+        store = redact(init.uri or mlflow.get_tracking_uri())
         raise WeightsError(f"MLflow run '{init.run}' in {store}: no logged model/{name} ({type(err).__name__}: "
                            f"{_first_line(err)}); was tracking.log_model off, or is the run in another store "
                            f"(model.init.uri, MLFLOW_TRACKING_URI)?") from None
@@ -412,7 +413,7 @@ def _describe_mlflow(init: InitSpec, heads: int | None) -> Weights:
         raise WeightsError(f"MLflow run '{init.run}': its model/spec.yaml has no model section")
     recorded = _checked_record(model, f"MLflow run '{init.run}': its logged model")
     shapes = build_on_meta(ModelSpec.model_validate(recorded)).state_dict()
-    return _weights(recorded, shapes, f"mlflow run {init.run} ({init.uri or 'the default tracking store'})")
+    return _weights(recorded, shapes, f"mlflow run {init.run} ({redact(init.uri) if init.uri else 'the default tracking store'})")
 
 
 def _fetch_mlflow(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
