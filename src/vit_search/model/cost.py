@@ -37,12 +37,16 @@ def flop_count(model: nn.Module, images: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tensor], T]) -> T:
+def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tensor], T],
+                  on_meta: VisionTransformer | None = None) -> T:
     """``use(built, images)`` on the model of ``model`` in eval mode and one image of zeros: on the meta
-    device (no memory, no arithmetic), or on the CPU where a block's forward reads values, which
-    meta tensors do not hold. Raises UserError when the forward pass fails on the CPU too."""
-    with torch.device("meta"):
-        built = build_vit(model).eval()
+    device (no memory, no arithmetic; ``on_meta``, when the caller built it there already), or on the
+    CPU where a block's forward reads values, which meta tensors do not hold. Raises UserError when
+    the forward pass fails on the CPU too."""
+    built = on_meta
+    if built is None:
+        with torch.device("meta"):
+            built = build_vit(model).eval()
     shape = (1, model.in_channels, *pair(model.image_size))
     try:
         return use(built, torch.zeros(shape, device="meta"))
@@ -55,20 +59,16 @@ def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tens
     # Building initialises weights from the global generator: the caller's seeded draws stay as they were.
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         built = build_vit(model).eval()
+    from ..train_step import CAPTURE_GATE  # here: commands that train nothing do not import the trainer
+
     try:
-        with _one_at_a_time():
+        # SDPA's math kernel alone is torch's process-wide setting (see flop_count): trials packed into
+        # other threads neither step nor capture meanwhile.
+        with CAPTURE_GATE.exclusive():
             return use(built, torch.zeros(shape))
     except Exception as err:
         line = (str(err).strip().splitlines() or [""])[0][:300]
         raise UserError(f"model: its forward pass fails on one image: {type(err).__name__}: {line}") from None
-
-
-def _one_at_a_time() -> contextlib.AbstractContextManager:
-    """While a forward pass on the CPU runs with SDPA's math kernel alone (torch's process-wide
-    setting, see :func:`flop_count`), trials packed into other threads do not step or capture."""
-    from ..train_step import CAPTURE_GATE
-
-    return CAPTURE_GATE.exclusive()
 
 
 def model_cost(model: ModelSpec) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def model_cost(model: ModelSpec) -> tuple[int, int]:
     key = (model.model_dump_json(), frozenset(type(module) for module in built.modules()))
     flops = _FLOPS.get(key)
     if flops is None:
-        flops = run_one_image(model, flop_count)
+        flops = run_one_image(model, flop_count, on_meta=built)
         if len(_FLOPS) >= _FLOPS_KEPT:
             _FLOPS.pop(next(iter(_FLOPS)), None)  # the oldest
         _FLOPS[key] = flops
