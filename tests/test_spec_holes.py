@@ -119,6 +119,25 @@ def test_the_largest_seed_still_loads(write_spec):
     assert load_spec(write_spec("name: x\nseed: 4294967295\n")).seed == 2**32 - 1
 
 
+# -- yes/no where a number goes ------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  dim: true\n", ":3: model.dim: true is a yes/no value; write a number"),
+    ("train:\n  lr: yes\n", ":3: train.lr: true is a yes/no value; write a number"),
+    ("search:\n  n_trials: no\n", ":3: search.n_trials: false is a yes/no value; write a number"),
+    ("model:\n  attention: {type: sdpa, heads: true}\n", "model.attention.heads: model.attention (sdpa): argument 'heads'"),
+    ("search:\n  study_name: true\n", ":3: search.study_name: true is a yes/no value; quote it ('true') to mean the text"),
+])
+def test_a_yes_no_value_is_not_read_as_one_or_zero(write_spec, text, message):
+    path = write_spec("name: x\n" + text)
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}") and message in problem, problem
+
+
+def test_yes_no_keys_still_take_yes_no_values(write_spec):
+    spec = load_spec(write_spec("name: x\ndata: {augment: {hflip: yes}}\n"))
+    assert spec.data.augment.hflip is True
+
+
 # -- sizes past any integer -------------------------------------------------------------------
 def test_a_block_size_that_overflows_is_one_line_without_a_frame_dump(write_spec, cli_here):
     path = write_spec("name: x\nmodel: {ffn: {type: mlp, ratio: 1.0e+300}}\n")
@@ -205,8 +224,8 @@ def test_a_bound_that_is_text_says_so(write_spec, bounds, message):
 
 # -- where --set problems are ----------------------------------------------------------------
 def test_a_problem_a_set_causes_elsewhere_in_its_section_is_located_at_the_set(write_spec):
-    [problem] = problems(write_spec("name: x\n"), ["model.dim=true"])
-    assert problem.startswith("--set model.dim=true: model.attention (sdpa): dim 1 is not divisible by heads")
+    [problem] = problems(write_spec("name: x\n"), ["model.dim=3"])
+    assert problem.startswith("--set model.dim=3: model.attention (sdpa): dim 3 is not divisible by heads")
 
 
 def test_a_problem_inside_a_set_value_names_the_whole_field_path(write_spec):

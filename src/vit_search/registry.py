@@ -240,7 +240,8 @@ class Registry:
             except (PydanticUserError, PydanticUndefinedAnnotation):  # torch.Tensor, ...: as if unannotated
                 continue
             try:
-                checked[key] = adapter.validate_python(value, strict=False)
+                # Strict for yes/no values: the lax mode would read `heads: true` as 1.
+                checked[key] = adapter.validate_python(value, strict=isinstance(value, bool))
             except ValidationError as err:
                 reason = err.errors()[0]["msg"]
                 raise RegistryError(

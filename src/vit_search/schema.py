@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_serializer, model_validator,
+    BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, ValidationInfo, create_model,
+    field_validator, model_serializer, model_validator,
 )
 
 from .data.sources import DATASETS
@@ -56,6 +57,28 @@ def _clip_name(value: str) -> str:
 class _Section(BaseModel):
     # No infinities or NaNs: a learning rate of .inf validates, then trains to NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `yes` and `true` as booleans, which pydantic's lax mode takes as 1 for a number.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _takes(annotation, True):
+            text = str(value).lower()
+            if _takes(annotation, 1):
+                raise ValueError(f"{text} is a yes/no value; write a number")
+            if _takes(annotation, text):
+                raise ValueError(f"{text} is a yes/no value; quote it ('{text}') to mean the text")
+            raise ValueError(f"{text} is a yes/no value; write a value of the type docs/spec.md gives")
+        return value
+
+
+def _takes(annotation: Any, value: Any) -> bool:
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 class AugmentSpec(_Section):
