@@ -337,16 +337,19 @@ def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdi
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_missing_data_files_are_one_error_line_and_exit_2(workdir, cli_here):
+def test_missing_data_files_are_one_error_line_exit_2_and_no_mlflow_run(workdir, cli_here, sqlite_uri):
+    from mlflow.tracking import MlflowClient
+
     spec_path = write_yaml(workdir / "mnist.yaml", {
         "name": "nomnist", "data": {"dataset": "mnist", "image_size": 28, "root": str(workdir / "data")},
         "model": {"patch_embed": {"type": "conv", "patch_size": 4}}, "train": {"epochs": 1},
-        "tracking": {"enabled": False}})
+        "tracking": {"uri": sqlite_uri, "experiment": "train-no-mnist"}})
     result = cli_here("train", str(spec_path), cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "mnist: data files not found in" in line and "data.download: true" in line
     assert not (workdir / "runs").exists()
+    assert MlflowClient(sqlite_uri).get_experiment_by_name("train-no-mnist") is None  # bad input: no FAILED run
 
 
 def test_the_schedule_counts_the_step_accelerate_takes_at_an_epochs_uneven_end(workdir):
@@ -358,13 +361,17 @@ def test_the_schedule_counts_the_step_accelerate_takes_at_an_epochs_uneven_end(w
     assert result.history[0]["lr"] == pytest.approx(0.5 * spec.train.lr, rel=1e-6)
 
 
-def test_a_batch_larger_than_the_training_split_is_one_error_line_and_exit_2(workdir, cli_here):
+def test_a_batch_larger_than_the_training_split_is_one_error_line_exit_2_and_no_mlflow_run(workdir, cli_here,
+                                                                                           sqlite_uri):
+    from mlflow.tracking import MlflowClient
+
     spec_path = write_yaml(workdir / "big.yaml", {**TINY, "train": {**TINY["train"], "batch_size": 4096},
-                                                  "tracking": {"enabled": False}})
+                                                  "tracking": {"uri": sqlite_uri, "experiment": "train-big-batch"}})
     result = cli_here("train", str(spec_path), cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "train.batch_size 4096" in line and "1293 training images" in line and "lower train.batch_size" in line
+    assert MlflowClient(sqlite_uri).get_experiment_by_name("train-big-batch") is None
 
 
 def test_compiled_models_save_weights_under_the_plain_models_names():

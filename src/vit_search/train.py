@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data.batches import DeviceBatches
-from .data.loading import load_data, make_loader
+from .data.loading import DataSplits, load_data, make_loader
 from .errors import CheckpointError, DataError
 from .finetune import frozen, lr_scale
 from .model import build_model
@@ -156,9 +156,11 @@ class _Setup:
     data_tags: dict[str, str] = field(default_factory=dict)  # where the images were read from
 
 
-def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = True) -> _Setup:
+def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = True,
+           data: DataSplits | None = None) -> _Setup:
     cfg = spec.train
-    data = load_data(spec.data, spec.seed, device=accelerator.device)
+    if data is None:
+        data = load_data(spec.data, spec.seed, device=accelerator.device)
     model = build_model(spec, init_weights=init_weights)  # a resumed run's weights come from its checkpoint
     parameters, flops = model_cost(spec.model)
     trainable = freeze(model, cfg.freeze)
@@ -187,11 +189,7 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
         model, optimizer, *prepared = accelerator.prepare(model, optimizer, *(loaders[name] for name in to_prepare))
     loaders.update(zip(to_prepare, prepared))
     if len(loaders["train"]) == 0:  # drop_last: not one full batch per process
-        raise DataError(
-            f"train.batch_size {cfg.batch_size} x {accelerator.num_processes} process(es) is more than the "
-            f"{len(data.train)} training images: not one full batch; lower train.batch_size",
-            settings=("data", "train.batch_size"),
-        )
+        raise _no_full_batch(cfg.batch_size, accelerator.num_processes, len(data.train))
     if cfg.compile:
         model = torch.compile(model)
     # Stepped by us once per optimizer step on every process (not prepared: Accelerate would step
@@ -210,6 +208,11 @@ def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = Tr
         "data_cache_read": "batches" if not data.on_device else "filled the tensors"}
     return _Setup(model, optimizer, scheduler, loaders, data.augment, criterion, parameters, flops, blocker, trainable,
                   data_tags=data_tags)
+
+
+def _no_full_batch(batch_size: int, processes: int, images: int) -> DataError:
+    return DataError(f"train.batch_size {batch_size} x {processes} process(es) is more than the {images} training "
+                     "images: not one full batch; lower train.batch_size", settings=("data", "train.batch_size"))
 
 
 def _make_step(spec: Spec, run: _Setup, accelerator: Any, make_step: StepFactory | None = None) -> str:
@@ -261,7 +264,8 @@ def train(
     trials it trains in other threads. ``make_step`` replaces the training step (see
     :data:`StepFactory`); ``run_id`` logs into that existing MLflow run. With ``resume``, a
     run continues from the last epoch checkpoint in ``checkpoint_dir`` and the same MLflow run.
-    Whatever fails after the start, data loading included, ends the MLflow run FAILED.
+    A run of its own (no ``parent_run_id`` or ``run_id``) loads its data before its MLflow run starts,
+    so unreadable data is no FAILED run; whatever fails after the start ends the MLflow run FAILED.
     ``seconds``, given, is filled with where the run's time goes as it goes (a run that raises
     included); the result carries it too, and the run logs its set-up, capture and evaluation seconds.
     """
@@ -302,11 +306,19 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
+    data = None
+    if parent_run_id is None and run_id is None:
+        # A run of its own reads its data before MLflow hears of it: unreadable data or a batch larger than the
+        # training set is one line and no FAILED run. A trial's run is the study's record, so there it is the run's.
+        with _out_of_memory_in_one_line(accelerator.device):
+            data = load_data(spec.data, spec.seed, device=accelerator.device)
+        if len(data.train) < cfg.batch_size * accelerator.num_processes:
+            raise _no_full_batch(cfg.batch_size, accelerator.num_processes, len(data.train))
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else run_id
     with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags), \
             _out_of_memory_in_one_line(accelerator.device):
-        run = _setup(spec, accelerator, precision, init_weights=checkpoint is None)
+        run = _setup(spec, accelerator, precision, init_weights=checkpoint is None, data=data)
         start_epoch, history = 0, []
         if checkpoint is not None:
             try:
