@@ -19,6 +19,7 @@ from PIL import Image
 
 from vit_search.data import DataError, TensorSplit, load_data, make_loader, stratified_split
 from vit_search.data.augment import BatchAugment, random_crop, random_hflip
+from vit_search.data.sources import imagefolder_parts
 from vit_search.schema import AugmentSpec, DataSpec
 
 
@@ -470,6 +471,40 @@ def test_an_imagefolder_root_without_class_folders_is_an_error_at_data(tmp_path,
             load_spec(write_spec(f"name: t\ndata: {{dataset: imagefolder, root: {root}}}\n"))
         assert raised.value.problems[0].endswith(f"data: data.root '{root}' {says}; imagefolder expects "
                                                  f"root/<class>/<image>")
+
+
+def test_a_class_folder_without_images_is_refused_at_data_before_anything_runs(tmp_path, write_spec):
+    from vit_search.spec import SpecError, load_spec
+
+    _pngs(tmp_path, {"cat": 2, "dog": 2})
+    (tmp_path / "owl").mkdir()
+    (tmp_path / "owl" / "notes.txt").write_text("no image here")
+    path = write_spec(f"name: t\ndata: {{dataset: imagefolder, root: {tmp_path}, image_size: 16}}\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    [problem] = raised.value.problems
+    assert problem.startswith(f"{path}:2: data: class folder(s) owl under data.root '{tmp_path}' hold no images (.jpg")
+    assert problem.endswith("; add images or remove the folder(s)")
+    _pngs(tmp_path / "owl" / "nested", {"deeper": 1})  # ImageFolder walks subfolders: so does the check
+    assert load_spec(path).model.num_classes == 3
+
+
+def test_a_class_folder_emptied_after_validation_is_one_data_error(tmp_path):
+    _pngs(tmp_path, {"cat": 3, "dog": 3})
+    validated = spec(dataset="imagefolder", root=str(tmp_path), image_size=8)
+    for image in (tmp_path / "dog").iterdir():
+        image.unlink()
+    with pytest.raises(DataError) as raised:
+        imagefolder_parts(validated, seed=0)
+    assert str(raised.value).startswith(f"imagefolder: class folder(s) dog under data.root '{tmp_path}' hold no images")
+
+
+def test_the_image_suffixes_validate_looks_for_are_the_ones_imagefolder_reads():
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from vit_search.data.sources import IMAGE_SUFFIXES
+
+    assert IMAGE_SUFFIXES == IMG_EXTENSIONS
 
 
 def test_an_imagefolder_without_data_root_is_read_from_the_working_directory(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -211,7 +212,28 @@ def class_folders(spec: "DataSpec") -> list[Path]:
     classes = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
     if not classes:
         raise ValueError(f"data.root '{root}' has no class folders; imagefolder expects root/<class>/<image>")
+    empty = [folder.name for folder in classes if not _holds_an_image(folder)]
+    if empty:
+        raise ValueError(_no_images(", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else ""),
+                                    root))
     return classes
+
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, which ImageFolder reads (written out: validate imports no torchvision).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _holds_an_image(folder: Path) -> bool:
+    # Stops at the first image: a class folder of a million images costs one listing, not a million.
+    for _, _, files in os.walk(folder, followlinks=True):  # as ImageFolder walks it
+        if any(name.lower().endswith(IMAGE_SUFFIXES) for name in files):
+            return True
+    return False
+
+
+def _no_images(names: str, root: Path) -> str:
+    return (f"class folder(s) {names} under data.root '{root}' hold no images ({', '.join(IMAGE_SUFFIXES)}); "
+            "add images or remove the folder(s)")
 
 
 def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, list[str]]:
@@ -223,6 +245,9 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     try:
         base = torchvision.datasets.ImageFolder(str(root / "train" if has_train else root))
     except (FileNotFoundError, OSError) as err:
+        empty = re.match(r"Found no valid file for the classes (.*?)\. ", str(err))
+        if empty:  # torchvision's words for a class folder emptied since the spec was validated
+            raise DataError(f"imagefolder: {_no_images(empty[1], root)}") from None
         raise DataError(f"imagefolder: cannot read {root}: {err}") from None
     labels = np.asarray(base.targets)
     parts: Parts = {"train": base}
