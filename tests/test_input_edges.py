@@ -191,3 +191,17 @@ def test_a_plugin_block_with_an_annotation_pydantic_cannot_check_validates(tmp_p
     said = cli_here("validate", tmp_path / "spec.yaml", cwd=tmp_path)
     assert said.returncode == 0 and "Traceback" not in said.stderr, said.stderr[-2000:]
     assert "ok" in said.stdout
+
+
+# -- a reader that goes away --------------------------------------------------------------------------------
+def test_a_reader_that_closes_the_pipe_stops_the_command_quietly_as_sigpipe_would():
+    import signal
+    import sys
+
+    # The reader closes before the command has imported anything: its first print meets a closed pipe.
+    process = subprocess.Popen([sys.executable, "-m", "vit_search", "summary", str(DIGITS)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"

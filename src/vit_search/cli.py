@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
@@ -581,7 +582,10 @@ def entry() -> None:
     nothing open skip the interpreter's teardown, as does a run whose packed trials a second
     Ctrl-C left mid-step (their study and MLflow runs already say so)."""
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except BrokenPipeError:  # the reader went away (`vit-search summary | head`): stop as a pipe's writer does
+        os._exit(128 + signal.SIGPIPE)  # no flush at exit: it would meet the closed pipe again
     if build_parser().parse_known_args(argv)[0].command in _NOTHING_TO_CLOSE or trials_left_behind():
         try:
             sys.stdout.flush()
