@@ -225,6 +225,8 @@ def test_block_argument_of_a_block_left_to_its_default_or_preset_is_drawn(write_
     assert check_space(default) == []
     for raw, drawn, _ in draw(parse_space(default.search.space), default.raw, 5):
         assert raw["model"]["ffn"]["ratio"] == drawn["model.ffn[mlp].ratio"] in (2, 4)
+        # The trial's spec loads: the block written without a type is the default mlp, with the drawn ratio.
+        assert load_spec(raw).model.ffn == {"type": "mlp", "ratio": drawn["model.ffn[mlp].ratio"]}
     # A preset's attention is sdpa: `attention: {heads: 2}` keeps that type, so sdpa arguments apply.
     dims = parse_space({"model.attention[sdpa].qk_norm": {"choice": [True]},
                         "model.attention[einsum].qk_norm": {"choice": [False]}})

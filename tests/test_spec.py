@@ -264,3 +264,13 @@ def test_a_test_metric_is_never_an_objective_and_says_so_in_one_line(metric, dir
     with pytest.raises(SpecError) as raised:
         load_spec(raw)
     assert raised.value.problems == [f"<spec>: {problem}"]
+
+
+def test_a_block_written_without_a_type_is_the_default_block_with_those_arguments(write_spec):
+    spec = load_spec(write_spec("name: x\nmodel: {attention: {heads: 4}, ffn: {ratio: 2}}\n"))
+    assert spec.model.attention == {"type": "sdpa", "heads": 4} and spec.model.ffn == {"type": "mlp", "ratio": 2}
+    # As an override on a spec that leaves the block out, too.
+    assert load_spec(write_spec("name: x\n"), ["model.attention.heads=2"]).model.attention == {"type": "sdpa", "heads": 2}
+    # A preset's block keeps the preset's type and arguments.
+    preset = load_spec(write_spec("name: x\nmodel: {preset: vit_ti_16, attention: {proj_dropout: 0.1}}\n")).model.attention
+    assert preset["type"] == "sdpa" and preset["heads"] == 3 and preset["proj_dropout"] == 0.1

@@ -158,14 +158,15 @@ def with_preset(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 def block_type(raw_model: Any, kind: str) -> Any:
     """The type of the ``kind`` block in a raw model section: as written (``{type: mlp}`` or ``mlp``),
-    else its preset's, else the kind's default. The one resolver the schema and the search share."""
+    else its preset's, else (left out, or written without a type) the kind's default. The one resolver
+    the schema and the search share."""
     raw = raw_model if isinstance(raw_model, Mapping) else {}
     try:
         raw = with_preset(raw)
     except ValueError:  # an unknown preset: reported by the schema, not here
         pass
-    block = raw.get(kind, {"type": KINDS[kind].default})
-    return block.get("type") if isinstance(block, Mapping) else block
+    block = raw.get(kind, {})
+    return block.get("type", KINDS[kind].default) if isinstance(block, Mapping) else block
 
 
 class InitSpec(_Section):
@@ -209,7 +210,13 @@ class _ModelSizes(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
-        return with_preset(raw) if isinstance(raw, Mapping) else raw
+        if not isinstance(raw, Mapping):
+            return raw
+        raw = with_preset(raw)
+        for kind in KINDS:  # `attention: {heads: 4}`: the default block with 4 heads (a preset's is filled in above)
+            if isinstance(raw.get(kind), Mapping) and "type" not in raw[kind]:
+                raw[kind] = {"type": KINDS[kind].default, **raw[kind]}
+        return raw
 
     @field_validator(*KINDS, mode="before", check_fields=False)
     @classmethod
