@@ -255,12 +255,18 @@ def test_a_non_finite_objective_fails_its_trial_which_is_not_retried_and_the_stu
     assert run.info.status == "FAILED" and run.data.tags["error"] == "objective is not finite: [nan]"
 
 
-def test_a_study_with_tracking_disabled_makes_no_mlflow_store_and_no_run(tmp_path, monkeypatch):
+def test_a_study_with_tracking_disabled_makes_no_mlflow_store_no_run_and_offers_no_ui(tmp_path, monkeypatch, capsys):
+    from vit_search.cli import main
+
     store = tmp_path / "store" / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     monkeypatch.chdir(tmp_path)
-    raw = {**study_raw("untracked", n_trials=2), "tracking": {"enabled": False}}
-    trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**study_raw("untracked", n_trials=2),
+                                                        "tracking": {"enabled": False}}))
+    assert main(["run", "spec.yaml", "--set", "train.epochs=1", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "vit-search best spec.yaml" in said and "vit-search ui" not in said  # nothing logged to compare there
+    trials = optuna.load_study(study_name="untracked", storage="sqlite:///optuna.db").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert not store.parent.exists() and not (tmp_path / "mlruns").exists()
     assert not [t for t in trials if "mlflow_run_id" in t.user_attrs]

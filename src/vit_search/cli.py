@@ -288,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training: {result.seconds.summary()}); storage {redact(result.storage)}")
-    print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study)))
+    print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study, spec.tracking.enabled)))
     return exit_code() if result.interrupted else 0
 
 
@@ -360,7 +360,7 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
     if failure:
         print(failure, file=sys.stderr)
     elif code == 0:
-        print("\n".join(next_steps(args.spec, args.overrides, args.storage, study)))
+        print("\n".join(next_steps(args.spec, args.overrides, args.storage, study, checked["spec"].tracking.enabled)))
     return code
 
 

@@ -44,7 +44,7 @@ def every_seconds() -> float:
         seconds = math.nan
     if not 0 <= seconds < math.inf:
         raise UserError(f"{EVERY_ENV}={text!r}: not a number of seconds between epoch lines; set it to 0 (every "
-                        f"epoch), 30 or more, or unset it for {DEFAULT_EVERY:.0f}")
+                        f"epoch) or more, or unset it for {DEFAULT_EVERY:.0f}")
     return seconds
 
 

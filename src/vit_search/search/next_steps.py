@@ -12,9 +12,11 @@ from .report import best_trials
 from .storage import STORAGE_ENV
 
 
-def next_steps(spec_path: str, overrides: list[str], storage: str | None, study: optuna.Study) -> list[str]:
-    """Lines naming the best trial (or the Pareto front) and the ``best --export``, ``train`` and ``ui``
-    commands for this study; ``storage`` is the ``--storage`` given, if any."""
+def next_steps(spec_path: str, overrides: list[str], storage: str | None, study: optuna.Study,
+               tracked: bool = True) -> list[str]:
+    """Lines naming the best trial (or the Pareto front) and the ``best --export``, ``train`` and (where
+    the study logged to MLflow: ``tracked``) ``ui`` commands for this study; ``storage`` is the
+    ``--storage`` given, if any."""
     best = best_trials(study)
     if not best:
         return []
@@ -35,8 +37,9 @@ def next_steps(spec_path: str, overrides: list[str], storage: str | None, study:
         "next:",
         f"  {_command('best', *study_args, *storage_args, '--export', 'best.yaml')}   # the best trial as a plain spec",
         "  vit-search train best.yaml   # retrain it as a single run",
-        f"  {_command('ui', *study_args)}   # compare the trials in MLflow's UI",
     ]
+    if tracked:
+        lines.append(f"  {_command('ui', *study_args)}   # compare the trials in MLflow's UI")
     return lines
 
 
