@@ -202,6 +202,26 @@ def test_batch_augment_shapes_and_soft_labels():
     assert torch.allclose(labels.sum(1), torch.ones(20))
 
 
+def test_mixup_and_cutmix_both_on_mix_each_batch_by_one_of_the_two():
+    torch.manual_seed(0)
+    aug = BatchAugment(AugmentSpec(mixup_alpha=1.0, cutmix_alpha=1.0), num_classes=8, image_size=8)
+    # Image i is the constant i + 1: MixUp blends whole images (one value, not a whole number), CutMix
+    # pastes a box of another image (only the two images' own whole numbers).
+    originals = torch.arange(1.0, 9.0).view(8, 1, 1, 1).expand(8, 3, 8, 8).contiguous()
+    kinds = []
+    for _ in range(40):
+        images, _ = aug(originals.clone(), torch.arange(8))
+        values = [image.unique() for image in images]
+        whole = all(bool((v == v.round()).all()) for v in values)
+        if whole and all(len(v) <= 2 for v in values):
+            kinds.append("cutmix")
+        elif all(len(v) == 1 for v in values) and not whole:
+            kinds.append("mixup")
+        else:
+            kinds.append(f"neither: {values}")
+    assert set(kinds) == {"mixup", "cutmix"}, kinds
+
+
 def test_batch_augment_off_is_identity_and_randaugment_checks_channels():
     aug = BatchAugment(AugmentSpec(), num_classes=3, image_size=8)
     images, labels = torch.rand(4, 5, 8, 8), torch.arange(4)

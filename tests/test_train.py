@@ -115,6 +115,7 @@ def test_logged_model_loads_back_with_one_call(workdir):
     spec = tiny_spec("loads-back", epochs=2)
     result = train(spec)
     model = load_model(result.run_id)
+    assert not any(module.training for module in model.modules())  # in eval mode, as the docs say
     data = load_data(spec.data, spec.seed)
     images, labels = data.test[list(range(len(data.test)))]
     with torch.no_grad():
@@ -591,3 +592,13 @@ def test_a_failed_store_is_raised_in_the_training_thread_at_its_next_save(tmp_pa
     with pytest.raises(OSError, match="went away"):
         writer.save({"epoch": 1}, {"loss": 0.5}, 1)
     assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint ahead of its metrics
+
+
+def test_train_ignores_the_search_section_even_one_that_run_would_refuse(workdir, cli_here):
+    spec_path = write_yaml(workdir / "searched.yaml", {
+        **TINY, "train": {**TINY["train"], "epochs": 1}, "tracking": {"enabled": False},
+        "search": {"space": {"model.no_such_key": {"int": [1, 2]}}}})
+    assert cli_here("validate", str(spec_path), cwd=workdir).returncode == 2  # validate checks the space
+    result = cli_here("train", str(spec_path), "--quiet", cwd=workdir)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("tiny: train_loss ")
