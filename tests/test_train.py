@@ -602,3 +602,14 @@ def test_train_ignores_the_search_section_even_one_that_run_would_refuse(workdir
     result = cli_here("train", str(spec_path), "--quiet", cwd=workdir)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith("tiny: train_loss ")
+
+
+@pytest.mark.parametrize("eval_batch_size, expected", [(None, 4 * 32), (50, 50)])
+def test_validation_and_test_batches_are_four_training_batches_unless_set(eval_batch_size, expected):
+    from accelerate import Accelerator
+
+    from vit_search.train import _setup
+
+    spec = load_spec({**TINY, "train": {**TINY["train"], "eval_batch_size": eval_batch_size}})
+    loaders = _setup(spec, Accelerator(cpu=True), "no").loaders
+    assert loaders["train"].batch_size == 32 and loaders["val"].batch_size == loaders["test"].batch_size == expected
