@@ -141,6 +141,11 @@ def test_constraints_prune_trials_before_any_training(workdir):
     runs = client.search_runs([client.get_experiment_by_name("constrained").experiment_id],
                               filter_string="tags.`trial.state` = 'PRUNED'")
     assert len(runs) == 3 and all("max_params" in r.data.tags["pruned_reason"] for r in runs)
+    by_number = {t.number: t for t in trials}
+    for run in runs:  # each untrained run still records the size that pruned it, as its trial does
+        trial = by_number[int(run.data.tags["optuna.trial_number"])]
+        assert run.data.metrics["parameters"] == trial.user_attrs["parameters"] > 1000
+        assert run.data.metrics["flops"] == trial.user_attrs["flops"] > 0
 
 
 def test_n_trials_extends_a_study_a_finished_one_adds_none_and_every_enqueued_trial_runs_once(workdir):
