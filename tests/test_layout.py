@@ -4,6 +4,8 @@ commands that read no data import no data code."""
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,11 +125,18 @@ def _imports(path: Path) -> set[str]:
                 target = node.module or ""
             if node.module is None:  # `from . import x`: the submodules named
                 found |= {f"{target}.{alias.name}" for alias in node.names}
-            else:
+            else:  # `from .search import run`: the package, and the submodule when one is named
                 found.add(target)
+                found |= {f"{target}.{alias.name}" for alias in node.names if _is_module(f"{target}.{alias.name}")}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
     return {name for name in found if name.startswith("vit_search")}
+
+
+def _is_module(name: str) -> bool:
+    """Whether the dotted ``name`` is a module or package of vit_search."""
+    path = SRC.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def test_no_module_imports_one_that_imports_it_back():
@@ -159,6 +168,77 @@ def test_no_module_imports_one_that_imports_it_back():
 def _parents(module: str) -> list[str]:
     parts = module.split(".")
     return [".".join(parts[:i]) for i in range(2, len(parts))]
+
+
+def _module_name(relative: str) -> str:
+    """``model/vit.py`` -> ``vit_search.model.vit``; a package's ``__init__.py`` is the package."""
+    return ".".join(["vit_search", *relative.removesuffix(".py").split("/")]).removesuffix(".__init__")
+
+
+def _listed(cell: str) -> list[str] | None:
+    """The names of a cell that is a comma-separated list of backticked names, else None."""
+    if not re.fullmatch(r"`[^`]+`(, `[^`]+`)*", cell):
+        return None
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _rooms() -> list[list[str]]:
+    """ARCHITECTURE.md's Rooms table: (modules, concern, imports) cells of each row under the header."""
+    text = (SRC.parents[1] / "ARCHITECTURE.md").read_text()
+    assert "\n## Rooms\n" in text, "ARCHITECTURE.md has no Rooms section"
+    lines = text.split("\n## Rooms\n", 1)[1].strip().splitlines()
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines))
+    assert table[0].startswith("| module |") and len(table) > 2, "the Rooms table's header has moved"
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table[2:]]
+    assert all(len(row) == 3 for row in rows), [row for row in rows if len(row) != 3]
+    return rows
+
+
+def test_architecture_md_names_every_module_and_what_each_imports():
+    # The convention the Rooms table is read by: a row's module cell lists backticked paths relative to
+    # src/vit_search (`errors.py`, `model/vit.py`), one or several; its imports cell says "nothing" or lists
+    # backticked dotted names relative to vit_search (`errors`, `data.sources`, `model` for the package): the
+    # union of what the row's modules import, imports among them and the root's `__version__` left out.
+    # Not rows: the __init__.py files, which only re-export (checked at the end: nothing from outside their
+    # package that its modules do not import already). __main__.py shares cli.py's row, whose imports cell may
+    # begin "everything" (cli.py imports nearly every module): then only "nothing else imports cli.py" is checked.
+    files = {path.relative_to(SRC).as_posix(): path for path in SRC.rglob("*.py")}
+    problems, named = [], []
+    for module_cell, _, imports_cell in _rooms():
+        modules = _listed(module_cell) or []
+        unknown = [m for m in modules if m not in files or m.endswith("__init__.py")]
+        if not modules or unknown:
+            problems.append(f"module cell {module_cell!r}: not a list of backticked files under src/vit_search")
+            continue
+        named += modules
+        own = {_module_name(m) for m in modules}
+        imported = set().union(*(_imports(files[m]) for m in modules)) - own - {"vit_search.__version__"}
+        if "cli.py" in modules and imports_cell.startswith("everything"):
+            importers = sorted(rel for rel, path in files.items()
+                               if rel not in modules and "vit_search.cli" in _imports(path))
+            if importers:
+                problems.append(f"{module_cell}: says everything, yet imported by {importers}")
+            continue
+        written = [] if imports_cell == "nothing" else _listed(imports_cell)
+        if written is None:
+            problems.append(f"{module_cell}: imports cell {imports_cell!r} is neither 'nothing' nor backticked names")
+            continue
+        actual = {name.removeprefix("vit_search.") for name in imported}
+        if unnamed := sorted(actual - set(written)):
+            problems.append(f"{module_cell}: imports {unnamed}, which the row does not name")
+        if unused := sorted(set(written) - actual):
+            problems.append(f"{module_cell}: does not import {unused}, which the row names")
+    problems += [f"{rel}: in no row" for rel in sorted(files)
+                 if rel not in named and not rel.endswith("__init__.py")]
+    problems += [f"{rel}: in {named.count(rel)} rows" for rel in sorted(set(named)) if named.count(rel) > 1]
+    for rel, path in sorted(files.items()):
+        if rel.endswith("__init__.py"):
+            package = _module_name(rel)
+            inside = {_module_name(r): p for r, p in files.items() if _module_name(r).startswith(package + ".")}
+            reexported = set(inside).union(*(_imports(p) for p in inside.values()))
+            if extra := sorted(_imports(path) - reexported):
+                problems.append(f"{rel}: imports {extra}, which no module of its package does: give it a row")
+    assert not problems, "ARCHITECTURE.md's Rooms table and the code disagree:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("command", [["--help"], ["blocks"], ["validate", "experiments/digits.yaml"],
