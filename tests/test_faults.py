@@ -921,6 +921,48 @@ def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_a
             kill_group(server)
 
 
+def test_a_tracking_server_that_dies_mid_train_is_one_line_and_resume_finishes_the_same_run(workdir, tmp_path,
+                                                                                            in_process):
+    from conftest import free_port, kill_group, start_mlflow_server
+
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    spec = write(workdir / "spec.yaml", {**TINY, "name": "train-outage", "train": {**TINY["train"], "epochs": 400},
+                                         "tracking": {"experiment": "train-outage"}})
+    server = start_mlflow_server(store, port)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec), "--quiet"], cwd=workdir,
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 240
+        while True:  # until an epoch's metrics are stored: the run is training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            found = client.get_experiment_by_name("train-outage")
+            if found and client.search_runs([found.experiment_id], filter_string="metrics.val_accuracy > -1"):
+                break
+            time.sleep(0.2)
+        kill_group(server)
+        _, err = proc.communicate(timeout=180)  # MLflow's retries are bounded: well under this
+        assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+        ours = [line for line in err.splitlines() if " INFO mlflow." not in line]  # MLflow's own notes aside
+        assert ours == [
+            f"error: MLflow tracking server {uri} does not answer ([Errno 111] Connection refused): nothing more reaches "
+            f"it, so the run stays RUNNING there; start the server, then run the same command with --resume"], err[-3000:]
+
+        server = start_mlflow_server(store, port)
+        [run] = client.search_runs([client.get_experiment_by_name("train-outage").experiment_id])
+        assert run.info.status == "RUNNING"
+        code, said = in_process("train", str(spec), "--resume", "--quiet", "--set", "train.epochs=3", env=env)
+        assert code == 0, said
+        [resumed] = client.search_runs([client.get_experiment_by_name("train-outage").experiment_id])
+        assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    finally:
+        if server.poll() is None:
+            kill_group(server)
+
+
 def test_an_mlflow_retry_setting_mlflow_cannot_read_is_one_line_and_exit_2(workdir, in_process):
     spec = workdir / "tiny.yaml"
     spec.write_text(yaml.safe_dump({**TINY, "tracking": {"experiment": "retries"}}))

@@ -105,6 +105,16 @@ def refused(err: Exception, uri: str | None = None) -> TrackingError:
     return TrackingError(f"MLflow store {redact(uri)}: {redact_in(said, uri)[:400]}")
 
 
+class TrackingLost(RunFailed):
+    """MLflow's tracking server (or database) stopped answering during a run: one line, exit 1. The run is
+    left as it is (nothing would reach it, after MLflow's retries); ``--resume``, or a resumed study, goes on
+    from there. ``said`` is what went away, without what to do."""
+
+    def __init__(self, said: str, fix: str) -> None:
+        super().__init__(f"{said}: nothing more reaches it, so the run stays RUNNING there; {fix}")
+        self.said = said
+
+
 class TrackingDiskFull(RunFailed):
     """MLflow could not write (a metric, a tag, an artifact) because its store's disk, or its artifacts', is
     full: one line, exit 1. ``said`` is what filled up, without what to do (which differs by command)."""
@@ -171,7 +181,7 @@ def full_disk_in_one_line(fix: str) -> Iterator[None]:
     """MLflow failing to write for a full disk, raised as one line (TrackingDiskFull) that says to ``fix``."""
     try:
         yield
-    except TrackingDiskFull:
+    except RunFailed:  # said in one line already (a full disk, a server gone, a diverged run)
         raise
     except Exception as err:
         full = mlflow_disk_full(err)
@@ -347,19 +357,19 @@ class Tracker:
                 self._end_quietly("KILLED", "interrupted")
                 raise
             except BaseException as err:
-                self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
-                raise
+                lost = server_problem()
+                if lost is None:
+                    self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
+                    raise
+                # Nothing more reaches the store: the run stays RUNNING there, and --resume continues it.
+                raise TrackingLost(lost, "start the server, then run the same command with --resume") from err
             else:
                 mlflow.end_run(status="FINISHED")
 
     def _end_quietly(self, status: str, error: str) -> None:
-        """End the run on an error without hiding that error under MLflow's own. A run whose server
-        went away is left as it is (nothing would reach it, after a minute of retries): a study gives
-        it its trial's state when it resumes."""
+        """End the run on an error without hiding that error under MLflow's own."""
         import mlflow
 
-        if server_problem():
-            return
         try:
             mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
         except Exception:
