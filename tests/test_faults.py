@@ -576,6 +576,78 @@ def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_
     assert trials[1].params == trials[0].params  # the same point, trained again
 
 
+def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queued_not_lost(workdir):
+    import resource
+
+    raw = {**study_raw("capped", n_trials=1), "tracking": {"enabled": False}}
+    raw["model"] = {**raw["model"], "dim": 128, "depth": 2}  # a checkpoint of about 5 MB, weights and AdamW's moments
+    spec = write(workdir / "spec.yaml", raw)
+    limit = 2 * 2**20  # the study's database stays far below it
+
+    def capped() -> None:  # `ulimit -f`: a write past it fails with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "vit_search", "run", str(spec), "--quiet"], cwd=workdir,
+                            capture_output=True, text=True, timeout=300, preexec_fn=capped)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write the checkpoint runs/capped/trial-0/checkpoint.pt: ") and (
+        f"files are limited to {limit:,} bytes here (ulimit -f); set train.checkpoint_dir (--checkpoint-dir) to a "
+        f"folder that takes it (trial 0 is queued again; then run the same command)") in line, line
+    assert not list((workdir / "runs" / "capped" / "trial-0").glob("*.tmp"))
+
+    result = bounded_cli("run", str(spec), "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="capped", storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no trial of n_trials lost
+    assert trials[1].params == trials[0].params
+
+
+def _immutable(*paths: Path, on: bool) -> None:
+    """``chattr +i`` (or ``-i``): writes to the files fail with EPERM, root's included (chmod would not stop root)."""
+    result = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True, text=True)
+    if on and result.returncode != 0:
+        pytest.skip(f"chattr +i is not available here ({result.stderr.strip()[:120]}): it makes the write error")
+
+
+def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir):
+    folder = workdir / "store"
+    folder.mkdir()
+    storage = f"sqlite:///{folder}/optuna.db"
+    spec = write(workdir / "spec.yaml", {**study_raw("frozen", n_trials=1), "tracking": {"enabled": False}})
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--storage", storage,
+                             "--set", "train.epochs=200"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while True:  # trial 0 is training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        try:
+            if [t for t in optuna.load_study(study_name="frozen", storage=storage).get_trials() if t.params]:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.1)
+    files = sorted(folder.iterdir())
+    try:
+        _immutable(*files, on=True)  # a write error that is no full disk: SQLite says "disk I/O error"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _immutable(*files, on=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: Optuna storage {storage} could not be written (") and line.endswith(
+        "): the trials this worker was training are retried when the study resumes; check its file and disk (or its "
+        "server), then run the same command"), line
+
+    result = bounded_cli("run", str(spec), "--storage", storage, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="frozen", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params  # the same point, trained again
+
+
 @pytest.mark.slow
 def test_an_mlflow_store_whose_disk_fills_mid_study_is_one_line_and_the_same_command_loses_no_trial(
         workdir, small_disk, in_process):

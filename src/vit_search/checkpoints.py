@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import math
 import random
+import resource
 import shutil
 import tempfile
 import threading
@@ -35,11 +36,12 @@ class TrainingFailed(RunFailed):
 
 
 class CheckpointNotWritten(TrainingFailed):
-    """A checkpoint could not be written: a full disk, a folder that went away."""
+    """A checkpoint could not be written (a full disk, a file size limit, a folder gone or made read-only): no
+    fault of the run's, which a study queues again."""
 
 
 class CheckpointDiskFull(CheckpointNotWritten):
-    """No space left for a checkpoint: no fault of the run's, which a study queues again."""
+    """No space left for a checkpoint."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,8 +85,25 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
             raise CheckpointDiskFull(f"no space left in {path.parent} for the epoch checkpoint; free some, or "
                                      f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
-        raise CheckpointNotWritten(f"cannot write the checkpoint {path}: {type(err).__name__}: "
-                                   f"{str(err).splitlines()[0][:200]}") from None
+        raise CheckpointNotWritten(f"cannot write the checkpoint {path}: {_why_not_written(path.parent, err)}; "
+                                   f"set train.checkpoint_dir (--checkpoint-dir) to a folder that takes it") from None
+
+
+def _why_not_written(folder: Path, err: BaseException) -> str:
+    """What stopped a write, in the system's words where torch's hide them ("unexpected pos 3038912 vs 3038800")."""
+    said = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:  # a write past it fails with EFBIG, which torch reports as above
+        return f"{said}; files are limited to {limit:,} bytes here (ulimit -f)"
+    probe = folder / ".write-probe"
+    try:
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as refused:  # a folder made read-only, or gone, since the run started
+        return refused.strerror or said
+    return said
 
 
 def check_writable(folder: Path) -> None:

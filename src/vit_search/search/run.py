@@ -18,7 +18,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from ..checkpoints import CheckpointDiskFull, check_writable
+from ..checkpoints import CheckpointNotWritten, check_writable
 from ..errors import UserError
 from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
@@ -32,7 +32,7 @@ from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import (
-    StorageLost, check_file, check_server, check_url, disk_full, redact, storage_problem, study_lock,
+    StorageLost, check_file, check_server, check_url, disk_full, redact, redact_in, storage_problem, study_lock,
 )
 from .study import (
     StopWorker, StudyHandle, WorkerReport, interrupt_own_trials, objective_values, open_study, sample_spec, storage_url_of,
@@ -141,6 +141,11 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         lost, fix = storage_problem(url), "start the database"
         if lost is None and disk_full(err):
             lost, fix = f"Optuna storage {redact(url)}: no space left on its disk", "free space"
+        if lost is None and isinstance(err, optuna.exceptions.StorageInternalError):  # a write it could not make
+            cause = err.__cause__ or err.__context__ or err
+            said = (str(getattr(cause, "orig", None) or cause).splitlines() or [type(cause).__name__])[0]
+            lost, fix = (f"Optuna storage {redact(url)} could not be written ({redact_in(said, url)[:160]})",
+                         "check its file and disk (or its server)")
         if lost is None:
             raise
         # Nothing more can be written to the study: its trials in training stay RUNNING, and the
@@ -274,10 +279,11 @@ class TrialRunner:
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         """Train the trial (after its size constraints) and return its objective values.
 
-        A trial that fails because MLflow's tracking server stopped answering, MLflow's or the
-        checkpoints' disk is full, or on an input error that no searched value can cause (the data set
-        cannot be read), is no fault of its own: it is queued again and this worker stops (StopWorker),
-        rather than fail trial after trial (each of which would read the whole set again first).
+        A trial that fails because MLflow's tracking server stopped answering, MLflow's disk is full, its
+        checkpoints cannot be written (a full disk, a file size limit), or on an input error that no searched
+        value can cause (the data set cannot be read), is no fault of its own: it is queued again and this
+        worker stops (StopWorker), rather than fail trial after trial (each of which would read the whole set
+        again first).
         """
         try:
             return self._run(trial, drawn)
@@ -292,7 +298,7 @@ class TrialRunner:
             if self.runs.lost or self.runs.outage(err):  # MLflow can take no more: every trial would fail to log
                 raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; {self.runs.remedy}, then "
                                  f"run the same command to resume") from err
-            if isinstance(err, CheckpointDiskFull):  # every trial would meet the full disk: none is lost to it
+            if isinstance(err, CheckpointNotWritten):  # every trial would meet the full disk or the limit: none is lost
                 raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") from err
             raise
 
