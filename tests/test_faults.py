@@ -603,6 +603,26 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queu
     assert trials[1].params == trials[0].params
 
 
+def test_a_new_mlflow_store_that_could_not_be_made_whole_is_removed_so_the_next_command_makes_it(workdir, in_process):
+    import resource
+
+    store = workdir / "store" / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    spec = write(workdir / "spec.yaml", {**TINY, "name": "half-made", "tracking": {"experiment": "half-made"}})
+
+    def capped() -> None:  # MLflow's tables stop part-way: a write past 200 KB fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "vit_search", "train", str(spec), "--quiet"], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=300, preexec_fn=capped)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow store sqlite:///{store} cannot be opened: ")
+    assert list(store.parent.iterdir()) == []  # no half-made store that no later command could open
+    code, _ = in_process("train", str(spec), "--quiet", env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert code == 0
+    assert MlflowClient(f"sqlite:///{store}").get_experiment_by_name("half-made") is not None
+
+
 def _immutable(*paths: Path, on: bool) -> None:
     """``chattr +i`` (or ``-i``): writes to the files fail with EPERM, root's included (chmod would not stop root)."""
     result = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True, text=True)

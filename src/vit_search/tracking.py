@@ -204,6 +204,21 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+@contextmanager
+def _new_store_removed_on_failure(uri: str) -> Iterator[None]:
+    """A SQLite store file that this block creates is removed again if the block fails: half its tables made
+    (a write error, a full disk), it could never be opened again ("index ... already exists")."""
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    new = path is not None and not path.exists()
+    try:
+        yield
+    except BaseException:
+        if new:
+            for made in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))):
+                made.unlink(missing_ok=True)
+        raise
+
+
 def check_store(spec: Spec) -> None:
     """Refuse an MLflow store file that is no usable database, or a server that does not answer,
     before MLflow (or a study) writes anything."""
@@ -243,7 +258,7 @@ def check_store(spec: Spec) -> None:
         # store's own) that K workers starting at once would otherwise import one after another.
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
-        with _made_by_one(uri):
+        with _made_by_one(uri), _new_store_removed_on_failure(uri):
             if uri.startswith("sqlite:///"):
                 use_wal(Path(uri.removeprefix("sqlite:///")))
             mlflow.MlflowClient(tracking_uri=uri)  # makes a new SQLite store's tables
