@@ -138,3 +138,21 @@ def test_the_top_table_of_a_multi_objective_study_is_sorted_by_its_first_objecti
     rows = top_table(study).splitlines()[3:]
     assert [row.split()[0] for row in rows] == ["1", "2", "0", "3"]  # val first, best first; not the Pareto order
     assert rows[0].split()[1:3] == ["0.9000,", "30.0000"]
+
+
+def test_a_study_without_a_complete_trial_draws_no_plot_and_says_nothing(tmp_path, capfd):
+    from optuna.trial import TrialState
+
+    from vit_search.search.report import save_plots
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        trial = study.ask({"model.depth": optuna.distributions.IntDistribution(1, 4)})
+        study.tell(trial, state=TrialState.FAIL)
+    capfd.readouterr()
+    assert save_plots(study, tmp_path) == [] and list(tmp_path.iterdir()) == []
+    assert capfd.readouterr().err == ""  # not Optuna's "no complete trials" once per plot
+    trial = study.ask({"model.depth": optuna.distributions.IntDistribution(1, 4)})
+    study.tell(trial, 0.5)
+    drawn = save_plots(study, tmp_path)  # with one complete trial, what can be drawn is
+    assert drawn and all(path.stat().st_size > 0 for path in drawn), drawn

@@ -65,14 +65,20 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
              "parallel_coordinate": vis.plot_parallel_coordinate}
     if len(study.directions) > 1:
         plots = {"pareto_front": vis.plot_pareto_front}
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []  # nothing to draw (Optuna would say so on stderr, once per plot)
     saved = []
+    verbosity = optuna.logging.get_verbosity()
     for name, plot in plots.items():
         try:
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # "too few trials" is the except below's business
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError):  # too few trials for this plot yet
             continue
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         figure = getattr(axes, "figure", None) or axes.flat[0].figure
         figure.set_size_inches(10, 6)
         path = folder / f"{name}.png"
