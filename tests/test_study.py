@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -126,7 +127,10 @@ def test_a_multi_objective_study_prunes_nothing_and_logs_its_pareto_front(workdi
     assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert main(["best", "spec.yaml", "--export", "best.yaml"]) == 0  # the first trial of the front
     exported = yaml.safe_load((workdir / "best.yaml").read_text())
-    assert exported["model"]["depth"] == study.trials[front[0]].params["model.depth"]
+    params = study.trials[front[0]].params  # every searched value, not only one that trials may share
+    written = {key: functools.reduce(dict.get, key.split("."), exported) for key in params}
+    assert written["model.pooling.type"] == params.pop("model.pooling.type")
+    assert {key: written[key] for key in params} == pytest.approx(params) and len(params) == 2
     assert "trial  value" in capsys.readouterr().out
 
 
