@@ -544,10 +544,10 @@ def test_a_storage_or_mlflow_store_on_a_full_disk_is_one_line_and_exit_2_before_
     assert not (workdir / "optuna.db").exists()
 
 
-def _training_trial_0(spec: Path, study: str, storage: str, workdir: Path) -> subprocess.Popen:
-    """``vit-search run SPEC --storage STORAGE`` at 200 epochs, returned once its trial 0 trains."""
+def _training_trial_0(spec: Path, study: str, storage: str, workdir: Path, epochs: int = 200) -> subprocess.Popen:
+    """``vit-search run SPEC --storage STORAGE`` at ``epochs`` epochs, returned once its trial 0 trains."""
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--storage", storage,
-                             "--set", "train.epochs=200"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--set", f"train.epochs={epochs}"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -626,6 +626,21 @@ def test_a_new_mlflow_store_that_could_not_be_made_whole_is_removed_so_the_next_
     code, _ = in_process("train", str(spec), "--quiet", env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert code == 0
     assert MlflowClient(f"sqlite:///{store}").get_experiment_by_name("half-made") is not None
+
+
+def test_a_storage_file_removed_mid_study_is_one_line_not_a_silent_success(workdir):
+    folder = workdir / "store"
+    folder.mkdir()
+    storage = f"sqlite:///{folder}/optuna.db"
+    spec = write(workdir / "spec.yaml", {**study_raw("removed", n_trials=2), "tracking": {"enabled": False}})
+    proc = _training_trial_0(spec, "removed", storage, workdir, epochs=30)  # each trial's end is looked at
+    for path in folder.iterdir():  # SQLite keeps writing to the open, removed file: the study would vanish at exit
+        path.unlink()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: Optuna storage {storage}: its file was removed or replaced while the study ran; the trials recorded "
+        f"in it are gone with it (their MLflow runs stay); run the same command to start the study afresh")
 
 
 def _immutable(*paths: Path, on: bool) -> None:

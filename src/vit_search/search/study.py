@@ -30,8 +30,8 @@ from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
 from .storage import (
-    STORAGE_ENV, StorageError, StudyMismatch, default_storage_url, full_disk_said, open_storage, redact, storage_file,
-    study_lock,
+    STORAGE_ENV, StorageError, StorageLost, StudyMismatch, default_storage_url, full_disk_said, open_storage, redact,
+    storage_file, study_lock,
 )
 
 HEARTBEAT = "vit_search:heartbeat"
@@ -356,10 +356,16 @@ def worker_loop(
     study = handle.study
     report = WorkerReport(study.study_name, handle.url)
     started = time.monotonic()
+    opened = _file_identity(handle.url)
     while True:
         if stop is not None and stop.is_set():
             report.interrupted = True
             return report
+        if opened is not None and _file_identity(handle.url) != opened:
+            # SQLite would go on writing to the removed file, and the study would vanish with this process.
+            raise StorageLost(f"Optuna storage {redact(handle.url)}: its file was removed or replaced while the study "
+                              f"ran; the trials recorded in it are gone with it (their MLflow runs stay); run the same "
+                              f"command to start the study afresh")
         drawn: Any = None
         draw_error: BaseException | None = None
         ends_seen = _TRIAL_ENDS.count
@@ -429,6 +435,16 @@ def worker_loop(
         _TRIAL_ENDS.ended()
         if on_trial_end:
             on_trial_end(study.get_trials(deepcopy=False)[trial.number])
+
+
+def _file_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a storage's file; None for a database server, or a file not there."""
+    path = storage_file(url)
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_dev, stat.st_ino)
 
 
 def _set_error(trial: optuna.Trial, message: str) -> None:
