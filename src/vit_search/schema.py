@@ -11,6 +11,7 @@ the weights ``model.init`` names, is :mod:`~vit_search.spec`'s job. Nothing here
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
@@ -75,10 +76,15 @@ class _Section(BaseModel):
 
 def _takes(annotation: Any, value: Any) -> bool:
     try:
-        TypeAdapter(annotation).validate_python(value, strict=True)
+        _adapter(annotation).validate_python(value, strict=True)
     except ValidationError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)  # every yes/no key of every trial's spec asks: build each adapter once
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
 
 
 class AugmentSpec(_Section):
