@@ -369,7 +369,8 @@ class Tracker:
             try:
                 yield self
             except KeyboardInterrupt:
-                self._end_quietly("KILLED", "interrupted")
+                if server_problem() is None:  # else MLflow's retries would hold up the stop; a resume sets it right
+                    self._end_quietly("KILLED", "interrupted")
                 raise
             except BaseException as err:
                 lost = server_problem()
