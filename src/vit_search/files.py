@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+def driver_said(err: BaseException) -> str:
+    """The first line of what a database driver said, under SQLAlchemy's wrapper where there is one."""
+    return (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def symlink_loop(path: Path) -> bool:
     """Whether ``path``, or a folder on the way to it, is a loop of symbolic links (``ln -s b a; ln -s a b``):
     pathlib's ``exists()``, ``is_file()`` and ``is_dir()`` all say False of one, and opening it fails."""
@@ -86,8 +91,7 @@ def database_problem(url: str, timeout: float = 5.0) -> str | None:
         with engine.connect():
             pass
     except Exception as err:  # the driver's own error: refused, unknown host, wrong password, no database
-        text = str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__]
-        return f"does not answer ({redact_in(text[0], url)[:160]})"
+        return f"does not answer ({redact_in(driver_said(err), url)[:160]})"
     finally:
         engine.dispose()
     return None

@@ -32,7 +32,8 @@ from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import (
-    StorageLost, check_file, check_server, check_url, disk_full, redact, redact_in, storage_problem, study_lock,
+    StorageLost, check_file, check_server, check_url, disk_full, driver_said, redact, redact_in, storage_problem,
+    study_lock,
 )
 from .study import (
     StopWorker, StudyHandle, WorkerReport, interrupt_own_trials, objective_values, open_study, sample_spec, storage_url_of,
@@ -142,8 +143,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         if lost is None and disk_full(err):
             lost, fix = f"Optuna storage {redact(url)}: no space left on its disk", "free space"
         if lost is None and isinstance(err, optuna.exceptions.StorageInternalError):  # a write it could not make
-            cause = err.__cause__ or err.__context__ or err
-            said = (str(getattr(cause, "orig", None) or cause).splitlines() or [type(cause).__name__])[0]
+            said = driver_said(err.__cause__ or err.__context__ or err)
             lost, fix = (f"Optuna storage {redact(url)} could not be written ({redact_in(said, url)[:160]})",
                          "check its file and disk (or its server)")
         if lost is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RunFailed, UserError
-from ..files import database_problem, disk_full, in_memory_sqlite, sqlite_problem, symlink_loop
+from ..files import database_problem, disk_full, driver_said, in_memory_sqlite, sqlite_problem, symlink_loop
 from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
 from ..sqlite_wal import use_wal
 
@@ -160,7 +160,7 @@ def open_storage(url: str) -> Any:
 def _cannot_open(url: str, err: BaseException) -> str:
     if disk_full(err):
         return _NO_SPACE.format(url=redact(url))
-    first = (str(getattr(err, "orig", None) or err).splitlines() or [type(err).__name__])[0][:200]
+    first = driver_said(err)[:200]
     return (f"storage '{redact(url)}' cannot be opened: {redact_in(first, url)}; check the URL and that the database "
             f"answers, or move a damaged file away")
 
