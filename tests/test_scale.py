@@ -293,9 +293,25 @@ def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server
 
 
 @pytest.mark.slow
-def test_trials_of_a_launched_study_train_on_two_processes_and_report_once(workdir):
+def test_a_launched_study_trains_on_two_processes_reports_once_and_resumes_after_sigterm(workdir):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=3, pruner="successive_halving")))
+    # Stopped as a scheduler stops it: SIGTERM to the launcher, which passes it on to both processes.
+    proc = subprocess.Popen(two_process_launch("-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=300"),
+                            cwd=workdir, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "runs" / "launched" / "trial-0" / "checkpoint.pt").exists():  # training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    # Each process stops by itself: none waits for one already gone (the launcher would kill it after 30 s).
+    assert "Unable to shutdown process" not in err and "[rank" not in err, err[-3000:]
+    assert "trial 0 FAIL" in out and "interrupted (SIGTERM)" in out
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("launched").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2  # the study's run and trial 0's
+
     result = subprocess.run(
         two_process_launch("-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=3"),
         cwd=workdir, env=os.environ.copy(), capture_output=True, text=True, timeout=400,
@@ -303,8 +319,9 @@ def test_trials_of_a_launched_study_train_on_two_processes_and_report_once(workd
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("study 'launched':") == 1  # the main process reports
     trials = optuna.load_study(study_name="launched", storage=study_raw("launched")["search"]["storage"]).get_trials()
-    assert len(trials) == 3 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
-    client = MlflowClient()
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1  # the one SIGTERM stopped, queued again
+    assert len(trials) == 4 and {t.state for t in trials[1:]} <= {TrialState.COMPLETE, TrialState.PRUNED}
     children = [r for r in client.search_runs([client.get_experiment_by_name("launched").experiment_id])
                 if "optuna.trial_number" in r.data.tags]
-    assert len(children) == 3 and {r.data.tags["num_processes"] for r in children} == {"2"}
+    assert len(children) == 4 and {r.data.tags["num_processes"] for r in children} == {"2"}
+    assert sorted(r.info.status for r in children)[-1] == "KILLED"

@@ -319,23 +319,50 @@ def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resu
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch_trains_data_parallel_and_logs_once(workdir, sqlite_uri):
-    raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 3, "peak_tflops": 1.0}}
+def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resumes_after_sigterm(workdir, sqlite_uri):
+    raw = {**TINY, "tracking": {"experiment": "ddp"}, "train": {**TINY["train"], "epochs": 200, "peak_tflops": 1.0}}
     spec_path = write_yaml(workdir / "ddp.yaml", raw)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"}
+    # Stopped as a scheduler stops a job: SIGTERM to the launcher, which passes it on to both processes.
+    proc = subprocess.Popen(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():  # training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0
+    assert err.count("terminated (SIGTERM)") == 1, err[-3000:]  # said by the main process alone
+    (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    assert run.info.status == "KILLED"
+
+    last = torch.load(checkpoint, weights_only=True)["epoch"]
     result = subprocess.run(
-        two_process_launch("-m", "vit_search", "train", str(spec_path)),
-        cwd=workdir, env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=400,
+        two_process_launch("-m", "vit_search", "train", str(spec_path), "--resume", f"--set=train.epochs={last + 3}"),
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("mlflow run ") == 1 and result.stdout.count("tiny: ") == 1
-    (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")  # the same run, continued
     assert run.data.tags["num_processes"] == "2" and run.info.status == "FINISHED"
+    steps = sorted({m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")})
+    assert steps == list(range(last + 3))
     assert run.data.metrics["val_accuracy"] > 0.2  # chance: 0.1
     # MFU is per device: the images of both processes over two devices' peak.
     metrics = run.data.metrics
     expected = 3 * metrics["flops"] * metrics["images_per_second"] / 2 / 1e12
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_bad_spec_under_accelerate_launch_is_said_once(workdir, sqlite_uri):
+    spec_path = write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
+    result = subprocess.run(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("dim 31 is not divisible by heads 2") == 1, result.stderr[-3000:]
 
 
 def test_missing_data_files_are_one_error_line_exit_2_and_no_mlflow_run(workdir, cli_here, sqlite_uri):

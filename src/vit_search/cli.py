@@ -555,8 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    """Under ``accelerate launch``: all processes leave the process group together before exiting.
+def _leave_process_group(together: bool = True) -> None:
+    """Under ``accelerate launch``: leave the process group before exiting, all processes together
+    unless the command was stopped (Ctrl-C, SIGTERM reach every process, and each stops by itself: one
+    already gone would never reach the barrier).
 
     Left to interpreter exit, gloo's connection threads are torn down while joinable and abort the
     process ("terminate called without an active exception") after a run that succeeded.
@@ -567,7 +569,8 @@ def _leave_process_group() -> None:
     from accelerate import PartialState
 
     state = PartialState()
-    state.wait_for_everyone()
+    if together:
+        state.wait_for_everyone()
     state.destroy_process_group()
 
 
@@ -622,21 +625,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             every_seconds()  # a bad VIT_SEARCH_LOG_SECONDS: refused now, not in each trial's thread
         with sigterm_interrupts():  # SIGTERM (a scheduler, `timeout`, `docker stop`) stops as Ctrl-C does
             code = args.func(args)
-        _leave_process_group()
+        _leave_process_group(together=code != exit_code())
         return code
     except SpecError as err:
-        for problem in err.problems:
+        for problem in err.problems if not _repeats_the_main_process() else ():
             _say_error(problem)
         return EXIT_BAD_INPUT
     except UserError as err:  # registry, data, weights, storage, arguments
-        _say_error(err)
+        if not _repeats_the_main_process():
+            _say_error(err)
         return EXIT_BAD_INPUT
     except RunFailed as err:  # started, then could not go on: a database gone, a diverged run, a full disk
         _say_error(err)
         return 1
     except KeyboardInterrupt as err:
-        print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+        if not _repeats_the_main_process():
+            print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+        _leave_process_group(together=False)
         return exit_code()
+
+
+def _repeats_the_main_process() -> bool:
+    """Whether this is one of the extra processes a launcher (``accelerate launch``, torchrun) started on
+    this machine: each reads the same spec and gets the same signal, so its bad-input and stop lines would
+    repeat the main process's word for word. A failure of its own (``RunFailed``) is still said."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                            on_trial_end=trial_end, initialise=runner.initialise, stop=stop)
 
     started = time.perf_counter()
+    reports: list[WorkerReport] = []
     try:
         # A full MLflow disk out of a trial (making the parent run, bringing runs up to date): one line.
         with full_disk_in_one_line("free space, then run the same command"):
@@ -154,7 +155,10 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                           f"{fix}, then run the same command") from None
     finally:  # also when the loop raises: the other launched processes must not wait forever
         bar.close()
-        _share_trial(state.num_processes, None)  # the other processes may stop
+        # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has
+        # gone would never take this message, and the main process would wait for it until killed.
+        if not (any(r.interrupted for r in reports) or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+            _share_trial(state.num_processes, None)  # the other processes may stop
     interrupted = any(r.interrupted for r in reports)
     stopped = next((r.stopped for r in reports if r.stopped), None)
     runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
