@@ -356,13 +356,20 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_bad_spec_under_accelerate_launch_is_said_once(workdir, sqlite_uri):
-    spec_path = write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
-    result = subprocess.run(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir,
+@pytest.mark.parametrize("command, said", [
+    (("train", "bad.yaml"), "dim 31 is not divisible by heads 2"),
+    (("run", "study.yaml", "--jobs", "2"), "--jobs 2 starts worker processes of its own; under accelerate launch"),
+], ids=["bad-spec", "jobs"])
+def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri, command, said):
+    write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
+    write_yaml(workdir / "study.yaml", {**TINY, "search": {"n_trials": 2, "storage": f"sqlite:///{workdir / 'o.db'}",
+                                                          "space": {"train.lr": {"float": [1e-3, 1e-2]}}}})
+    result = subprocess.run(two_process_launch("-m", "vit_search", *command), cwd=workdir,
                             env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.count("dim 31 is not divisible by heads 2") == 1, result.stderr[-3000:]
+    assert result.stderr.count(said) == 1, result.stderr[-3000:]
+    assert not (workdir / "o.db").exists()  # --jobs would have started two workers in each launched process
 
 
 def test_missing_data_files_are_one_error_line_exit_2_and_no_mlflow_run(workdir, cli_here, sqlite_uri):

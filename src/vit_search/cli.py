@@ -232,6 +232,9 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
     if args.jobs < 0:
         raise BadInput(f"--jobs {args.jobs}: must be 0 (--trials-per-gpu workers per GPU, else one per core) or more")
+    if args.jobs != 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's, under `accelerate launch`
+        raise BadInput(f"--jobs {args.jobs} starts worker processes of its own; under accelerate launch each trial "
+                       f"already spans the launched processes: drop one of the two")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInput(f"--n-trials {args.n_trials}: must be at least 1 (trials in the whole study)")
     if args.dry_run is not None and args.dry_run < 1:
