@@ -359,11 +359,14 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
 @pytest.mark.parametrize("command, said", [
     (("train", "bad.yaml"), "dim 31 is not divisible by heads 2"),
     (("run", "study.yaml", "--jobs", "2"), "--jobs 2 starts worker processes of its own; under accelerate launch"),
-], ids=["bad-spec", "jobs"])
+    (("run", "supernet.yaml"), "search.strategy supernet trains in one process; run it without accelerate launch"),
+], ids=["bad-spec", "jobs", "supernet"])
 def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri, command, said):
     write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
     write_yaml(workdir / "study.yaml", {**TINY, "search": {"n_trials": 2, "storage": f"sqlite:///{workdir / 'o.db'}",
                                                           "space": {"train.lr": {"float": [1e-3, 1e-2]}}}})
+    write_yaml(workdir / "supernet.yaml", {**TINY, "search": {"strategy": "supernet", "storage": f"sqlite:///{workdir / 'o.db'}",
+                                                             "space": {"model.depth": {"int": [1, 2]}}}})
     result = subprocess.run(two_process_launch("-m", "vit_search", *command), cwd=workdir,
                             env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)

@@ -232,7 +232,7 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
     if args.jobs < 0:
         raise BadInput(f"--jobs {args.jobs}: must be 0 (--trials-per-gpu workers per GPU, else one per core) or more")
-    if args.jobs != 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's, under `accelerate launch`
+    if args.jobs != 1 and _launched():
         raise BadInput(f"--jobs {args.jobs} starts worker processes of its own; under accelerate launch each trial "
                        f"already spans the launched processes: drop one of the two")
     if args.n_trials is not None and args.n_trials < 1:
@@ -271,6 +271,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.trials_per_gpu != 1:
             raise BadInput("--trials-per-gpu: a supernet study trains one model at a time in each worker; drop it")
+        if _launched():  # its phases are one process's: the others would wait for a trial that never comes
+            raise BadInput(f"{spec.locate(('search', 'strategy'))}: search.strategy supernet trains in one process; "
+                           f"run it without accelerate launch (--jobs starts several workers)")
         result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir)
     else:
         result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
@@ -646,6 +649,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
         _leave_process_group(together=False)
         return exit_code()
+
+
+def _launched() -> bool:
+    """Whether a launcher (``accelerate launch``, torchrun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _repeats_the_main_process() -> bool:
