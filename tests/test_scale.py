@@ -292,6 +292,18 @@ def test_three_workers_on_postgresql_and_an_mlflow_server(workdir, mlflow_server
     optuna.delete_study(study_name=name, storage=url)
 
 
+def test_a_launched_study_goes_on_after_a_trial_that_diverges_on_every_process(workdir):
+    raw = study_raw("launched-nan", n_trials=2, enqueue=[{"train.lr": 1.0e7}, {"train.lr": 3.0e-3}],
+                    space={"train.lr": {"choice": [3.0e-3, 1.0e7]}})
+    (workdir / "study.yaml").write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "epochs": 1}}))
+    result = subprocess.run(two_process_launch("-m", "vit_search", "run", "study.yaml"), cwd=workdir,
+                            env=os.environ.copy(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = optuna.load_study(study_name="launched-nan", storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], [t.user_attrs for t in trials]
+    assert trials[0].user_attrs["error"].startswith("TrainingDiverged: loss became")
+
+
 @pytest.mark.slow
 def test_a_launched_study_trains_on_two_processes_reports_once_and_resumes_after_sigterm(workdir):
     spec_path = workdir / "study.yaml"

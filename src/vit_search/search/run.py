@@ -27,7 +27,7 @@ from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
-from ..train import TrainingStopped, train
+from ..train import train
 from .epoch_reports import reporter
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
@@ -355,7 +355,13 @@ def _share_trial(num_processes: int, message: dict[str, Any] | None) -> None:
 
 
 def _follow_trials() -> SearchResult:
-    """Other processes: train each trial the main process sends, until it sends None."""
+    """Other processes: train each trial the main process sends, until it sends None.
+
+    A trial that fails here failed on the main process too, which records it and sends the next one:
+    the processes decide together that a loss diverged, and they run the same model on the same shapes
+    (a block that cannot run, memory that runs out). Left to end this process, such a trial took the
+    whole launched study down with it. A process group that broke fails at the next message.
+    """
     from accelerate.utils import broadcast_object_list
 
     started, train_seconds = time.perf_counter(), 0.0
@@ -366,7 +372,7 @@ def _follow_trials() -> SearchResult:
         began = time.perf_counter()
         try:
             train(load_spec(message["raw"]), checkpoint_dir=message["checkpoint_dir"], progress=False)
-        except TrainingStopped:  # pruned by the main process
+        except Exception:  # pruned by the main process (TrainingStopped), or failed there as here
             pass
         train_seconds += time.perf_counter() - began
 
