@@ -4,6 +4,7 @@ nothing half-written, no secret shown."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -654,8 +655,12 @@ def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_r
     folder = workdir / "store"
     folder.mkdir()
     storage = f"sqlite:///{folder}/optuna.db"
-    spec = write(workdir / "spec.yaml", {**study_raw("frozen", n_trials=1), "tracking": {"enabled": False}})
+    spec = write(workdir / "spec.yaml", study_raw("frozen", n_trials=1))
     proc = _training_trial_0(spec, "frozen", storage, workdir)
+    deadline = time.monotonic() + 120
+    while not (workdir / "runs" / "frozen" / "trial-0" / "checkpoint.pt").exists():  # its run made, its epochs reported
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
     # The database and its write-ahead log, not the -shm index: SQLite maps that, and a write refused under a
     # mapping is SIGBUS, not an error it could report.
     files = [path for path in folder.iterdir() if not path.name.endswith("-shm")]
@@ -671,6 +676,13 @@ def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_r
     assert line.startswith(f"error: Optuna storage {storage} could not be written (") and line.endswith(
         "): the trials this worker was training are retried when the study resumes; check its file and disk (or its "
         "server), then run the same command"), line
+    # Its trial's run says so in the same words, not in Optuna's ("invalid data in the commit").
+    client = MlflowClient()
+    (trial_run,) = [r for r in client.search_runs([client.get_experiment_by_name("frozen").experiment_id])
+                    if r.data.tags.get("optuna.trial_number") == "0"]
+    assert trial_run.info.status == "FAILED"
+    assert re.fullmatch(r"ReportNotStored: the Optuna storage did not take epoch \d+'s report \(disk I/O error\); the "
+                        r"trial is retried when the study resumes", trial_run.data.tags["error"]), trial_run.data.tags["error"]
 
     result = bounded_cli("run", str(spec), "--storage", storage, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,6 +17,13 @@ from typing import Any
 
 import optuna
 
+from ..files import driver_said
+
+
+class ReportNotStored(optuna.exceptions.StorageInternalError):
+    """The storage refused a trial's epoch report: said in the driver's words (Optuna's own message
+    blames "invalid data in the commit", which is what the trial's MLflow run would record)."""
+
 
 class EpochReports:
     """The ``on_epoch`` callback of one trial: queue the epoch's metric, act on the verdict on the one before."""
@@ -55,7 +62,13 @@ class EpochReports:
             try:
                 self.trial.report(value, epoch)
                 pruned = self.pruner != "none" and self._pruned_at is None and self.trial.should_prune()
-            except BaseException as err:  # raised in the training thread at its next epoch
+            except optuna.exceptions.StorageInternalError as err:  # raised in the training thread at its next epoch
+                driver = err.__cause__ or err.__context__ or err
+                self._error = ReportNotStored(f"the Optuna storage did not take epoch {epoch + 1}'s report "
+                                              f"({driver_said(driver)[:160]}); the trial is retried when the study resumes")
+                self._error.__cause__ = driver  # what the worker's one line quotes
+                pruned = False
+            except BaseException as err:
                 self._error = err
                 pruned = False
             with self._done:
