@@ -3,6 +3,7 @@ constraints, finalists and the export round trip, a plugin's elastic block; real
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from vit_search.model.elastic import extract_subnet, set_subnet
 from vit_search.model.vit import build_vit
 from vit_search.registry import REGISTRY
 from vit_search.schema import ModelSpec
-from vit_search.search.supernet import LOGGED, run_supernet_search
+from vit_search.search.supernet import LOGGED, load_supernet, run_supernet_search
 from vit_search.search.supernet_space import SupernetSpace
 from vit_search.search.supernet_train import SandwichStep, SubnetDraw, supernet_spec
 from vit_search.spec import load_spec
@@ -178,6 +179,15 @@ def test_phase_1_trains_the_supernet_through_train_with_a_sandwich_step(workdir)
     assert result.history[0]["train_loss"] > 0 and 0 <= result.metrics["val_accuracy"] <= 1
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["cuda_graph"].startswith("off")
+    assert not load_supernet(spec, space, workdir / "sn" / "checkpoint.pt").training  # phase 2's start
+    # Read as tensors alone: phase 2 finds the file by a path in the study's storage, which other hosts write.
+    torch.save({"model": {}, "planted": _Planted()}, workdir / "planted.pt")
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        load_supernet(spec, space, workdir / "planted.pt")
+
+
+class _Planted:
+    """An object a weights file must not be able to bring in (unpickling it could run any code)."""
 
 
 def test_a_supernet_study_scores_subnets_under_constraints_and_trains_finalists_that_export_reproduces(workdir):

@@ -131,7 +131,8 @@ def load_supernet(spec: Spec, space: SupernetSpace, weights: Path) -> Any:
     from ..performance import cpu_only
 
     model = build_vit(supernet_spec(spec, space))
-    state = torch.load(weights, map_location="cpu", weights_only=False)
+    # Tensors only: the path comes from the study's storage, which other hosts can write.
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"] if "model" in state else state)
     device = "cuda" if torch.cuda.is_available() and not (spec.train.cpu or cpu_only()) else "cpu"
     return model.to(device).eval()
