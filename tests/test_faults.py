@@ -479,6 +479,42 @@ def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 
+def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(workdir):
+    import torch
+
+    from vit_search.model import build_model
+    from vit_search.spec import load_spec
+
+    raw = {**study_raw("weights-gone", n_trials=2, space={"train.lr": {"float": [1e-3, 1e-2], "log": True}}),
+           "tracking": {"enabled": False}}
+    weights = workdir / "weights.pt"
+    state = build_model(load_spec({key: value for key, value in raw.items() if key != "search"})).state_dict()
+    torch.save(state, weights)
+    spec = write(workdir / "spec.yaml", {**raw, "model": {**raw["model"], "init": {"from": "file", "path": "weights.pt"}},
+                                         "train": {**raw["train"], "epochs": 60}})
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--quiet"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (workdir / "runs" / "weights-gone" / "trial-0" / "checkpoint.pt").exists():  # trial 0 has its weights
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    weights.unlink()  # cleaned away while the study runs: trial 1 cannot start from it
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: <spec>: model.init: ") and f"{weights}: no such file" in line, line
+    assert line.endswith("(trial 1 is queued again; mend it, then run the same command)"), line
+    storage = raw["search"]["storage"]
+    trials = optuna.load_study(study_name="weights-gone", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]  # none pruned
+
+    torch.save(state, weights)  # put back: the same command trains the queued trial
+    result = bounded_cli("run", str(spec), "--quiet", "--set", "train.epochs=2", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="weights-gone", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdir):
     raw = {**TINY, "name": "too-large", "tracking": {"experiment": "too-large"},
            "model": {**TINY["model"], "dim": 32768, "depth": 1}}  # a 13 GB attention weight: over the 6 GB cap

@@ -276,9 +276,23 @@ class TrialRunner:
         try:
             return sample_spec(self.spec, trial)
         except SpecError as err:
+            unmendable = self._base_refused()
+            if unmendable:  # every trial would meet it: the trial waits in the queue, not pruned, for its fix
+                raise StopWorker(f"{unmendable} (trial {trial.number} is queued again; mend it, then run the same "
+                                 f"command)", exit_code=2) from None
             reason = f"infeasible: {err.problems[0]}"
             trial.set_user_attr("pruned_reason", reason)
             raise Infeasible(reason) from None
+
+    def _base_refused(self) -> str | None:
+        """Why the study's own spec, which loaded when the worker started, no longer loads (its weights
+        file removed or rewritten since, say); None if it still loads. Then no drawn value caused the
+        trial's problem."""
+        try:
+            load_spec({key: value for key, value in self.spec.raw.items() if key != "search"})
+        except SpecError as err:
+            return err.problems[0]
+        return None
 
     def run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
         """Train the trial (after its size constraints) and return its objective values.
