@@ -241,8 +241,11 @@ def test_a_problem_inside_a_set_value_names_the_whole_field_path(write_spec):
                             "model.num_classes out to take it from the data"),
     ("model.in_channels=3", "model.in_channels: 3 is not the 1 channel(s) of the data (digits); leave "
                             "model.in_channels out to take it from the data"),
+    # As in an exported spec (it holds the derived model.image_size) whose data.image_size was changed
+    ("model.image_size=32", "model.image_size: 32 is not data.image_size 16, the size the model sees; leave "
+                            "model.image_size out to take it from the data"),
 ])
-def test_a_model_that_does_not_fit_the_datas_classes_or_channels_is_refused_at_the_set(write_spec, override, says):
+def test_a_model_that_does_not_fit_the_datas_classes_channels_or_size_is_refused_at_the_set(write_spec, override, says):
     path = write_spec(SEARCH)
     assert problems(path, [override]) == [f"--set {override}: {says}"]
     assert load_spec(path, ["model.num_classes=12"]).model.num_classes == 12  # more outputs than classes: allowed

@@ -26,7 +26,7 @@ from .presets import PRESETS
 from .redaction import redact
 from .registry import KINDS, did_you_mean
 from .search.samplers import PRUNERS, SAMPLERS
-from .sizes import Size
+from .sizes import Size, pair
 
 
 MAX_IMAGE_SIDE = 8192  # pixels: beyond any ViT, and bounded so that no size estimate overflows
@@ -443,6 +443,9 @@ class Spec(_Section):
         elif model.num_classes < classes:  # a label past the head's outputs would end training in a traceback
             raise ValueError(f"model.num_classes {model.num_classes} is fewer than the {classes} classes of the data "
                              f"({self.data.dataset}); leave model.num_classes out to take it from the data")
+        if pair(model.image_size) != pair(self.data.image_size):  # the position embedding would meet another grid
+            raise ValueError(f"model.image_size {model.image_size} is not data.image_size {self.data.image_size}, the size "
+                             f"the model sees; leave model.image_size out to take it from the data")
         if model.in_channels != channels:  # the patch embedding would meet other images than it was built for
             raise ValueError(f"model.in_channels {model.in_channels} is not the {channels} channel(s) of the data "
                              f"({self.data.dataset}); leave model.in_channels out to take it from the data")
