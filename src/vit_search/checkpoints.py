@@ -1,7 +1,9 @@
 """Epoch checkpoints: what they hold, where they go, writing them in the background, reading them back.
 
 A checkpoint holds the model, the optimizer, the scheduler, the random states (plain tensors and
-lists, so that it loads with ``weights_only=True``), the epoch, the history and the MLflow run id.
+lists, so that it loads with ``weights_only=True``), the epoch, the history, the MLflow run id, and
+the ``train`` values its optimizer state was made under (:func:`resume_settings`), which ``--resume``
+checks before it touches anything.
 It is written beside and renamed, so a kill mid-write leaves the previous one whole; a failed write
 removes its temporary file and says why in one line (a full disk above all).
 """
@@ -29,6 +31,12 @@ from .schema import Spec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REQUIRED = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "run_id")
+# The train values a checkpoint's optimizer and scheduler state is made under, which a resumed run cannot change:
+# its parameter groups (train.freeze: which parameters have moments; train.layer_decay: each group's rate) and
+# the hyperparameters each saved group carries and loading puts back over the spec's (train.lr, also the base
+# rates the scheduler restores; train.weight_decay; train.betas). The schedule's length is not among them:
+# `--set train.epochs=N` with --resume extends a run on purpose, and the schedule is rebuilt from the spec.
+RESUME_SETTINGS = ("freeze", "layer_decay", "lr", "weight_decay", "betas")
 
 
 class TrainingFailed(RunFailed):
@@ -139,6 +147,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: not a vit-search checkpoint (no {', '.join(repr(k) for k in missing)}); {fix}")
     return checkpoint
+
+
+def resume_settings(spec: Spec) -> dict[str, Any]:
+    """What a checkpoint records of ``spec.train`` (:data:`RESUME_SETTINGS`), as plain values (weights_only)."""
+    values = spec.train.model_dump(mode="json")
+    return {key: values[key] for key in RESUME_SETTINGS}
+
+
+def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path) -> None:
+    """Refuse (one line, exit 2) to resume ``checkpoint`` under train values other than those its optimizer
+    state was made under; called before anything is written or an MLflow run touched. A checkpoint from
+    before the record (no ``train_settings``), or a value it lacks, is not checked: such checkpoints resume
+    as they always did."""
+    recorded = checkpoint.get("train_settings")
+    if not isinstance(recorded, dict):
+        return
+    now = resume_settings(spec)
+    for key in RESUME_SETTINGS:
+        if key in recorded and _plain_value(recorded[key]) != now[key]:
+            raise CheckpointError(f"--resume: train.{key} {now[key]!r} differs from the checkpoint's run in {path} "
+                                  f"({_plain_value(recorded[key])!r}); resume with the run's values, or start afresh "
+                                  f"without --resume")
+
+
+def _plain_value(value: Any) -> Any:
+    # A tuple saved is a tuple read back (betas): compared with the spec's JSON values, which are lists.
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _to_cpu(value: Any) -> Any:

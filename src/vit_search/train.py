@@ -32,8 +32,8 @@ from .performance import (
     resolve_mixed_precision,
 )
 from .checkpoints import (
-    CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_writable, checkpoint_dir_of, load_checkpoint, rng_state,
-    set_rng_state,
+    CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_resume_settings, check_writable, checkpoint_dir_of,
+    load_checkpoint, resume_settings, rng_state, set_rng_state,
 )
 from .schema import Spec
 from .stopping import interruption
@@ -304,6 +304,8 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         set_seed(spec.seed)
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if checkpoint is not None:  # a bad input: said before a file is written or the MLflow run is touched
+        check_resume_settings(checkpoint, spec, ckpt_path)
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     data = None
@@ -323,11 +325,18 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         if checkpoint is not None:
             try:
                 _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
-                run.optimizer.load_state_dict(checkpoint["optimizer"])
             except (RuntimeError, ValueError, KeyError) as err:  # another model's checkpoint
                 raise CheckpointError(f"{ckpt_path}: its weights do not fit this spec's model "
-                                      f"({str(err).splitlines()[0][:160]}); run without --resume to start afresh, or "
+                                      f"({_first_line(err)}); run without --resume to start afresh, or "
                                       f"point --checkpoint-dir elsewhere") from None
+            try:
+                run.optimizer.load_state_dict(checkpoint["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                # The weights fit, the optimizer's groups do not: a checkpoint from before it recorded its train
+                # values (check_resume_settings), written under another train.freeze or train.layer_decay.
+                raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit this spec's training "
+                                      f"({_first_line(err)}); resume with the train.freeze and train.layer_decay "
+                                      f"it was trained with, or run without --resume to start afresh") from None
             if run.graph_blocker is None:
                 device_learning_rates(run.optimizer)  # the loaded groups carry their rates as saved
             run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -388,7 +397,13 @@ def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: 
         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
         # What builds these weights: `model.init: {from: file}` reads it back.
         "model_spec": spec.model.model_dump(mode="json", by_alias=True),
+        # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
+        "train_settings": resume_settings(spec),
     }
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
 
 class TrainingStopped(Exception):
