@@ -164,3 +164,17 @@ def test_resample_rejects_a_non_square_grid():
 def test_unsupported_inputs_raise(source, message: str):
     with pytest.raises(WeightsError, match=message):
         from_timm(source())
+
+
+@pytest.mark.parametrize("name, says", [
+    ("vit_tiny_patch16_224.nosuchtag", "model.init: timm's vit_tiny_patch16_224 has no pretrained tag 'nosuchtag'; its "
+                                       "tags: augreg_in21k, augreg_in21k_ft_in1k (name it as vit_tiny_patch16_224.TAG, or "
+                                       "vit_tiny_patch16_224 for timm's default)"),
+    ("vit_tiny_patch16_244", "model.init: timm has no model 'vit_tiny_patch16_244'; did you mean 'vit_tiny_patch16_224'"),
+], ids=["tag", "name"])
+def test_a_timm_name_or_weights_tag_timm_lacks_is_one_line_at_validate(cli_here, write_spec, name, says):
+    path = write_spec(f"name: ft\ndata: {{dataset: digits, image_size: 32}}\nmodel: {{init: {{from: timm, name: {name}}}}}\n")
+    result = cli_here("validate", str(path))
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    (line,) = result.stderr.splitlines()
+    assert says in line, line

@@ -186,6 +186,11 @@ def _timm_module(timm: Any, name: str, **kwargs: Any) -> Any:
     try:
         return timm.create_model(name, **kwargs)
     except RuntimeError as err:
+        if "Invalid pretrained tag" in str(err):  # a known architecture, a weights tag timm does not have
+            base, tag = name.split(".", 1)
+            tags = [known.split(".", 1)[1] for known in timm.list_pretrained(f"{base}.*")]
+            raise WeightsError(f"timm's {base} has no pretrained tag '{tag}'; its tags: {', '.join(tags) or 'none'}"
+                               f" (name it as {base}.TAG, or {base} for timm's default)") from None
         if "Unknown model" not in str(err):
             raise
         known = timm.list_models("vit_*") + timm.list_models("deit_*")
