@@ -297,6 +297,24 @@ def test_a_password_with_a_slash_or_an_at_sign_is_masked_as_the_driver_reads_it(
     assert redact("sqlite:////tmp/a@b/optuna.db") == "sqlite:////tmp/a@b/optuna.db"  # an '@' in a path: no password
 
 
+def test_a_password_with_a_question_mark_is_masked_and_a_query_after_the_host_is_not_the_password():
+    from vit_search.redaction import redact
+
+    # SQLAlchemy reads 'Qx?Secret9' as the password: the query starts after the host.
+    assert redact("postgresql://auditor:Qx?Secret9@127.0.0.1:5432/test") == "postgresql://auditor:***@127.0.0.1:5432/test"
+    assert redact("postgresql://u:pw@h/db?application_name=a@b") == "postgresql://u:***@h/db?application_name=a@b"
+
+
+def test_an_error_that_repeats_a_huge_key_is_one_short_line_at_once(workdir):
+    spec = workdir / "spec.yaml"
+    spec.write_text("name: x\n? " + "k" * 900_000 + "\n: 1\n")  # under the 1 MiB file limit
+    # A regular expression that backtracked made this minutes; the subprocess's timeout bounds it.
+    said = bounded_cli("validate", str(spec), cwd=workdir)
+    assert said.returncode == 2 and len(said.stderr.splitlines()) == 1, said.stderr[:500]
+    assert len(said.stderr) < 2100 and "characters ...]" in said.stderr  # where it is, and what is allowed there:
+    assert said.stderr.rstrip().endswith("allowed: name, seed, plugins, data, model, train, search, tracking")
+
+
 @pytest.mark.parametrize("override", ["search.storag=postgresql://user:s3cret@127.0.0.1/test",
                                       "search.storage=[postgresql://user:s3cret@127.0.0.1/test]",
                                       "tracking.uri={u: 'http://u:s3cret@127.0.0.1:5000'}"])

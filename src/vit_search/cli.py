@@ -35,8 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _say_error(message: object) -> None:
     """``error: MESSAGE`` on stderr, as one line with no password in it, whatever the message repeats
-    of the input (a --set, a key with a newline in it, a URL refused)."""
-    print(f"error: {scrub(str(message))}", file=sys.stderr)
+    of the input (a --set, a key with a newline in it, a URL refused), and of a readable length: a
+    message that repeats a huge key or value keeps its start (where) and its end (how to fix)."""
+    line = scrub(str(message))
+    if len(line) > _LONGEST_ERROR:
+        line = f"{line[:_LONGEST_ERROR - 400]} [... {len(line) - _LONGEST_ERROR + 5:,} characters ...] {line[-400:]}"
+    print(f"error: {line}", file=sys.stderr)
+
+
+_LONGEST_ERROR = 2000
 
 
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
