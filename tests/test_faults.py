@@ -297,6 +297,17 @@ def test_a_password_with_a_slash_or_an_at_sign_is_masked_as_the_driver_reads_it(
     assert redact("sqlite:////tmp/a@b/optuna.db") == "sqlite:////tmp/a@b/optuna.db"  # an '@' in a path: no password
 
 
+def test_a_tracking_servers_password_is_printed_nowhere_by_a_study(workdir, mlflow_server):
+    url = mlflow_server.replace("http://", "http://someone:s3cretTrk@")  # the server takes any credentials
+    raw = study_raw("trk-password", n_trials=1)
+    spec = write(workdir / "spec.yaml", {**raw, "train": {**raw["train"], "epochs": 1}})
+    result = subprocess.run([sys.executable, "-m", "vit_search", "run", str(spec)], cwd=workdir, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": url})
+    assert result.returncode == 0, result.stderr[-2000:]
+    # MLflow prints a link to each run it ends, the URL's password in it, unless told not to.
+    assert "s3cretTrk" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]
+
+
 def test_a_password_with_a_question_mark_is_masked_and_a_query_after_the_host_is_not_the_password():
     from vit_search.redaction import redact
 

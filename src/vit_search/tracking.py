@@ -59,6 +59,8 @@ def use_store(spec: Spec) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
     if uri:  # else MLflow's own default store
         mlflow.set_tracking_uri(uri)
+    if uri and redact(uri) != uri:  # MLflow prints each ended run's link, the server's password in it, on stdout
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     check_store(spec)
 
 
