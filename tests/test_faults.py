@@ -308,6 +308,33 @@ def test_a_tracking_servers_password_is_printed_nowhere_by_a_study(workdir, mlfl
     assert "s3cretTrk" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]
 
 
+def test_weights_from_a_tracking_server_with_a_password_leave_it_out_of_params_artifacts_exports_and_checkpoints(
+        workdir, mlflow_server, monkeypatch):
+    import mlflow
+    import yaml as pyyaml
+
+    from vit_search.spec import load_spec
+    from vit_search.train import train
+
+    url = mlflow_server.replace("http://", "http://someone:s3cretInit@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    tiny = {"data": {"dataset": "digits", "image_size": 8}, "train": {"epochs": 1, "batch_size": 64}}
+    source = train(load_spec({**tiny, "name": "init-source", "model": {"dim": 16, "depth": 1, "patch_embed": {
+        "type": "conv", "patch_size": 2}, "attention": {"heads": 2}}}), checkpoint_dir=workdir / "a").run_id
+    spec = load_spec({**tiny, "name": "init-user", "model": {"init": {"from": "mlflow", "run": source}}})
+    assert spec.model.init.uri == url  # the store the weights are read from
+    result = train(spec, checkpoint_dir=workdir / "b")
+
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert not [key for key, value in run.data.params.items() if "s3cretInit" in value]
+    for artifact in ("spec.yaml", "model/spec.yaml"):
+        assert "s3cretInit" not in mlflow.artifacts.load_text(f"runs:/{result.run_id}/{artifact}")
+    assert b"s3cretInit" not in (workdir / "b" / "checkpoint.pt").read_bytes()
+    exported = spec.to_yaml(exclude_search=True)
+    assert "s3cretInit" not in exported
+    assert load_spec(pyyaml.safe_load(exported)).model.init.uri == url  # taken from the environment again
+
+
 def test_a_password_with_a_question_mark_is_masked_and_a_query_after_the_host_is_not_the_password():
     from vit_search.redaction import redact
 

@@ -469,6 +469,7 @@ class Spec(_Section):
         """The resolved spec as plain data (what a YAML file would hold), passwords in URLs as ``***``:
         what is written of a spec (artifacts, exports) never carries a secret."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"search"} if exclude_search else None)
+        data["model"] = model_record(self.model)
         if data.get("search") is None:
             data.pop("search", None)
         elif data["search"].get("storage"):
@@ -484,6 +485,17 @@ class Spec(_Section):
     def flat(self) -> dict[str, Any]:
         """Every resolved value under its dotted path (``model.attention.type``), search excluded."""
         return flatten(self.to_dict(exclude_search=True))
+
+
+def model_record(model: ModelSpec) -> dict[str, Any]:
+    """The model section as written out (a spec's artifacts and exports, a checkpoint's record), without
+    the password of ``model.init.uri``: that URI is left out, and a spec loaded again takes it from
+    ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``), where it came from unless the spec wrote it."""
+    data = model.model_dump(mode="json", by_alias=True)
+    init = data.get("init")
+    if isinstance(init, dict) and isinstance(init.get("uri"), str) and redact(init["uri"]) != init["uri"]:
+        del init["uri"]
+    return data
 
 
 def dataset_shape(data: DataSpec) -> tuple[int, int]:

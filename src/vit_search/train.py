@@ -35,7 +35,7 @@ from .checkpoints import (
     CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_resume_settings, check_writable, checkpoint_dir_of,
     load_checkpoint, resume_settings, rng_state, set_rng_state,
 )
-from .schema import Spec
+from .schema import Spec, model_record
 from .stopping import interruption
 from .tracking import Tracker
 from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
@@ -396,7 +396,7 @@ def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: 
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
         # What builds these weights: `model.init: {from: file}` reads it back.
-        "model_spec": spec.model.model_dump(mode="json", by_alias=True),
+        "model_spec": model_record(spec.model),
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
     }
