@@ -101,6 +101,17 @@ def test_next_steps_carry_a_plain_storage_but_never_a_password():
     assert "  vit-search best s.yaml --set=model.dim=32 --export best.yaml   # the best trial as a plain spec" in secret
 
 
+def test_next_steps_leave_out_a_set_that_holds_a_password_and_say_where_it_goes_instead():
+    sets = ["model.dim=32", "search.storage=postgresql://me:s3cretPW@db/studies", "tracking.uri=http://u:tRkPw@h:5000"]
+    lines = next_steps("s.yaml", sets, None, finished_study())
+    assert not any("s3cretPW" in line or "tRkPw" in line for line in lines), lines
+    assert "--set search.storage=... holds a password and is left out of these commands: set VIT_SEARCH_STORAGE to " \
+           "its URL before them" in lines
+    assert "--set tracking.uri=... holds a password and is left out of these commands: set MLFLOW_TRACKING_URI to " \
+           "its URL before them" in lines
+    assert "  vit-search best s.yaml --set=model.dim=32 --export best.yaml   # the best trial as a plain spec" in lines
+
+
 def test_a_pruned_or_failed_trials_line_says_where_it_stood_and_why(monkeypatch):
     from optuna.trial import TrialState
 

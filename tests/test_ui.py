@@ -102,6 +102,8 @@ def test_port_0_serves_the_studys_runs_on_a_free_port_and_sigterm_stops_the_whol
         assert server, "no server process under vit-search ui"
         # MLflow's job runner (huey consumers) is not started: comparing trials needs none of it.
         assert not [p for p in server if "huey" in " ".join(p.cmdline())]
+        # Nor is the store on any command line (`ps` would show a database password in it to every user).
+        assert not [p for p in server if "mlflow.db" in " ".join(p.cmdline())]
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 0
         assert wait_until_gone([p.pid for p in server]) == []

@@ -67,7 +67,9 @@ def ui_address(spec: Spec, experiment_id: str) -> str:
 def serve(uri: str, port: int, view: str) -> int:
     """Serve MLflow's UI for the store ``uri`` on 127.0.0.1:``port`` until it exits or this process is
     told to stop; prints the address of ``view`` once the server answers. Returns the exit code."""
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port)]
+    # The store goes in the environment (server_environment), not on the command line: `ps` shows that to
+    # every user of the machine, a database password in it included.
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port)]
     stopping: list[int] = []
     started: list[subprocess.Popen] = []
 
@@ -98,9 +100,9 @@ def serve(uri: str, port: int, view: str) -> int:
 
 
 def server_environment(uri: str) -> dict[str, str]:
-    """The UI server's environment: this one, tracking ``uri``, without MLflow's job runner unless the
-    user's own environment turns it on."""
-    return {JOB_RUNNER: "false", **os.environ, "MLFLOW_TRACKING_URI": uri}
+    """The UI server's environment: this one, tracking and serving the store ``uri``, without MLflow's job
+    runner unless the user's own environment turns it on."""
+    return {JOB_RUNNER: "false", **os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def _wait_until_up(server: subprocess.Popen, health: str, stopping: list[int]) -> bool:

@@ -7,7 +7,7 @@ import shlex
 
 import optuna
 
-from ..redaction import redact
+from ..redaction import redact, scrub
 from .report import best_trials
 from .storage import STORAGE_ENV
 
@@ -26,7 +26,13 @@ def next_steps(spec_path: str, overrides: list[str], storage: str | None, study:
     else:
         test = top.user_attrs.get("test_accuracy")
         lines = [f"best: trial {top.number} ({top.value:.4f}" + (f", test_accuracy {test:.4f})" if test is not None else ")")]
-    study_args = [spec_path, *(f"--set={o}" for o in overrides)]
+    secret = [o for o in overrides if scrub(o) != o]  # a URL with a password in it: never on the screen
+    study_args = [spec_path, *(f"--set={o}" for o in overrides if o not in secret)]
+    for override in secret:
+        key = override.split("=", 1)[0].strip()
+        where = _ENVIRONMENT.get(key)
+        lines.append(f"--set {key}=... holds a password and is left out of these commands: "
+                     + (f"set {where} to its URL before them" if where else "give it again yourself"))
     storage_args: list[str] = []
     if storage is not None and redact(storage) != storage:
         # A password stays off the screen and the shell's history: the environment carries it.
@@ -41,6 +47,10 @@ def next_steps(spec_path: str, overrides: list[str], storage: str | None, study:
     if tracked:
         lines.append(f"  {_command('ui', *study_args)}   # compare the trials in MLflow's UI")
     return lines
+
+
+# Where a URL can come from instead of a --set that would show its password.
+_ENVIRONMENT = {"search.storage": STORAGE_ENV, "tracking.uri": "MLFLOW_TRACKING_URI", "model.init.uri": "MLFLOW_TRACKING_URI"}
 
 
 def _command(*args: str) -> str:
