@@ -276,6 +276,25 @@ def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_without
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # no study made
 
 
+@pytest.mark.parametrize("storage, tracking, said", [
+    (None, "http://someone:hunter2@127.0.0.1:50x9", "MLflow tracking server URL http://someone:***@127.0.0.1:50x9 is "
+                                                    "not a valid URL (Port could not be cast to integer value as '50x9')"),
+    (None, "http://someone:hunter2@[127.0.0.1:5077", "MLflow tracking server URL http://someone:***@[127.0.0.1:5077 is "
+                                                     "not a valid URL (Invalid IPv6 URL)"),
+    ("redis://:hunter2@127.0.0.1:63x9/0", None, "Optuna storage redis://:***@127.0.0.1:63x9/0 is not a valid URL (Port "
+                                                "could not be cast to integer value as '63x9')"),
+], ids=["tracking-port", "tracking-bracket", "redis-port"])
+def test_a_storage_or_tracking_url_that_is_no_url_is_one_line_without_its_password(workdir, in_process, storage,
+                                                                                    tracking, said):
+    if storage:
+        pytest.importorskip("redis", reason="redis is needed for Redis storages (pip install -e '.[test]')")
+    spec = write(workdir / "spec.yaml", study_raw("no-url", n_trials=1))
+    code, line = in_process("run", str(spec), *(["--storage", storage] if storage else []),
+                            env={"MLFLOW_TRACKING_URI": tracking or "sqlite:///mlflow.db"})
+    assert code == 2 and line.startswith(f"error: {said}") and "hunter2" not in line, line
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]  # nothing made
+
+
 def test_a_password_is_masked_wherever_a_message_repeats_its_url():
     from vit_search.redaction import redact_in
 

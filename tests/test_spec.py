@@ -251,6 +251,13 @@ def test_a_grace_shorter_than_two_heartbeats_is_refused(write_spec):
     assert load_spec(path, ["search.grace_seconds=60"]).search.grace_seconds == 60
 
 
+@pytest.mark.parametrize("key", ["heartbeat_seconds", "grace_seconds"])
+def test_a_heartbeat_or_grace_longer_than_a_day_is_refused(write_spec, key):
+    # 1e300 s passed validate, then each trial's heartbeat thread died on time_t overflow with a traceback.
+    (problem,) = problems(write_spec("name: beats\nsearch:\n  space: {}\n"), overrides=[f"search.{key}=1e300"])
+    assert f"search.{key}: Input should be less than or equal to 86400" in problem
+
+
 @pytest.mark.parametrize("metric, direction, problem", [
     ("test_accuracy", "maximize", "search.metric: Input should be 'val_accuracy', 'val_loss', 'train_loss', "
                                   "'parameters' or 'flops' (got 'test_accuracy')"),

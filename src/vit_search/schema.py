@@ -365,8 +365,10 @@ class SearchSpec(_Section):
         default_factory=dict, description="trials outside these bounds are pruned before training"
     )
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first")
-    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running trial says it is alive")
-    grace_seconds: float = Field(60.0, gt=0, description="silence after which a trial's worker counts as dead")
+    # At most a day: beyond that, no worker would ever be found dead (and the heartbeat thread's wait
+    # overflows the platform's time_t near 1e300).
+    heartbeat_seconds: float = Field(10.0, gt=0, le=86400, description="how often a running trial says it is alive")
+    grace_seconds: float = Field(60.0, gt=0, le=86400, description="silence after which a trial's worker counts as dead")
 
     @field_validator("study_name")
     @classmethod

@@ -57,9 +57,13 @@ def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     # urllib takes user:password@ for part of the host name: ask without it, the credentials in a header.
-    parts = urllib.parse.urlsplit(uri)
-    user, _, host = parts.netloc.rpartition("@")
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health")
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        user, _, host = parts.netloc.rpartition("@")
+        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health")
+        parts.port  # noqa: B018 -- read for its check: a port that is no number raises here, not in the request
+    except ValueError as err:  # '[' left open, a port that is no number
+        return f"MLflow tracking server URL {redact(uri)} is not a valid URL ({redact_in(str(err), uri)[:120]})"
     if user:
         import base64
 

@@ -177,6 +177,8 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
 
     try:
         redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except ValueError as err:  # a port that is no number, a '[' left open: redis-py refuses the URL itself
+        return f"Optuna storage {redact(url)} is not a valid URL ({redact_in(str(err), url)[:160]})"
     except redis.exceptions.RedisError as err:
         return f"Optuna storage {redact(url)} does not answer ({redact_in(str(err), url)[:160]})"
     return None
