@@ -125,6 +125,15 @@ def test_a_search_range_that_ends_beyond_the_limits_is_refused_at_its_line(workd
     assert "search.space.model.depth: value 1000000000 does not fit" in line
 
 
+def test_a_search_over_a_seeds_four_billion_values_draws_in_bounded_memory(workdir):
+    # The space's size was counted by listing every value: a MemoryError (or the OOM killer) at the first draw.
+    spec = write(workdir / "spec.yaml", study_raw("seeds", space={"seed": {"int": [0, 2**32 - 1]}}))
+    result = bounded_cli("run", str(spec), "--dry-run", "2", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seeds = {line.split("[seed=")[1] for line in result.stdout.splitlines() if "[seed=" in line}
+    assert len(seeds) == 2  # two configurations drawn, each its own seed
+
+
 def test_a_plugin_that_calls_sys_exit_is_a_plugin_error(workdir):
     write(workdir / "quitter.py", "import sys\nsys.exit(0)\n")
     spec = write(workdir / "spec.yaml", {**TINY, "plugins": ["quitter.py"]})

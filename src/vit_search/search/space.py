@@ -103,10 +103,15 @@ class Dimension:
         return param
 
     def size(self) -> int | None:
-        """How many values this dimension has (None: a continuous range)."""
-        if self.kind == "float" and self.step is None:
+        """How many values this dimension has (None: a continuous range), counted, not listed: a seed's
+        range has four billion."""
+        if self.kind == "choice":
+            return len(self.choices)
+        if self.kind == "int":
+            return (int(self.high) - int(self.low)) // int(self.step or 1) + 1
+        if self.step is None:
             return None
-        return len(self.grid())
+        return math.floor((self.high - self.low) / self.step + 1e-9) + 1
 
     def values_to_check(self) -> list[Any]:
         """Values that together exercise this dimension's range: every choice, or both ends."""
@@ -120,15 +125,20 @@ class Dimension:
         """Every value, for grid search (choices, or each step of an int/float range)."""
         if self.kind == "choice":
             return self.labels
+        if self.kind == "float" and self.step is None:
+            raise SpaceError(self.key, GRID_NEEDS_STEP)
+        if self.size() > MAX_GRID_POINTS:
+            raise SpaceError(self.key, f"{self.size():,} values are too many to list for grid search (at most "
+                                       f"{MAX_GRID_POINTS:,}); widen the step, narrow the range, or use another "
+                                       f"search.sampler")
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.step is None:
-            raise SpaceError(self.key, GRID_NEEDS_STEP)
         # As Optuna does: the last value is the highest step at or below high, never above it.
         count = math.floor((self.high - self.low) / self.step + 1e-9)
         return [min(self.high, float(f"{self.low + i * self.step:.12g}")) for i in range(count + 1)]
 
 
+MAX_GRID_POINTS = 1_000_000  # a grid is listed whole (Optuna's GridSampler lists every point): ~100 MB at most
 GRID_NEEDS_STEP = ("grid search needs a step for float ranges; add one (e.g. step: 0.01), use choice, "
                    "or another search.sampler")
 
