@@ -134,6 +134,17 @@ def test_a_search_over_a_seeds_four_billion_values_draws_in_bounded_memory(workd
     assert len(seeds) == 2  # two configurations drawn, each its own seed
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_grid_too_large_to_list_is_one_line_before_anything_is_written(workdir, command):
+    # Optuna's grid sampler lists every point: 2**32 seeds took all the memory there was.
+    spec = write(workdir / "spec.yaml", study_raw("huge-grid", sampler="grid", space={"seed": {"int": [0, 2**32 - 1]}}))
+    result = bounded_cli(command, str(spec), cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "search.space: the grid has 4,294,967,296 points, too many to list (at most 1,000,000); widen steps, narrow "
+        "ranges, or use another search.sampler"), result.stderr[-2000:]
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+
+
 def test_a_plugin_that_calls_sys_exit_is_a_plugin_error(workdir):
     write(workdir / "quitter.py", "import sys\nsys.exit(0)\n")
     spec = write(workdir / "spec.yaml", {**TINY, "plugins": ["quitter.py"]})

@@ -316,9 +316,15 @@ def check_space(spec: Any) -> list[str]:
             dims[key] = parse_dimension(key, raw_dim)
         except SpaceError as err:
             problems.append(f"{spec.locate(('search', 'space', key))}: search.space.{err}")
+    grid = spec.search.sampler == "grid"
+    sizes = [dim.size() for dim in dims.values()]
+    if grid and None not in sizes and math.prod(sizes) > MAX_GRID_POINTS:  # Optuna would list every point first
+        problems.append(f"{spec.locate(('search', 'space'))}: search.space: the grid has {math.prod(sizes):,} points, "
+                        f"too many to list (at most {MAX_GRID_POINTS:,}); widen steps, narrow ranges, or use another "
+                        f"search.sampler")
     for key, dim in dims.items():
         where = spec.locate(("search", "space", key))
-        if spec.search.sampler == "grid" and dim.kind == "float" and dim.step is None:
+        if grid and dim.kind == "float" and dim.step is None:
             problems.append(f"{where}: search.space.{key}: {GRID_NEEDS_STEP}")
             continue
         whole = _whole_block(dims, dim)
@@ -332,8 +338,8 @@ def check_space(spec: Any) -> list[str]:
             if dim.condition is not None:  # the block the argument belongs to, freshly chosen
                 set_path(trial_raw, dim.condition[0], {"type": dim.condition[1]})
             set_path(trial_raw, dim.path, copy.deepcopy(value))
-            try:
-                load_spec(trial_raw, check_model=False)
+            try:  # built (on the meta device) as a trial's spec is, where the value can change what is built
+                load_spec(trial_raw, check_model=_changes_the_build(dim.path))
             except SpecError as err:
                 reason = err.problems[0].split(": ", 1)[-1]
                 problems.append(f"{where}: search.space.{key}: value {value!r} does not fit the spec: {reason}")
@@ -359,6 +365,14 @@ def check_space(spec: Any) -> list[str]:
                                 f"{clip(repr(values[name]))} {outside}; enqueue a value search.space.{name} can draw")
                 break
     return problems
+
+
+def _changes_the_build(path: tuple[str, ...]) -> bool:
+    """Whether a value set at ``path`` can change what the spec's build checks find (the model's shapes
+    and size, the parameters ``train.freeze`` matches): values in the model or data sections, and
+    ``train.freeze``. Those are checked as a trial checks them, on the meta device (milliseconds for a
+    small model, tens for a ViT-L); the rest (``train.lr``...) leave the base's build as it was checked."""
+    return path[0] in ("model", "data") or (path[0] == "train" and (len(path) == 1 or path[1] == "freeze"))
 
 
 def _whole_block(dims: Mapping[str, Dimension], dim: Dimension) -> str | None:
