@@ -46,6 +46,13 @@ def test_an_optuna_storage_file_is_put_in_wal_mode_and_its_connections_skip_the_
     assert synchronous(other) == 2 and journal_mode(other) == "delete"
 
 
+def test_a_sqlite_urls_driver_options_are_no_part_of_the_files_name(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}?timeout=30")
+    optuna.create_study(study_name="query", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert journal_mode(tmp_path / "optuna.db") == "wal"
+    assert sorted(p.name for p in tmp_path.iterdir() if "?" in p.name) == []  # no 'optuna.db?timeout=30' beside it
+
+
 def test_an_mlflow_sqlite_store_is_made_in_wal_mode(tmp_path, monkeypatch):
     from vit_search.spec import load_spec
     from vit_search.tracking import use_store

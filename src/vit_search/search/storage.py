@@ -73,8 +73,11 @@ def journal_path(url: str) -> Path | None:
 
 
 def storage_file(url: str) -> Path | None:
-    """The file a SQLite or journal storage lives in (None for a database server)."""
-    return journal_path(url) or (Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None)
+    """The file a SQLite or journal storage lives in (None for a database server); a SQLite URL's query
+    (``?timeout=30``) is the driver's options, not part of the name, as SQLAlchemy reads it."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").partition("?")[0])
+    return journal_path(url)
 
 
 @functools.lru_cache(maxsize=None)  # workers check before every trial's lock: parse once
@@ -141,7 +144,7 @@ def open_storage(url: str) -> Any:
                 return optuna.storages.JournalStorage(JournalRedisBackend(url))
         engine_kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            use_wal(Path(url.removeprefix("sqlite:///")))
+            use_wal(storage_file(url) or Path(url))  # check_url took only sqlite:/// files
             # Several local workers write one file: wait for the lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}}
         else:
