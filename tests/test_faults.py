@@ -348,7 +348,7 @@ def test_a_tracking_servers_password_is_printed_nowhere_by_a_study(workdir, mlfl
 
 
 def test_weights_from_a_tracking_server_with_a_password_leave_it_out_of_params_artifacts_exports_and_checkpoints(
-        workdir, mlflow_server, monkeypatch):
+        workdir, mlflow_server, monkeypatch, cli_here):
     import mlflow
     import yaml as pyyaml
 
@@ -372,6 +372,9 @@ def test_weights_from_a_tracking_server_with_a_password_leave_it_out_of_params_a
     exported = spec.to_yaml(exclude_search=True)
     assert "s3cretInit" not in exported
     assert load_spec(pyyaml.safe_load(exported)).model.init.uri == url  # taken from the environment again
+    # The command line reads the weights' record without MLflow's download bars (stderr is no terminal here).
+    checked = cli_here("validate", write(workdir / "again.yaml", pyyaml.safe_load(exported)))
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
 
 
 def test_a_password_with_a_question_mark_is_masked_and_a_query_after_the_host_is_not_the_password():

@@ -625,6 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"vit-search {__version__}")
         return 0
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        # MLflow draws a bar for each artifact it fetches (a model.init run's weights), a line per
+        # redraw in a log: our --quiet and a log take no bars.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not getattr(args, "func", None):
         _say_error(f"vit-search: a command is needed ({', '.join(COMMANDS)}); see 'vit-search --help'")
         return EXIT_BAD_INPUT
