@@ -227,10 +227,64 @@ def test_a_bare_state_dict_of_an_odd_width_asks_for_heads(source_file):
         spec_from(path)
 
 
+def _damaged(state: dict, how: str) -> dict:
+    state = dict(state)
+    if how == "removed":
+        del state["blocks.1.attn.proj.weight"]
+    elif how == "extra":
+        state["blocks.0.extra.weight"] = torch.zeros(3)
+    else:
+        state["blocks.1.attn.proj.weight"] = torch.zeros(48, 10)
+    return state
+
+
+@pytest.mark.parametrize(("how", "said"), [("removed", "blocks.1.attn.proj.weight is absent in them and 48x48 in it"),
+                                           ("extra", "blocks.0.extra.weight is 3 in them and absent in it"),
+                                           ("misshaped", "blocks.1.attn.proj.weight is 48x10 in them and 48x48 in it")])
+def test_a_damaged_state_dict_is_blamed_on_the_file_not_on_keys_the_spec_never_wrote(source_file, tmp_path, how, said):
+    source, bare = source_file
+    # A train checkpoint records its model: the spec writes nothing but model.init
+    recorded = load_spec({"name": "s", "data": {"dataset": "synthetic", "image_size": 16, "channels": 1, "num_classes": 7},
+                          "model": SOURCE}).model.model_dump(mode="json", by_alias=True)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model": _damaged(source.state_dict(), how), "model_spec": recorded}, checkpoint)
+    torch.save(_damaged(source.state_dict(), how), bare)
+    # A bare state dict of width 48 needs the spec's heads, which have nothing to do with the damage
+    for path, model in ((checkpoint, {}), (bare, {"attention": {"heads": 3}})):
+        with pytest.raises(SpecError) as err:
+            spec_from(path, model)
+        (problem,) = err.value.problems
+        assert problem.startswith(f"<spec>: model.init: the weights of model.init (file {path} "), problem
+        assert said in problem and "damaged or edited by hand" in problem and "leave model" not in problem, problem
+
+
+def test_a_timm_state_dicts_activation_and_epsilon_come_from_the_spec_as_it_records_neither(tmp_path):
+    import functools
+
+    timm = pytest.importorskip("timm", reason="a timm model to save needs timm: pip install 'vit-search[timm]'")
+    reference = randomised(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                             num_classes=5, act_layer="relu",
+                                             norm_layer=functools.partial(nn.LayerNorm, eps=1e-5)))
+    path = tmp_path / "timm_relu.pth"
+    torch.save(reference.state_dict(), path)
+    spec = spec_from(path, {"ffn": {"activation": "relu"}, "norm_eps": 1e-5}, data=SYNTHETIC_32)
+    assert spec.model.ffn["activation"] == "relu" and spec.model.norm_eps == 1e-5
+    assert same_outputs(build_model(spec), reference, (3, 32, 32)) <= 1e-5
+    plain = spec_from(path, data=SYNTHETIC_32)  # unset: timm's defaults
+    assert plain.model.ffn["activation"] == "gelu" and plain.model.norm_eps == 1e-6
+    # Where the file records one (a train checkpoint's model section has its epsilon), it is still the weights'
+    source = build_vit(SOURCE)
+    recorded = load_spec({"name": "s", "data": {"dataset": "synthetic", "image_size": 16, "channels": 1, "num_classes": 7},
+                          "model": SOURCE}).model.model_dump(mode="json", by_alias=True)
+    torch.save({"model": source.state_dict(), "model_spec": recorded}, tmp_path / "checkpoint.pt")
+    with pytest.raises(SpecError, match="model.norm_eps: 1e-05 does not fit the weights of model.init, which have 1e-06"):
+        spec_from(tmp_path / "checkpoint.pt", {"norm_eps": 1e-5})
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("text", "not a weights file that torch.load(weights_only=True) reads"),
+        ("text", "not a torch or safetensors file (it begins b'not weights')"),
         ({"a.weight": torch.zeros(2)}, "not a torchvision, timm or vit-search ViT state dict"),
         ({"epoch": 3}, "holds no state dict"),
         (None, "no such file"),
@@ -247,6 +301,59 @@ def test_a_wrong_file_is_one_error_at_model_init(tmp_path, content, message):
         spec_from(path)
     (problem,) = err.value.problems
     assert problem.startswith("<spec>: model.init: ") and message in problem, problem
+
+
+def _unreadable_files(tmp_path):
+    """Files torch.load(weights_only=True) refuses, each as someone may hand one in: name -> path."""
+    import argparse
+    import pickle
+
+    state = {"w": torch.zeros(4)}
+    files = {name: tmp_path / f"{name}.pth" for name in ("empty", "text", "truncated", "train_args", "pickled")}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("hello, this is not a checkpoint")
+    torch.save(state, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:100])  # a copy cut short
+    # timm's train.py checkpoint: the weights, and the script's arguments
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, files["train_args"])
+    files["pickled"].write_bytes(pickle.dumps(state, protocol=4))  # torch warns of the protocol
+    return files
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("empty", "is empty (0 bytes)"),
+        ("text", "not a torch or safetensors file (it begins b'hello, this '); name a file written by torch.save"),
+        ("truncated", "a torch.save archive that is truncated or damaged; copy it again"),
+        ("train_args", "holds Python objects other than tensors (the first: argparse.Namespace), which are not loaded "
+                       "(loading them could run any code); save the state dict alone: torch.save(model.state_dict(), PATH)"),
+        ("pickled", "a pickle written by pickle.dump (or another tool), not torch.save"),
+    ],
+)
+def test_an_unreadable_weights_file_says_what_it_is_and_how_to_save_it_in_one_line(tmp_path, cli_here, name, said):
+    import warnings
+
+    path = _unreadable_files(tmp_path)[name]
+    spec_path = tmp_path / "ft.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "ft", "data": DIGITS_16, "model": {"init": {"from": "file", "path": "x"}}}))
+    with warnings.catch_warnings(record=True) as warned:  # torch's pickle-protocol warning would be two more lines
+        warnings.simplefilter("always")
+        result = cli_here("validate", spec_path, "--set", f"model.init.path={path}")
+    assert result.returncode == 2 and not warned, [str(w.message) for w in warned]
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"error: --set model.init.path={path}: model.init: {path}: " + line.split(f"{path}: ", 2)[2]
+    assert said in line, line
+    # Never torch's advice to load unsafely, its ANSI escapes, or its bare exception text ("101")
+    assert "weights_only=False" not in line and "arbitrary code" not in line and "\x1b" not in line, line
+
+
+def test_a_missing_absolute_weights_path_is_not_said_to_be_read_from_the_spec_folder(tmp_path):
+    with pytest.raises(SpecError) as err:
+        spec_from(tmp_path / "gone.pth")
+    (problem,) = err.value.problems
+    assert problem.endswith(f"{tmp_path / 'gone.pth'}: no such file; check the path"), problem
+    assert "relative path" not in problem
 
 
 def test_init_keys_follow_the_source():
@@ -354,7 +461,7 @@ def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli_here):
     cases = {
         "incompatible": ({"init": {"from": "file", "path": str(path)}, "attention": {"heads": 3}, "dim": 64},
                          "validate", "model.dim: 64 does not fit the weights of model.init, which have 48"),
-        "wrong_file": ({"init": {"from": "file", "path": "wrong.pth"}}, "validate", "wrong.pth: not a weights file"),
+        "wrong_file": ({"init": {"from": "file", "path": "wrong.pth"}}, "validate", "wrong.pth: not a torch or safetensors file"),
         "missing_cache": ({"init": TORCHVISION_INIT}, "train", "put the file at"),
     }
     env = {"TORCH_HOME": str(tmp_path / "torch"), OFFLINE_ENV: "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}

@@ -76,6 +76,8 @@ def fit_problems(model: ModelSpec, weights: Weights) -> list[tuple[tuple[str, ..
     problems: list[tuple[tuple[str, ...], str]] = []
 
     def differs(path: tuple[str, ...], ours: Any, theirs: Any) -> None:
+        if path[1:] in weights.guessed:  # a default the weights do not record: the spec's value may be the truth
+            return
         key = ".".join(path)
         problems.append((path, f"{ours!r} does not fit the weights of model.init, which have {theirs!r}; "
                                f"leave {key} out to take it from them"))
@@ -118,10 +120,36 @@ def _shape_problems(model: ModelSpec, weights: Weights) -> list[tuple[tuple[str,
     key = _spec_key(name)
     here = "x".join(map(str, built[name])) if name in built else "absent"
     there = "x".join(map(str, weights.shapes[name])) if name in weights.shapes else "absent"
-    path = ("model", key) if key else ("model",)
-    fix = (f"leave model.{key} out to take it from them" if key in weights.section
-           else f"set {'.'.join(path)} to what they were trained with")
-    return [(path, f"does not fit the weights of model.init: {name} is {here} here and {there} in them; {fix}")]
+    if key is not None and key not in weights.section:  # the weights do not fix it: the spec must say what they had
+        return [(("model", key), f"does not fit the weights of model.init: {name} is {here} here and {there} in "
+                                 f"them; set model.{key} to what they were trained with")]
+    implied = _implied_shapes(model, weights)
+    if implied is None or (name in implied) == (name in weights.shapes) and (
+            name not in implied or _bridgeable(name, implied[name], weights.shapes[name])):
+        # The model the weights give alone carries them: a key the spec wrote on top is what does not fit.
+        path = ("model", key) if key else ("model",)
+        return [(path, f"does not fit the weights of model.init: {name} is {here} here and {there} in them; "
+                       f"leave {'.'.join(path)} out to take it from them")]
+    # Not the spec's doing (it may have written nothing but model.init): the file disagrees with itself.
+    theirs = "x".join(map(str, implied[name])) if name in implied else "absent"
+    message = (f"the weights of model.init ({weights.origin}) do not match the architecture they give themselves "
+               f"(recorded, or read from their shapes): {name} is {there} in them and {theirs} in it; the file was "
+               f"damaged or edited by hand: use it as it was saved")
+    if weights.origin.endswith("(vit-search state dict)") and here != "absent" != there and not name.startswith("blocks.0."):
+        # A bare state dict is read from its first block: a model whose layers differ in size looks damaged
+        message += " (or, if its layers differ in size, set model.layers to theirs: a state dict does not record them)"
+    return [(("model", "init"), message)]
+
+
+def _implied_shapes(model: ModelSpec, weights: Weights) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes of ``model`` with every key the weights fix taken from them (None: it cannot be built)."""
+    raw = model.model_dump(mode="json", by_alias=True, exclude={"init"})
+    raw.update(copy.deepcopy(weights.section))
+    raw["layers"] = weights.section.get("layers") or {}  # per-layer sizes are the weights' too
+    try:
+        return {name: tuple(p.shape) for name, p in build_on_meta(ModelSpec.model_validate(raw)).state_dict().items()}
+    except Exception:
+        return None
 
 
 def _bridgeable(name: str, ours: tuple[int, ...], theirs: tuple[int, ...]) -> bool:

@@ -36,6 +36,10 @@ from .vit import VisionTransformer, build_vit
 # Our LayerNorm of q and k (blocks/attention.py) has this epsilon fixed, as timm's default has.
 _QK_NORM_EPS = 1e-6
 
+# What a timm module says but its state dict cannot record (no tensor depends on it): each fact, where it
+# goes in the model section, and timm's default, which a state dict is taken to have.
+_UNRECORDED = {"activation": (("ffn", "activation"), "gelu"), "norm_eps": (("norm_eps",), 1e-6)}
+
 # timm keys that name a feature our model lacks, and how to name it in the error.
 _UNSUPPORTED = {
     "dist_token": "a distillation token (deit_*_distilled)",
@@ -129,6 +133,12 @@ def timm_module_facts(module: nn.Module) -> dict[str, Any]:
     }
 
 
+def timm_guesses(facts: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """The model-section keys :func:`convert_timm_state` fills with timm's defaults because ``facts`` (a
+    module's) do not say them: a state dict records neither the activation nor the LayerNorm epsilon."""
+    return tuple(path for fact, (path, _) in _UNRECORDED.items() if fact not in facts)
+
+
 def _our_key(key: str) -> str | None:
     """Our parameter name for one timm key (None: not one we know)."""
     if key in _FIXED_KEYS:
@@ -211,14 +221,14 @@ def convert_timm_state(state: Mapping[str, Tensor], facts: Mapping[str, Any]) ->
         "ffn": {
             "type": "mlp",
             "hidden_dim": state["blocks.0.mlp.fc1.weight"].shape[0],
-            "activation": facts.get("activation", "gelu"),
+            "activation": facts.get("activation", _UNRECORDED["activation"][1]),
         },
         "pooling": {"type": "cls" if has_cls else "mean"},
         "head": {"type": "linear"},
         "image_size": grid[0] * patch_h if square else (grid[0] * patch_h, grid[1] * patch_w),
         "in_channels": in_channels,
         "num_classes": state["head.weight"].shape[0],
-        "norm_eps": facts.get("norm_eps", 1e-6),
+        "norm_eps": facts.get("norm_eps", _UNRECORDED["norm_eps"][1]),
     }
     if "blocks.0.ls1.gamma" in state:
         # Any positive value builds the LayerScale modules; the loaded gammas replace it.

@@ -11,6 +11,9 @@ its two readers here.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,7 +30,7 @@ from ..registry import KINDS
 from ..schema import InitSpec, ModelSpec
 from ..sizes import pair
 from .resample import square_grid
-from .timm_weights import convert_timm_state, timm_module_facts
+from .timm_weights import convert_timm_state, timm_guesses, timm_module_facts
 from .vit import build_on_meta
 from .weights import _model_section_from_state_dict, convert_torchvision_state, torchvision_module_facts
 
@@ -51,6 +54,9 @@ class Weights:
     grid: tuple[int, int] | None  # the learned position embedding's patch grid (None: none, or unknown)
     shapes: dict[str, tuple[int, ...]] = field(repr=False)  # our parameter name -> shape
     origin: str  # where they come from, for people: "timm vit_small_patch16_224 (cached at ...)"
+    # Section keys the weights do not record, filled with their library's defaults (a timm state dict's
+    # activation, epsilon): a spec may set them, as it may what a bare vit-search state dict leaves out.
+    guessed: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,8 @@ def _heads_for(dim: int, heads: int | None) -> int:
     return found
 
 
-def _weights(section: dict[str, Any], state: Mapping[str, Tensor], origin: str) -> Weights:
+def _weights(section: dict[str, Any], state: Mapping[str, Tensor], origin: str,
+             guessed: tuple[tuple[str, ...], ...] = ()) -> Weights:
     """A :class:`Weights` from a full model section (data keys included) and our state dict."""
     section = dict(section)
     image_size, in_channels, num_classes = (section.pop(key, None) for key in DATA_KEYS)
@@ -92,7 +99,7 @@ def _weights(section: dict[str, Any], state: Mapping[str, Tensor], origin: str) 
         if ffn["hidden_dim"] % section["dim"] == 0:  # written as the ratio, as specs usually write it
             ffn["ratio"] = float(ffn.pop("hidden_dim") // section["dim"])
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    return Weights(section, int(in_channels), int(num_classes), grid, shapes, origin)
+    return Weights(section, int(in_channels), int(num_classes), grid, shapes, origin, guessed)
 
 
 def hub_checkpoints() -> Path:
@@ -245,6 +252,10 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:300]
 
 
+_SAVE_STATE = "save the state dict alone: torch.save(model.state_dict(), PATH)"
+_GLOBAL = re.compile(r"GLOBAL ((?:\w+\.)+\w+)")  # torch's "unsupported GLOBAL argparse.Namespace"
+
+
 def _load_file(path: Path, shapes_only: bool = False) -> Any:
     """A weights file as torch.load(weights_only=True) reads it (mapped, not read, where the format
     allows), or a safetensors file; WeightsError for anything else."""
@@ -255,7 +266,13 @@ def _load_file(path: Path, shapes_only: bool = False) -> Any:
             raise WeightsError(f"{path}: is a folder, not a weights file; name the file in it")
         if path.exists():
             raise WeightsError(f"{path}: is not a regular file (a device, a pipe or a socket); name a weights file")
-        raise WeightsError(f"{path}: no such file (a relative path is read from the spec's folder)")
+        # A spec's relative paths are made absolute (from its folder) before they get here: only the
+        # Python API passes a relative one, read from the working folder.
+        if path.is_absolute():
+            raise WeightsError(f"{path}: no such file; check the path")
+        raise WeightsError(f"{path}: no such file in {Path.cwd()} (in a spec, a relative path is read from the spec's folder)")
+    if _size(path) == 0:  # torch says nothing (an EOFError without text), safetensors "header too small"
+        raise WeightsError(f"{path}: is empty (0 bytes): it was never written, or cut off; copy it again, or {_SAVE_STATE}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -265,17 +282,53 @@ def _load_file(path: Path, shapes_only: bool = False) -> Any:
                     return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
                 return {k: handle.get_tensor(k) for k in handle.keys()}
         except Exception as err:
-            raise WeightsError(f"{path}: not a safetensors file: {_first_line(err)}") from None
+            raise WeightsError(f"{path}: not a safetensors file, or a truncated one ({_first_line(err)}); copy it again, "
+                               f"or save it with safetensors.torch.save_file") from None
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format maps not
-    except Exception as err:
-        raise WeightsError(f"{path}: not a weights file that torch.load(weights_only=True) reads: "
-                           f"{_first_line(err)}") from None
+        # torch warns of pickle protocols it does not expect (pickle.dump's files): the error line says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format maps not
+    except Exception as err:  # torch's own text suggests weights_only=False, which could run any code in the file
+        raise WeightsError(f"{path}: {_unreadable(path, err)}") from None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone since it was checked: reading it says so
+        return None
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    """What a file that torch.load(weights_only=True) refused is, and the way out, from its first bytes and
+    the error (never torch's advice to load it unsafely)."""
+    if isinstance(err, OSError):  # no permission, gone since it was checked, a disk error
+        return f"cannot be read ({err.strerror or type(err).__name__}); check the path and its permissions"
+    found = _GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if found:  # a training script's checkpoint: its args (argparse.Namespace), a whole model, numpy scalars
+        return (f"holds Python objects other than tensors (the first: {found.group(1)}), which are not loaded "
+                f"(loading them could run any code); {_SAVE_STATE}")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as cannot:
+        return f"cannot be read ({cannot.strerror or type(cannot).__name__}); check the path and its permissions"
+    again = f"copy it again, or {_SAVE_STATE}"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        return f"a torch.save archive that is truncated or damaged; {again}"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] >= 3:  # torch.save's legacy format is protocol 2
+        return (f"a pickle written by pickle.dump (or another tool), not torch.save: torch.load(weights_only=True) "
+                f"reads only torch.save's tensors; {_SAVE_STATE}")
+    if head[:1] == b"\x80":
+        return f"a torch.save file (the legacy format) that is truncated or damaged; {again}"
+    return (f"not a torch or safetensors file (it begins {head[:12]!r}); name a file written by torch.save, "
+            f"or a safetensors file (its name ending in .safetensors)")
 
 
 def _unwrap(content: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
@@ -307,8 +360,10 @@ def _format(state: Mapping[str, Tensor]) -> str:
     raise WeightsError(f"not a torchvision, timm or vit-search ViT state dict (its keys begin {keys})")
 
 
-def _read_file(init: InitSpec, heads: int | None, shapes_only: bool) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """(full model section, our state dict, what the file is: "timm state dict", ...) of a weights file."""
+def _read_file(init: InitSpec, heads: int | None, shapes_only: bool
+               ) -> tuple[dict[str, Any], dict[str, Tensor], str, tuple[tuple[str, ...], ...]]:
+    """(full model section, our state dict, what the file is: "timm state dict", ..., the section keys
+    guessed: see :attr:`Weights.guessed`) of a weights file."""
     path = Path(init.path)
     state, recorded = _unwrap(_load_file(path, shapes_only), path)
     try:
@@ -316,13 +371,14 @@ def _read_file(init: InitSpec, heads: int | None, shapes_only: bool) -> tuple[di
         if kind == "torchvision":
             dim = state["conv_proj.weight"].shape[0] if "conv_proj.weight" in state else 0
             section = _model_section_from_state_dict(state, _heads_for(dim, heads), None)
-            return section, convert_torchvision_state(state), "torchvision state dict"
+            return section, convert_torchvision_state(state), "torchvision state dict", ()
         if kind == "timm":
             dim = state["patch_embed.proj.weight"].shape[0]
-            return (*convert_timm_state(state, {"heads": _heads_for(dim, heads)}), "timm state dict")
+            facts = {"heads": _heads_for(dim, heads)}
+            return (*convert_timm_state(state, facts), "timm state dict", timm_guesses(facts))
         if recorded is not None:
-            return _checked_record(recorded, "the model section it records"), state, "vit-search checkpoint"
-        return _our_section(state, heads), state, "vit-search state dict"
+            return _checked_record(recorded, "the model section it records"), state, "vit-search checkpoint", ()
+        return _our_section(state, heads), state, "vit-search state dict", ()
     except WeightsError as err:
         raise WeightsError(f"{path}: {err}") from None
 
@@ -360,8 +416,8 @@ def _our_section(state: Mapping[str, Tensor], heads: int | None) -> dict[str, An
 
 
 def _describe_file(init: InitSpec, heads: int | None) -> Weights:
-    section, state, what = _read_file(init, heads, shapes_only=True)
-    return _weights(section, state, f"file {init.path} ({what})")
+    section, state, what, guessed = _read_file(init, heads, shapes_only=True)
+    return _weights(section, state, f"file {init.path} ({what})", guessed)
 
 
 def _fetch_file(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
