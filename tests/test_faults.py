@@ -615,7 +615,7 @@ def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(
 
 def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdir):
     raw = {**TINY, "name": "too-large", "tracking": {"experiment": "too-large"},
-           "model": {**TINY["model"], "dim": 32768, "depth": 1}}  # a 13 GB attention weight: over the 6 GB cap
+           "model": {**TINY["model"], "dim": 12288, "depth": 1}}  # 7 GiB of weights: over the 6 GB cap, not the RAM
     result = bounded_cli("train", str(write(workdir / "spec.yaml", raw)), cwd=workdir)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
@@ -625,10 +625,22 @@ def test_a_model_too_large_for_memory_is_one_line_exit_1_and_a_failed_run(workdi
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingOutOfMemory: out of memory")
 
 
+def test_a_model_whose_weights_outgrow_the_machine_is_one_line_exit_2_before_anything_is_allocated(workdir):
+    # 96 billion parameters: 360 GiB of weights, allocated a gigabyte at a time until the OOM killer came.
+    raw = {**TINY, "name": "far-too-large", "tracking": {"experiment": "far-too-large"},
+           "model": {**TINY["model"], "dim": 16384, "depth": 30, "attention": {"type": "sdpa", "heads": 16}}}
+    result = bounded_cli("train", str(write(workdir / "spec.yaml", raw)), cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: model: 96,6") and "GiB for their weights alone, more than the " in line
+    assert line.endswith("GiB of cpu; lower model.dim, model.depth or the blocks' sizes"), line
+    assert MlflowClient().get_experiment_by_name("far-too-large") is None  # no run for a bad input
+
+
 def test_a_trial_out_of_memory_fails_in_one_line_and_the_next_trial_trains_in_the_memory_it_let_go(workdir):
-    # Under the same 6 GB cap: trial 0's 13 GB attention weight fails; trial 1 then trains in what it let go.
-    raw = study_raw("oom-study", n_trials=2, space={"model.dim": {"choice": [16, 32768]}},
-                    enqueue=[{"model.dim": 32768}, {"model.dim": 16}])
+    # Under the same 6 GB cap: trial 0's 7 GiB of weights fail; trial 1 then trains in what it let go.
+    raw = study_raw("oom-study", n_trials=2, space={"model.dim": {"choice": [16, 12288]}},
+                    enqueue=[{"model.dim": 12288}, {"model.dim": 16}])
     result = bounded_cli("run", str(write(workdir / "spec.yaml", raw)), cwd=workdir)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     trials = optuna.load_study(study_name="oom-study", storage=raw["search"]["storage"]).get_trials()

@@ -23,9 +23,9 @@ from torch import nn
 
 from .data.batches import DeviceBatches
 from .data.loading import DataSplits, load_data, make_loader
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, UserError
 from .finetune import frozen, lr_scale
-from .model import build_model
+from .model import build_model, build_on_meta, count_parameters
 from .model.cost import model_cost
 from .performance import (
     RunSeconds, cpu_only, enable_tf32, fused_attention_kernel, mfu, peak_memory_mb, peak_tflops,
@@ -74,6 +74,36 @@ def _out_of_memory_in_one_line(device: torch.device) -> Iterator[None]:
         raise TrainingOutOfMemory(
             f"out of memory on {device}: {said[:240] or type(err).__name__}; lower train.batch_size or the model's "
             f"size (dim, depth, mlp ratio), or set train.mixed_precision") from None
+
+
+def _check_model_fits(spec: Spec, device: torch.device) -> None:
+    """Refuse (one line, exit 2) a model whose weights alone outgrow the device's whole memory, before
+    anything is allocated: on the CPU it would take the host's memory a gigabyte at a time until the
+    kernel's OOM killer ended the process. (Training needs about four times the weights: a model that
+    fits its weights but not the rest fails at its first allocation, in one line, exit 1.)"""
+    total = _memory_of(device)
+    if total is None:
+        return
+    parameters = count_parameters(build_on_meta(spec.model))  # not model_cost: no FLOPs counted through Python
+    need = parameters * 4  # fp32
+    if need > total:
+        raise UserError(f"model: {parameters:,} parameters need {need / 2**30:,.1f} GiB for their weights alone, more "
+                        f"than the {total / 2**30:,.1f} GiB of {device}; lower model.dim, model.depth or the blocks' "
+                        f"sizes", settings=("model",))
+
+
+def _memory_of(device: torch.device) -> int | None:
+    """The whole memory of ``device`` in bytes: a GPU's, or the host's RAM for the CPU (None: unknown)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+            return None
+    return None
 
 
 @dataclass
@@ -308,6 +338,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         check_resume_settings(checkpoint, spec, ckpt_path)
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
+    _check_model_fits(spec, accelerator.device)
     data = None
     if parent_run_id is None and run_id is None:
         # A run of its own reads its data before MLflow hears of it: unreadable data or a batch larger than the
