@@ -174,6 +174,8 @@ def load_spec(
 
     if isinstance(raw.get("plugins"), list):  # file paths made absolute: the raw spec loads from anywhere
         raw["plugins"] = [_absolute_plugin(p, base_dir) for p in raw["plugins"]]
+    if isinstance(raw.get("search"), Mapping):  # so are searched weights files: a trial's spec is a mapping
+        raw["search"] = _absolute_searched_weights(raw["search"], base_dir)
     # Plugins first: they may register the blocks the model section names.
     for i, plugin in enumerate(raw.get("plugins") or []):
         try:
@@ -252,13 +254,8 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
     from .schema import InitSpec
 
     init_raw = dict(model["init"])
-    if init_raw.get("from") == "file" and isinstance(init_raw.get("path"), str) and init_raw["path"]:
-        target = base_dir / Path(init_raw["path"]).expanduser()
-        try:
-            target = target.resolve()
-        except (OSError, RuntimeError):  # a loop of symbolic links: the weights reader says so in one line
-            target = target.absolute()
-        init_raw["path"] = str(target)
+    if init_raw.get("from") == "file" and "path" in init_raw:
+        init_raw["path"] = _absolute_weights(init_raw["path"], base_dir)
     if init_raw.get("from") == "mlflow" and not init_raw.get("uri"):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (raw.get("tracking") or {}).get("uri")
         if isinstance(uri, str) and uri:
@@ -276,6 +273,56 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
     except WeightsError as err:
         raise SpecError([f"{where(('model', 'init'))}: model.init: {err}"]) from None
     return weights, {**raw, "model": merge_onto_weights(weights.section, raw["model"])}
+
+
+def _absolute_weights(path: Any, base_dir: Path) -> Any:
+    """A weights file path (``model.init.path``) relative to the spec's folder, made absolute; anything but
+    a non-empty text is left for the schema to refuse."""
+    if not isinstance(path, str) or not path:
+        return path
+    target = base_dir / Path(path).expanduser()
+    try:
+        target = target.resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links: the weights reader says so in one line
+        target = target.absolute()
+    return str(target)
+
+
+_WEIGHTS_PATH = ("model", "init", "path")
+
+
+def _absolute_searched_weights(search: Mapping[str, Any], base_dir: Path) -> Mapping[str, Any]:
+    """``search`` with the weights files its space draws (``model.init.path: {choice: [...]}``, or the
+    paths in whole ``model.init`` or ``model`` choices) and its enqueued values for them made absolute,
+    as the spec's own ``model.init.path`` is: a trial's spec, a mapping, then reads them from the
+    spec's folder, not from the working directory. Malformed entries are left for the checks to name."""
+    space, enqueue = search.get("space"), search.get("enqueue")
+    if not isinstance(space, Mapping):
+        return search
+    below = {key: _WEIGHTS_PATH[len(key.split(".")):] for key in space
+             if isinstance(key, str) and tuple(key.split(".")) == _WEIGHTS_PATH[:len(key.split("."))]}
+    if not below:
+        return search
+
+    def absolute(value: Any, rest: tuple[str, ...]) -> Any:
+        if not rest:
+            return _absolute_weights(value, base_dir)
+        if not isinstance(value, Mapping) or rest[0] not in value:
+            return value
+        if rest == ("path",) and value.get("from") != "file":  # only a file source reads a path
+            return value
+        return {**value, rest[0]: absolute(value[rest[0]], rest[1:])}
+
+    space = dict(space)
+    for key, rest in below.items():
+        entry = space[key]
+        if isinstance(entry, Mapping) and isinstance(entry.get("choice"), list):
+            space[key] = {**entry, "choice": [absolute(choice, rest) for choice in entry["choice"]]}
+    if isinstance(enqueue, list):
+        enqueue = [{name: absolute(value, below[name]) if name in below else value for name, value in item.items()}
+                   if isinstance(item, Mapping) else item for item in enqueue]
+        return {**search, "space": space, "enqueue": enqueue}
+    return {**search, "space": space}
 
 
 def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
@@ -314,7 +361,6 @@ def _forward(model: Any, images: Any) -> None:
 
 
 def _check_build(spec: Spec, where: _Locator) -> list[str]:
-    from .finetune import frozen, unmatched
     from .model import build_on_meta, count_parameters
     from .model.cost import run_one_image
 
@@ -341,13 +387,31 @@ def _check_build(spec: Spec, where: _Locator) -> list[str]:
             run_one_image(spec.model, _forward)
         except UserError as err:
             return [f"{where(('model',))}: {err}"]
-    names = [name for name, _ in model.named_parameters()]
-    for i, pattern in enumerate(spec.train.freeze):
+    return freeze_problems([name for name, _ in model.named_parameters()], spec.train.freeze, where)
+
+
+def parameter_names(model: ModelSpec) -> list[str] | None:
+    """The parameter names of ``model``, built on the meta device; None if it cannot be built (the
+    build check says why, in one line)."""
+    from .model import build_on_meta
+
+    try:
+        return [name for name, _ in build_on_meta(model).named_parameters()]
+    except Exception:
+        return None
+
+
+def freeze_problems(names: list[str], freeze: list[str], where: Any) -> list[str]:
+    """What is wrong with ``train.freeze`` for a model whose parameters are ``names`` (a pattern matching
+    none of them, or patterns freezing them all), one line located by ``where``; [] when nothing is."""
+    from .finetune import frozen, unmatched
+
+    for i, pattern in enumerate(freeze):
         if unmatched(names, [pattern]):
             path = ("train", "freeze", str(i))
             return [f"{where(path)}: train.freeze.{i}: '{pattern}' matches no parameter; names look like "
                     f"patch_embed.proj.weight, blocks.0.attn.qkv.weight, head.fc.weight (fnmatch patterns)"]
-    if spec.train.freeze and len(frozen(names, spec.train.freeze)) == len(names):
+    if freeze and len(frozen(names, freeze)) == len(names):
         return [f"{where(('train', 'freeze'))}: train.freeze: freezes every parameter, so nothing would train; "
                 f"leave the head (head.*) out of it"]
     return []

@@ -27,7 +27,7 @@ import yaml
 from ..registry import KINDS, did_you_mean
 from ..safe_yaml import clip
 from ..schema import ModelSpec, block_type, set_path, with_preset
-from ..spec import SpecError, load_spec
+from ..spec import SpecError, freeze_problems, load_spec, parameter_names
 
 _CONDITIONAL = re.compile(r"^(?P<block>[A-Za-z_]\w*(?:\.\w+)*)\[(?P<type>[\w-]+)\]\.(?P<rest>\w+(?:\.\w+)*)$")
 _PLAIN = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*$")
@@ -301,7 +301,8 @@ def check_space(spec: Any) -> list[str]:
     """Problems with ``spec.search.space``, one line each (file:line, key, reason), before any trial.
 
     Every key must parse, every path must exist in the spec schema (block arguments included), and
-    every choice and both ends of every range must validate when set into the spec. A block's own
+    every choice and both ends of every range must validate when set into the spec; a data or
+    ``train.freeze`` value must also build, as a trial's spec does (:func:`_check_built`). A block's own
     argument (``model.ffn[mlp].ratio``) must name a type the block can take, and every key of an
     enqueued configuration must be a key of the space.
     """
@@ -310,6 +311,7 @@ def check_space(spec: Any) -> list[str]:
     problems = []
     base = spec.raw
     base.pop("search", None)
+    names: list[str] | None = None  # the parameters of the base's model, once a train.freeze value needs them
     dims: dict[str, Dimension] = {}
     for key, raw_dim in spec.search.space.items():
         try:
@@ -334,12 +336,13 @@ def check_space(spec: Any) -> list[str]:
                             f"{whole}[TYPE].ARGUMENT)")
             continue
         for value in dim.values_to_check():
-            trial_raw = copy.deepcopy(base)
-            if dim.condition is not None:  # the block the argument belongs to, freshly chosen
-                set_path(trial_raw, dim.condition[0], {"type": dim.condition[1]})
-            set_path(trial_raw, dim.path, copy.deepcopy(value))
-            try:  # built (on the meta device) as a trial's spec is, where the value can change what is built
-                load_spec(trial_raw, check_model=_changes_the_build(dim.path))
+            trial_raw = _with(base, dim, value)  # a block's own argument: its block freshly chosen
+            try:
+                trial = load_spec(trial_raw, check_model=False)
+                if _built_to_check(dim.path):  # what the trial's build would refuse (on the meta device)
+                    if names is None and _sets_the_freeze(dim.path):
+                        names = parameter_names(spec.model)
+                    _check_built(dims, dim, value, base, trial, names)
             except SpecError as err:
                 reason = err.problems[0].split(": ", 1)[-1]
                 problems.append(f"{where}: search.space.{key}: value {value!r} does not fit the spec: {reason}")
@@ -367,12 +370,65 @@ def check_space(spec: Any) -> list[str]:
     return problems
 
 
-def _changes_the_build(path: tuple[str, ...]) -> bool:
-    """Whether a value set at ``path`` can change what the spec's build checks find (the model's shapes
-    and size, the parameters ``train.freeze`` matches): values in the model or data sections, and
-    ``train.freeze``. Those are checked as a trial checks them, on the meta device (milliseconds for a
-    small model, tens for a ViT-L); the rest (``train.lr``...) leave the base's build as it was checked."""
-    return path[0] in ("model", "data") or (path[0] == "train" and (len(path) == 1 or path[1] == "freeze"))
+def _built_to_check(path: tuple[str, ...]) -> bool:
+    """Whether a value set at ``path`` is checked by building the trial's model, as a trial's spec is:
+    a data value (``data.image_size``: the patch size must divide it) or ``train.freeze`` (its patterns
+    must match a parameter, and leave one to train). Model values are the architecture search's: a
+    combination that cannot be built is pruned as infeasible (``run --dry-run`` shows which); and the
+    rest (``train.lr``...) leave the model as the base's, already built by ``load_spec``."""
+    return path[0] == "data" or _sets_the_freeze(path)
+
+
+def _sets_the_freeze(path: tuple[str, ...]) -> bool:
+    return path[0] == "train" and (len(path) == 1 or path[1] == "freeze")
+
+
+def _check_built(dims: Mapping[str, Dimension], dim: Dimension, value: Any, base: Mapping[str, Any], trial: Any,
+                 names: list[str] | None) -> None:
+    """Raise :class:`SpecError` with what a trial's build finds wrong with ``value`` in the base spec
+    (``trial``: that spec, loaded without building), unless one other searched value that changes the
+    model or the freeze (a depth, a patch size, another weights file) makes it build: the value then
+    fits some trials, and the others are pruned as infeasible combinations.
+
+    A ``train.freeze`` value leaves the base's model, so its patterns are matched against the base's
+    parameter ``names``, built once; others are built on the meta device, milliseconds for a small
+    model, tens for a ViT-L. The other values are tried only once the value fails with the base's."""
+    try:
+        if names is not None and dim.path[0] == "train":
+            if problems := freeze_problems(names, trial.train.freeze, trial.locate):
+                raise SpecError(problems)
+        else:
+            load_spec(_with(base, dim, value), check_model=True)
+    except SpecError as err:
+        for other in dims.values():
+            if not _may_make_it_build(other, dim):
+                continue
+            for beside in other.values_to_check():
+                try:
+                    load_spec(_with(_with(base, other, beside), dim, value), check_model=True)
+                    return
+                except SpecError:
+                    continue
+        raise err
+
+
+def _may_make_it_build(other: Dimension, dim: Dimension) -> bool:
+    """Whether ``other``'s values, set beside ``dim``'s, may change what the build finds: another
+    unconditional model, data or freeze value, not one inside ``dim``'s path or around it."""
+    if other is dim or other.condition is not None or other.layer is not None:
+        return False
+    if other.path[:len(dim.path)] == dim.path or dim.path[:len(other.path)] == other.path:
+        return False
+    return other.path[0] in ("model", "data") or _sets_the_freeze(other.path)
+
+
+def _with(raw: Mapping[str, Any], dim: Dimension, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with ``value`` set at ``dim``'s path (its block freshly chosen for a block's own argument)."""
+    raw = copy.deepcopy(dict(raw))
+    if dim.condition is not None:
+        set_path(raw, dim.condition[0], {"type": dim.condition[1]})
+    set_path(raw, dim.path, copy.deepcopy(value))
+    return raw
 
 
 def _whole_block(dims: Mapping[str, Dimension], dim: Dimension) -> str | None:
