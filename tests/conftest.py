@@ -155,6 +155,22 @@ def two_process_launch(*args: str) -> list[str]:
             "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
 
 
+def stopped_at_first_checkpoint(argv: list[str], checkpoint: Path, signum: int, cwd: Path, env: dict[str, str],
+                                wait_seconds: float = 120) -> subprocess.CompletedProcess:
+    """``argv`` started, then sent ``signum`` once ``checkpoint`` is on disk (training under way); returns the
+    finished process with its stderr (stdout is dropped)."""
+    import time
+
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + wait_seconds
+    while not checkpoint.exists():  # training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    return subprocess.CompletedProcess(argv, proc.returncode, "", err)
+
+
 def start_mlflow_server(root: Path, port: int, artifacts: Path | None = None) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1:``port``, in a process group of its own, over the sqlite store in
     ``root`` (the same store when started again), proxying artifacts to ``artifacts`` (default: a folder in

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import stopped_at_first_checkpoint
 from test_train import TINY, write_yaml
 
 # Layer decay and a frozen block: the optimizer has a pair of groups per layer, less the frozen block's.
@@ -46,17 +45,11 @@ def test_resume_with_other_freeze_layer_decay_lr_weight_decay_or_betas_is_refuse
     experiment = "resume-changes-killed"
     spec_path = write_yaml(workdir / "shaped.yaml", {**TINY, "tracking": {"experiment": experiment},
                                                      "train": {**SHAPED, "epochs": 200}})
-    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():  # training
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job: the run ends KILLED
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err[-2000:]
+    # As a scheduler stops a job: the run ends KILLED
+    stopped = stopped_at_first_checkpoint([sys.executable, "-m", "vit_search", "train", str(spec_path)], checkpoint,
+                                          signal.SIGTERM, workdir, {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
     before = _run_state(experiment)
     assert before[1] == "KILLED"
     saved = checkpoint.read_bytes()

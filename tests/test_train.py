@@ -23,7 +23,7 @@ from vit_search.spec import load_spec
 from vit_search.tracking import load_model
 from vit_search.train import TrainingDiverged, train
 
-from conftest import two_process_launch
+from conftest import stopped_at_first_checkpoint, two_process_launch
 
 TINY = {
     "name": "tiny",
@@ -294,17 +294,12 @@ def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resu
     experiment = f"stopped-{signum.name.lower()}"
     raw = {**TINY, "tracking": {"experiment": experiment}, "train": {**TINY["train"], "epochs": 200}}
     spec_path = write_yaml(workdir / "stopped.yaml", raw)
-    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():  # training
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
-    proc.send_signal(signum)  # as Ctrl-C sends it (SIGINT), or a scheduler and `timeout` (SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == code and err.strip().splitlines()[-1] == line, err[-2000:]
+    # As Ctrl-C sends it (SIGINT), or a scheduler and `timeout` (SIGTERM)
+    stopped = stopped_at_first_checkpoint([sys.executable, "-m", "vit_search", "train", str(spec_path)], checkpoint,
+                                          signum, workdir, {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri})
+    err = stopped.stderr
+    assert stopped.returncode == code and err.strip().splitlines()[-1] == line, err[-2000:]
     assert "Traceback" not in err
     (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert run.info.status == "KILLED"
@@ -324,16 +319,11 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
     spec_path = write_yaml(workdir / "ddp.yaml", raw)
     env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"}
     # Stopped as a scheduler stops a job: SIGTERM to the launcher, which passes it on to both processes.
-    proc = subprocess.Popen(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():  # training
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0
+    stopped = stopped_at_first_checkpoint(two_process_launch("-m", "vit_search", "train", str(spec_path)), checkpoint,
+                                          signal.SIGTERM, workdir, env, wait_seconds=300)
+    err = stopped.stderr
+    assert stopped.returncode != 0
     assert err.count("terminated (SIGTERM)") == 1, err[-3000:]  # said by the main process alone
     (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     assert run.info.status == "KILLED"
