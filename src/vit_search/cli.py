@@ -645,8 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_process_group(together=code != exit_code())
         return code
     except SpecError as err:
-        for problem in err.problems if not _repeats_the_main_process() else ():
-            _say_error(problem)
+        if not _repeats_the_main_process():
+            for problem in err.problems:
+                _say_error(problem)
         return EXIT_BAD_INPUT
     except UserError as err:  # registry, data, weights, storage, arguments
         if not _repeats_the_main_process():
