@@ -397,12 +397,23 @@ def test_an_error_that_repeats_a_huge_key_is_one_short_line_at_once(workdir):
 
 @pytest.mark.parametrize("override", ["search.storag=postgresql://user:s3cret@127.0.0.1/test",
                                       "search.storage=[postgresql://user:s3cret@127.0.0.1/test]",
-                                      "tracking.uri={u: 'http://u:s3cret@127.0.0.1:5000'}"])
+                                      "tracking.uri={u: 'http://u:s3cret@127.0.0.1:5000'}",
+                                      # a space or a quote ends a URL in free text: the password is masked anyway
+                                      "search.storage=[postgresql://user:s3 cret@127.0.0.1/test]",
+                                      "search.storag=postgresql://user:s3'cret@127.0.0.1/test"])
 def test_a_refused_override_that_repeats_a_password_shows_it_masked(workdir, cli_here, override):
     spec = write(workdir / "spec.yaml", study_raw("masked"))
     said = cli_here("validate", spec, "--set", override)
     assert said.returncode == 2 and len(said.stderr.splitlines()) == 1 and said.stderr.startswith("error: ")
-    assert "s3cret" not in said.stderr and ":***@127.0.0.1" in said.stderr
+    assert "cret" not in said.stderr and ":***@127.0.0.1" in said.stderr, said.stderr
+
+
+def test_a_spec_value_that_repeats_a_password_with_a_space_in_it_shows_it_masked(workdir, cli_here):
+    raw = study_raw("masked")
+    raw["search"]["storage"] = ["postgresql://user:s3 cret@127.0.0.1/test"]
+    said = cli_here("validate", write(workdir / "spec.yaml", raw))
+    assert said.returncode == 2 and len(said.stderr.splitlines()) == 1 and said.stderr.startswith("error: ")
+    assert "cret" not in said.stderr and ":***@127.0.0.1" in said.stderr, said.stderr
 
 
 def test_a_key_with_a_newline_in_it_is_still_one_error_line(workdir, cli_here):
@@ -923,7 +934,9 @@ def test_a_storage_password_is_never_printed_logged_written_or_on_a_command_line
     raw = {**study_raw(name, n_trials=2), "tracking": {"experiment": name}}
     raw["search"]["storage"] = url + "?connect_timeout=10"  # in the spec too: its study.yaml artifact is redacted
     spec = write(workdir / "spec.yaml", raw)
-    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--jobs", "2"], cwd=workdir,
+    # A --set with the password too: the workers take it by their standard input, never on their command line.
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--jobs", "2",
+                             "--set", f"search.storage={url}?connect_timeout=10"], cwd=workdir,
                             env={**os.environ, "VIT_SEARCH_STORAGE": url}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen_workers = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -103,8 +104,9 @@ def test_a_spec_refused_under_jobs_is_one_line_and_leaves_no_worker_running(work
 
 
 def test_a_worker_takes_the_commands_word_and_leaves_when_none_comes(monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"VIT_SEARCH_STORAGE": "sqlite:///x.db"}\n'))
-    assert wait_for_the_command() == {"VIT_SEARCH_STORAGE": "sqlite:///x.db"}
+    word = {"env": {"VIT_SEARCH_STORAGE": "sqlite:///x.db"}, "overrides": ["train.epochs=2"]}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(word) + "\n"))
+    assert wait_for_the_command() == word
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # the command exited without a word
     assert wait_for_the_command() is None
 

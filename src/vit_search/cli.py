@@ -11,10 +11,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from .errors import RunFailed, UserError
-from .redaction import scrub
+from .redaction import remember_passwords, scrub
 from .registry import KINDS
 from .stopping import Terminated, exit_code, sigterm_interrupts, trials_left_behind
 
@@ -254,7 +254,7 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the spec's Optuna study (or join it as one more worker); trials are logged to MLflow."""
     _check_run_numbers(args)
-    if args.worker and not _wait_for_the_command():
+    if args.worker and not _wait_for_the_command(args):
         return EXIT_BAD_INPUT  # the command refused the input, and said why
     if args.jobs != 1 and args.dry_run is None:
         plans = _worker_plans(args)
@@ -328,7 +328,7 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
 
     checked: dict = {}
 
-    def ready() -> dict[str, str]:
+    def ready() -> dict[str, Any]:
         """This command's checks, made while the workers import: a bad spec, storage or MLflow store is
         one error line, not one per worker."""
         import optuna
@@ -355,11 +355,11 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
 
                 StudyRuns(spec, handle)  # a parent run that this MLflow store does not hold: one line here
         checked.update(spec=spec, url=url)
-        # The storage goes to the workers by their standard input, not as an argument: a password in it
-        # must not show in `ps`.
-        return {STORAGE_ENV: url}
+        # The storage and the overrides go to the workers by their standard input, not as arguments: a
+        # password in them must not show in `ps`.
+        return {"env": {STORAGE_ENV: url}, "overrides": args.overrides}
 
-    arguments = [args.spec, *[f"--set={o}" for o in args.overrides], "--worker",
+    arguments = [args.spec, "--worker",
                  *(["--quiet"] if args.quiet else []),
                  *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:
@@ -377,10 +377,10 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
     return code
 
 
-def _wait_for_the_command() -> bool:
+def _wait_for_the_command(args: argparse.Namespace) -> bool:
     """A worker of ``--jobs``: import what every trial needs while the command that started it checks
-    the spec and makes the stores, then take its word (the storage, by environment); False when it
-    sent none (it refused the input, and said why)."""
+    the spec and makes the stores, then take its word (the storage, by environment, and the ``--set``
+    overrides); False when it sent none (it refused the input, and said why)."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import sklearn.model_selection  # noqa: F401  (the data's splits)
     import torch
@@ -391,10 +391,11 @@ def _wait_for_the_command() -> bool:
 
     if torch.cuda.is_available():  # the worker's CUDA context, made meanwhile too
         torch.empty(1, device="cuda")
-    env = wait_for_the_command()
-    if env is None:
+    word = wait_for_the_command()
+    if word is None:
         return False
-    os.environ.update(env)
+    os.environ.update(word.get("env", {}))
+    args.overrides = [*args.overrides, *word.get("overrides", [])]
     return True
 
 
@@ -618,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Fresh ones otherwise cost a page fault per 4 KB, which made float batches from the decoded cache
     # 3x slower to fill than reused ones; torch reads this once. THP_MEM_ALLOC_ENABLE=0 turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Before anything can fail: a password in an argument or the environment is masked in every
+    # error line, even one that quotes its URL cut short (at a space or a quote in the password).
+    remember_passwords([*(sys.argv[1:] if argv is None else argv), *os.environ.values()])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

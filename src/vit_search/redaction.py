@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|sslpassword)=)[^&\s'\"]*")
 # A URL inside free text (an error message that repeats a --set or a value it refused): it ends at
@@ -58,6 +59,20 @@ def _secrets(url: str) -> set[str]:
     return found
 
 
+# Passwords of the URLs this process was given (arguments, environment, the spec): a message that
+# quotes one cut at a space or a quote in its password shows no URL that :func:`scrub` can find.
+_GIVEN: set[str] = set()
+_SHORTEST_REMEMBERED = 4  # a shorter one would mask parts of ordinary words in every line
+
+
+def remember_passwords(values: Iterable[object]) -> None:
+    """Note the password of every URL among ``values`` (strings holding ``://``; others are skipped),
+    so that :func:`scrub` masks it wherever a line repeats it, however the line cut the URL."""
+    for value in values:
+        if isinstance(value, str) and "://" in value:
+            _GIVEN.update(secret for secret in _secrets(value) if len(secret) >= _SHORTEST_REMEMBERED)
+
+
 def redact_in(text: str, url: str) -> str:
     """``text`` (a driver's or MLflow's message about ``url``) with the URL as :func:`redact` shows it,
     and its password nowhere else either."""
@@ -68,7 +83,10 @@ def redact_in(text: str, url: str) -> str:
 
 
 def scrub(line: str) -> str:
-    """A line for the terminal: every URL in it redacted, and control characters (a newline in a key
+    """A line for the terminal: every URL in it redacted, every password this process was given
+    (:func:`remember_passwords`) masked, and control characters (a newline in a key
     or a value it repeats) escaped, so that one error stays one line."""
     line = _URL_IN_TEXT.sub(lambda match: redact_in(match.group(0), match.group(0)), line)
+    for secret in sorted(_GIVEN, key=len, reverse=True):
+        line = line.replace(secret, "***")
     return _CONTROL.sub(lambda match: repr(match.group(0))[1:-1], line)

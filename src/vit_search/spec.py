@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Union, get_args, get_origin
 from pydantic import ValidationError
 
 from .errors import UserError
+from .redaction import remember_passwords
 from .registry import KINDS, REGISTRY, RegistryError, did_you_mean
 from .safe_yaml import MAX_CHARS, YamlError, clip, load_yaml, load_yaml_value
 from .schema import ModelSpec, Spec, set_path
@@ -142,6 +143,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+def _strings_in(value: Any) -> Iterable[str]:
+    """Every string in a raw spec (bounded by the YAML limits: 20,000 values, 50 levels)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
+
+
 def load_spec(
     source: str | os.PathLike[str] | Mapping[str, Any],
     overrides: Iterable[str] = (),
@@ -168,6 +181,7 @@ def load_spec(
             raise SpecError([f"{name}: the file is empty; a spec needs at least 'name:' (see experiments/)"])
         if not isinstance(raw, dict):
             raise SpecError([f"{name}:1: a spec is a mapping of keys (name, data, model, ...), got {type(raw).__name__}"])
+    remember_passwords(_strings_in(raw))  # a storage or tracking URL's password: masked in every error line
     where = _Locator(name, lines, overrides)
     raw = apply_overrides(raw, overrides)
     REGISTRY.list()  # built-ins and installed plugins first: their failure is not this spec's

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ..stopping import Terminated, exit_code
 
@@ -64,15 +64,15 @@ def plan_workers(jobs: int | None, trials_per_gpu: int, gpus: int, cpus: int) ->
     return plans
 
 
-def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[], dict[str, str]],
+def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[], dict[str, Any]],
                 quiet: bool = False) -> tuple[list[int], bool]:
     """Start one ``vit-search run ARGUMENTS --worker`` per plan and wait for all; returns their exit
     codes, and whether this process was asked to stop.
 
     The workers start first: each imports what its trials need (seconds of torch, MLflow, Optuna)
     while ``ready`` runs here (loading the spec, making the stores), then waits for the word it sends
-    them on their standard input: the environment ``ready`` returns (the storage URL, which a command
-    line would show in ``ps``). If ``ready`` raises, the workers are killed before they touch
+    them on their standard input: what ``ready`` returns (the storage URL and the ``--set`` overrides,
+    whose passwords a command line would show in ``ps``). If ``ready`` raises, the workers are killed before they touch
     anything, and the error goes on up: one line from this command, not one per worker.
 
     Ctrl-C reaches every worker (same process group); SIGTERM, sent to this process alone (by a
@@ -118,8 +118,8 @@ def _tell(process: subprocess.Popen, word: str) -> None:
         pass
 
 
-def wait_for_the_command() -> dict[str, str] | None:
-    """In a worker: the environment the command sends once its checks pass (see :func:`run_workers`),
+def wait_for_the_command() -> dict[str, Any] | None:
+    """In a worker: the word the command sends once its checks pass (see :func:`run_workers`),
     or None when it sent nothing (it refused the input, said why, and is gone). A worker started by
     hand from a terminal has no command to wait for."""
     if sys.stdin is None or sys.stdin.isatty():
