@@ -432,6 +432,11 @@ def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_lo
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"Optuna storage {url} does not answer" in errors[0], err[-3000:]
+    # MLflow says so until the study resumes: the study's run stopped (KILLED, as after Ctrl-C), and why.
+    experiment_id = client.get_experiment_by_name("lost-storage").experiment_id
+    parent = [r for r in client.search_runs([experiment_id]) if "optuna.trial_number" not in r.data.tags][0]
+    assert parent.info.status == "KILLED" and parent.data.tags["error"] == errors[0].removeprefix("error: ")
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([experiment_id])}  # the trial's run FAILED too
 
     server = _redis_server(folder, port)
     try:
@@ -449,6 +454,8 @@ def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_lo
     runs = client.search_runs([client.get_experiment_by_name("lost-storage").experiment_id])
     status = {r.data.tags["optuna.trial_number"]: r.info.status for r in runs if "optuna.trial_number" in r.data.tags}
     assert status == {str(t.number): "FAILED" if t.state == TrialState.FAIL else "FINISHED" for t in trials}
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "error" not in parent.data.tags  # the resumed study ended it
 
 
 @pytest.mark.slow

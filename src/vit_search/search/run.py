@@ -151,8 +151,10 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
             raise
         # Nothing more can be written to the study: its trials in training stay RUNNING, and the
         # worker that resumes it fails them as a dead worker's and retries them.
-        raise StorageLost(f"{lost}: the trials this worker was training are retried when the study resumes; "
-                          f"{fix}, then run the same command") from None
+        lost = StorageLost(f"{lost}: the trials this worker was training are retried when the study resumes; "
+                           f"{fix}, then run the same command")
+        runs.storage_lost(str(lost))
+        raise lost from None
     finally:  # also when the loop raises: the other launched processes must not wait forever
         bar.close()
         # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has

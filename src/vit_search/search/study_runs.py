@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ..redaction import scrub
 from ..schema import Spec
 from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_exists, use_experiment,
                         use_store)
@@ -22,6 +23,7 @@ from .storage import redact, study_lock
 from .study import PARENT_RUN, StudyHandle
 
 STATE_TAG = "trial.state"
+ERROR_TAG = "error"  # why a run stopped: a trial's failure, or the study's storage lost
 
 
 class StudyRuns:
@@ -34,6 +36,7 @@ class StudyRuns:
         self.enabled = spec.tracking.enabled
         self.experiment_id: str | None = None
         self.client = None
+        self._parent: str | None = None
         if self.enabled:
             use_store(spec)
             self.client = MlflowClient()
@@ -58,8 +61,11 @@ class StudyRuns:
 
     @property
     def parent_id(self) -> str | None:
-        """The study's parent run (made by the worker that started the study)."""
-        return self.handle.attr(PARENT_RUN) if self.enabled else None
+        """The study's parent run (made by the worker that started the study; kept once read, as it
+        never changes, so that it is known after the storage went away)."""
+        if self._parent is None and self.enabled:
+            self._parent = self.handle.attr(PARENT_RUN)
+        return self._parent
 
     def study_tags(self) -> dict[str, str]:
         """Tags on the parent run and on every trial's run."""
@@ -92,6 +98,7 @@ class StudyRuns:
                 self.client.delete_run(parent.info.run_id)
             raise
         self.handle.set_attr(PARENT_RUN, parent.info.run_id)
+        self._parent = parent.info.run_id
 
     def _check_parent(self) -> None:
         """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
@@ -107,10 +114,26 @@ class StudyRuns:
                 f"--storage)")
 
     def reopen_parent(self) -> None:
-        """A resumed study: its parent run is RUNNING again until the study ends."""
+        """A resumed study: its parent run is RUNNING again until the study ends, with no error from
+        the stop it resumes from."""
         parent = self.parent_id
-        if parent and self.client.get_run(parent).info.status != "RUNNING":
+        if not parent:
+            return
+        run = self.client.get_run(parent)
+        if run.info.status != "RUNNING":
             self.client.update_run(parent, status="RUNNING")
+        if ERROR_TAG in run.data.tags:
+            self.client.delete_tag(parent, ERROR_TAG)
+
+    def storage_lost(self, why: str) -> None:
+        """The study's storage went away: the parent run ends KILLED, as after Ctrl-C, with ``why`` as
+        its error (the UI says why the study stopped; the resumed study reopens it). MLflow gone too
+        is left to the resume, which brings the runs up to date."""
+        parent = None if self.lost else self._parent
+        if parent:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(parent, ERROR_TAG, scrub(why))
+                self.client.set_terminated(parent, "KILLED")
 
     def reconcile(self) -> None:
         """Give the runs of finished trials that MLflow still shows RUNNING (their worker lost the
