@@ -159,10 +159,12 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
 
 
 @pytest.mark.slow
-def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
-    # Ctrl-C takes the same path, except that the terminal sends it to every worker itself: its codes
-    # are checked above, and a worker stopped by it in test_packing.py and test_faults.py.
-    name = "jobs-sigterm"
+@pytest.mark.parametrize("signum, code, cause", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")],
+                         ids=["sigterm", "sigint"])
+def test_a_stop_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workdir, signum, code, cause):
+    # As a scheduler or `timeout` sends SIGTERM, and `kill -INT` a Ctrl-C: to the command alone, which
+    # passes it on (a terminal's Ctrl-C reaches the command alone too: the workers have a session of their own).
+    name = f"jobs-{cause.lower()}"
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw(name, n_trials=2)))
     storage = study_raw(name)["search"]["storage"]
@@ -181,11 +183,12 @@ def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
         if sum(t.state == TrialState.RUNNING and WORKER in t.system_attrs for t in trials) == 2:
             break
     workers = [int(t.system_attrs[WORKER].rsplit(":", 1)[1]) for t in trials]
-    proc.send_signal(signal.SIGTERM)  # as a scheduler or `timeout` sends it: to the command alone, which passes it on
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # docs/search.md: a second SIGTERM changes nothing (unlike a second Ctrl-C)
+    proc.send_signal(signum)
+    if signum == signal.SIGTERM:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # docs/search.md: a second SIGTERM changes nothing (unlike a second Ctrl-C)
     out, err = proc.communicate(timeout=200)
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "retried by the others" not in err
     assert f"study '{name}': 0 complete, 0 pruned, 2 failed" in out
     for pid in workers:  # no worker is left training without its parent
@@ -193,7 +196,7 @@ def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
             os.kill(pid, 0)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
-    assert {t.user_attrs["error"] for t in interrupted} == {"interrupted (SIGTERM)"}
+    assert {t.user_attrs["error"] for t in interrupted} == {f"interrupted ({cause})"}
     # Both queued again with their values, for the re-run: an interruption uses up no trial.
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted(t.number for t in interrupted)
@@ -201,6 +204,34 @@ def test_sigterm_on_jobs_stops_every_worker_without_blaming_them(workdir):
     (parent,) = [r for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name(name).experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a worker learns of its command's death by prctl (Linux)")
+def test_a_worker_whose_command_is_killed_gets_sigterm(tmp_path):
+    heard = tmp_path / "heard"
+    worker_code = (f"import signal, sys, time\n"
+                   f"signal.signal(signal.SIGTERM, lambda *_: (open({str(heard)!r}, 'w').write('SIGTERM'), sys.exit(0)))\n"
+                   f"print('ready', flush=True)\ntime.sleep(120)\n")
+    command_code = ("import subprocess, sys, time\nfrom vit_search.search.jobs import _stop_when_orphaned\n"
+                    f"w = subprocess.Popen([sys.executable, '-c', {worker_code!r}], start_new_session=True, "
+                    "preexec_fn=_stop_when_orphaned, stdout=subprocess.PIPE, text=True)\n"
+                    "w.stdout.readline()\nprint(w.pid, flush=True)\ntime.sleep(120)\n")
+    command = subprocess.Popen([sys.executable, "-c", command_code], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(command.stdout.readline())
+    command.kill()  # SIGKILL: the command has no say
+    command.wait()
+    deadline = time.monotonic() + 30
+    while not heard.exists():
+        assert time.monotonic() < deadline, "the worker trained on without its command"
+        time.sleep(0.05)
+    assert heard.read_text() == "SIGTERM"
+    while True:  # and it left
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombie detection reads /proc (Linux)")

@@ -75,8 +75,10 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
     whose passwords a command line would show in ``ps``). If ``ready`` raises, the workers are killed before they touch
     anything, and the error goes on up: one line from this command, not one per worker.
 
-    Ctrl-C reaches every worker (same process group); SIGTERM, sent to this process alone (by a
-    scheduler, ``timeout``), is passed on to each. Either way each ends its trials' bookkeeping.
+    The workers run in a session of their own, and every Ctrl-C and SIGTERM this process gets is
+    passed on to each: once, whether it came from the terminal or from ``kill`` to this process alone
+    (which would otherwise leave the workers training their trials to the end). Either way each ends
+    its trials' bookkeeping; a second Ctrl-C stops them at once, as it does one worker.
     """
     processes: list[subprocess.Popen] = []
     try:
@@ -86,6 +88,8 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "vit_search", "run", *arguments, f"--trials-per-gpu={plan.trials_at_once}"],
                 env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)}, stdin=subprocess.PIPE, text=True,
+                start_new_session=True,  # out of the terminal's reach: its Ctrl-C comes from here, once
+                preexec_fn=_stop_when_orphaned if sys.platform == "linux" else None,
             ))
         try:
             word = json.dumps(ready()) + "\n"
@@ -101,12 +105,32 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
         while not all(process.poll() is not None for process in processes):
             time.sleep(0.2)
         return [process.returncode for process in processes], False
-    except KeyboardInterrupt as err:  # the workers got Ctrl-C too; SIGTERM they get from here
-        if isinstance(err, Terminated):
-            for process in processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-        return [process.wait() for process in processes], True
+    except KeyboardInterrupt as err:
+        return _stop_workers(processes, err), True
+
+
+def _stop_when_orphaned() -> None:
+    """In a worker, before it starts (Linux): SIGTERM when the command that started it dies, however it
+    died (SIGKILL, its terminal closed), so that no worker trains on without it; its trials are then
+    queued again, as on any SIGTERM."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def _stop_workers(processes: list[subprocess.Popen], request: KeyboardInterrupt) -> list[int]:
+    """Pass a stop request (Ctrl-C, or SIGTERM as :class:`Terminated`) on to every worker still running
+    and wait for them all, passing on each further Ctrl-C too; their exit codes."""
+    while True:
+        signum = signal.SIGTERM if isinstance(request, Terminated) else signal.SIGINT
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+        try:
+            return [process.wait() for process in processes]
+        except KeyboardInterrupt as again:  # a second Ctrl-C: the workers stop at once
+            request = again
 
 
 def _tell(process: subprocess.Popen, word: str) -> None:
