@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,6 +49,11 @@ StepFactory = Callable[..., Callable[..., torch.Tensor]]
 # trials packed into threads, and around each kwargs handler it empties os.environ and puts it back,
 # which two threads at once would leave empty.
 _ACCELERATE_STATE = threading.Lock()
+# DDP warns once per process when a gradient's strides differ from its bucket's only in a dimension
+# of size 1 (the patch embedding's weight on 1-channel images): the memory layout is the same, so
+# the warning is spurious (pytorch/pytorch#47163). Strides that really differ still warn.
+warnings.filterwarnings("ignore", r"Grad strides do not match bucket view strides(?s:.)*grad\.sizes\(\) = "
+                                  r"\[(?:\d+, )*1(?:, \d+)*\]")
 
 
 class TrainingDiverged(TrainingFailed):
@@ -349,8 +355,10 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             raise _no_full_batch(cfg.batch_size, accelerator.num_processes, len(data.train))
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
     run_id = checkpoint["run_id"] if checkpoint else run_id
-    with tracker.run(run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags), \
-            _out_of_memory_in_one_line(accelerator.device):
+    with contextlib.ExitStack() as tracked:
+        _on_main_then_together(accelerator, lambda: tracked.enter_context(tracker.run(
+            run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags)), "as it started the run")
+        tracked.enter_context(_out_of_memory_in_one_line(accelerator.device))
         run = _setup(spec, accelerator, precision, init_weights=checkpoint is None, data=data)
         start_epoch, history = 0, []
         if checkpoint is not None:
@@ -378,11 +386,11 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         with clock.timing("capture"):
             graph = _make_step(spec, run, accelerator, make_step)
         if checkpoint is None:
-            tracker.log_start(run.parameters, run.flops, str(accelerator.device), {
-                "num_processes": str(accelerator.num_processes), "mixed_precision": precision,
-                "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
-                **run.data_tags,
-            }, trainable=run.trainable)
+            tags = {"num_processes": str(accelerator.num_processes), "mixed_precision": precision,
+                    "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
+                    **run.data_tags}
+            _on_main_then_together(accelerator, lambda: tracker.log_start(
+                run.parameters, run.flops, str(accelerator.device), tags, trainable=run.trainable), "as it logged the run")
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         checkpoints = CheckpointWriter(ckpt_path, log=tracker.log_epochs)
@@ -397,13 +405,17 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
                 if utilisation is not None:
                     metrics["mfu"] = utilisation
                 history.append(metrics)
-                if accelerator.is_main_process:
+
+                def store_and_report(epoch: int = epoch, metrics: dict[str, float] = metrics) -> None:
                     state = functools.partial(_checkpoint, spec, run, accelerator, epoch, history, tracker.run_id)
                     checkpoints.save(state if checkpoints.due(last=epoch == cfg.epochs - 1) else None, metrics,
                                      step=epoch)
-                accelerator.wait_for_everyone()
-                _epoch_callback(on_epoch, epoch, metrics, accelerator)
-            checkpoints.wait()  # the last checkpoint is on disk before the run counts as done
+                    if on_epoch is not None:
+                        on_epoch(epoch, metrics)  # a pruned trial stops here, on every process
+
+                _on_main_then_together(accelerator, store_and_report, f"after epoch {epoch + 1}")
+            # The last checkpoint is on disk before the run counts as done.
+            _on_main_then_together(accelerator, checkpoints.wait, "as it stored the last epoch")
         finally:
             checkpoints.close()  # no write left running behind an error
         # Validation after the last epoch is that epoch's: only the test split is new here.
@@ -441,12 +453,15 @@ class TrainingStopped(Exception):
     """Raised on the other processes of a run whose main process stopped it (a pruned trial)."""
 
 
-def _epoch_callback(on_epoch: EpochCallback | None, epoch: int, metrics: dict[str, float], accelerator: Any) -> None:
-    """Run ``on_epoch`` on the main process; if it stops the run, every process stops at this epoch."""
-    stop: BaseException | None = None
-    if on_epoch is not None and accelerator.is_main_process:
+def _on_main_then_together(accelerator: Any, work: Callable[[], Any], where: str) -> None:
+    """Run ``work`` on the main process alone (MLflow, checkpoints, the study's verdict), then let every
+    process know whether it failed: if it did, all stop here, the others with :class:`TrainingStopped`
+    and the main process with its error. A failure the main process kept to itself would leave the
+    others waiting in the next collective for ever, while it went on to its next trial."""
+    stop: Exception | None = None
+    if accelerator.is_main_process:
         try:
-            on_epoch(epoch, metrics)
+            work()
         except Exception as err:  # re-raised below, once the other processes know
             stop = err
     if accelerator.num_processes > 1:
@@ -454,7 +469,7 @@ def _epoch_callback(on_epoch: EpochCallback | None, epoch: int, metrics: dict[st
 
         (stopped,) = broadcast_object_list([stop is not None])
         if stopped and stop is None:
-            raise TrainingStopped(f"stopped by the main process after epoch {epoch + 1}")
+            raise TrainingStopped(f"stopped by the main process {where}")
     if stop is not None:
         raise stop
 
