@@ -334,9 +334,6 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
         cwd=workdir, env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # DDP's spurious stride warning for the 1-channel patch embedding is not shown (strides that differ only
-    # in a size-1 dimension: the same layout).
-    assert "Grad strides" not in result.stderr, result.stderr[-3000:]
     assert result.stdout.count("mlflow run ") == 1 and result.stdout.count("tiny: ") == 1
     (run,) = mlflow.search_runs(experiment_names=["ddp"], output_format="list")  # the same run, continued
     assert run.data.tags["num_processes"] == "2" and run.info.status == "FINISHED"
