@@ -408,6 +408,14 @@ def test_a_refused_override_that_repeats_a_password_shows_it_masked(workdir, cli
     assert "cret" not in said.stderr and ":***@127.0.0.1" in said.stderr, said.stderr
 
 
+def test_a_given_password_that_is_an_ordinary_word_is_masked_in_its_url_but_not_in_the_words_around_it():
+    from vit_search.redaction import remember_passwords, scrub
+
+    remember_passwords(["postgresql://postgres:postgres@127.0.0.1/test", "postgresql://u:a b@127.0.0.1/test"])
+    assert scrub("storage postgresql://postgres:postgres@127.0.0.1/test: database postgres refused 'a b'") == \
+        "storage postgresql://postgres:***@127.0.0.1/test: database postgres refused '***'"
+
+
 def test_a_spec_value_that_repeats_a_password_with_a_space_in_it_shows_it_masked(workdir, cli_here):
     raw = study_raw("masked")
     raw["search"]["storage"] = ["postgresql://user:s3 cret@127.0.0.1/test"]

@@ -621,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Before anything can fail: a password in an argument or the environment is masked in every
     # error line, even one that quotes its URL cut short (at a space or a quote in the password).
-    remember_passwords([*(sys.argv[1:] if argv is None else argv), *os.environ.values()])
+    remember_passwords([*(sys.argv[1:] if argv is None else argv),
+                        *(os.environ.get(name, "") for name in ("VIT_SEARCH_STORAGE", "MLFLOW_TRACKING_URI"))])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -59,34 +59,43 @@ def _secrets(url: str) -> set[str]:
     return found
 
 
-# Passwords of the URLs this process was given (arguments, environment, the spec): a message that
-# quotes one cut at a space or a quote in its password shows no URL that :func:`scrub` can find.
+# Passwords of the URLs this process was given (arguments, our environment variables, the spec) that
+# hold a character which ends a URL in free text (a space, a quote): a message quoting such a URL shows
+# :func:`scrub` a URL cut short, with no '@' to find the password by. Other passwords are found in
+# their URLs; masking them everywhere would also mask ordinary words ("postgres") that equal one.
 _GIVEN: set[str] = set()
-_SHORTEST_REMEMBERED = 4  # a shorter one would mask parts of ordinary words in every line
+_ENDS_A_URL = re.compile(r"[\s'\"<>]")
 
 
 def remember_passwords(values: Iterable[object]) -> None:
-    """Note the password of every URL among ``values`` (strings holding ``://``; others are skipped),
-    so that :func:`scrub` masks it wherever a line repeats it, however the line cut the URL."""
+    """Note the password of every URL among ``values`` (strings holding ``://``; others are skipped)
+    that a space or a quote would cut out of its URL, so that :func:`scrub` masks it wherever a line
+    repeats it."""
     for value in values:
         if isinstance(value, str) and "://" in value:
-            _GIVEN.update(secret for secret in _secrets(value) if len(secret) >= _SHORTEST_REMEMBERED)
+            _GIVEN.update(secret for secret in _secrets(value) if _ENDS_A_URL.search(secret))
 
 
 def redact_in(text: str, url: str) -> str:
     """``text`` (a driver's or MLflow's message about ``url``) with the URL as :func:`redact` shows it,
     and its password nowhere else either."""
-    text = text.replace(url, redact(url))
-    for secret in sorted(_secrets(url), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    secrets = sorted(_secrets(url), key=len, reverse=True)
+
+    def masked(part: str) -> str:
+        for secret in secrets:
+            part = part.replace(secret, "***")
+        return part
+
+    # The URL itself as redact() shows it, untouched by the masking: a password that equals its user
+    # name or a piece of its scheme ('postgres') would otherwise mask those too.
+    return redact(url).join(masked(part) for part in text.split(url))
 
 
 def scrub(line: str) -> str:
     """A line for the terminal: every URL in it redacted, every password this process was given
     (:func:`remember_passwords`) masked, and control characters (a newline in a key
     or a value it repeats) escaped, so that one error stays one line."""
-    line = _URL_IN_TEXT.sub(lambda match: redact_in(match.group(0), match.group(0)), line)
-    for secret in sorted(_GIVEN, key=len, reverse=True):
+    for secret in sorted(_GIVEN, key=len, reverse=True):  # first: its URL is then whole, and redacted below
         line = line.replace(secret, "***")
+    line = _URL_IN_TEXT.sub(lambda match: redact_in(match.group(0), match.group(0)), line)
     return _CONTROL.sub(lambda match: repr(match.group(0))[1:-1], line)
