@@ -101,16 +101,29 @@ def test_conditional_points_enumerate_only_where_their_block_applies():
 
 
 @pytest.mark.slow
-def test_separate_worker_processes_on_one_storage_draw_pairwise_distinct_points(workdir):
+def test_three_worker_processes_on_one_journal_storage_run_exactly_n_trials_at_pairwise_distinct_points(workdir):
+    from mlflow.tracking import MlflowClient
+
+    from vit_search.search.storage import open_storage
+
+    url = f"journal:{workdir / 'study.log'}"
     spec_path = workdir / "study.yaml"
-    raw = study_raw("three-processes", n_trials=6, sampler="tpe", space=SMALL_SPACE)
-    spec_path.write_text(yaml.safe_dump({**raw, "tracking": {"enabled": False}}))
-    processes = [worker(spec_path, workdir, "--set", "train.epochs=1") for _ in range(3)]
-    for proc in processes:
-        finish(proc)
-    study = optuna.load_study(study_name="three-processes", storage=raw["search"]["storage"])
+    spec_path.write_text(yaml.safe_dump(study_raw("three-processes", n_trials=6, sampler="tpe", space=SMALL_SPACE,
+                                                  storage=url)))
+    # A new MLflow store too, which the workers starting at once must not both make (MLflow's migrations
+    # run at once fail on each other's tables).
+    store = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    processes = [worker(spec_path, workdir, "--set", "train.epochs=1", env={"MLFLOW_TRACKING_URI": store})
+                 for _ in range(3)]
+    outputs = [finish(proc) for proc in processes]
+    study = optuna.load_study(study_name="three-processes", storage=open_storage(url))
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
     assert len(set(points(study))) == 6
+    assert sum(int(out.split("this worker: ")[1].split(" trials")[0]) for out in outputs) == 6
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("three-processes").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 6
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # one parent
 
 
 # A head whose training waits, in each process, until two processes have begun a trial (60 s at

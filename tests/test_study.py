@@ -339,28 +339,8 @@ def test_pruner_stops_weak_trials_early(workdir):
     assert all(len(t.intermediate_values) < 6 for t in pruned)
 
 
-@pytest.mark.slow
-def test_two_worker_processes_share_one_journal_study_and_run_exactly_n_trials(workdir):
-    # Separate processes on a SQLite storage are test_distinct.py's.
-    url = f"journal:{workdir / 'study.log'}"
-    spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(study_raw("two-journal", n_trials=5, storage=url)))
-    # A new MLflow store too, which the workers starting at once must not both make (MLflow's migrations
-    # run at once fail on each other's tables).
-    store = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
-    workers = [worker(spec_path, workdir, env={"MLFLOW_TRACKING_URI": store}) for _ in range(2)]
-    outputs = [finish(w) for w in workers]
-    study = optuna.load_study(study_name="two-journal", storage=_storage(url))
-    trials = study.get_trials()
-    assert len(trials) == 5 and {t.state for t in trials} == {TrialState.COMPLETE}
-    ran = [int(out.split("this worker: ")[1].split(" trials")[0]) for out in outputs]
-    assert sum(ran) == 5
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("two-journal").experiment_id])
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 5
-    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # one parent
-
-
+# Separate worker processes on one journal storage (exactly n_trials, distinct points, one MLflow parent):
+# test_distinct.py.
 def _storage(url: str):
     from vit_search.search.storage import open_storage
 
