@@ -350,7 +350,7 @@ def test_a_launched_study_goes_on_after_a_trial_that_diverges_and_stops_whole_wh
 @pytest.mark.slow
 def test_a_launched_study_trains_on_two_processes_reports_once_and_resumes_after_sigterm(workdir):
     spec_path = workdir / "study.yaml"
-    spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=3, pruner="successive_halving")))
+    spec_path.write_text(yaml.safe_dump(study_raw("launched", n_trials=2, pruner="successive_halving")))
     # Stopped as a scheduler stops it: SIGTERM to the launcher, which passes it on to both processes.
     proc = subprocess.Popen(two_process_launch("-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=300"),
                             cwd=workdir, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -375,8 +375,8 @@ def test_a_launched_study_trains_on_two_processes_reports_once_and_resumes_after
     assert result.stdout.count("study 'launched':") == 1  # the main process reports
     trials = optuna.load_study(study_name="launched", storage=study_raw("launched")["search"]["storage"]).get_trials()
     assert [t.state for t in trials].count(TrialState.FAIL) == 1  # the one SIGTERM stopped, queued again
-    assert len(trials) == 4 and {t.state for t in trials[1:]} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len(trials) == 3 and {t.state for t in trials[1:]} <= {TrialState.COMPLETE, TrialState.PRUNED}
     children = [r for r in client.search_runs([client.get_experiment_by_name("launched").experiment_id])
                 if "optuna.trial_number" in r.data.tags]
-    assert len(children) == 4 and {r.data.tags["num_processes"] for r in children} == {"2"}
+    assert len(children) == 3 and {r.data.tags["num_processes"] for r in children} == {"2"}
     assert sorted(r.info.status for r in children)[-1] == "KILLED"
