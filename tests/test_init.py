@@ -433,6 +433,62 @@ def test_timm_weights_are_read_from_torchs_cache_and_match_timm(hub, suffix):
     assert same_outputs(from_timm(reference), reference, (3, 224, 224)) <= 1e-5
 
 
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """Downloads allowed, but the Hugging Face Hub at a port where nothing listens (as a machine without a
+    network finds it, at once), and its cache in tmp_path: returns that cache's folder."""
+    from huggingface_hub import constants
+
+    from conftest import free_port
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # what HF_ENDPOINT sets
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # what HF_HUB_CACHE sets
+    return tmp_path / "hf"
+
+
+def test_timm_weights_without_a_network_are_one_line_at_once_or_read_from_hugging_faces_cache(no_hub):
+    timm = pytest.importorskip("timm", reason="the timm source needs timm: pip install 'vit-search[timm]'")
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    spec = load_spec({"name": "tm", "data": {"dataset": "synthetic", "image_size": 224, "channels": 3,
+                                             "num_classes": 1000}, "model": {"init": {"from": "timm", "name": name}}})
+    # Hugging Face's client retried for about 47 s before it said so.
+    with pytest.raises(WeightsError, match=f"cannot download the timm weights {name} \\(127.0.0.1 does not answer "
+                                           f"\\(ConnectionRefusedError: .*\\); put the file at .*/timm/{name}.safetensors"):
+        build_model(spec)
+    # As an earlier download left them in the Hub's cache: read from there, without the Hub.
+    from safetensors.torch import save_file
+
+    reference = randomised(timm.create_model(name, pretrained=False))
+    snapshot = no_hub / f"models--timm--{name}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (no_hub / f"models--timm--{name}" / "refs").mkdir()
+    (no_hub / f"models--timm--{name}" / "refs" / "main").write_text("0" * 40)
+    save_file(reference.state_dict(), snapshot / "model.safetensors")
+    assert same_outputs(build_model(spec), reference, (3, 224, 224)) <= 1e-5
+
+
+def test_a_download_host_that_does_not_answer_is_said_at_once_and_a_proxy_is_left_to_its_download(monkeypatch):
+    import socket
+
+    from vit_search.files import host_problem
+
+    from conftest import free_port
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    closed = free_port()
+    assert host_problem(f"https://127.0.0.1:{closed}/w.pth").startswith("127.0.0.1 does not answer (ConnectionRefusedError")
+    assert host_problem("https://no-such-host.invalid/w.pth").startswith("no-such-host.invalid does not answer (gaierror")
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        assert host_problem(f"http://127.0.0.1:{listening.getsockname()[1]}/w.pth") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert host_problem(f"https://127.0.0.1:{closed}/w.pth") is None  # the proxy may reach it: the download says
+
+
 # -- mlflow: a logged run's weights ---------------------------------------------------------------------------
 def test_a_logged_runs_weights_start_a_new_model(tmp_path, monkeypatch, sqlite_uri):
     from vit_search.tracking import load_model

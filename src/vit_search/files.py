@@ -1,5 +1,5 @@
 """Databases a user hands us, checked before anything opens or changes them: files that may be damaged,
-servers that may not answer."""
+servers that may not answer; and whether a download's host answers at all."""
 
 from __future__ import annotations
 
@@ -95,6 +95,39 @@ def database_problem(url: str, timeout: float = 5.0) -> str | None:
     finally:
         engine.dispose()
     return None
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def host_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why the host of the download ``url`` cannot be reached now ("huggingface.co does not answer
+    (...)"), or None when it answers, or when a proxy is set (the download goes through it, which this
+    check cannot see). One connection, at most about ``timeout`` seconds, looking up the name
+    included: a machine without a network hears so at once, not after a library's minute of retries."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    said: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        except OSError as err:
+            said.append(f"{type(err).__name__}: {err}")
+
+    # In a thread: the name lookup itself takes no timeout, and a resolver that does not answer blocks.
+    attempt = threading.Thread(target=connect, name="host-check", daemon=True)
+    attempt.start()
+    attempt.join(timeout + 1)
+    if attempt.is_alive():
+        return f"{parts.hostname} does not answer (nothing within {timeout:.0f} s)"
+    return f"{parts.hostname} does not answer ({said[0]})" if said else None
 
 
 def error_chain(err: BaseException) -> Iterator[BaseException]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from ..files import symlink_loop
+from ..files import host_problem, symlink_loop
 from ..init_sources import INIT_SOURCES
 from ..presets import HEADS_BY_DIM
 from ..redaction import redact
@@ -156,6 +156,9 @@ def _download(url: str, path: Path) -> None:
     where = f"put the file at {path} (download it from {url} on a machine with a network)"
     if _offline():
         raise WeightsError(f"the weights are not cached and {OFFLINE_ENV} is set: {where}")
+    unreachable = host_problem(url)  # a firewall that drops packets would hold torch's download for ever
+    if unreachable:
+        raise WeightsError(f"cannot download {url} ({unreachable}); {where}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         hashed = torch.hub.HASH_REGEX.search(path.name)  # torchvision's file names end in their hash's prefix
@@ -185,8 +188,38 @@ def _timm_files(name: str) -> list[Path]:
 def _timm_url(timm: Any, name: str) -> str:
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is not None and cfg.hf_hub_id:
-        return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{cfg.hf_hub_filename or 'model.safetensors'}"
+        from huggingface_hub import constants
+
+        # The Hub's address as huggingface_hub reaches it (HF_ENDPOINT sets a mirror).
+        return f"{constants.ENDPOINT}/{cfg.hf_hub_id}/resolve/main/{cfg.hf_hub_filename or 'model.safetensors'}"
     return getattr(cfg, "url", None) or "timm's model card"
+
+
+def _in_hub_cache(timm: Any, name: str) -> Path | None:
+    """A timm model's weights as an earlier download left them in Hugging Face's cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename) if filename else None
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _timm_from_file(timm: Any, name: str, path: Path) -> Any:
+    """timm's ``name`` with its weights read from ``path``: timm filters them as it does its own
+    downloads (the tag's custom loader is for Google's .npz files, which this file is not)."""
+    overlay = {"file": str(path), "custom_load": False}
+    try:
+        return _timm_module(timm, name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except WeightsError:
+        raise
+    except Exception as err:
+        raise WeightsError(f"{path}: timm cannot load it as {name}'s weights: {type(err).__name__}: "
+                           f"{_first_line(err)}") from None
 
 
 def _timm_module(timm: Any, name: str, **kwargs: Any) -> Any:
@@ -222,29 +255,35 @@ def _fetch_timm(init: InitSpec, heads: int | None) -> dict[str, Tensor]:
     files = _timm_files(init.name)
     cached = next((path for path in files if path.is_file()), None)
     if cached is not None:
-        # timm reads the file and filters it as it does its own downloads (the tag's custom loader
-        # is for Google's .npz files, which this file is not).
-        overlay = {"file": str(cached), "custom_load": False}
-        try:
-            module = _timm_module(timm, init.name, pretrained=True, pretrained_cfg_overlay=overlay)
-        except WeightsError:
-            raise
-        except Exception as err:
-            raise WeightsError(f"{cached}: timm cannot load it as {init.name}'s weights: {type(err).__name__}: "
-                               f"{_first_line(err)}") from None
+        module = _timm_from_file(timm, init.name, cached)
     else:
-        where = f"put the file at {files[0]} (download it from {_timm_url(timm, init.name)})"
-        if _offline():
-            raise WeightsError(f"the timm weights {init.name} are not cached and {OFFLINE_ENV} is set: {where}")
-        try:
-            module = _timm_module(timm, init.name, pretrained=True)
-        except WeightsError:
-            raise
-        except Exception as err:
-            raise WeightsError(f"cannot download the timm weights {init.name} ({type(err).__name__}: "
-                               f"{_first_line(err)}); {where}") from None
+        module = _timm_downloaded(timm, init.name, files[0])
     _, ours = convert_timm_state(module.state_dict(), timm_module_facts(module))
     return ours
+
+
+def _timm_downloaded(timm: Any, name: str, put_at: Path) -> Any:
+    """timm's ``name`` with the weights timm downloads, or those an earlier download left in Hugging
+    Face's cache when the Hub cannot be reached; WeightsError (where to put the file) when neither."""
+    url = _timm_url(timm, name)
+    where = f"put the file at {put_at} (download it from {url})"
+    if _offline():
+        raise WeightsError(f"the timm weights {name} are not cached and {OFFLINE_ENV} is set: {where}")
+    # Without a network, Hugging Face's client retries each of timm's file names for about 47 s before
+    # it looks in its cache: here the cache is read at once, or the line said at once.
+    unreachable = host_problem(url) if url.startswith(("http://", "https://")) else None
+    if unreachable:
+        in_cache = _in_hub_cache(timm, name)
+        if in_cache is None:
+            raise WeightsError(f"cannot download the timm weights {name} ({unreachable}); {where}")
+        return _timm_from_file(timm, name, in_cache)
+    try:
+        return _timm_module(timm, name, pretrained=True)
+    except WeightsError:
+        raise
+    except Exception as err:
+        raise WeightsError(f"cannot download the timm weights {name} ({type(err).__name__}: "
+                           f"{_first_line(err)}); {where}") from None
 
 
 # file ----------------------------------------------------------------------------------------------------

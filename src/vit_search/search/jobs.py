@@ -72,8 +72,8 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
     The workers start first: each imports what its trials need (seconds of torch, MLflow, Optuna)
     while ``ready`` runs here (loading the spec, making the stores), then waits for the word it sends
     them on their standard input: what ``ready`` returns (the storage URL and the ``--set`` overrides,
-    whose passwords a command line would show in ``ps``). If ``ready`` raises, the workers are killed before they touch
-    anything, and the error goes on up: one line from this command, not one per worker.
+    whose passwords a command line would show in ``ps``). If ``ready`` raises, the workers are killed
+    before they touch anything, and the error goes on up: one line from this command, not one per worker.
 
     The workers run in a session of their own, and every Ctrl-C and SIGTERM this process gets is
     passed on to each: once, whether it came from the terminal or from ``kill`` to this process alone
