@@ -453,8 +453,9 @@ def no_hub(tmp_path, monkeypatch):
 def test_timm_weights_without_a_network_are_one_line_at_once_or_read_from_hugging_faces_cache(no_hub):
     timm = pytest.importorskip("timm", reason="the timm source needs timm: pip install 'vit-search[timm]'")
     name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    spec = load_spec({"name": "tm", "data": {"dataset": "synthetic", "image_size": 224, "channels": 3,
-                                             "num_classes": 1000}, "model": {"init": {"from": "timm", "name": name}}})
+    raw = {"name": "tm", "data": {"dataset": "synthetic", "image_size": 224, "channels": 3, "num_classes": 1000},
+           "model": {"init": {"from": "timm", "name": name}}}
+    spec = load_spec(raw)
     # Hugging Face's client retried for about 47 s before it said so.
     with pytest.raises(WeightsError, match=f"cannot download the timm weights {name} \\(127.0.0.1 does not answer "
                                            f"\\(ConnectionRefusedError: .*\\); put the file at .*/timm/{name}.safetensors"):
@@ -469,6 +470,7 @@ def test_timm_weights_without_a_network_are_one_line_at_once_or_read_from_huggin
     (no_hub / f"models--timm--{name}" / "refs" / "main").write_text("0" * 40)
     save_file(reference.state_dict(), snapshot / "model.safetensors")
     assert same_outputs(build_model(spec), reference, (3, 224, 224)) <= 1e-5
+    assert f"cached at {snapshot / 'model.safetensors'}" in init_report(load_spec(raw).model)
 
 
 def test_a_download_host_that_does_not_answer_is_said_at_once_and_a_proxy_is_left_to_its_download(monkeypatch):

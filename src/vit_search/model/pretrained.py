@@ -32,7 +32,7 @@ from ..registry import KINDS
 from ..schema import InitSpec, ModelSpec, with_preset
 from .resample import adapt_input_channels, resample_position_embedding
 from .vit import VisionTransformer, build_on_meta, build_vit
-from .weight_sources import FREE_ARGS, OFFLINE_ENV, READERS, Weights, hub_checkpoints
+from .weight_sources import FREE_ARGS, OFFLINE_ENV, READERS, Weights, hub_checkpoints, timm_in_hub_cache
 
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 # Where a parameter's name points in the model section, for naming the key that does not fit.
@@ -207,7 +207,8 @@ def _key(init: InitSpec) -> tuple[tuple[str, Any], ...]:
 
 def _version(init: InitSpec) -> Any:
     """What tells two reads of one source apart: a file's size and time; torch's cache folder, its
-    contents' last change (a file put there by hand) and whether downloads are allowed."""
+    contents' last change (a file put there by hand), whether downloads are allowed, and for timm
+    the file Hugging Face's cache holds."""
     if init.source == "file":
         try:
             stat = Path(init.path).stat()
@@ -215,7 +216,9 @@ def _version(init: InitSpec) -> Any:
         except OSError:
             return None
     folders = (hub_checkpoints(), hub_checkpoints() / "timm")
-    return tuple(folder.stat().st_mtime_ns if folder.is_dir() else None for folder in folders), os.environ.get(OFFLINE_ENV)
+    in_hub_cache = timm_in_hub_cache(init.name) if init.source == "timm" else None
+    return (tuple(folder.stat().st_mtime_ns if folder.is_dir() else None for folder in folders),
+            os.environ.get(OFFLINE_ENV), in_hub_cache)
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -195,8 +195,18 @@ def _timm_url(timm: Any, name: str) -> str:
     return getattr(cfg, "url", None) or "timm's model card"
 
 
+def timm_in_hub_cache(name: str) -> Path | None:
+    """timm model ``name``'s weights as an earlier download left them in Hugging Face's cache, or None
+    (also when timm is not installed)."""
+    try:
+        import timm
+
+        return _in_hub_cache(timm, name)
+    except (ImportError, RuntimeError):  # no timm, or a tag timm lacks: the description says so
+        return None
+
+
 def _in_hub_cache(timm: Any, name: str) -> Path | None:
-    """A timm model's weights as an earlier download left them in Hugging Face's cache, or None."""
     from huggingface_hub import try_to_load_from_cache
 
     cfg = timm.models.get_pretrained_cfg(name)
@@ -245,7 +255,7 @@ def _describe_timm(init: InitSpec, heads: int | None) -> Weights:
     with torch.device("meta"):
         module = _timm_module(timm, init.name, pretrained=False)
     section, ours = convert_timm_state(module.state_dict(), timm_module_facts(module))
-    cached = next((path for path in _timm_files(init.name) if path.is_file()), None)
+    cached = next((path for path in _timm_files(init.name) if path.is_file()), None) or _in_hub_cache(timm, init.name)
     where = f"cached at {cached}" if cached else "not cached: downloaded through timm on first use"
     return _weights(section, ours, f"timm {init.name} ({where})")
 
