@@ -159,12 +159,12 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, cause", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")],
-                         ids=["sigterm", "sigint"])
-def test_a_stop_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workdir, signum, code, cause):
-    # As a scheduler or `timeout` sends SIGTERM, and `kill -INT` a Ctrl-C: to the command alone, which
-    # passes it on (a terminal's Ctrl-C reaches the command alone too: the workers have a session of their own).
-    name = f"jobs-{cause.lower()}"
+def test_sigterm_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workdir):
+    # As a scheduler or `timeout` sends it: to the command alone, which passes it on. Ctrl-C takes the same
+    # path (the workers have a session of their own: a terminal's Ctrl-C reaches the command alone too):
+    # passed on as the test below checks.
+    signum, code, cause = signal.SIGTERM, 143, "SIGTERM"
+    name = "jobs-sigterm"
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw(name, n_trials=2)))
     storage = study_raw(name)["search"]["storage"]
@@ -183,10 +183,11 @@ def test_a_stop_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workd
         if sum(t.state == TrialState.RUNNING and WORKER in t.system_attrs for t in trials) == 2:
             break
     workers = [int(t.system_attrs[WORKER].rsplit(":", 1)[1]) for t in trials]
+    # Each in a session of its own: a terminal's Ctrl-C reaches the command alone, which passes it on once.
+    assert len({os.getsid(pid) for pid in workers} | {os.getsid(proc.pid)}) == 3
     proc.send_signal(signum)
-    if signum == signal.SIGTERM:
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)  # docs/search.md: a second SIGTERM changes nothing (unlike a second Ctrl-C)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # docs/search.md: a second SIGTERM changes nothing (unlike a second Ctrl-C)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "retried by the others" not in err
@@ -204,6 +205,27 @@ def test_a_stop_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workd
     (parent,) = [r for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name(name).experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
+
+
+def test_each_stop_the_command_gets_is_passed_on_to_every_worker_still_running(tmp_path):
+    from vit_search.search.jobs import _stop_workers
+    from vit_search.stopping import Terminated
+
+    def worker_process(name: str) -> subprocess.Popen:
+        code = (f"import signal, sys, time\n"
+                f"for s in (signal.SIGINT, signal.SIGTERM):\n"
+                f"    signal.signal(s, lambda n, _: (open({str(tmp_path / name)!r}, 'a').write(signal.Signals(n).name + ' '),"
+                f" sys.exit(0)))\n"
+                f"print('ready', flush=True)\ntime.sleep(60)\n")
+        # In a session of their own, as run_workers starts them: no terminal signal reaches them but through here.
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        return proc
+
+    for request, said in ((KeyboardInterrupt(), "SIGINT "), (Terminated("SIGTERM"), "SIGTERM ")):
+        workers = [worker_process(f"{said.strip()}-{i}") for i in range(2)]
+        assert _stop_workers(workers, request) == [0, 0]
+        assert [(tmp_path / f"{said.strip()}-{i}").read_text() for i in range(2)] == [said, said]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a worker learns of its command's death by prctl (Linux)")
