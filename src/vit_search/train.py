@@ -386,11 +386,11 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         with clock.timing("capture"):
             graph = _make_step(spec, run, accelerator, make_step)
         if checkpoint is None:
-            tags = {"num_processes": str(accelerator.num_processes), "mixed_precision": precision,
-                    "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
-                    **run.data_tags}
+            how = {"num_processes": str(accelerator.num_processes), "mixed_precision": precision,
+                   "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
+                   **run.data_tags}
             _on_main_then_together(accelerator, lambda: tracker.log_start(
-                run.parameters, run.flops, str(accelerator.device), tags, trainable=run.trainable), "as it logged the run")
+                run.parameters, run.flops, str(accelerator.device), how, trainable=run.trainable), "as it logged the run")
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         checkpoints = CheckpointWriter(ckpt_path, log=tracker.log_epochs)
