@@ -416,6 +416,16 @@ def test_a_given_password_that_is_an_ordinary_word_is_masked_in_its_url_but_not_
         "storage postgresql://postgres:***@127.0.0.1/test: database postgres refused '***'"
 
 
+def test_a_spec_loaded_in_python_masks_an_overrides_password_with_a_space_in_its_problems():
+    from vit_search.redaction import scrub
+    from vit_search.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError) as refused:
+        load_spec(study_raw("masked"), ["search.storage=[postgresql://user:load spec9@127.0.0.1/test]"])
+    (problem,) = refused.value.problems
+    assert "load spec9" in problem and "load spec9" not in scrub(problem)  # as every error line shows it
+
+
 def test_a_spec_value_that_repeats_a_password_with_a_space_in_it_shows_it_masked(workdir, cli_here):
     raw = study_raw("masked")
     raw["search"]["storage"] = ["postgresql://user:s3 cret@127.0.0.1/test"]

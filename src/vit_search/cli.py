@@ -396,6 +396,7 @@ def _wait_for_the_command(args: argparse.Namespace) -> bool:
         return False
     os.environ.update(word.get("env", {}))
     args.overrides = [*args.overrides, *word.get("overrides", [])]
+    remember_passwords([*word.get("env", {}).values(), *args.overrides])  # as main() did with its own
     return True
 
 

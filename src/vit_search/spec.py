@@ -181,7 +181,8 @@ def load_spec(
             raise SpecError([f"{name}: the file is empty; a spec needs at least 'name:' (see experiments/)"])
         if not isinstance(raw, dict):
             raise SpecError([f"{name}:1: a spec is a mapping of keys (name, data, model, ...), got {type(raw).__name__}"])
-    remember_passwords(_strings_in(raw))  # a storage or tracking URL's password: masked in every error line
+    # A storage or tracking URL's password: masked in every error line.
+    remember_passwords([*_strings_in(raw), *overrides])
     where = _Locator(name, lines, overrides)
     raw = apply_overrides(raw, overrides)
     REGISTRY.list()  # built-ins and installed plugins first: their failure is not this spec's
