@@ -249,9 +249,9 @@ def test_a_block_that_reads_values_is_counted_and_summarized_on_the_cpu_without_
         assert said.returncode == 0 and f"forward FLOPs per image: {flops:,}" in said.stdout, said.stderr
         register("ffn", "test_reads_values", override=True)(lambda dim: _ReadsValues(dim, fail=True))
         said = cli_here("summary", path)
-        assert said.returncode == 2 and said.stderr.strip().splitlines() == [  # validate's check, located
-            f"error: {path}:3: model: its forward pass fails on one image: ValueError: this block always fails"], \
-            said.stderr
+        assert said.returncode == 2 and said.stderr.strip().splitlines() == [  # validate's check, at the block
+            f"error: {path}:4: model.ffn (test_reads_values): its forward fails on a batch of 2: ValueError: this block "
+            f"always fails"], said.stderr
     finally:
         REGISTRY._blocks["ffn"].pop("test_reads_values", None)
 

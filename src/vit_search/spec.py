@@ -368,16 +368,10 @@ def check_blocks(model: ModelSpec, where: _Locator | None = None) -> list[str]:
 MAX_PARAMETERS = 100_000_000_000  # a model beyond this is a typo (ViT-22B has 2.2e10)
 
 
-def _forward(model: Any, images: Any) -> None:
-    import torch
-
-    with torch.no_grad():
-        model(images)
-
-
 def _check_build(spec: Spec, where: _Locator) -> list[str]:
     from .model import build_on_meta, count_parameters
     from .model.cost import run_one_image
+    from .model.shapes import BATCH, BlockContractError, forward_checked
 
     try:
         model = build_on_meta(spec.model)
@@ -394,12 +388,15 @@ def _check_build(spec: Spec, where: _Locator) -> list[str]:
             return [f"{where(('model',))}: model: its sizes overflow, far more than {MAX_PARAMETERS:,} parameters; "
                     f"check dim, depth and the blocks' sizes"]
         return [f"{where(('model',))}: model: building it failed: {type(err).__name__}: {first}"]
-    # A plugin's block must chain with the others: one image through the model, on the meta device,
-    # says so. (Ours are tested to; the check costs a second of imports, torch's meta kernels.)
+    # A plugin's block must chain with the others: a batch through the model, on the meta device, each
+    # block's output held to its kind's convention, says so. (Ours are tested to; the check costs a
+    # second of imports, torch's meta kernels.)
     plugins = {type(m).__module__ for m in model.modules()} - {""}
     if any(not name.startswith(("vit_search.", "torch.")) for name in plugins):
         try:
-            run_one_image(spec.model, _forward)
+            run_one_image(spec.model, forward_checked(spec.model), batch=BATCH)
+        except BlockContractError as err:
+            return [f"{where(('model', err.kind))}: {err}"]
         except UserError as err:
             return [f"{where(('model',))}: {err}"]
     return freeze_problems([name for name, _ in model.named_parameters()], spec.train.freeze, where)

@@ -38,18 +38,20 @@ def flop_count(model: nn.Module, images: torch.Tensor) -> int:
 
 
 def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tensor], T],
-                  on_meta: VisionTransformer | None = None) -> T:
-    """``use(built, images)`` on the model of ``model`` in eval mode and one image of zeros: on the meta
-    device (no memory, no arithmetic; ``on_meta``, when the caller built it there already), or on the
-    CPU where a block's forward reads values, which meta tensors do not hold. Raises UserError when
-    the forward pass fails on the CPU too."""
+                  on_meta: VisionTransformer | None = None, batch: int = 1) -> T:
+    """``use(built, images)`` on the model of ``model`` in eval mode and one image of zeros (``batch``
+    of them): on the meta device (no memory, no arithmetic; ``on_meta``, when the caller built it
+    there already), or on the CPU where a block's forward reads values, which meta tensors do not
+    hold. Raises UserError when the forward pass fails on the CPU too, or ``use`` raises one."""
     built = on_meta
     if built is None:
         with torch.device("meta"):
             built = build_vit(model).eval()
-    shape = (1, model.in_channels, *pair(model.image_size))
+    shape = (batch, model.in_channels, *pair(model.image_size))
     try:
         return use(built, torch.zeros(shape, device="meta"))
+    except UserError:  # ``use`` found what it checks for: the CPU would say the same
+        raise
     except Exception:
         parameters = count_parameters(built)
     if parameters > MAX_CPU_FALLBACK_PARAMETERS:
@@ -66,9 +68,12 @@ def run_one_image(model: ModelSpec, use: Callable[[VisionTransformer, torch.Tens
         # other threads neither step nor capture meanwhile.
         with CAPTURE_GATE.exclusive():
             return use(built, torch.zeros(shape))
+    except UserError:
+        raise
     except Exception as err:
         line = (str(err).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"model: its forward pass fails on one image: {type(err).__name__}: {line}") from None
+        images = "one image" if batch == 1 else f"a batch of {batch}"
+        raise UserError(f"model: its forward pass fails on {images}: {type(err).__name__}: {line}") from None
 
 
 def model_cost(model: ModelSpec) -> tuple[int, int]:

@@ -1,0 +1,94 @@
+"""The calling convention between blocks, held on one small batch before anything trains.
+
+Each block kind has a contract (docs/plugins.md): the patch embedding turns images into tokens
+(B, N, D); attention and the feed-forward keep the tokens' shape; the pooling gives (B, D); the head
+(B, classes). A plugin block that breaks it is named here, in one line, rather than met in training
+as a broadcast error, a loss on the wrong targets, or a model that trains with the wrong number of
+outputs. A batch of two: with one image, a block that drops the batch dimension still broadcasts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..schema import ModelSpec
+
+BATCH = 2
+
+
+class BlockContractError(UserError):
+    """A block's output breaks its kind's calling convention, or its forward failed: ``kind`` says which."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _stages(model: nn.Module) -> list[tuple[str, int | None, nn.Module]]:
+    """(kind, layer or None, module) of every block of ``model``, in the order the forward meets them."""
+    stages: list[tuple[str, int | None, nn.Module]] = [("patch_embed", None, model.patch_embed)]
+    for layer, block in enumerate(model.blocks):
+        stages += [("attention", layer, block.attn), ("ffn", layer, block.ffn)]
+    return stages + [("pooling", None, model.pool), ("head", None, model.head)]
+
+
+def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
+    """A ``use`` for :func:`~vit_search.model.cost.run_one_image`: the images through the model, each
+    block's output checked; raises :class:`BlockContractError` naming the first block that breaks the
+    convention, or the block whose forward raised."""
+
+    def use(model: nn.Module, images: Tensor) -> None:
+        batch, dim = images.shape[0], spec.dim
+        inside: list[tuple[str, int | None]] = []  # blocks entered and not left: the last is where a failure is
+        broken: list[BlockContractError] = []
+
+        def name(kind: str, layer: int | None) -> str:
+            where = f" in layer {layer}" if layer is not None and len(model.blocks) > 1 else ""
+            return f"model.{kind} ({spec.block(kind)[0]}){where}"
+
+        def check(kind: str, layer: int | None, given: Any, out: Any) -> None:
+            inside.pop()
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            if kind in ("attention", "ffn"):
+                wanted, meaning = tuple(given[0].shape), "the tokens' shape it was given (B, N, D)"
+                ok = got == wanted
+            elif kind == "patch_embed":
+                wanted, meaning = f"({batch}, N, {dim})", "tokens (B, N, D)"
+                ok = isinstance(got, tuple) and len(got) == 3 and got[0] == batch and got[2] == dim
+            elif kind == "pooling":
+                wanted, meaning = (batch, dim), "one vector per image (B, D)"
+                ok = got == wanted
+            else:
+                wanted, meaning = (batch, spec.num_classes), f"one logit per class (B, {spec.num_classes})"
+                ok = got == wanted
+            if not ok and not broken:
+                broken.append(BlockContractError(kind, f"{name(kind, layer)}: returns {got} for a batch of {batch}, "
+                                                       f"expected {wanted}: {meaning}; fix its forward"))
+
+        hooks = []
+        for kind, layer, module in _stages(model):
+            hooks.append(module.register_forward_pre_hook(lambda m, a, k=kind, i=layer: inside.append((k, i))))
+            hooks.append(module.register_forward_hook(lambda m, a, out, k=kind, i=layer: check(k, i, a, out)))
+        try:
+            with torch.no_grad():
+                model(images)
+        except Exception as err:
+            if broken:  # the broken output made a later block fail: the broken one is the news
+                raise broken[0] from None
+            if inside and images.device.type != "meta":  # on the meta device a read of values fails; the CPU says
+                kind, layer = inside[-1]
+                line = (str(err).strip().splitlines() or [""])[0][:300]
+                raise BlockContractError(kind, f"{name(kind, layer)}: its forward fails on a batch of {batch}: "
+                                               f"{type(err).__name__}: {line}") from None
+            raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if broken:
+            raise broken[0]
+
+    return use
