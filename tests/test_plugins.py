@@ -495,3 +495,39 @@ def test_a_plugin_parameter_can_opt_out_of_weight_decay(tmp_path):
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert {"blocks.0.ffn.gate", "blocks.1.ffn.gate", "pool.cls_token", "pos_embed.weight"} <= skipped
     assert "blocks.0.ffn.fc.weight" in {names[id(p)] for p in decay["params"]} and decay["weight_decay"] == 0.05
+
+
+def test_a_plugin_block_that_fails_in_training_is_one_line_naming_its_file_and_the_run_is_failed(tmp_path, cli_here):
+    import mlflow
+
+    _write(tmp_path / "fails_in_training.py", """
+        import torch
+        from vit_search import register
+
+
+        @register("ffn", "test_fails_in_training")
+        class FailsInTraining(torch.nn.Linear):
+            def __init__(self, dim: int):
+                super().__init__(dim, dim)
+
+            def forward(self, tokens):
+                if self.training:  # validate's check runs in eval mode: this passes it
+                    raise RuntimeError("boom in training")
+                return super().forward(tokens)
+        """)
+    spec = _write(tmp_path / "spec.yaml", """
+        name: fails-in-training
+        plugins: [fails_in_training.py]
+        data: {dataset: digits, image_size: 8}
+        model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 2}, ffn: {type: test_fails_in_training}}
+        train: {epochs: 1, batch_size: 64}
+        tracking: {experiment: fails-in-training}
+        """)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    said = cli_here("train", spec, "--checkpoint-dir", tmp_path / "runs", env={"MLFLOW_TRACKING_URI": store})
+    (line,) = [line for line in said.stderr.splitlines() if line.startswith("error:")]  # MLflow's notes aside
+    assert said.returncode == 1 and "Traceback" not in said.stderr, said.stderr
+    assert line == (f"error: RuntimeError: boom in training (at {tmp_path / 'fails_in_training.py'}:12 in forward); "
+                    f"set VIT_SEARCH_TRACEBACK=1 to see the traceback")
+    (run,) = mlflow.search_runs(experiment_names=["fails-in-training"], output_format="list")
+    assert run.info.status == "FAILED" and "boom in training" in run.data.tags["error"]

@@ -667,6 +667,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
         _leave_process_group(together=False)
         return exit_code()
+    except Exception as err:  # a plugin block failing in training, or a fault of ours: one line, and where
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            raise
+        _say_error(f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]} ({_where_raised(err)}); "
+                   f"set {TRACEBACK_ENV}=1 to see the traceback")
+        return 1
+
+
+TRACEBACK_ENV = "VIT_SEARCH_TRACEBACK"
+
+
+def _where_raised(err: BaseException) -> str:
+    """``file:line in function`` of the innermost frame outside the libraries (a plugin's forward, or
+    ours), else the innermost frame."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if not any(part in f.filename for part in ("site-packages", "dist-packages", "<frozen"))
+            and not f.filename.startswith(sys.base_prefix)]
+    frame = (ours or frames or [None])[-1]
+    return f"at {frame.filename}:{frame.lineno} in {frame.name}" if frame else "no traceback"
 
 
 def _launched() -> bool:
