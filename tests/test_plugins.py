@@ -531,3 +531,48 @@ def test_a_plugin_block_that_fails_in_training_is_one_line_naming_its_file_and_t
                     f"set VIT_SEARCH_TRACEBACK=1 to see the traceback")
     (run,) = mlflow.search_runs(experiment_names=["fails-in-training"], output_format="list")
     assert run.info.status == "FAILED" and "boom in training" in run.data.tags["error"]
+
+
+def test_a_py_plugin_imports_a_helper_file_beside_it(tmp_path):
+    _write(tmp_path / "widths_helper_for_test.py", "WIDTH = 3\n")
+    _write(tmp_path / "uses_helper.py", """
+        from torch import nn
+
+        from vit_search import register
+        from widths_helper_for_test import WIDTH
+
+
+        @register("ffn", "test_uses_helper")
+        class UsesHelper(nn.Sequential):
+            def __init__(self, dim: int):
+                super().__init__(nn.Linear(dim, WIDTH * dim), nn.Linear(WIDTH * dim, dim))
+        """)
+    spec = load_spec({"name": "helped", "plugins": [str(tmp_path / "uses_helper.py")],
+                      "data": {"dataset": "digits", "image_size": 8},
+                      "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 2},
+                                "ffn": {"type": "test_uses_helper"}}})
+    assert spec.model.ffn["type"] == "test_uses_helper"
+    assert str(tmp_path) not in sys.path  # only while the plugin ran
+
+
+def test_a_plugin_file_that_failed_halfway_loads_once_fixed(tmp_path):
+    plugin = tmp_path / "halfway.py"
+    text = """
+        import torch
+        from vit_search import register
+
+
+        @register("ffn", "test_halfway_first")
+        class First(torch.nn.Identity):
+            def __init__(self, dim: int):
+                super().__init__()
+
+        BUG
+        """
+    _write(plugin, text)
+    with pytest.raises(PluginError, match="failed to import: NameError: name 'BUG' is not defined"):
+        REGISTRY.load_plugin(str(plugin))
+    assert "test_halfway_first" not in REGISTRY.list("ffn")["ffn"]  # what it registered went with it
+    _write(plugin, text.replace("BUG", ""))
+    REGISTRY.load_plugin(str(plugin))  # fixed: no "already registered" by its own first try
+    assert "test_halfway_first" in REGISTRY.list("ffn")["ffn"]

@@ -306,11 +306,23 @@ class Registry:
             raise PluginError(f"plugin file '{path}' is not a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
+        # Its folder on sys.path while it runs, as `python plugin.py` has it: a helper file beside it imports.
+        folder = str(path.parent)
+        added = folder not in sys.path
+        if added:
+            sys.path.insert(0, folder)
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as err:
             del sys.modules[module_name]
+            # What it registered before it failed goes too: the file, fixed, would collide with itself.
+            for blocks in self._blocks.values():
+                for name in [n for n, info in blocks.items() if info.builder.__module__ == module_name]:
+                    del blocks[name]
             raise PluginError(f"plugin file '{path}' failed to import: {type(err).__name__}: {err}") from err
+        finally:
+            if added and folder in sys.path:
+                sys.path.remove(folder)
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
