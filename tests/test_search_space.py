@@ -455,11 +455,18 @@ def test_dry_run_marks_what_cannot_be_built_or_breaks_a_constraint_with_its_valu
     base = ("name: marks\ndata: {dataset: digits, image_size: 8}\nmodel: {dim: 16, depth: 4, patch_embed: {type: conv, "
             "patch_size: 2}, attention: {type: sdpa, heads: 2}}\nsearch:\n  constraints: {max_params: 12000}\n")
     monkeypatch.chdir(empty_cwd)
-    assert main(["run", str(write_spec(base + "  space: {model.attention.heads: {choice: [3, 5]}}\n")), "--dry-run"]) == 0
+    # Heads that no searched dim divides: refused before any trial (every such trial would be pruned).
+    assert main(["run", str(write_spec(base + "  space: {model.attention.heads: {choice: [3, 5]}}\n")), "--dry-run"]) == 2
+    assert "search.space.model.attention.heads: value 3 does not fit the spec: model.attention (sdpa): dim 16 is not " \
+           "divisible by heads 3" in capsys.readouterr().err
+    # Heads 3 builds beside dim 24: the one combination that does not is marked.
+    grid = "  sampler: grid\n  space: {model.dim: {choice: [16, 24]}, model.attention.heads: {choice: [2, 3]}}\n"
+    assert main(["run", str(write_spec(base + grid)), "--dry-run", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(  # the default count; dim 16 splits into neither
-        line.startswith(f"trial {n}: infeasible: model.attention (sdpa): dim 16 is not divisible by heads ")
-        and line.endswith(("[model.attention.heads=3]", "[model.attention.heads=5]")) for n, line in enumerate(lines))
+    infeasible = [line for line in lines if ": infeasible: " in line]
+    assert len(lines) == 4 and len(infeasible) == 1, lines
+    assert "infeasible: model.attention (sdpa): dim 16 is not divisible by heads 3" in infeasible[0]
+    assert infeasible[0].endswith("[model.dim=16, model.attention.heads=3]"), infeasible[0]
     assert main(["run", str(write_spec(base + "  space: {model.depth: {choice: [4]}}\n")), "--dry-run", "1"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert "PRUNED: params 13,690 > max_params 12,000" in line and line.endswith("[model.depth=4]")

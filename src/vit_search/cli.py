@@ -668,8 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_process_group(together=False)
         return exit_code()
     except Exception as err:  # a plugin block failing in training, or a fault of ours: one line, and where
-        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
-            raise
+        if isinstance(err, BrokenPipeError) or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            raise  # a reader that went away is entry()'s to end quietly
         _say_error(f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]} ({_where_raised(err)}); "
                    f"set {TRACEBACK_ENV}=1 to see the traceback")
         return 1

@@ -301,7 +301,7 @@ def check_space(spec: Any) -> list[str]:
     """Problems with ``spec.search.space``, one line each (file:line, key, reason), before any trial.
 
     Every key must parse, every path must exist in the spec schema (block arguments included), and
-    every choice and both ends of every range must validate when set into the spec; a data or
+    every choice and both ends of every range must validate when set into the spec; a model, data or
     ``train.freeze`` value must also build, as a trial's spec does (:func:`_check_built`). A block's own
     argument (``model.ffn[mlp].ratio``) must name a type the block can take, and every key of an
     enqueued configuration must be a key of the space.
@@ -372,11 +372,12 @@ def check_space(spec: Any) -> list[str]:
 
 def _built_to_check(path: tuple[str, ...]) -> bool:
     """Whether a value set at ``path`` is checked by building the trial's model, as a trial's spec is:
-    a data value (``data.image_size``: the patch size must divide it) or ``train.freeze`` (its patterns
-    must match a parameter, and leave one to train). Model values are the architecture search's: a
-    combination that cannot be built is pruned as infeasible (``run --dry-run`` shows which); and the
+    a model value (``model.attention.heads`` 3 with a fixed ``dim`` 16 never builds), a data value
+    (``data.image_size``: the patch size must divide it) or ``train.freeze`` (its patterns must match a
+    parameter, and leave one to train). A value that builds beside another searched value passes: the
+    combinations that cannot be built are pruned as infeasible (``run --dry-run`` shows which). The
     rest (``train.lr``...) leave the model as the base's, already built by ``load_spec``."""
-    return path[0] == "data" or _sets_the_freeze(path)
+    return path[0] in ("model", "data") or _sets_the_freeze(path)
 
 
 def _sets_the_freeze(path: tuple[str, ...]) -> bool:
