@@ -299,3 +299,48 @@ def test_a_plugin_block_that_returns_another_shape_than_its_kind_is_named_by_val
 
         REGISTRY._blocks[kind].pop(f"test_shaped_{kind}", None)
     assert line == f"error: {path}:8: model.{kind} (test_shaped_{kind}): {says}; fix its forward"
+
+
+# What a block declares to the trainer, timm's way: each of these left weight decay on the parameter
+# it meant to spare, without a word, or failed in training with a traceback.
+@pytest.mark.parametrize("declaration, says", [
+    ("def no_weight_decay(self):\n        return 'scale'",
+     "no_weight_decay() returns 'scale'; return a set of the names of its parameters, such as {'scale'}"),
+    ("no_weight_decay = {'scale'}",
+     "no_weight_decay is a set, not a method; define def no_weight_decay(self) returning the names of its parameters"),
+    ("def no_weight_decay(self):\n        return {'scales'}",
+     "no_weight_decay() names scales, not a parameter of the block (its parameters: scale)"),
+    ("def no_weight_decay(self):\n        return {}['oops']", "no_weight_decay() fails: KeyError: 'oops'"),
+], ids=["string", "attribute", "unknown-name", "raises"])
+def test_a_plugin_blocks_wrong_no_weight_decay_is_named_by_validate(write_spec, cli_here, tmp_path, declaration, says):
+    (tmp_path / "declares.py").write_text(
+        "import torch\nfrom vit_search.registry import register\n\n\n"
+        "@register('ffn', 'test_declares')\nclass Declares(torch.nn.Module):\n"
+        "    def __init__(self, dim: int):\n        super().__init__()\n"
+        "        self.scale = torch.nn.Parameter(torch.ones(dim))\n\n"
+        "    def forward(self, tokens):\n        return tokens * self.scale\n\n"
+        f"    {declaration}\n")
+    path = write_spec("name: declares\nplugins: [declares.py]\ndata: {dataset: digits, image_size: 8}\nmodel:\n  dim: 16\n"
+                      "  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_declares}\n")
+    try:
+        line = refused(cli_here, "validate", path)
+    finally:
+        from vit_search.registry import REGISTRY
+
+        REGISTRY._blocks["ffn"].pop("test_declares", None)
+    assert line == f"error: {path}:8: model.ffn (test_declares): {says}"
+
+
+def test_every_built_in_block_declares_no_weight_decay_as_the_convention_has_it():
+    from vit_search.model import build_on_meta
+    from vit_search.model.shapes import check_declarations
+    from vit_search.registry import REGISTRY
+
+    for kind, names in REGISTRY.list().items():
+        for name in names:
+            if kind in ("patch_embed", "attention", "ffn", "pooling", "head", "position"):
+                spec = load_spec({"name": "x", "data": {"dataset": "digits", "image_size": 8},
+                                  "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 2},
+                                            "attention": {"heads": 2},
+                                            kind: {"type": name, **({"patch_size": 2} if kind == "patch_embed" else {})}}})
+                check_declarations(build_on_meta(spec.model), spec.model)  # raises BlockContractError if not

@@ -371,7 +371,7 @@ MAX_PARAMETERS = 100_000_000_000  # a model beyond this is a typo (ViT-22B has 2
 def _check_build(spec: Spec, where: _Locator) -> list[str]:
     from .model import build_on_meta, count_parameters
     from .model.cost import run_one_image
-    from .model.shapes import BATCH, BlockContractError, forward_checked
+    from .model.shapes import BATCH, BlockContractError, check_declarations, forward_checked
 
     try:
         model = build_on_meta(spec.model)
@@ -394,6 +394,7 @@ def _check_build(spec: Spec, where: _Locator) -> list[str]:
     plugins = {type(m).__module__ for m in model.modules()} - {""}
     if any(not name.startswith(("vit_search.", "torch.")) for name in plugins):
         try:
+            check_declarations(model, spec.model)
             run_one_image(spec.model, forward_checked(spec.model), batch=BATCH)
         except BlockContractError as err:
             return [f"{where(('model', err.kind))}: {err}"]

@@ -1,4 +1,5 @@
-"""The calling convention between blocks, held on one small batch before anything trains.
+"""The calling convention between blocks, held on one small batch before anything trains; and what
+each block declares to the trainer (``no_weight_decay()``), held to timm's convention.
 
 Each block kind has a contract (docs/plugins.md): the patch embedding turns images into tokens
 (B, N, D); attention and the feed-forward keep the tokens' shape; the pooling gives (B, D); the head
@@ -92,3 +93,30 @@ def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
             raise broken[0]
 
     return use
+
+
+def check_declarations(model: nn.Module, spec: ModelSpec) -> None:
+    """Each block's ``no_weight_decay()`` as timm's convention has it: a method returning names of the
+    block's own parameters. A set written as a class attribute, a string (read letter by letter), or a
+    name that is no parameter would leave weight decay on what the block meant to spare, silently;
+    BlockContractError naming the block instead."""
+    for kind, _, module in [*_stages(model), ("position", None, model.pos_embed)]:
+        declared = getattr(module, "no_weight_decay", None)
+        if declared is None:
+            continue
+        where = f"model.{kind} ({spec.block(kind)[0]})"
+        if not callable(declared):
+            raise BlockContractError(kind, f"{where}: no_weight_decay is a {type(declared).__name__}, not a method; "
+                                           f"define def no_weight_decay(self) returning the names of its parameters")
+        try:
+            names = declared()
+        except Exception as err:
+            raise BlockContractError(kind, f"{where}: no_weight_decay() fails: {type(err).__name__}: {err}") from None
+        if isinstance(names, (str, bytes)) or not all(isinstance(name, str) for name in names):
+            raise BlockContractError(kind, f"{where}: no_weight_decay() returns {names!r}; return a set of the "
+                                           f"names of its parameters, such as {{'scale'}}")
+        own = [name for name, _ in module.named_parameters()]
+        unknown = sorted(set(names) - set(own))
+        if unknown:
+            raise BlockContractError(kind, f"{where}: no_weight_decay() names {', '.join(unknown)}, not a parameter "
+                                           f"of the block (its parameters: {', '.join(own) or 'none'})")
