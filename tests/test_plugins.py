@@ -576,3 +576,27 @@ def test_a_plugin_file_that_failed_halfway_loads_once_fixed(tmp_path):
     _write(plugin, text.replace("BUG", ""))
     REGISTRY.load_plugin(str(plugin))  # fixed: no "already registered" by its own first try
     assert "test_halfway_first" in REGISTRY.list("ffn")["ffn"]
+
+
+def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_without_it(tmp_path, cli_here):
+    _write(tmp_path / "listed.py", """
+        from torch import nn
+
+        from vit_search import register
+
+
+        @register("ffn", "test_listed")
+        class Listed(nn.Linear):
+            \"\"\"A block that only a spec's plugins list names.\"\"\"
+
+            def __init__(self, dim: int, hidden_dim: int = 8):
+                super().__init__(dim, dim)
+        """)
+    without = cli_here("blocks", "ffn", "test_listed", cwd=tmp_path)
+    assert without.returncode == 2 and without.stderr == (
+        "error: unknown ffn 'test_listed'; registered: mlp, swiglu (a block of a spec's plugins: add --plugin FILE.py or "
+        "--plugin MODULE)\n")
+    described = cli_here("blocks", "ffn", "test_listed", "--plugin", "listed.py", cwd=tmp_path)
+    assert described.returncode == 0 and described.stdout.splitlines() == [
+        "ffn 'test_listed': A block that only a spec's plugins list names.",
+        f"  from {tmp_path / 'listed.py'}", "  hidden_dim: int (default 8)"], described.stdout

@@ -62,13 +62,22 @@ def _load(args: argparse.Namespace, check_model: bool = True):
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     """List registered blocks, or describe one."""
-    from .registry import REGISTRY
+    from .registry import REGISTRY, RegistryError
 
+    for plugin in args.plugins:  # a spec's `plugins:` entries, as the spec would load them (from here)
+        REGISTRY.load_plugin(plugin, Path.cwd())
     if args.name:
-        info = REGISTRY.describe(args.kind, args.name)
+        try:
+            info = REGISTRY.describe(args.kind, args.name)
+        except RegistryError as err:
+            if args.plugins:
+                raise
+            raise BadInput(f"{err.message} (a block of a spec's plugins: add --plugin FILE.py or --plugin MODULE)") from None
         print(f"{info.kind} '{info.name}': {info.summary}")
         dist = REGISTRY.distribution_of(info)
-        print(f"  from {info.module}" + (f" (distribution {dist})" if dist else ""))
+        module = sys.modules.get(info.module)  # a plugin file is imported under a name of ours: its path says more
+        origin = module.__file__ if info.module.startswith("vit_search_plugin_") and module else info.module
+        print(f"  from {origin}" + (f" (distribution {dist})" if dist else ""))
         if not info.args:
             print("  no arguments")
         for arg in info.args:
@@ -544,6 +553,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "blocks": (cmd_blocks, lambda p: (
         p.add_argument("kind", nargs="?", help=f"block kind ({', '.join(KINDS)})"),
         p.add_argument("name", nargs="?", help="block name, to describe its arguments"),
+        p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py|MODULE",
+                       help="load a plugin as a spec's plugins: list does (repeatable); installed ones load anyway"),
     )),
     "validate": (cmd_validate, _spec_arguments),
     "summary": (cmd_summary, _spec_arguments),
