@@ -600,3 +600,39 @@ def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_witho
     assert described.returncode == 0 and described.stdout.splitlines() == [
         "ffn 'test_listed': A block that only a spec's plugins list names.",
         f"  from {tmp_path / 'listed.py'}", "  hidden_dim: int (default 8)"], described.stdout
+
+
+def test_a_logged_run_whose_model_needs_an_unlisted_plugin_block_says_so_at_model_init(tmp_path, monkeypatch):
+    from vit_search.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _write(tmp_path / "pooled.py", """
+        import torch
+        from vit_search import register
+
+
+        @register("pooling", "test_max_pool")
+        class MaxPool(torch.nn.Module):
+            num_prefix_tokens = 0
+
+            def __init__(self, dim: int):
+                super().__init__()
+
+            def prepend(self, tokens):
+                return tokens
+
+            def forward(self, tokens):
+                return tokens.amax(1)
+        """)
+    raw = {"name": "trained", "plugins": [str(tmp_path / "pooled.py")], "data": {"dataset": "digits", "image_size": 8},
+           "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 2},
+                     "pooling": {"type": "test_max_pool"}},
+           "train": {"epochs": 1, "batch_size": 64}, "tracking": {"experiment": "unlisted", "plots": False}}
+    run_id = train(load_spec(raw), checkpoint_dir=tmp_path / "runs").run_id
+    REGISTRY._blocks["pooling"].pop("test_max_pool")  # a new session, whose spec lists no plugin
+    with pytest.raises(SpecError) as refused:
+        load_spec({"name": "again", "data": {"dataset": "digits", "image_size": 8},
+                   "model": {"init": {"from": "mlflow", "run": run_id}}})
+    assert refused.value.problems == [
+        "<spec>: model.init: the weights' model needs a block this spec does not load (unknown pooling 'test_max_pool'; "
+        "registered: cls, mean); list the plugin that registers it under plugins:, as the spec that trained it did"]

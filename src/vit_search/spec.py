@@ -287,6 +287,10 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
         weights = describe(init, heads_written(model))
     except WeightsError as err:
         raise SpecError([f"{where(('model', 'init'))}: model.init: {err}"]) from None
+    except RegistryError as err:  # a logged run's model made of a plugin's blocks, which this spec does not load
+        raise SpecError([f"{where(('model', 'init'))}: model.init: the weights' model needs a block this spec does not "
+                         f"load ({err.message}); list the plugin that registers it under plugins:, as the spec that "
+                         f"trained it did"]) from None
     return weights, {**raw, "model": merge_onto_weights(weights.section, raw["model"])}
 
 
