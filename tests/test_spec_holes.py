@@ -344,3 +344,20 @@ def test_every_built_in_block_declares_no_weight_decay_as_the_convention_has_it(
                                             "attention": {"heads": 2},
                                             kind: {"type": name, **({"patch_size": 2} if kind == "patch_embed" else {})}}})
                 check_declarations(build_on_meta(spec.model), spec.model)  # raises BlockContractError if not
+
+
+def test_a_plugin_block_whose_constructor_fails_in_its_own_way_is_named_by_validate(write_spec, cli_here, tmp_path):
+    (tmp_path / "buggy.py").write_text(
+        "import torch\nfrom vit_search.registry import register\n\n\n"
+        "@register('ffn', 'test_buggy')\nclass Buggy(torch.nn.Module):\n"
+        "    def __init__(self, dim: int):\n        super().__init__()\n        self.fc = torch.nn.Linear(dim, 'x')\n")
+    path = write_spec("name: buggy\nplugins: [buggy.py]\ndata: {dataset: digits, image_size: 8}\nmodel:\n  dim: 16\n"
+                      "  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_buggy}\n")
+    try:
+        line = refused(cli_here, "validate", path)
+    finally:
+        from vit_search.registry import REGISTRY
+
+        REGISTRY._blocks["ffn"].pop("test_buggy", None)
+    # It was "model: building it failed: ...", at the model's line: which of several plugin blocks?
+    assert line.startswith(f"error: {path}:8: model.ffn (test_buggy): building it failed: TypeError: "), line

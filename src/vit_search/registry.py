@@ -253,7 +253,8 @@ class Registry:
         """Check ``kwargs`` and call the block's builder with them plus the kind's ``context``.
 
         A ``ValueError`` from the builder (an impossible combination such as dim not divisible by
-        heads) becomes a :class:`RegistryError` naming ``path`` and the block.
+        heads), or a builder's own bug (a TypeError...), becomes a :class:`RegistryError` naming
+        ``path`` and the block.
         """
         checked = self.check_args(kind, name, kwargs, path)
         builder = self.get(kind, name)
@@ -263,6 +264,11 @@ class Registry:
             raise
         except ValueError as err:
             raise RegistryError(f"{path} ({name}): {err}", path) from err
+        except (TypeError, AttributeError, KeyError, IndexError, AssertionError, NotImplementedError) as err:
+            # A builder that fails in its own way (a plugin's bug): named, not blamed on the whole model.
+            # Allocation failures (RuntimeError, MemoryError) go on to the trainer's out-of-memory line.
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise RegistryError(f"{path} ({name}): building it failed: {type(err).__name__}: {first}", path) from err
 
     # -- plugins ------------------------------------------------------------------------------
     def load_plugin(self, ref: str, base_dir: str | os.PathLike[str] | None = None) -> None:
