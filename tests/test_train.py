@@ -121,6 +121,23 @@ def test_logged_model_loads_back_with_one_call(workdir):
     with torch.no_grad():
         accuracy = (model(images).argmax(-1) == labels).float().mean().item()
     assert accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
+    # A run that holds no model says why, in one line: a study's parent run, a run that logged none, no run.
+    from mlflow.tracking import MlflowClient
+
+    from vit_search.tracking import TrackingError
+
+    client = MlflowClient()
+    experiment = client.get_run(result.run_id).info.experiment_id
+    parent = client.create_run(experiment, tags={"optuna.study_name": "a-study", "best_run_id": result.run_id})
+    with pytest.raises(TrackingError, match=f"^MLflow run {parent.info.run_id} is study 'a-study''s parent run, which "
+                                            f"holds no model; load one of its trials' runs, such as the best, "
+                                            f"{result.run_id}$"):
+        load_model(parent.info.run_id)
+    bare = client.create_run(experiment)
+    with pytest.raises(TrackingError, match=f"^MLflow run {bare.info.run_id} logged no model"):
+        load_model(bare.info.run_id)
+    with pytest.raises(TrackingError, match="^MLflow run 0123456789abcdef cannot be read from the store"):
+        load_model("0123456789abcdef")
 
 
 def test_seeded_cpu_runs_are_reproducible(workdir):

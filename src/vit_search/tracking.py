@@ -478,9 +478,14 @@ def load_model(run_id: str, tracking_uri: str | None = None):
     from .model import build_vit
     from .spec import load_spec
 
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACTS, dst_path=tmp,
-                                                    tracking_uri=tracking_uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACTS, dst_path=tmp,
+                                                        tracking_uri=tracking_uri)
+        except MlflowException as err:
+            raise TrackingError(_no_model(run_id, tracking_uri, err)) from None
         raw = yaml.safe_load((Path(local) / SPEC_FILE).read_text())
         # The logged model section is complete; the weights it started from are replaced by the run's.
         raw.get("model", {}).pop("init", None)
@@ -488,3 +493,22 @@ def load_model(run_id: str, tracking_uri: str | None = None):
         model = build_vit(spec)
         model.load_state_dict(torch.load(Path(local) / STATE_DICT_FILE, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def _no_model(run_id: str, tracking_uri: str | None, err: Exception) -> str:
+    """Why MLflow run ``run_id`` gives no model to load, in one line: no such run, a study's parent
+    run (its trials hold the models), or a run that logged none."""
+    import mlflow
+
+    store = redact(tracking_uri or mlflow.get_tracking_uri())
+    try:
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    except Exception:  # the run itself is missing, or the store does not answer: MLflow's words
+        return f"MLflow run {run_id} cannot be read from the store {store} ({redact_in(str(err), store)[:200]})"
+    tags = run.data.tags
+    if "optuna.study_name" in tags and "mlflow.parentRunId" not in tags:
+        best = tags.get("best_run_id")
+        return (f"MLflow run {run_id} is study {tags['optuna.study_name']!r}'s parent run, which holds no model; "
+                f"load one of its trials' runs" + (f", such as the best, {best}" if best else ""))
+    return (f"MLflow run {run_id} logged no model (tracking.log_model was false, or it ended before its last "
+            f"epoch: status {run.info.status})")
