@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,18 @@ def test_a_builder_taking_kwargs_accepts_any_key_unchecked(registry):
         """Takes whatever the spec gives."""
 
     assert registry.check_args("ffn", "open", {"anything": [1, "x"]}, "model.ffn") == {"anything": [1, "x"]}
+
+
+def test_a_block_name_a_search_space_cannot_name_is_refused_and_a_summary_is_the_blocks_own_docstring():
+    from torch import nn
+
+    registry = Registry()
+    for name in ("my.ffn", "My FFN", "a[b]"):
+        with pytest.raises(RegistryError, match=f"cannot register ffn '{re.escape(name)}': a block name is letters"):
+            registry.add("ffn", name, nn.Identity)
+
+    class Undocumented(nn.Module):
+        pass
+
+    registry.add("ffn", "undocumented-ffn", Undocumented)
+    assert registry.describe("ffn", "undocumented-ffn").summary == ""  # not nn.Module's "Base class for all ..."

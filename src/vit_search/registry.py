@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ CONVENTION_ARGS: dict[str, tuple[str, ...]] = {name: kind.convention for name, k
 ENTRY_POINT_GROUP = "vit_search.plugins"
 AUTOLOAD_ENV = "VIT_SEARCH_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_MODULE = "vit_search.blocks"
+
+
+_NAME = re.compile(r"[\w-]+")
 
 
 class RegistryError(UserError):
@@ -108,8 +112,8 @@ class BlockInfo:
 
     @property
     def summary(self) -> str:
-        """The first line of the builder's docstring."""
-        doc = inspect.getdoc(self.builder) or ""
+        """The first line of the builder's own docstring (not one it inherits: nn.Module's says nothing of it)."""
+        doc = inspect.cleandoc(self.builder.__doc__ or "")
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
     @property
@@ -167,6 +171,9 @@ class Registry:
         self._ensure_loaded()
         if not callable(builder):
             raise RegistryError(f"cannot register {kind} '{name}': {builder!r} is not a class or function")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):  # model.ffn[NAME].arg must be able to name it
+            raise RegistryError(f"cannot register {kind} {name!r}: a block name is letters, digits, '_' and '-' "
+                                f"(as in model.{kind}[NAME].argument in a search space)")
         existing = self._blocks[kind].get(name)
         if existing is not None and not override and existing.builder is not builder:
             raise RegistryError(
