@@ -408,17 +408,23 @@ def test_a_refused_override_that_repeats_a_password_shows_it_masked(workdir, cli
     assert "cret" not in said.stderr and ":***@127.0.0.1" in said.stderr, said.stderr
 
 
-def test_a_given_password_that_is_an_ordinary_word_is_masked_in_its_url_but_not_in_the_words_around_it():
-    from vit_search.redaction import remember_passwords, scrub
+def test_a_given_password_that_is_an_ordinary_word_is_masked_in_its_url_but_not_in_the_words_around_it(monkeypatch):
+    from vit_search import redaction
 
-    remember_passwords(["postgresql://postgres:postgres@127.0.0.1/test", "postgresql://u:a b@127.0.0.1/test"])
-    assert scrub("storage postgresql://postgres:postgres@127.0.0.1/test: database postgres refused 'a b'") == \
-        "storage postgresql://postgres:***@127.0.0.1/test: database postgres refused '***'"
+    monkeypatch.setattr(redaction, "_GIVEN", set())  # this process's passwords: the other tests' lines keep theirs
+    redaction.remember_passwords(["postgresql://postgres:postgres@127.0.0.1/test", "postgresql://u:a b@127.0.0.1/t",
+                                  "postgresql://u:pa ss@127.0.0.1/test"])
+    assert redaction.scrub("storage postgresql://postgres:postgres@127.0.0.1/test: database postgres refused "
+                           "'pa ss' in a batch") == \
+        "storage postgresql://postgres:***@127.0.0.1/test: database postgres refused '***' in a batch"
 
 
-def test_a_spec_loaded_in_python_masks_an_overrides_password_with_a_space_in_its_problems():
+def test_a_spec_loaded_in_python_masks_an_overrides_password_with_a_space_in_its_problems(monkeypatch):
+    from vit_search import redaction
     from vit_search.redaction import scrub
     from vit_search.spec import SpecError, load_spec
+
+    monkeypatch.setattr(redaction, "_GIVEN", set())
 
     with pytest.raises(SpecError) as refused:
         load_spec(study_raw("masked"), ["search.storage=[postgresql://user:load spec9@127.0.0.1/test]"])

@@ -65,6 +65,7 @@ def _secrets(url: str) -> set[str]:
 # their URLs; masking them everywhere would also mask ordinary words ("postgres") that equal one.
 _GIVEN: set[str] = set()
 _ENDS_A_URL = re.compile(r"[\s'\"<>]")
+_SHORTEST_REMEMBERED = 4  # "a b" would mask "a batch" in every line
 
 
 def remember_passwords(values: Iterable[object]) -> None:
@@ -73,7 +74,8 @@ def remember_passwords(values: Iterable[object]) -> None:
     repeats it."""
     for value in values:
         if isinstance(value, str) and "://" in value:
-            _GIVEN.update(secret for secret in _secrets(value) if _ENDS_A_URL.search(secret))
+            _GIVEN.update(secret for secret in _secrets(value)
+                          if _ENDS_A_URL.search(secret) and len(secret) >= _SHORTEST_REMEMBERED)
 
 
 def redact_in(text: str, url: str) -> str:

@@ -273,8 +273,11 @@ class Registry:
             raise RegistryError(f"{path} ({name}): {err}", path) from err
         except (TypeError, AttributeError, KeyError, IndexError, AssertionError, NotImplementedError) as err:
             # A builder that fails in its own way (a plugin's bug): named, not blamed on the whole model.
-            # Allocation failures (RuntimeError, MemoryError) go on to the trainer's out-of-memory line.
+            # Allocation failures (RuntimeError, MemoryError) go on to the trainer's out-of-memory line,
+            # and sizes past any integer (torch's "Overflow when unpacking") to the build check's.
             first = (str(err).strip().splitlines() or [""])[0][:200]
+            if "overflow" in first.lower():
+                raise
             raise RegistryError(f"{path} ({name}): building it failed: {type(err).__name__}: {first}", path) from err
 
     # -- plugins ------------------------------------------------------------------------------
