@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -251,22 +252,28 @@ def test_a_model_that_does_not_fit_the_datas_classes_channels_or_size_is_refused
     assert load_spec(path, ["model.num_classes=12"]).model.num_classes == 12  # more outputs than classes: allowed
 
 
-def test_a_plugin_block_whose_output_does_not_chain_is_refused_by_validate(write_spec, cli_here, tmp_path):
-    (tmp_path / "narrow.py").write_text(
-        "import torch\n"
-        "from vit_search.registry import register\n\n\n"
-        "@register('ffn', 'test_narrow_ffn')\n"
-        "class Narrow(torch.nn.Linear):\n"
-        "    def __init__(self, dim: int):\n"
-        "        super().__init__(dim, 4)  # the next block expects dim\n")
-    path = write_spec("name: narrow\nplugins: [narrow.py]\ndata: {dataset: digits, image_size: 8}\n"
-                      "model:\n  dim: 32\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_narrow_ffn}\n")
+def refused_with_plugin(write_spec, cli_here, tmp_path: Path, kind: str, name: str, body: str, model: str) -> tuple:
+    """(the spec's path, the one line validate refuses it with) for a spec whose ``model:`` section (its
+    lines after ``model:``) uses block ``kind``/``name`` of a plugin file, class ``body`` given: the
+    plugin's registration is undone after."""
+    base = "torch.nn.Linear" if kind == "head" else "torch.nn.Module"
+    (tmp_path / f"{name}.py").write_text(f"import torch\nfrom vit_search.registry import register\n\n\n"
+                                         f"@register('{kind}', '{name}')\nclass Block({base}):\n    {body}\n")
+    path = write_spec(f"name: refused\nplugins: [{name}.py]\ndata: {{dataset: digits, image_size: 8}}\nmodel:\n{model}")
     try:
-        line = refused(cli_here, "validate", path)
+        return path, refused(cli_here, "validate", path)
     finally:
         from vit_search.registry import REGISTRY
 
-        REGISTRY._blocks["ffn"].pop("test_narrow_ffn", None)
+        REGISTRY._blocks[kind].pop(name, None)
+
+
+def test_a_plugin_block_whose_output_does_not_chain_is_refused_by_validate(write_spec, cli_here, tmp_path):
+    path, line = refused_with_plugin(
+        write_spec, cli_here, tmp_path, "ffn", "test_narrow_ffn",
+        "def __init__(self, dim: int):\n        super().__init__()\n        self.fc = torch.nn.Linear(dim, 4)\n\n"
+        "    def forward(self, tokens):\n        return self.fc(tokens)  # the next block expects dim",
+        "  dim: 32\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_narrow_ffn}\n")
     assert line == (f"error: {path}:7: model.ffn (test_narrow_ffn) in layer 0: returns (2, 17, 4) for a batch of 2, "
                     f"expected (2, 17, 32): the tokens' shape it was given (B, N, D); fix its forward")
 
@@ -287,17 +294,9 @@ def test_a_plugin_block_whose_output_does_not_chain_is_refused_by_validate(write
 ])
 def test_a_plugin_block_that_returns_another_shape_than_its_kind_is_named_by_validate(write_spec, cli_here, tmp_path,
                                                                                      kind, body, says):
-    base = "torch.nn.Linear" if kind == "head" else "torch.nn.Module"
-    (tmp_path / "shaped.py").write_text(f"import torch\nfrom vit_search.registry import register\n\n\n"
-                                        f"@register('{kind}', 'test_shaped_{kind}')\nclass Shaped({base}):\n    {body}\n")
-    path = write_spec(f"name: shaped\nplugins: [shaped.py]\ndata: {{dataset: digits, image_size: 8}}\nmodel:\n  dim: 32\n"
-                      f"  depth: 1\n  patch_embed: {{type: conv, patch_size: 2}}\n  {kind}: {{type: test_shaped_{kind}}}\n")
-    try:
-        line = refused(cli_here, "validate", path)
-    finally:
-        from vit_search.registry import REGISTRY
-
-        REGISTRY._blocks[kind].pop(f"test_shaped_{kind}", None)
+    path, line = refused_with_plugin(write_spec, cli_here, tmp_path, kind, f"test_shaped_{kind}", body,
+                                     f"  dim: 32\n  depth: 1\n  patch_embed: {{type: conv, patch_size: 2}}\n"
+                                     f"  {kind}: {{type: test_shaped_{kind}}}\n")
     assert line == f"error: {path}:8: model.{kind} (test_shaped_{kind}): {says}; fix its forward"
 
 
@@ -313,21 +312,11 @@ def test_a_plugin_block_that_returns_another_shape_than_its_kind_is_named_by_val
     ("def no_weight_decay(self):\n        return {}['oops']", "no_weight_decay() fails: KeyError: 'oops'"),
 ], ids=["string", "attribute", "unknown-name", "raises"])
 def test_a_plugin_blocks_wrong_no_weight_decay_is_named_by_validate(write_spec, cli_here, tmp_path, declaration, says):
-    (tmp_path / "declares.py").write_text(
-        "import torch\nfrom vit_search.registry import register\n\n\n"
-        "@register('ffn', 'test_declares')\nclass Declares(torch.nn.Module):\n"
-        "    def __init__(self, dim: int):\n        super().__init__()\n"
-        "        self.scale = torch.nn.Parameter(torch.ones(dim))\n\n"
-        "    def forward(self, tokens):\n        return tokens * self.scale\n\n"
-        f"    {declaration}\n")
-    path = write_spec("name: declares\nplugins: [declares.py]\ndata: {dataset: digits, image_size: 8}\nmodel:\n  dim: 16\n"
-                      "  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_declares}\n")
-    try:
-        line = refused(cli_here, "validate", path)
-    finally:
-        from vit_search.registry import REGISTRY
-
-        REGISTRY._blocks["ffn"].pop("test_declares", None)
+    path, line = refused_with_plugin(
+        write_spec, cli_here, tmp_path, "ffn", "test_declares",
+        "def __init__(self, dim: int):\n        super().__init__()\n        self.scale = torch.nn.Parameter(torch.ones(dim))"
+        f"\n\n    def forward(self, tokens):\n        return tokens * self.scale\n\n    {declaration}",
+        "  dim: 16\n  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_declares}\n")
     assert line == f"error: {path}:8: model.ffn (test_declares): {says}"
 
 
@@ -347,17 +336,9 @@ def test_every_built_in_block_declares_no_weight_decay_as_the_convention_has_it(
 
 
 def test_a_plugin_block_whose_constructor_fails_in_its_own_way_is_named_by_validate(write_spec, cli_here, tmp_path):
-    (tmp_path / "buggy.py").write_text(
-        "import torch\nfrom vit_search.registry import register\n\n\n"
-        "@register('ffn', 'test_buggy')\nclass Buggy(torch.nn.Module):\n"
-        "    def __init__(self, dim: int):\n        super().__init__()\n        self.fc = torch.nn.Linear(dim, 'x')\n")
-    path = write_spec("name: buggy\nplugins: [buggy.py]\ndata: {dataset: digits, image_size: 8}\nmodel:\n  dim: 16\n"
-                      "  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_buggy}\n")
-    try:
-        line = refused(cli_here, "validate", path)
-    finally:
-        from vit_search.registry import REGISTRY
-
-        REGISTRY._blocks["ffn"].pop("test_buggy", None)
+    path, line = refused_with_plugin(
+        write_spec, cli_here, tmp_path, "ffn", "test_buggy",
+        "def __init__(self, dim: int):\n        super().__init__()\n        self.fc = torch.nn.Linear(dim, 'x')",
+        "  dim: 16\n  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  ffn: {type: test_buggy}\n")
     # It was "model: building it failed: ...", at the model's line: which of several plugin blocks?
     assert line.startswith(f"error: {path}:8: model.ffn (test_buggy): building it failed: TypeError: "), line
