@@ -133,8 +133,12 @@ def free_port() -> int:
         ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral = 32768  # Linux's default
+    # Not the module's generator: training in a test's process seeds it (set_seed), and two xdist workers
+    # that trained with the same seed then drew the same port for their MLflow servers, one answering
+    # the other's client.
+    draw = random.SystemRandom()
     for _ in range(200):
-        port = random.randrange(10000, max(ephemeral, 10001))
+        port = draw.randrange(10000, max(ephemeral, 10001))
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
