@@ -162,8 +162,11 @@ def test_loading_a_spec_with_a_py_plugin_twice_does_not_register_twice(tmp_path)
         ("plugtest_no_such_module",
          "plugin 'plugtest_no_such_module' not found: no module named 'plugtest_no_such_module'"),
         ("blocks/plugtest_absent.py", "plugin file 'blocks/plugtest_absent.py' not found"),
+        # Python's own `code` module would be imported in silence, whatever lies beside the spec
+        ("code", "plugin 'code' names a module of Python's standard library, which is imported instead of yours; "
+                 "rename your module (e.g. 'code_blocks') or list its file ('code.py')"),
     ],
-    ids=["module", "py-file"],
+    ids=["module", "py-file", "stdlib-name"],
 )
 def test_missing_plugin_is_a_spec_error_at_its_line_and_exit_code_2(tmp_path, capsys, ref, message):
     from vit_search.cli import main
@@ -576,6 +579,32 @@ def test_a_plugin_file_that_failed_halfway_loads_once_fixed(tmp_path):
     _write(plugin, text.replace("BUG", ""))
     REGISTRY.load_plugin(str(plugin))  # fixed: no "already registered" by its own first try
     assert "test_halfway_first" in REGISTRY.list("ffn")["ffn"]
+
+
+def test_an_edited_plugin_file_is_read_again_by_the_next_load_in_the_same_process(tmp_path):
+    # A notebook: load a spec, edit the plugin, load again; no kernel restart, no "already registered".
+    plugin = tmp_path / "edited.py"
+    text = """
+        import torch
+        from vit_search import register
+
+
+        @register("ffn", "test_edited_{version}")
+        class Edited(torch.nn.Identity):
+            WIDTH = {version}
+
+            def __init__(self, dim: int):
+                super().__init__()
+        """
+    _write(plugin, text.format(version=1))
+    REGISTRY.load_plugin(str(plugin))
+    REGISTRY.load_plugin(str(plugin))  # unchanged: not run again
+    assert REGISTRY.get("ffn", "test_edited_1").WIDTH == 1
+    _write(plugin, text.format(version=22))  # another size: a new stamp even within one clock tick
+    REGISTRY.load_plugin(str(plugin))
+    names = REGISTRY.list("ffn")["ffn"]
+    assert "test_edited_22" in names and "test_edited_1" not in names  # the old file's blocks went with it
+    assert REGISTRY.get("ffn", "test_edited_22").WIDTH == 22
 
 
 def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_without_it(tmp_path, cli_here):

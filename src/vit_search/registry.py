@@ -153,6 +153,8 @@ class Registry:
         self._entry_point_group = entry_point_group
         self._loaded = False
         self._loading_distribution: str | None = None
+        self._file_stamps: dict[str, tuple[int, int]] = {}  # module name of a .py plugin -> (mtime_ns, size) read
+        self._file_blocks: dict[str, set[tuple[str, str]]] = {}  # module name of a .py plugin -> (kind, name) it added
 
     # -- registration -------------------------------------------------------------------------
     def register(self, kind: str, name: str | None = None, *, override: bool = False) -> Callable:
@@ -292,6 +294,12 @@ class Registry:
                 raise PluginError(f"plugin file '{ref}' not found (looked at {tried}); check the path")
             self._import_file(found.resolve())
             return
+        top = ref.split(".")[0]
+        if top in sys.stdlib_module_names:
+            # Python's own module would be imported, silently, whatever lies beside the spec.
+            raise PluginError(
+                f"plugin '{ref}' names a module of Python's standard library, which is imported instead of yours; "
+                f"rename your module (e.g. '{top}_blocks') or list its file ('{top}.py')")
         # A module name is looked up on sys.path, then beside the spec and in the working directory.
         extra = [str(Path(d).resolve()) for d in (base_dir, ".") if d is not None]
         sys.path.extend(p for p in extra if p not in sys.path)
@@ -315,8 +323,14 @@ class Registry:
 
     def _import_file(self, path: Path) -> None:
         module_name = "vit_search_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path))
-        if module_name in sys.modules:  # loading a spec twice must not register twice
-            return
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if module_name in sys.modules:
+            if self._file_stamps.get(module_name, stamp) == stamp:  # loading a spec twice must not register twice
+                return
+            # The file was edited since (a notebook's next cell): its blocks are read again.
+            self._forget(self._file_blocks.pop(module_name, set()))
+            del sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise PluginError(f"plugin file '{path}' is not a Python module")
@@ -327,18 +341,26 @@ class Registry:
         added = folder not in sys.path
         if added:
             sys.path.insert(0, folder)
+        before = self._names()
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as err:
             del sys.modules[module_name]
             # What it registered before it failed goes too: the file, fixed, would collide with itself.
-            for blocks in self._blocks.values():
-                for name in [n for n, info in blocks.items() if info.builder.__module__ == module_name]:
-                    del blocks[name]
+            self._forget(self._names() - before)
             raise PluginError(f"plugin file '{path}' failed to import: {type(err).__name__}: {err}") from err
         finally:
             if added and folder in sys.path:
                 sys.path.remove(folder)
+        self._file_stamps[module_name] = stamp
+        self._file_blocks[module_name] = self._names() - before
+
+    def _names(self) -> set[tuple[str, str]]:
+        return {(kind, name) for kind, blocks in self._blocks.items() for name in blocks}
+
+    def _forget(self, names: set[tuple[str, str]]) -> None:
+        for kind, name in names:
+            self._blocks[kind].pop(name, None)
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
