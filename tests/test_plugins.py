@@ -630,7 +630,7 @@ def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_witho
         f"  from {tmp_path / 'listed.py'}", "  hidden_dim: int (default 8)"], described.stdout
 
 
-def test_a_logged_run_whose_model_needs_an_unlisted_plugin_block_says_so_at_model_init(tmp_path, monkeypatch):
+def test_a_logged_run_or_checkpoint_whose_model_needs_an_unlisted_plugin_block_says_so_at_model_init(tmp_path, monkeypatch):
     from vit_search.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -661,6 +661,12 @@ def test_a_logged_run_whose_model_needs_an_unlisted_plugin_block_says_so_at_mode
     with pytest.raises(SpecError) as refused:
         load_spec({"name": "again", "data": {"dataset": "digits", "image_size": 8},
                    "model": {"init": {"from": "mlflow", "run": run_id}}})
-    assert refused.value.problems == [
-        "<spec>: model.init: the weights' model needs a block this spec does not load (unknown pooling 'test_max_pool'; "
-        "registered: cls, mean); list the plugin that registers it under plugins:, as the spec that trained it did"]
+    expected = ("<spec>: model.init: the weights' model needs a block this spec does not load (unknown pooling "
+                "'test_max_pool'; registered: cls, mean); list the plugin that registers it under plugins:, as the spec "
+                "that trained it did")
+    assert refused.value.problems == [expected]
+    # The checkpoint that train wrote records the same model section: the same line, not one at a key nobody wrote.
+    with pytest.raises(SpecError) as refused:
+        load_spec({"name": "again", "data": {"dataset": "digits", "image_size": 8},
+                   "model": {"init": {"from": "file", "path": str(tmp_path / "runs" / "checkpoint.pt")}}})
+    assert refused.value.problems == [expected]

@@ -285,9 +285,13 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
 
     try:
         weights = describe(init, heads_written(model))
+        for kind in KINDS:  # a checkpoint's recorded section is read, not built: its blocks are looked up here
+            block = weights.section.get(kind)
+            if isinstance(block, Mapping) and isinstance(block.get("type"), str):
+                REGISTRY.get(kind, block["type"])
     except WeightsError as err:
         raise SpecError([f"{where(('model', 'init'))}: model.init: {err}"]) from None
-    except RegistryError as err:  # a logged run's model made of a plugin's blocks, which this spec does not load
+    except RegistryError as err:  # weights whose model is made of a plugin's blocks, which this spec does not load
         raise SpecError([f"{where(('model', 'init'))}: model.init: the weights' model needs a block this spec does not "
                          f"load ({err.message}); list the plugin that registers it under plugins:, as the spec that "
                          f"trained it did"]) from None
