@@ -300,6 +300,35 @@ def test_a_plugin_block_that_returns_another_shape_than_its_kind_is_named_by_val
     assert line == f"error: {path}:8: model.{kind} (test_shaped_{kind}): {says}; fix its forward"
 
 
+# A pooling's prepend runs between the patch embedding and the position block: its failures were blamed on
+# the whole model ("model: its forward pass fails ..."), or, for a prepend that adds fewer tokens than the
+# block declares, met as the position block's broadcast error.
+@pytest.mark.parametrize("prepend, says", [
+    ("return tokens", "prepend returns 16 tokens for 16 patches, but the block declares num_prefix_tokens = 1; "
+                      "make prepend add exactly that many tokens"),
+    ("raise ValueError('no token today')", "its prepend fails on a batch of 2: ValueError: no token today"),
+], ids=["declares-a-token-it-does-not-add", "raises"])
+def test_a_pooling_whose_prepend_breaks_the_position_block_is_named_by_validate(write_spec, cli_here, tmp_path,
+                                                                                 prepend, says):
+    path, line = refused_with_plugin(
+        write_spec, cli_here, tmp_path, "pooling", "test_prepending",
+        "num_prefix_tokens = 1\n\n    def __init__(self, dim: int):\n        super().__init__()\n\n"
+        f"    def prepend(self, tokens):\n        {prepend}\n\n    def forward(self, tokens):\n"
+        "        return tokens[:, 0]",
+        "  dim: 32\n  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  pooling: {type: test_prepending}\n")
+    assert line == f"error: {path}:8: model.pooling (test_prepending): {says}"
+
+
+def test_a_position_block_that_changes_the_tokens_shape_is_named_by_validate(write_spec, cli_here, tmp_path):
+    path, line = refused_with_plugin(
+        write_spec, cli_here, tmp_path, "position", "test_positions",
+        "def __init__(self, dim: int, num_patches: int, grid, num_prefix_tokens: int):\n        super().__init__()\n\n"
+        "    def forward(self, tokens):\n        return tokens[:, 1:]",
+        "  dim: 32\n  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  position: {type: test_positions}\n")
+    assert line == (f"error: {path}:8: model.position (test_positions): returns (2, 16, 32) for a batch of 2, "
+                    f"expected (2, 17, 32): the tokens' shape it was given (B, N, D); fix its forward")
+
+
 # What a block declares to the trainer, timm's way: each of these left weight decay on the parameter
 # it meant to spare, without a word, or failed in training with a traceback.
 @pytest.mark.parametrize("declaration, says", [

@@ -31,7 +31,8 @@ class BlockContractError(UserError):
 
 def _stages(model: nn.Module) -> list[tuple[str, int | None, nn.Module]]:
     """(kind, layer or None, module) of every block of ``model``, in the order the forward meets them."""
-    stages: list[tuple[str, int | None, nn.Module]] = [("patch_embed", None, model.patch_embed)]
+    stages: list[tuple[str, int | None, nn.Module]] = [("patch_embed", None, model.patch_embed),
+                                                        ("position", None, model.pos_embed)]
     for layer, block in enumerate(model.blocks):
         stages += [("attention", layer, block.attn), ("ffn", layer, block.ffn)]
     return stages + [("pooling", None, model.pool), ("head", None, model.head)]
@@ -45,16 +46,34 @@ def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
     def use(model: nn.Module, images: Tensor) -> None:
         batch, dim = images.shape[0], spec.dim
         inside: list[tuple[str, int | None]] = []  # blocks entered and not left: the last is where a failure is
+        left: list[str] = []  # blocks left, in order
         broken: list[BlockContractError] = []
+        patches: list[int] = []  # the patch embedding's token count, once known
+        prefix = model.pool.num_prefix_tokens
+        pooling = f"model.pooling ({spec.block('pooling')[0]})"
 
         def name(kind: str, layer: int | None) -> str:
             where = f" in layer {layer}" if layer is not None and len(model.blocks) > 1 else ""
             return f"model.{kind} ({spec.block(kind)[0]}){where}"
 
+        def enter(kind: str, layer: int | None, given: Any) -> None:
+            inside.append((kind, layer))
+            if kind == "position" and patches and not broken and isinstance(given[0], Tensor) and given[0].dim() == 3:
+                # What the pooling's prepend gave the position block: the patches plus the prefix it declares.
+                # A prepend that lies about num_prefix_tokens would otherwise be blamed on the position block.
+                got = given[0].shape[1]
+                if got != patches[0] + prefix:
+                    broken.append(BlockContractError("pooling", (
+                        f"{pooling}: prepend returns {got} tokens for {patches[0]} patches, but the block declares "
+                        f"num_prefix_tokens = {prefix}; make prepend add exactly that many tokens")))
+
         def check(kind: str, layer: int | None, given: Any, out: Any) -> None:
             inside.pop()
+            left.append(kind)
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            if kind in ("attention", "ffn"):
+            if kind == "patch_embed" and isinstance(out, Tensor) and out.dim() == 3:
+                patches.append(out.shape[1])
+            if kind in ("attention", "ffn", "position"):
                 wanted, meaning = tuple(given[0].shape), "the tokens' shape it was given (B, N, D)"
                 ok = got == wanted
             elif kind == "patch_embed":
@@ -72,7 +91,7 @@ def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
 
         hooks = []
         for kind, layer, module in _stages(model):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, k=kind, i=layer: inside.append((k, i))))
+            hooks.append(module.register_forward_pre_hook(lambda m, a, k=kind, i=layer: enter(k, i, a)))
             hooks.append(module.register_forward_hook(lambda m, a, out, k=kind, i=layer: check(k, i, a, out)))
         try:
             with torch.no_grad():
@@ -80,11 +99,15 @@ def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
         except Exception as err:
             if broken:  # the broken output made a later block fail: the broken one is the news
                 raise broken[0] from None
-            if inside and images.device.type != "meta":  # on the meta device a read of values fails; the CPU says
-                kind, layer = inside[-1]
+            if images.device.type != "meta":  # on the meta device a read of values fails; the CPU says
                 line = (str(err).strip().splitlines() or [""])[0][:300]
-                raise BlockContractError(kind, f"{name(kind, layer)}: its forward fails on a batch of {batch}: "
-                                               f"{type(err).__name__}: {line}") from None
+                if inside:
+                    kind, layer = inside[-1]
+                    raise BlockContractError(kind, f"{name(kind, layer)}: its forward fails on a batch of {batch}: "
+                                                   f"{type(err).__name__}: {line}") from None
+                if left == ["patch_embed"]:  # between the patch embedding and the position block: the prepend
+                    raise BlockContractError("pooling", f"{pooling}: its prepend fails on a batch of {batch}: "
+                                                        f"{type(err).__name__}: {line}") from None
             raise
         finally:
             for hook in hooks:
@@ -100,7 +123,7 @@ def check_declarations(model: nn.Module, spec: ModelSpec) -> None:
     block's own parameters. A set written as a class attribute, a string (read letter by letter), or a
     name that is no parameter would leave weight decay on what the block meant to spare, silently;
     BlockContractError naming the block instead."""
-    for kind, _, module in [*_stages(model), ("position", None, model.pos_embed)]:
+    for kind, _, module in _stages(model):
         declared = getattr(module, "no_weight_decay", None)
         if declared is None:
             continue
