@@ -122,3 +122,19 @@ def test_a_block_name_a_search_space_cannot_name_is_refused_and_a_summary_is_the
 
     registry.add("ffn", "undocumented-ffn", Undocumented)
     assert registry.describe("ffn", "undocumented-ffn").summary == ""  # not nn.Module's "Base class for all ..."
+
+
+def test_an_unhashable_callable_builder_is_checked_like_any_other(registry):
+    # Signatures and type adapters are read once per builder and annotation; a builder that cannot be a
+    # cache key (a callable dataclass instance) is read each time instead of failing.
+    class Factory:
+        __hash__ = None  # as a dataclass with eq and without frozen has it
+
+        def __call__(self, dim: int, ratio: float = 4.0, gates: list[int] | None = None):
+            return ratio
+
+    registry.add("ffn", "factory", Factory())
+    assert registry.check_args("ffn", "factory", {"ratio": "2.5", "gates": [1]}, "model.ffn") == {"ratio": 2.5,
+                                                                                                "gates": [1]}
+    with pytest.raises(RegistryError, match=r"argument 'ratio' must be float, got 'wide'"):
+        registry.check_args("ffn", "factory", {"ratio": "wide"}, "model.ffn")

@@ -13,6 +13,7 @@ Nothing here imports torch: the registry is read by the command line before any 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -138,10 +139,40 @@ class BlockInfo:
 
 
 def _signature(builder: Callable[..., Any]) -> inspect.Signature:
+    # Read for every block of every spec a search checks (one per choice of each searched key).
+    try:
+        hash(builder)
+    except TypeError:  # a callable instance that is not hashable: read each time
+        return _read_signature(builder)
+    return _cached_signature(builder)
+
+
+def _read_signature(builder: Callable[..., Any]) -> inspect.Signature:
     try:
         return inspect.signature(builder, eval_str=True)
     except (NameError, TypeError):  # an annotation that cannot be evaluated: keep it as text
         return inspect.signature(builder)
+
+
+_cached_signature = functools.lru_cache(maxsize=1024)(_read_signature)
+
+
+def _adapter(annotation: Any) -> Any:
+    """A pydantic TypeAdapter for a block argument's annotation, built once per annotation."""
+    try:
+        hash(annotation)
+    except TypeError:
+        return _new_adapter(annotation)
+    return _cached_adapter(annotation)
+
+
+def _new_adapter(annotation: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(annotation)
+
+
+_cached_adapter = functools.lru_cache(maxsize=1024)(_new_adapter)
 
 
 class Registry:
@@ -224,7 +255,7 @@ class Registry:
         Raises :class:`RegistryError` naming ``path`` and the block for an unknown, missing or
         mistyped argument, so that a spec fails before any constructor runs.
         """
-        from pydantic import TypeAdapter, ValidationError
+        from pydantic import ValidationError
         from pydantic.errors import PydanticUndefinedAnnotation, PydanticUserError
 
         info = self.describe(kind, name)
@@ -245,7 +276,7 @@ class Registry:
             if arg is None or arg.annotation is inspect.Parameter.empty or isinstance(arg.annotation, str):
                 continue
             try:
-                adapter = TypeAdapter(arg.annotation)
+                adapter = _adapter(arg.annotation)
             except (PydanticUserError, PydanticUndefinedAnnotation):  # torch.Tensor, ...: as if unannotated
                 continue
             try:
