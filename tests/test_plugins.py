@@ -206,6 +206,28 @@ def test_a_module_name_is_looked_up_on_sys_path_then_beside_the_spec_then_in_the
     assert str(places["spec"]) not in sys.path and str(places["cwd"]) not in sys.path  # lent for the import only
 
 
+def test_a_module_plugin_found_beside_the_spec_is_kept_as_its_file_so_an_exported_spec_loads_anywhere(
+        tmp_path, monkeypatch):
+    # `best --export best.yaml` writes the trial's spec into another folder: a bare name found only beside
+    # the first spec was not found from there ("plugin 'plugtest_beside' not found").
+    _write(tmp_path / "specs" / "plugtest_beside.py", MIX_BLOCK.format(name="plugtest_beside_mix"))
+    spec = load_spec(_write(tmp_path / "specs" / "spec.yaml", _spec_using("plugtest_beside_mix", ["plugtest_beside"], "")))
+    assert spec.raw["plugins"] == [str(tmp_path / "specs" / "plugtest_beside.py")]
+    exported = _write(tmp_path / "exports" / "best.yaml", spec.to_yaml(exclude_search=True))
+    monkeypatch.chdir(_write(tmp_path / "elsewhere" / "x", "").parent)
+    assert load_spec(exported).model.attention["type"] == "plugtest_beside_mix"
+
+    # The same file imported by its module name (the user's own import) is not run twice: no "already registered"
+    monkeypatch.syspath_prepend(str(tmp_path / "specs"))
+    REGISTRY._blocks["attention"].pop("plugtest_beside_mix")
+    for name in [n for n in sys.modules if n.startswith("vit_search_plugin_")]:
+        sys.modules.pop(name)
+    importlib.import_module("plugtest_beside")
+    assert load_spec(exported).model.attention["type"] == "plugtest_beside_mix"
+    # A name that sys.path provides stays a name, as before
+    assert load_spec(tmp_path / "specs" / "spec.yaml").raw["plugins"] == ["plugtest_beside"]
+
+
 def test_plugin_whose_own_import_is_missing_is_reported_as_failing_not_as_not_found(tmp_path, monkeypatch):
     # The plugin exists; a module it imports does not. Its name being a prefix of the plugin's
     # must not make the plugin itself look missing.

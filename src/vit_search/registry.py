@@ -362,6 +362,8 @@ class Registry:
             # The file was edited since (a notebook's next cell): its blocks are read again.
             self._forget(self._file_blocks.pop(module_name, set()))
             del sys.modules[module_name]
+        elif any(getattr(m, "__file__", None) == str(path) for m in list(sys.modules.values())):
+            return  # imported by its module name already (a spec naming it so, the user's own import)
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise PluginError(f"plugin file '{path}' is not a Python module")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import errno
+import importlib.machinery
 import io
 import os
 import re
 import stat
+import sys
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union, get_args, get_origin
@@ -349,11 +351,23 @@ def _absolute_searched_weights(search: Mapping[str, Any], base_dir: Path) -> Map
 
 
 def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
-    """A plugin file path relative to the spec's folder, made absolute (module names stay)."""
-    if isinstance(plugin, str) and (plugin.endswith(".py") or "/" in plugin) and not Path(plugin).is_absolute():
-        candidate = Path(base_dir) / plugin
-        if candidate.is_file():
-            return str(candidate.resolve())
+    """A plugin as the spec's folder or the working directory gave it, made an absolute file path: a
+    relative ``.py`` path, or a module name that only a file beside the spec (or in the working
+    directory) provides. An exported best spec then loads its plugin from any folder. Module names
+    on ``sys.path`` (installed ones) stay names."""
+    if not isinstance(plugin, str) or not plugin:
+        return plugin
+    if plugin.endswith(".py") or "/" in plugin:
+        relative = plugin
+    elif plugin.isidentifier() and importlib.machinery.PathFinder.find_spec(plugin, sys.path) is None:
+        relative = f"{plugin}.py"  # a package beside the spec stays a name: its own imports need its folder
+    else:
+        return plugin
+    if Path(relative).is_absolute():
+        return plugin
+    for folder in (Path(base_dir), Path(".")):
+        if (folder / relative).is_file():
+            return str((folder / relative).resolve())
     return plugin
 
 
