@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from vit_search.files import PROXY_VARIABLES
 from vit_search.errors import WeightsError
 from vit_search.model import build_model, build_vit, from_timm, resample_position_embedding
 from vit_search.model.pretrained import init_report
@@ -443,7 +444,7 @@ def no_hub(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(OFFLINE_ENV, raising=False)
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for proxy in PROXY_VARIABLES:
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # what HF_ENDPOINT sets
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # what HF_HUB_CACHE sets
@@ -480,7 +481,7 @@ def test_a_download_host_that_does_not_answer_is_said_at_once_and_a_proxy_is_lef
 
     from conftest import free_port
 
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for proxy in PROXY_VARIABLES:
         monkeypatch.delenv(proxy, raising=False)
     closed = free_port()
     assert host_problem(f"https://127.0.0.1:{closed}/w.pth").startswith("127.0.0.1 does not answer (ConnectionRefusedError")

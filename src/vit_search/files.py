@@ -97,7 +97,8 @@ def database_problem(url: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+"""The proxy settings urllib and requests read: with one set, a host this machine cannot reach may still be."""
 
 
 def host_problem(url: str, timeout: float = 5.0) -> str | None:
@@ -110,7 +111,7 @@ def host_problem(url: str, timeout: float = 5.0) -> str | None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    if not parts.hostname or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+    if not parts.hostname or any(os.environ.get(name) for name in PROXY_VARIABLES):
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
     said: list[str] = []
