@@ -18,7 +18,8 @@ from vit_search.model.elastic import extract_subnet, set_subnet
 from vit_search.model.vit import build_vit
 from vit_search.registry import REGISTRY
 from vit_search.schema import ModelSpec
-from vit_search.search.supernet import LOGGED, load_supernet, run_supernet_search
+from vit_search.search.study import StudyHandle
+from vit_search.search.supernet import LOGGED, load_supernet, ranked, run_supernet_search
 from vit_search.search.supernet_space import SupernetSpace
 from vit_search.search.supernet_train import SandwichStep, SubnetDraw, supernet_spec
 from vit_search.spec import load_spec
@@ -264,10 +265,21 @@ def test_the_example_plugins_attention_is_elastic(cosine_plugin):
         torch.testing.assert_close(net(images), extract_subnet(net, sub).eval()(images), atol=1e-6, rtol=1e-6)
 
 
-def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir):
-    spec = load_spec(spec_raw("scores-only", finalists=0, n_subnets=3))
-    result = run_supernet_search(spec, progress=False)
-    assert result.trials_run == [] and not result.study.get_trials()
+def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir, cli_here):
+    path = workdir / "scores-only.yaml"
+    path.write_text(yaml.safe_dump(spec_raw("scores-only", finalists=0, n_subnets=3)))
+    spec = load_spec(path)
+    result = cli_here("run", path)
+    assert result.returncode == 0, result.stderr
+    # It said what phase 2 found and how to go on, not an empty table of finalists.
+    assert "subnets: 3 scored in study 'scores-only:subnets', best inherited val_accuracy" in result.stdout
+    assert "finalists: 0, so no subnet is trained on its own; set search.supernet.finalists" in result.stdout
+    assert "trial " not in result.stdout
+    assert not optuna.load_study(study_name="scores-only", storage=spec.search.storage).get_trials()
+    best = cli_here("best", path)  # it sent the user to run the same command again, which did nothing
+    assert best.returncode == 2 and "trains no subnet on its own (search.supernet.finalists: 0)" in best.stderr
+    extended = cli_here("run", path, "--n-trials", "5")  # silently ignored before
+    assert extended.returncode == 2 and "--n-trials: a supernet study's size is search.supernet.n_subnets" in extended.stderr
     scores = optuna.load_study(study_name="scores-only:subnets", storage=spec.search.storage).get_trials()
     assert len(scores) == 3 and all("train_loss" not in t.user_attrs for t in scores)
     # docs/search.md: a layer's own key is drawn only in subnets deep enough to have that layer.
@@ -298,3 +310,41 @@ def test_a_resumed_study_whose_score_logging_was_cut_short_has_one_run_per_top_s
     assert kept.info.run_id in {r.info.run_id for r in runs} and cut.info.run_id not in {r.info.run_id for r in runs}
     assert {r.data.tags["subnets.trial_number"] for r in runs} == {kept.data.tags["subnets.trial_number"],
                                                                    cut.data.tags["subnets.trial_number"]}
+
+
+def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_next_ranks(workdir, capsys):
+    # Fewer scored subnets than finalists: the sampler filled the rest with subnets never scored, and one
+    # of them could be reported best. Raised later, finalists took sampler draws rather than the next ranks.
+    spec = load_spec(spec_raw("ranks", n_subnets=2, finalists=3, top_runs=1))
+    result = run_supernet_search(spec, progress=False, lines=True)
+    storage = spec.search.storage
+
+    def scored() -> list[int]:  # best first
+        study = optuna.load_study(study_name="ranks:subnets", storage=storage)
+        return [t.number for t in ranked(StudyHandle(study, study._storage, storage))]
+
+    def finalists() -> list[int]:
+        trials = optuna.load_study(study_name="ranks", storage=storage).get_trials()
+        assert all(t.state == TrialState.COMPLETE for t in trials)
+        return [t.user_attrs["subnets.trial_number"] for t in trials]
+
+    assert sorted(finalists()) == sorted(scored()) and len(scored()) == 2  # two scored: two finalists, no more
+    out = capsys.readouterr().out
+    assert "subnets: 2 scored in study 'ranks:subnets', best inherited val_accuracy" in out
+    assert out.count(" COMPLETE val_accuracy ") == 2  # a line per finalist, for logs
+    from vit_search.search.supernet import outcome_lines
+
+    assert outcome_lines(spec, result)[1] == ("finalists: 2 of 3: only 2 subnets were scored (search.supernet.n_subnets "
+                                              "2); raise search.supernet.n_subnets for more")
+    assert result.train_seconds > 0 and result.seconds.epochs > 0  # phase 1 and the finalists trained
+
+    spec = load_spec(spec_raw("ranks", n_subnets=4, finalists=3, top_runs=1))
+    run_supernet_search(spec, progress=False)
+    assert len(scored()) == 4
+    assert len(finalists()) == 3 and finalists()[2] == next(n for n in scored() if n not in finalists()[:2])
+    client = MlflowClient()
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("ranks").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    table = client.download_artifacts(parent.info.run_id, "subnets.csv", str(workdir))
+    assert len(Path(table).read_text().splitlines()) == 1 + 4  # the scores' table has the two new ones
+    assert parent.data.metrics["subnets_scored"] == 4

@@ -103,6 +103,9 @@ def _load_study_spec(args: argparse.Namespace):
     problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
+    if getattr(args, "n_trials", None) is not None and spec.search.strategy == "supernet":
+        raise BadInput("--n-trials: a supernet study's size is search.supernet.n_subnets (subnets scored) and "
+                       "search.supernet.finalists (trained); set those instead (--set search.supernet.n_subnets=N)")
     return spec
 
 
@@ -290,7 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if _launched():  # its phases are one process's: the others would wait for a trial that never comes
             raise BadInput(f"{spec.locate(('search', 'strategy'))}: search.strategy supernet trains in one process; "
                            f"run it without accelerate launch (--jobs starts several workers)")
-        result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir)
+        result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir,
+                                     progress=not args.quiet, lines=wanted(args.quiet))
     else:
         result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
                             checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, lines=wanted(args.quiet))
@@ -304,7 +308,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
               f"({result.train_seconds:.1f} s training: {result.seconds.summary()})")
         return exit_code() if result.interrupted else 1 if failed else 0
-    print(top_table(result.study))
+    if spec.search.strategy == "supernet":
+        from .search.supernet import outcome_lines
+
+        print("\n".join(outcome_lines(spec, result)))
+    if result.study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
+        print(top_table(result.study))
     if failed and not result.interrupted:
         _say_error(failed)
         return 1
@@ -473,6 +482,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, args.storage, create=False).study
     if not best_trials(study):
+        if spec.search.strategy == "supernet" and not spec.search.supernet.finalists:
+            raise BadInput(f"study '{study.study_name}' trains no subnet on its own (search.supernet.finalists: 0): its "
+                           f"scores are in the study '{study.study_name}:subnets' and the parent run's subnets.csv; "
+                           f"set search.supernet.finalists and run 'vit-search run {args.spec}' to train the best")
         raise BadInput(f"study '{study.study_name}' has no completed trial yet; run 'vit-search run {args.spec}'")
     print(top_table(study, limit=args.top))
     best = best_spec(spec, study)

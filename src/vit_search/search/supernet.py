@@ -28,7 +28,9 @@ from optuna.trial import TrialState
 
 from ..checkpoints import check_writable
 from ..model.cost import model_cost
+from ..log_lines import say, trial_line
 from ..model.elastic import set_subnet, subnet_state_dict
+from ..performance import RunSeconds
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..tracking import check_store
@@ -57,8 +59,10 @@ def _phase_spec(spec: Spec, study_name: str, n_trials: int) -> Spec:
 
 
 def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool = True,
-                        checkpoint_dir: str | None = None) -> SearchResult:
-    """Run this worker's share of all three phases; returns when the finalists are trained."""
+                        checkpoint_dir: str | None = None, lines: bool = False) -> SearchResult:
+    """Run this worker's share of all three phases; returns when the finalists are trained.
+
+    ``lines``: print a line when the subnets are scored and one per finished finalist (for logs)."""
     search = spec.search
     name = search.study_name or spec.name
     url = storage_url_of(spec, storage)
@@ -86,28 +90,72 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     runs.reopen_parent()
     stop = threading.Event()
 
-    weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop)
+    seconds = RunSeconds()  # phase 1's training (this worker's share) and the finalists'
+    weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds)
     runs.reopen_parent()  # phase 1 ended the parent run it logged into
     scored = _phase2(scores_spec, scores, space, weights, runs, stop)
     trained, interrupted = [], scored.interrupted
     if not interrupted:
         with study_lock(url, scores_spec.search.study_name):
-            if not scores.attr(LOGGED) and _phase2_done(scores, search.supernet.n_subnets):
-                runs_logged = _log_scores(scores, spec, runs, search.supernet.top_runs)
-                scores.set_attr(LOGGED, runs_logged)
+            count = len(ranked(scores))
+            # Logged again when more subnets were scored since (n_subnets raised on a finished study).
+            if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
+                _log_scores(scores, spec, runs, search.supernet.top_runs)
+                scores.set_attr(LOGGED, count)
+                if lines:
+                    say(scores_line(scores))
     if not interrupted and search.supernet.finalists:
         runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
-        report = worker_loop(finals, search.supernet.finalists, runner.draw, runner.run, timeout=search.timeout,
+        with study_lock(url, name):
+            target = runner.enqueue_finalists()
+
+        def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
+            if lines:
+                say(trial_line(frozen, runs.metrics))
+            runs.record_trial_end(frozen)
+
+        report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
                              heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                             on_trial_end=runs.record_trial_end, initialise=runner.initialise, stop=stop)
+                             on_trial_end=trial_end, stop=stop)
         trained, interrupted = report.trials_run, report.interrupted
+        seconds.add(runner.seconds)
     runs.finish(interrupted=interrupted)
     end_active_run()
-    return SearchResult(finals.study, url, trained, time.perf_counter() - started, 0.0, interrupted)
+    return SearchResult(finals.study, url, trained, time.perf_counter() - started, seconds.total, interrupted,
+                        seconds=seconds)
+
+
+def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
+    """What ``vit-search run`` says of phase 2 after a supernet study: the scores, where their table is,
+    and why there are fewer finalists than asked (or none)."""
+    name = spec.search.study_name or spec.name
+    study = optuna.load_study(study_name=f"{name}:subnets", storage=result.storage)
+    scores = StudyHandle(study, study._storage, result.storage)
+    lines = [scores_line(scores) + (" (their table: subnets.csv of the study's parent run)"
+                                    if spec.tracking.enabled else "")]
+    asked, trained = spec.search.supernet.finalists, len(result.study.get_trials(deepcopy=False))
+    if asked == 0:
+        lines.append("finalists: 0, so no subnet is trained on its own; set search.supernet.finalists (--set "
+                     "search.supernet.finalists=3) and run the same command to train the best ones")
+    elif trained < asked and not result.interrupted:
+        n_subnets, n_scored = spec.search.supernet.n_subnets, len(ranked(scores))
+        broke = ", the others broke search.constraints" if n_scored < n_subnets else ""
+        lines.append(f"finalists: {trained} of {asked}: only {n_scored} subnets were scored (search.supernet.n_subnets "
+                     f"{n_subnets}{broke}); raise search.supernet.n_subnets for more")
+    return lines
+
+
+def scores_line(scores: StudyHandle) -> str:
+    """``subnets: 60 scored, best inherited val_accuracy 0.8125 (subnet 14)``: phase 2's outcome in a line."""
+    best = ranked(scores)
+    if not best:
+        return f"subnets: none scored in study '{scores.study.study_name}' (every drawn subnet broke a constraint)"
+    return (f"subnets: {len(best)} scored in study '{scores.study.study_name}', best inherited val_accuracy "
+            f"{best[0].user_attrs['val_accuracy']:.4f} (subnet {best[0].number})")
 
 
 def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRuns, folder: Path, progress: bool,
-            stop: threading.Event) -> Path:
+            stop: threading.Event, seconds: RunSeconds) -> Path:
     """Train the supernet unless it is trained; a worker that does not own the training waits for it."""
     while True:
         with study_lock(handle.url, handle.study.study_name):
@@ -118,7 +166,7 @@ def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRu
             if mine:
                 handle.set_attr(OWNER, _worker_id())
         if mine:
-            path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop)
+            path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop, seconds=seconds)
             with study_lock(handle.url, handle.study.study_name):
                 handle.set_attr(TRAINED, str(path.resolve()))
             return path
@@ -236,14 +284,18 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
         runs.client.log_metric(runs.parent_id, "best_inherited_val_accuracy", trials[0].user_attrs["val_accuracy"])
     # A worker killed while logging leaves some of these runs behind (LOGGED unset): those it finished
     # are kept, those it did not are deleted and made again, so that each top subnet has one run.
-    done = set()
+    done: dict[str, str] = {}  # trial number -> its run
     for old in runs.client.search_runs(
             [runs.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{runs.parent_id}' and "
                                                 f"tags.`supernet.phase` = '2: scored subnet'"):
         if old.info.status == "FINISHED":
-            done.add(old.data.tags.get("subnets.trial_number"))
+            done[old.data.tags.get("subnets.trial_number")] = old.info.run_id
         else:
             runs.client.delete_run(old.info.run_id)
+    rank_of = {str(t.number): rank for rank, t in enumerate(trials, 1)}
+    for number, run_id in done.items():  # more subnets scored since (n_subnets raised): ranks move
+        if number in rank_of:
+            runs.client.set_tag(run_id, "supernet.rank", str(rank_of[number]))
     for rank, t in enumerate(trials[:top], 1):
         if str(t.number) in done:
             continue
@@ -268,13 +320,28 @@ class FinalistRunner(TrialRunner):
         super().__init__(spec, handle, runs, 1, stop, folder)
         self.scores, self.space, self.weights = scores, space, weights
 
-    def initialise(self) -> None:
-        """Once per study, under its lock: enqueue the best ``finalists`` scored subnets."""
+    def enqueue_finalists(self) -> int:
+        """Under the study's lock: queue the best scored subnets that are not finalists yet, until the study
+        holds ``finalists`` of them (``finalists`` raised on a trained study adds the next ranks); returns
+        how many trials the study is to have: fewer where fewer subnets were scored. Only scored subnets
+        are trained: the study's sampler draws none."""
         dims = parse_space(self.spec.search.space)
-        for trial in ranked(self.scores)[: self.spec.search.supernet.finalists]:
-            self.handle.study.enqueue_trial(to_params(dims, trial.params), skip_if_exists=True,
-                                            user_attrs={"inherited_val_accuracy": trial.user_attrs["val_accuracy"],
-                                                        "subnets.trial_number": trial.number})
+        study = self.handle.study
+        trials = study.get_trials(deepcopy=False)
+        taken = {t.user_attrs.get("subnets.trial_number") for t in trials}
+        best = ranked(self.scores)
+        have = counted(trials)
+        target = max(min(self.spec.search.supernet.finalists, len(best)), have)
+        for scored in best:
+            if have >= target:
+                break
+            if scored.number in taken:
+                continue
+            study.enqueue_trial(to_params(dims, scored.params), skip_if_exists=False,
+                                user_attrs={"inherited_val_accuracy": scored.user_attrs["val_accuracy"],
+                                            "subnets.trial_number": scored.number})
+            have += 1
+        return target
 
     def draw(self, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
         """The finalist's spec; with ``finalists_init: inherited`` it starts from its slice of the supernet."""

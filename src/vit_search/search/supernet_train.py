@@ -105,7 +105,7 @@ def supernet_spec(spec: Spec, space: SupernetSpace) -> Spec:
 
 
 def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_id: str | None,
-                   progress: bool = False, stop: Any = None) -> Path:
+                   progress: bool = False, stop: Any = None, seconds: Any = None) -> Path:
     """Train (or resume) the supernet; returns its checkpoint file, whose ``model`` holds the weights."""
     from functools import partial
 
@@ -115,5 +115,5 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     draw = SubnetDraw(space, spec.seed, spec.search.supernet.random_subnets)
     train(supernet_spec(spec, space), resume=True, checkpoint_dir=checkpoint_dir, run_id=run_id,
           make_step=partial(SandwichStep, draw), progress=progress, stop=stop,
-          tags={"supernet.phase": "1: supernet"})
+          tags={"supernet.phase": "1: supernet"}, seconds=seconds)
     return checkpoint_dir / CHECKPOINT_FILE
