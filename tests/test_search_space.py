@@ -309,6 +309,18 @@ def test_int_range_with_step_one_and_log_is_accepted():
     assert parse_dimension("train.batch_size", {"int": [8, 64], "step": 1, "log": True}).log
 
 
+@pytest.mark.parametrize("raw, high", [
+    ({"int": [1, 4], "step": 2}, 3), ({"int": [16, 40], "step": 16}, 32), ({"int": [2, 12], "step": 2}, 12),
+    ({"float": [0.0, 0.105], "step": 0.01}, 0.1), ({"float": [0.0, 0.1], "step": 0.01}, 0.1),
+])
+def test_a_high_the_step_does_not_reach_is_lowered_to_its_last_step_as_optuna_draws_it(raw, high, recwarn):
+    dim = parse_dimension("model.depth", raw)
+    assert dim.high == high and type(dim.high) is type(raw[next(iter(raw))][1])
+    study = optuna.create_study()
+    drawn = {dim.suggest(study.ask()) for _ in range(30)}
+    assert max(drawn) <= high and not [w for w in recwarn if "divisible" in str(w.message)]  # no warning per draw
+
+
 # -- check_space: problems located at file:line before any trial ----------------------------------
 def check(write_spec, text: str) -> tuple[Path, list[str]]:
     path = write_spec(text)

@@ -71,6 +71,9 @@ def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subn
     ("model.attention.dropout", {"choice": [0.0, 0.1]}, "unknown argument"),
     ("model.layers.5.ffn.ratio", {"choice": [1, 2]}, "no layer 5"),
     ("model.drop_path_rate", {"choice": [0.0, 0.1]}, "not a size a supernet can share weights over"),
+    # Sizes are ordered: these failed with a TypeError out of max()
+    ("model.ffn.hidden_dim", {"choice": [None, 64]}, "and None is no number; give numbers only"),
+    ("model.attention.heads", {"choice": [2, "4"]}, "and '4' is no number; give numbers only"),
 ])
 def test_a_space_a_supernet_cannot_share_weights_over_is_one_line_and_exit_2(cli_here, write_spec, key, value, says):
     raw = {**SPEC, "search": {**SPEC["search"], "space": {key: value}}}
@@ -113,6 +116,15 @@ def test_validate_refuses_a_space_whose_supernet_or_largest_or_smallest_subnet_c
     (line,) = result.stderr.splitlines()
     assert line.endswith(f": search.space: {end} cannot exist, and the sandwich rule trains it at every step: dim 32 "
                          f"is not divisible by heads {impossible}; choose heads that divide dim")
+
+
+def test_a_stepped_range_the_step_does_not_reach_gives_the_supernet_the_ends_that_are_drawn(cli_here, write_spec):
+    # depth 1..4 step 2 draws 1 and 3: the supernet and its largest subnet were built at depth 4, never drawn
+    raw = {**SPEC, "search": {**SPEC["search"], "space": {"model.depth": {"int": [1, 4], "step": 2},
+                                                          "model.dim": {"int": [16, 40], "step": 16}}}}
+    result = cli_here("validate", write_spec(yaml.safe_dump(raw)))
+    assert result.returncode == 0, result.stderr
+    assert "largest subnet: depth 3, dim 32," in result.stdout and "smallest subnet: depth 1, dim 16," in result.stdout
 
 
 def test_dry_run_of_a_supernet_study_shows_the_subnets_phase_2_would_draw(cli_here, write_spec):

@@ -445,7 +445,7 @@ def _dry_run(spec, count: int) -> int:
     supernet = spec.search.strategy == "supernet"
     if supernet:  # what phase 2 draws; phase 1 (training the supernet) has nothing to sample
         print(f"supernet study: the first {count} subnets phase 2 would draw and score with inherited weights "
-              f"(of {spec.search.supernet.n_subnets}); nothing is trained or written")
+              f"(it scores search.supernet.n_subnets: {spec.search.supernet.n_subnets}); nothing is trained or written")
     # In memory, with the study's own sampler: the first points a fresh study would draw.
     study = optuna.create_study(sampler=make_sampler(spec))
     for _ in range(count):

@@ -20,6 +20,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Mapping
 
 import yaml
@@ -257,7 +258,20 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
         raise SpaceError(key, "a float range takes step or log, not both")
     if log and step is not None and step != 1:  # Optuna draws log-scaled ints with step 1 only
         raise SpaceError(key, "a log int range takes no step (other than 1)")
+    if step is not None and not log:
+        high = _reached(low, high, step)
     return Dimension(key, path, kind, low=low, high=high, step=step, log=log, condition=condition)
+
+
+def _reached(low: Any, high: Any, step: Any) -> Any:
+    """The highest value ``step`` reaches from ``low`` at or below ``high``: what Optuna draws up to (it
+    lowers such a high itself, with a warning at every draw). The supernet's ends and the values
+    checked before a trial are then values that can be drawn."""
+    span, q = Decimal(str(high)) - Decimal(str(low)), Decimal(str(step))
+    if span < 0 or span % q == 0:
+        return high
+    top = (span // q) * q + Decimal(str(low))
+    return int(top) if isinstance(high, int) and isinstance(low, int) else float(top)
 
 
 def parse_space(space: Mapping[str, Any]) -> list[Dimension]:

@@ -92,6 +92,10 @@ def _numbers(dim: Dimension) -> list[Any]:
         else [int(dim.low), int(dim.high)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _block_of(base: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The block class an elastic argument at ``path`` belongs to (None for depth and dim)."""
     kind = path[1] if len(path) == 3 else path[3] if len(path) == 5 else None
@@ -123,10 +127,16 @@ def check_supernet_space(spec: Spec) -> list[str]:
     if "train_loss" in ([metric] if isinstance(metric, str) else metric):
         problems.append(f"{where('search', 'metric')}: search.metric: train_loss: phase 2 scores subnets without "
                         f"training them, so they have none; use val_accuracy, val_loss, parameters or flops")
-    max_depth = max([spec.model.depth] + [int(v) for d in parse_space(spec.search.space) if d.path == ("model", "depth")
+    dims = parse_space(spec.search.space)
+    # Sizes are ordered smallest to largest (the supernet, the sandwich rule's ends): numbers only.
+    unordered = {d.key: c for d in dims for c in _numbers(d) if not _is_number(c)}
+    max_depth = max([spec.model.depth] + [int(v) for d in dims if d.path == ("model", "depth") and d.key not in unordered
                                           for v in _numbers(d)])
     for key in spec.search.space:
         reason = _refusal(key, base, max_depth)
+        if reason is None and key in unordered:
+            reason = (f"a supernet orders each searched size from smallest to largest, and {unordered[key]!r} is no "
+                      f"number; give numbers only (a size that null stands for, written out), or use strategy: trials")
         if reason:
             problems.append(f"{where('search', 'space', key)}: search.space.{key}: {reason}")
     ends = None if problems else _ends_problem(spec)
