@@ -109,7 +109,7 @@ def study_attrs(url: str, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(workdir):
+def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(workdir, cli_here):
     # Enough epochs that the kill lands between the first checkpoint and the end of training.
     path, storage = write(workdir, "killed1", epochs=6)
     checkpoint = workdir / "runs" / "killed1" / "supernet" / "checkpoint.pt"
@@ -124,6 +124,15 @@ def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(wor
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
+    # Another spec cannot go on with this supernet: the way out is said for `run`, which has no --resume.
+    space = "search.space={model.depth: {int: [1, 2]}, model.dim: {choice: [8, 24]}}"
+    for override, says in [("train.lr=0.002", "train.lr 0.002 differs from the checkpoint's run"),
+                           (space, "size mismatch for")]:
+        result = cli_here("run", path, "--set", override)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: the study's supernet, stopped in phase 1, cannot go on under this spec: ")
+        assert says in result.stderr and "--resume" not in result.stderr
+        assert "give the study a new search.study_name (or delete " in result.stderr
     finish(start(path, workdir))  # the same command resumes the study
     attrs = study_attrs(storage, "killed1")
     assert attrs[TRAINED] == str(checkpoint.resolve())

@@ -166,7 +166,15 @@ def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRu
             if mine:
                 handle.set_attr(OWNER, _worker_id())
         if mine:
-            path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop, seconds=seconds)
+            try:
+                path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop,
+                                      seconds=seconds)
+            except BaseException:
+                # Given up at once: another worker (or this process, in Python) need not wait for it to exit.
+                with study_lock(handle.url, handle.study.study_name):
+                    if handle.attr(OWNER) == _worker_id():
+                        handle.set_attr(OWNER, None)
+                raise
             with study_lock(handle.url, handle.study.study_name):
                 handle.set_attr(TRAINED, str(path.resolve()))
             return path
