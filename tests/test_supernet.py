@@ -88,7 +88,8 @@ def test_a_supernet_study_from_pretrained_weights_is_one_line_and_exit_2(write_s
     from vit_search.model import build_vit
 
     weights = tmp_path / "weights.pt"
-    torch.save(build_vit(load_spec({**SPEC, "search": None})).state_dict(), weights)
+    # Weights of another width: the line that matters came after "model.dim: 32 does not fit the weights"
+    torch.save(build_vit(load_spec({**SPEC, "model": {**SPEC["model"], "dim": 16}, "search": None})).state_dict(), weights)
     raw = {**SPEC, "model": {**SPEC["model"], "init": {"from": "file", "path": str(weights)}}}
     assert main(["validate", str(write_spec(yaml.safe_dump(raw)))]) == 2  # in this process: it trains nothing
     (line,) = capsys.readouterr().err.strip().splitlines()

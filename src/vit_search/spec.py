@@ -258,6 +258,10 @@ def _read_spec(path: Path, name: str) -> str:
         raise SpecError([f"{name}: cannot read the spec: {err.strerror or err}"]) from None
 
 
+SUPERNET_INIT = "model.init: a supernet starts from fresh weights; remove model.init or use strategy: trials"
+"""Why a supernet study takes no ``model.init``: its searched sizes would each be judged against the weights."""
+
+
 def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tuple[Any, dict[str, Any]]:
     """(what ``model.init``'s weights fix, the raw spec to validate: its model section on top of them).
 
@@ -268,6 +272,9 @@ def _on_init_weights(raw: dict[str, Any], base_dir: Path, where: _Locator) -> tu
     model = raw.get("model")
     if not isinstance(model, Mapping) or not isinstance(model.get("init"), Mapping):
         return None, raw
+    search = raw.get("search")
+    if isinstance(search, Mapping) and search.get("strategy") == "supernet":  # before the weights' fit is judged
+        raise SpecError([f"{where(('model', 'init'))}: {SUPERNET_INIT}"])
     from .schema import InitSpec
 
     init_raw = dict(model["init"])

@@ -106,8 +106,9 @@ def _block_of(base: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 def init_problem(spec: Spec) -> str:
     """The line refusing ``model.init`` in a supernet study."""
-    return (f"{spec.locate(('model', 'init'))}: model.init: a supernet starts from fresh weights; remove model.init "
-            f"or use strategy: trials")
+    from ..spec import SUPERNET_INIT
+
+    return f"{spec.locate(('model', 'init'))}: {SUPERNET_INIT}"
 
 
 def check_supernet_space(spec: Spec) -> list[str]:
