@@ -205,3 +205,25 @@ def test_a_reader_that_closes_the_pipe_stops_the_command_quietly_as_sigpipe_woul
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 128 + signal.SIGPIPE
     assert stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+
+
+def test_a_ctrl_c_after_the_command_is_over_leaves_with_its_code_and_no_traceback():
+    import sys
+
+    # A study's last trial done, main() returned: a Ctrl-C then (here, sent by the program to itself as the
+    # exit begins) printed a KeyboardInterrupt traceback out of the exit's own work.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import vit_search.cli as cli
+
+        cli.main = lambda argv: 3
+        parser = cli.build_parser
+        def late_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            return parser()
+        cli.build_parser = late_ctrl_c
+        sys.argv = ["vit-search", "validate", "x.yaml"]
+        cli.entry()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stderr == "", done.stderr[-2000:]

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -628,6 +629,9 @@ def entry() -> None:
         code = main(argv)
     except BrokenPipeError:  # the reader went away (`vit-search summary | head`): stop as a pipe's writer does
         os._exit(128 + signal.SIGPIPE)  # no flush at exit: it would meet the closed pipe again
+    if threading.current_thread() is threading.main_thread():
+        # The command is over: a Ctrl-C now (after a study's last trial) leaves at once, not in a traceback.
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(code))
     if build_parser().parse_known_args(argv)[0].command in _NOTHING_TO_CLOSE or trials_left_behind():
         try:
             sys.stdout.flush()
