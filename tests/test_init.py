@@ -515,9 +515,15 @@ def test_a_logged_runs_weights_start_a_new_model(tmp_path, monkeypatch, sqlite_u
 
 # -- the command line ---------------------------------------------------------------------------------------
 def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli_here):
-    _, path = source_file
+    source, path = source_file
     (tmp_path / "wrong.pth").write_text("not weights")
+    diverged = {**source.state_dict()}
+    diverged["blocks.1.ffn.fc1.weight"] = diverged["blocks.1.ffn.fc1.weight"].clone().fill_(float("nan"))
+    torch.save(diverged, tmp_path / "diverged.pth")
     cases = {
+        # It trained, to "loss became nan ...; lower train.lr": a hint at the wrong thing
+        "diverged": ({"init": {"from": "file", "path": "diverged.pth"}, "attention": {"heads": 3}}, "train",
+                     "the weights hold NaN or infinite values (blocks.1.ffn.fc1.weight, for one)"),
         "incompatible": ({"init": {"from": "file", "path": str(path)}, "attention": {"heads": 3}, "dim": 64},
                          "validate", "model.dim: 64 does not fit the weights of model.init, which have 48"),
         "wrong_file": ({"init": {"from": "file", "path": "wrong.pth"}}, "validate", "wrong.pth: not a torch or safetensors file"),

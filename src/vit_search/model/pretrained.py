@@ -198,7 +198,14 @@ def fetch(init: InitSpec, heads: int | None = None) -> dict[str, Tensor]:
 @functools.lru_cache(maxsize=1)
 def _fetch(key: tuple[tuple[str, Any], ...], heads: int | None, version: Any) -> dict[str, Tensor]:
     init = InitSpec.model_validate(dict(key))
-    return READERS[init.source].fetch(init, heads)
+    state = READERS[init.source].fetch(init, heads)
+    # Weights from a run that diverged: said here, once, rather than as "loss became nan" in every trial.
+    broken = next((name for name, tensor in state.items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken is not None:
+        raise WeightsError(f"the weights hold NaN or infinite values ({broken}, for one), so nothing can be trained "
+                           f"from them; use weights from a run that did not diverge")
+    return state
 
 
 def _key(init: InitSpec) -> tuple[tuple[str, Any], ...]:
