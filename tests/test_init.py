@@ -520,7 +520,12 @@ def test_bad_inits_are_one_line_and_exit_2(source_file, tmp_path, cli_here):
     diverged = {**source.state_dict()}
     diverged["blocks.1.ffn.fc1.weight"] = diverged["blocks.1.ffn.fc1.weight"].clone().fill_(float("nan"))
     torch.save(diverged, tmp_path / "diverged.pth")
+    torch.save({"model": source.state_dict(), "model_spec": {"dim": "x"}}, tmp_path / "bad-record.pt")
     cases = {
+        # It said "1 validation error for ModelSpec", pydantic's first line, naming nothing
+        "bad_record": ({"init": {"from": "file", "path": "bad-record.pt"}}, "validate",
+                       "the model section it records is not a valid model section here: model.dim: Input should be a "
+                       "valid integer, unable to parse string as an integer (got 'x')"),
         # It trained, to "loss became nan ...; lower train.lr": a hint at the wrong thing
         "diverged": ({"init": {"from": "file", "path": "diverged.pth"}, "attention": {"heads": 3}}, "train",
                      "the weights hold NaN or infinite values (blocks.1.ffn.fc1.weight, for one)"),

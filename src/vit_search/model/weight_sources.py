@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from ..errors import WeightsError
@@ -478,6 +479,11 @@ def _checked_record(recorded: Mapping[str, Any], what: str) -> dict[str, Any]:
     raw = {key: value for key, value in recorded.items() if key != "init"}
     try:
         return ModelSpec.model_validate(raw).model_dump(mode="json", by_alias=True, exclude={"init"})
+    except ValidationError as err:  # pydantic's first line says only how many errors: name the first
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "model"
+        raise WeightsError(f"{what} is not a valid model section here: model.{where}: {first['msg']} "
+                           f"(got {repr(first.get('input'))[:60]})") from None
     except ValueError as err:
         raise WeightsError(f"{what} is not a valid model section here: {_first_line(err)}") from None
 
