@@ -568,3 +568,13 @@ def test_build_model_takes_a_mapping_with_init(source_file):
         build_model({"init": {"from": "file", "path": str(path)}, "attention": {"heads": 3}, "depth": 5,
                      "image_size": 16, "in_channels": 1, "num_classes": 7})
 
+
+
+def test_a_layers_own_block_that_does_not_fit_the_weights_is_named_at_its_own_key(source_file):
+    # It was blamed on model.ffn, which the spec never wrote.
+    _, path = source_file
+    with pytest.raises(SpecError) as refused:
+        spec_from(path, {"attention": {"heads": 3}, "layers": {1: {"ffn": {"ratio": 4}}}})
+    (problem,) = refused.value.problems
+    assert problem.startswith("<spec>: model.layers.1.ffn: does not fit the weights of model.init: blocks.1.ffn.")
+    assert problem.endswith("; leave model.layers.1.ffn out to take it from them")

@@ -128,6 +128,9 @@ def _shape_problems(model: ModelSpec, weights: Weights) -> list[tuple[tuple[str,
             name not in implied or _bridgeable(name, implied[name], weights.shapes[name])):
         # The model the weights give alone carries them: a key the spec wrote on top is what does not fit.
         path = ("model", key) if key else ("model",)
+        parts = name.split(".")
+        if parts[0] == "blocks" and key in (model.layers.get(int(parts[1])) or {}):  # a layer's own block, written
+            path = ("model", "layers", parts[1], key)
         return [(path, f"does not fit the weights of model.init: {name} is {here} here and {there} in them; "
                        f"leave {'.'.join(path)} out to take it from them")]
     # Not the spec's doing (it may have written nothing but model.init): the file disagrees with itself.
