@@ -252,6 +252,19 @@ def test_a_model_that_does_not_fit_the_datas_classes_channels_or_size_is_refused
     assert load_spec(path, ["model.num_classes=12"]).model.num_classes == 12  # more outputs than classes: allowed
 
 
+def test_a_problem_that_only_an_override_brings_names_the_override_not_a_line_of_the_file(write_spec):
+    # docs/spec.md: an error an override causes names it. A derived size was blamed on the file's line 3.
+    path = write_spec("name: pre\ndata: {dataset: digits, image_size: 8}\n"
+                      "model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 4}}\n")
+    assert problems(path, ["data.image_size=10"]) == [
+        "--set data.image_size=10: model.patch_embed (conv): image size 10x10 is not divisible by patch size 4x4; "
+        "change data.image_size or patch_size so that each side divides evenly"]
+    broken = write_spec("name: pre\ndata: {dataset: digits, image_size: 10}\n"
+                        "model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 4}}\n", "broken.yaml")
+    (problem,) = problems(broken, ["model.dim=32"])
+    assert problem.startswith(f"{broken}:3: model.patch_embed (conv)")  # the file's own problem keeps its line
+
+
 def refused_with_plugin(write_spec, cli_here, tmp_path: Path, kind: str, name: str, body: str, model: str) -> tuple:
     """(the spec's path, the one line validate refuses it with) for a spec whose ``model:`` section (its
     lines after ``model:``) uses block ``kind``/``name`` of a plugin file, class ``body`` given: the

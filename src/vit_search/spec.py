@@ -216,9 +216,26 @@ def load_spec(
         problems = [f"{where(path)}: {'.'.join(path)}: {message}" for path, message in fit_problems(spec.model, weights)]
     if not problems and check_model:
         problems = _check_build(spec, where)
+    if problems and overrides and not isinstance(source, Mapping):
+        problems = _blame_overrides(problems, source, overrides, check_model)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _blame_overrides(problems: list[str], source: str | os.PathLike[str], overrides: list[str],
+                     check_model: bool) -> list[str]:
+    """Problems located in the file that the file alone does not have (a derived size: ``--set
+    data.image_size=10`` that the patch size no longer divides) are the overrides' doing: said so."""
+    if all(problem.startswith("--set ") for problem in problems):
+        return problems
+    try:
+        load_spec(source, (), check_model)
+    except SpecError:
+        return problems  # the file has problems of its own: its lines stay
+    named = " ".join(f"--set {override}" for override in overrides)
+    return [problem if problem.startswith("--set ") else f"{named}: {problem.split(': ', 1)[-1]}"
+            for problem in problems]
 
 
 _NOT_A_FILE = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a device"),
