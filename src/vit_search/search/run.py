@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -124,9 +124,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     started = time.perf_counter()
     reports: list[WorkerReport] = []
     try:
-        # A full MLflow disk out of a trial (making the parent run, bringing runs up to date): one line.
-        with full_disk_in_one_line("free space, then run the same command"):
-            runs.reopen_parent()
+        with storage_faults_in_one_line(url, runs):
             runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
             # Under `accelerate launch` every process hears Ctrl-C and SIGTERM and stops by itself.
             with requests_set(stop) if state.num_processes == 1 else contextlib.nullcontext():
@@ -137,6 +135,34 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                     for frozen in ended:
                         trial_end(frozen)
                     reports = [WorkerReport(handle.study.study_name, url, [t.number for t in ended], interrupted=True)]
+    finally:  # also when the loop raises: the other launched processes must not wait forever
+        bar.close()
+        # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has
+        # gone would never take this message, and the main process would wait for it until killed.
+        if not (any(r.interrupted for r in reports) or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+            _share_trial(state.num_processes, None)  # the other processes may stop
+    interrupted = any(r.interrupted for r in reports)
+    stopped = next((r.stopped for r in reports if r.stopped), None)
+    runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
+    if not runs.lost:
+        end_active_run()
+    seconds = RunSeconds()
+    for runner in runners:
+        seconds.add(runner.seconds)
+    return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
+                        time.perf_counter() - started, seconds.total, interrupted, stopped, seconds)
+
+
+@contextlib.contextmanager
+def storage_faults_in_one_line(url: str, runs: StudyRuns) -> Iterator[None]:
+    """A study's work (the parent run reopened first): a full MLflow disk, or an Optuna storage that went
+    away, filled up or refused a write, raised as one line (TrackingDiskFull, StorageLost), the parent
+    run KILLED with the line where the storage is lost."""
+    try:
+        # A full MLflow disk out of a trial (making the parent run, bringing runs up to date): one line.
+        with full_disk_in_one_line("free space, then run the same command"):
+            runs.reopen_parent()
+            yield
     except TrackingDiskFull:
         raise
     except Exception as err:
@@ -155,22 +181,6 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                            f"{fix}, then run the same command")
         runs.storage_lost(str(lost))
         raise lost from None
-    finally:  # also when the loop raises: the other launched processes must not wait forever
-        bar.close()
-        # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has
-        # gone would never take this message, and the main process would wait for it until killed.
-        if not (any(r.interrupted for r in reports) or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
-            _share_trial(state.num_processes, None)  # the other processes may stop
-    interrupted = any(r.interrupted for r in reports)
-    stopped = next((r.stopped for r in reports if r.stopped), None)
-    runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
-    if not runs.lost:
-        end_active_run()
-    seconds = RunSeconds()
-    for runner in runners:
-        seconds.add(runner.seconds)
-    return SearchResult(handle.study, url, sorted(n for r in reports for n in r.trials_run),
-                        time.perf_counter() - started, seconds.total, interrupted, stopped, seconds)
 
 
 def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:

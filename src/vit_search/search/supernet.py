@@ -34,7 +34,7 @@ from ..performance import RunSeconds
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..tracking import check_store
-from .run import Infeasible, SearchResult, TrialRunner, check_constraints
+from .run import Infeasible, SearchResult, TrialRunner, check_constraints, storage_faults_in_one_line
 from .space import parse_space, to_params
 from .storage import check_file, check_server, check_url, study_lock
 from .study import (
@@ -87,42 +87,45 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
             runs.create_parent()
     with study_lock(url, scores_spec.search.study_name):
         scores = open_study(scores_spec, url)
-    runs.reopen_parent()
     stop = threading.Event()
-
     seconds = RunSeconds()  # phase 1's training (this worker's share) and the finalists'
-    weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds)
-    runs.reopen_parent()  # phase 1 ended the parent run it logged into
-    scored = _phase2(scores_spec, scores, space, weights, runs, stop)
-    trained, interrupted = [], scored.interrupted
-    if not interrupted:
-        with study_lock(url, scores_spec.search.study_name):
-            count = len(ranked(scores))
-            # Logged again when more subnets were scored since (n_subnets raised on a finished study).
-            if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
-                _log_scores(scores, spec, runs, search.supernet.top_runs)
-                scores.set_attr(LOGGED, count)
+    trained: list[int] = []
+    stopped = None
+    with storage_faults_in_one_line(url, runs):
+        runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
+        weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds)
+        runs.reopen_parent()  # phase 1 ended the parent run it logged into
+        scored = _phase2(scores_spec, scores, space, weights, runs, stop)
+        interrupted, stopped = scored.interrupted, scored.stopped
+        if not interrupted and stopped is None:
+            with study_lock(url, scores_spec.search.study_name):
+                count = len(ranked(scores))
+                # Logged again when more subnets were scored since (n_subnets raised on a finished study).
+                if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
+                    _log_scores(scores, spec, runs, search.supernet.top_runs)
+                    scores.set_attr(LOGGED, count)
+                    if lines:
+                        say(scores_line(scores))
+        if not interrupted and stopped is None and search.supernet.finalists:
+            runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
+            with study_lock(url, name):
+                target = runner.enqueue_finalists()
+
+            def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
                 if lines:
-                    say(scores_line(scores))
-    if not interrupted and search.supernet.finalists:
-        runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
-        with study_lock(url, name):
-            target = runner.enqueue_finalists()
+                    say(trial_line(frozen, runs.metrics))
+                runs.record_trial_end(frozen)
 
-        def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
-            if lines:
-                say(trial_line(frozen, runs.metrics))
-            runs.record_trial_end(frozen)
-
-        report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
-                             heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                             on_trial_end=trial_end, stop=stop)
-        trained, interrupted = report.trials_run, report.interrupted
-        seconds.add(runner.seconds)
-    runs.finish(interrupted=interrupted)
-    end_active_run()
+            report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
+                                 heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
+                                 on_trial_end=trial_end, stop=stop)
+            trained, interrupted, stopped = report.trials_run, report.interrupted, report.stopped
+            seconds.add(runner.seconds)
+    runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
+    if not runs.lost:
+        end_active_run()
     return SearchResult(finals.study, url, trained, time.perf_counter() - started, seconds.total, interrupted,
-                        seconds=seconds)
+                        stopped, seconds)
 
 
 def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
