@@ -27,8 +27,8 @@ import torch
 from optuna.trial import TrialState
 
 from ..checkpoints import check_writable
-from ..model.cost import model_cost
 from ..log_lines import say, trial_line
+from ..model.cost import model_cost
 from ..model.elastic import set_subnet, subnet_state_dict
 from ..performance import RunSeconds
 from ..schema import Spec
