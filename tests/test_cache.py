@@ -367,3 +367,38 @@ def test_the_command_line_puts_large_tensors_on_huge_pages_before_torch_is_impor
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == seen
+
+
+def test_a_full_disk_under_the_cache_is_one_line_and_leaves_no_half_built_cache(tmp_path, cli):
+    from test_faults import _tmpfs
+
+    # The cache was written through a memory map of a sparse file: out of room, the kernel killed the
+    # process with SIGBUS (exit 135) without a word, and the half-built folder kept the disk full.
+    disk = next(_tmpfs(tmp_path / "disk", "100k"))
+    try:
+        images = folder_of_images(tmp_path / "images", {"a": 8, "b": 8})  # 16 x 3 x 64 x 64: 196 KB decoded
+        spec_path = tmp_path / "full.yaml"
+        spec_path.write_text(yaml.safe_dump({"name": "full", "data": {"dataset": "imagefolder", "root": str(images),
+                                                                     "image_size": 64, "cache": str(disk / "c")}}))
+        result = cli("prepare", str(spec_path), cwd=tmp_path)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: no space left for the decoded cache in {disk / 'c'}; free space, set data.cache to another "
+            f"folder, or data.cache: off")
+        assert not [p for p in (disk / "c").iterdir() if ".building-" in p.name]  # the room is given back
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_symbolic_link_to_nothing_in_an_image_folder_is_a_data_error_naming_it(tmp_path, cli_here):
+    # It was "error: FileNotFoundError ... (at cache.py in fingerprint)", exit 1: a fault of ours, and in a
+    # study every trial failed with it, using up n_trials.
+    images = folder_of_images(tmp_path / "images", {"a": 3, "b": 3})
+    (images / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    spec_path = tmp_path / "linked.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "linked", "data": {"dataset": "imagefolder", "root": str(images),
+                                                                   "image_size": 16, "cache": str(tmp_path / "c")}}))
+    result = cli_here("prepare", str(spec_path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: cannot decode an image: {images / 'a' / 'gone.png'} ([Errno 2] No such "
+                                     f"file or directory); remove or replace the files, then run again")

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import DataError
 from .decode import decode_dataset, resize_array
-from .sources import read_image
+from .sources import read_image, undecodable
 
 VERSION = 1
 RESIZE = "torchvision v2.Resize bilinear antialias on uint8"  # part of the key: another resize, another cache
@@ -125,9 +125,16 @@ def fingerprint(parts: dict[str, Any]) -> str:
             for array in part:
                 digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
         elif hasattr(part, "samples"):  # an ImageFolder
-            for path, label in part.samples:
-                stat = os.stat(path)
+            failures = []  # a symbolic link to nothing, a file removed since it was listed: the data's fault
+            for index, (path, label) in enumerate(part.samples):
+                try:
+                    stat = os.stat(path)
+                except OSError as err:
+                    failures.append((index, err))
+                    continue
                 digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            if failures:
+                raise undecodable(part, failures)
         else:
             raise DataError(f"cannot cache part '{name}' ({type(part).__name__}): set data.cache: off")
     return digest.hexdigest()
@@ -222,6 +229,7 @@ def _build(folder: Path, key: str, source: str, parts: dict[str, Any], classes: 
             channels = _channels(part)
             images = np.lib.format.open_memmap(building / f"{name}.npy", mode="w+", dtype=np.uint8,
                                                shape=(counts[name], channels, *size))
+            _reserve(building / f"{name}.npy")
             if isinstance(part, tuple):
                 resize_array(torch.as_tensor(part[0]), images, size, progress.advance)
                 labels = np.asarray(part[1], dtype=np.int64)
@@ -248,6 +256,21 @@ def _build(folder: Path, key: str, source: str, parts: dict[str, Any], classes: 
         progress.close(built=False)
         raise
     progress.close()
+
+
+def _reserve(path: Path) -> None:
+    """Give the (sparse) file its disk blocks now. Written through a memory map, a page the disk has no
+    room for is SIGBUS, which kills the process without a word; reserved, a full disk is ENOSPC here."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system that cannot: as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def _channels(part: Any) -> int:

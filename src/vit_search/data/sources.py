@@ -288,6 +288,7 @@ def undecodable(dataset: "Dataset", failures: list[tuple[int, BaseException]]) -
         reason = " ".join((str(err) or type(err).__name__).split())
         for said in (f"<_io.BufferedReader name={name!r}>", repr(name)):  # PIL repeats the file in its message
             reason = reason.replace(f" {said}", "")
+        reason = reason.removesuffix(":")  # "[Errno 2] No such file or directory: 'path'" without its path
         shown.append(f"{name} ({reason[:200]})")
     more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
     what = "an image" if len(failures) == 1 else f"{len(failures)} images"
