@@ -474,6 +474,22 @@ def test_imagefolder_rejects_unknown_val_classes(tmp_path):
         load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_empty_val_or_test_folder_is_an_error_at_data_not_a_split_that_scores_zero(tmp_path, write_spec, split):
+    from vit_search.spec import SpecError, load_spec
+
+    # It trained, and logged val_accuracy 0.0000 and val_loss 0.0000 as the run's metrics: a search optimised a constant.
+    _pngs(tmp_path / "train", {"a": 3, "b": 3})
+    (tmp_path / split / "a").mkdir(parents=True)
+    (tmp_path / split / "a" / "readme.txt").write_text("no image")
+    path = write_spec(f"name: t\nseed: 0\ndata: {{dataset: imagefolder, root: {tmp_path}, image_size: 16}}\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert raised.value.problems == [
+        f"{path}:3: data: data.root '{tmp_path}': {split}/ holds no images, so its split would be empty; put the {split} "
+        f"images in its class folders, or remove {split}/ to hold out data.{split}_fraction of train instead"]
+
+
 def test_an_imagefolder_root_without_class_folders_is_an_error_at_data(tmp_path, write_spec):
     from vit_search.spec import SpecError, load_spec
 

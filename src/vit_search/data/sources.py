@@ -216,6 +216,11 @@ def class_folders(spec: "DataSpec") -> list[Path]:
     if empty:
         raise ValueError(_no_images(", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else ""),
                                     root))
+    for name in ("val", "test") if train != root else ():
+        if (root / name).is_dir() and not _holds_an_image(root / name):  # a split of none scores 0.0000, silently
+            raise ValueError(f"data.root '{root}': {name}/ holds no images, so its split would be empty; put the "
+                             f"{name} images in its class folders, or remove {name}/ to hold out data.{name}_fraction "
+                             f"of train instead")
     return classes
 
 
