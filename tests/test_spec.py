@@ -281,3 +281,12 @@ def test_a_block_written_without_a_type_is_the_default_block_with_those_argument
     # A preset's block keeps the preset's type and arguments.
     preset = load_spec(write_spec("name: x\nmodel: {preset: vit_ti_16, attention: {proj_dropout: 0.1}}\n")).model.attention
     assert preset["type"] == "sdpa" and preset["heads"] == 3 and preset["proj_dropout"] == 0.1
+
+
+def test_cache_off_and_on_device_no_load_as_the_docs_write_them_unquoted(write_spec):
+    # YAML reads off/no/yes as booleans: they were refused, and the hint's quoted 'false' made a cache folder "false".
+    path = write_spec("name: t\ndata: {dataset: digits, cache: off, on_device: no}\n")
+    spec = load_spec(path)
+    assert (spec.data.cache, spec.data.on_device) == ("off", "no")
+    spec = load_spec(path, ["data.on_device=yes", "data.cache=on"])
+    assert (spec.data.cache, spec.data.on_device) == ("auto", "yes")

@@ -126,6 +126,14 @@ class DataSpec(_Section):
         description="decoded uint8 cache: auto (where the set is not held as float32 tensors), off, or its folder",
     )
 
+    @field_validator("on_device", "cache", mode="before")
+    @classmethod
+    def _yes_no_as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads the documented `cache: off` and `on_device: no` (or yes) as booleans: take them as written.
+        if isinstance(value, bool):
+            return ("yes" if value else "no") if info.field_name == "on_device" else ("auto" if value else "off")
+        return value
+
     @field_validator("image_size")
     @classmethod
     def _positive_size(cls, value: Size) -> Size:
