@@ -102,6 +102,12 @@ def test_resume_with_another_freeze_is_refused_and_a_finished_run_stays_finished
                       cwd=workdir, env=env)
     _refused_in_one_line(result, "train.freeze ['blocks.1.*'] differs from the checkpoint's run")
     assert _run_state(experiment) == before
+    # Another model: refused as well, before the run is reopened (it was ended FAILED, with an error tag that stayed)
+    result = cli_here("train", spec_path, "--resume", "--set=model.dim=48", "--set=train.epochs=2", cwd=workdir, env=env)
+    _refused_in_one_line(result, "checkpoint.pt: its weights do not fit this spec's model (")
+    assert _run_state(experiment) == before
+    (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert "error" not in run.data.tags
 
 
 def test_a_checkpoint_from_before_the_record_still_resumes_and_an_optimizer_that_does_not_load_is_said_as_such(

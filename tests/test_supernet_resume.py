@@ -127,7 +127,7 @@ def test_a_supernet_killed_in_phase_1_resumes_from_its_last_epoch_checkpoint(wor
     # Another spec cannot go on with this supernet: the way out is said for `run`, which has no --resume.
     space = "search.space={model.depth: {int: [1, 2]}, model.dim: {choice: [8, 24]}}"
     for override, says in [("train.lr=0.002", "train.lr 0.002 differs from the checkpoint's run"),
-                           (space, "size mismatch for")]:
+                           (space, "its weights do not fit this spec's model (blocks.0.")]:
         result = cli_here("run", path, "--set", override)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: the study's supernet, stopped in phase 1, cannot go on under this spec: ")

@@ -342,6 +342,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if checkpoint is not None:  # a bad input: said before a file is written or the MLflow run is touched
         check_resume_settings(checkpoint, spec, ckpt_path)
+        _check_checkpoint_fits(checkpoint, spec, ckpt_path)
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     _check_model_fits(spec, accelerator.device)
@@ -443,6 +444,25 @@ def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: 
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
     }
+
+
+def _check_checkpoint_fits(checkpoint: dict[str, Any], spec: Spec, path: Path) -> None:
+    """Refuse a checkpoint whose weights the spec's model cannot take, before the MLflow run it continues is
+    reopened (refused there, the finished run was ended FAILED by a command that changed nothing)."""
+    saved = checkpoint.get("model")
+    if not isinstance(saved, dict):
+        return  # load_checkpoint's own checks; the load says the rest
+    ours = {name: tuple(t.shape) for name, t in build_on_meta(spec.model).state_dict().items()}
+    theirs = {name: tuple(t.shape) for name, t in saved.items() if isinstance(t, torch.Tensor)}
+    differ = sorted(name for name in ours.keys() & theirs.keys() if ours[name] != theirs[name])
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    if differ or missing or unexpected:
+        detail = (f"{differ[0]} is {'x'.join(map(str, theirs[differ[0]]))} in it and "
+                  f"{'x'.join(map(str, ours[differ[0]]))} here" if differ
+                  else f"it lacks {missing[0]}" if missing else f"it has {unexpected[0]}, this model does not")
+        raise CheckpointError(f"{path}: its weights do not fit this spec's model ({detail}); resume with the spec it "
+                              f"was trained with, run without --resume to start afresh, or point --checkpoint-dir "
+                              f"elsewhere")
 
 
 def _first_line(err: BaseException) -> str:
