@@ -135,3 +135,14 @@ def test_a_checkpoint_from_before_the_record_still_resumes_and_an_optimizer_that
     (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert run.info.status == "FINISHED"
     assert sorted({m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")}) == [0, 1]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(workdir, sqlite_uri, cli_here):
+    # Stopped before its first epoch ended (or a mistyped --checkpoint-dir): it began a new run without a word.
+    spec_path = write_yaml(workdir / "fresh.yaml", {**TINY, "tracking": {"experiment": "resume-nothing"},
+                                                    "train": {**TINY["train"], "epochs": 1}})
+    result = cli_here("train", spec_path, "--resume", "--checkpoint-dir", workdir / "typo", cwd=workdir,
+                      env={"MLFLOW_TRACKING_URI": sqlite_uri})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"vit-search: --resume: no checkpoint at {workdir / 'typo' / 'checkpoint.pt'}; training from the first "
+            f"epoch, as a new MLflow run") in result.stderr

@@ -183,6 +183,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     _prepare_weights(spec)
+    if args.resume:
+        from .checkpoints import CHECKPOINT_FILE, checkpoint_dir_of
+
+        path = Path(args.checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
+        if not path.exists():  # stopped before its first epoch ended, or another folder: nothing to continue
+            print(f"vit-search: --resume: no checkpoint at {path}; training from the first epoch, as a new MLflow "
+                  f"run", file=sys.stderr)
     lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
     try:
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
