@@ -419,6 +419,10 @@ def test_images_that_cannot_be_decoded_are_all_named_in_one_line_and_no_cache_is
     assert line == (f"cannot decode 2 images: {cut} (image file is truncated); {notes} (cannot identify image file); "
                     f"remove or replace the files, then run again")
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    first = cut.rename(cut.with_name("!cut.png"))  # the folder's first image: it alone was named
+    with pytest.raises(DataError) as caught:
+        load_data(spec(dataset="imagefolder", root=str(tmp_path / "images"), image_size=8), seed=0)
+    assert str(caught.value).startswith(f"cannot decode 2 images: {first} (image file is truncated); {notes} (")
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -553,3 +557,10 @@ def test_an_imagefolder_without_data_root_is_read_from_the_working_directory(tmp
     monkeypatch.chdir(tmp_path / "empty")
     with pytest.raises(ValueError, match="data.root '.' has no class folders"):
         spec(dataset="imagefolder")
+
+
+def test_a_split_that_leaves_no_image_names_its_key_not_scikit_learns_words():
+    with pytest.raises(DataError) as raised:
+        stratified_split(np.arange(12) % 2, 0.95, seed=0, key="data.test_fraction")
+    assert str(raised.value) == ("data.test_fraction 0.95: holding out that share of 12 images leaves one side with none; "
+                                 "set data.test_fraction so that both keep at least one image, or add images")

@@ -278,7 +278,12 @@ def _channels(part: Any) -> int:
         return int(part[0].shape[1])
     if len(part) == 0:
         return 3  # an empty folder: ImageFolder decodes to RGB
-    image, _ = read_image(part, 0)
+    try:
+        image, _ = read_image(part, 0)
+    except DataError:
+        if hasattr(part, "samples"):  # an ImageFolder (RGB): the decode names every bad file, this first one too
+            return 3
+        raise
     return len(image.getbands())
 
 

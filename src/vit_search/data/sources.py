@@ -51,8 +51,10 @@ def default_root() -> Path:
     return Path(os.environ.get("VIT_SEARCH_DATA") or Path.home() / ".cache" / "vit-search" / "data").expanduser()
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices (kept, held out) with ``fraction`` held out, class shares kept; same seed, same split."""
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     key: str = "data.val_fraction") -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (kept, held out) with ``fraction`` (the spec's ``key``) held out, class shares kept;
+    same seed, same split."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
@@ -63,14 +65,15 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         # A class with a single image, or fewer held-out slots than classes: shuffle unstratified.
         try:
             kept, held = train_test_split(index, test_size=fraction, random_state=state)
-        except ValueError as err:
-            raise DataError(f"cannot split {len(labels)} images with fraction {fraction}: {err}") from None
+        except ValueError:  # scikit-learn's words are its own (test_size, train_size): said in the spec's
+            raise DataError(f"{key} {fraction}: holding out that share of {len(labels)} images leaves one side with "
+                            f"none; set {key} so that both keep at least one image, or add images") from None
     return np.sort(kept), np.sort(held)
 
 
 def _three_way(labels: np.ndarray, spec: "DataSpec", seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """train/val/test indices: test_fraction of all, then val_fraction of the rest."""
-    rest, test = stratified_split(labels, spec.test_fraction, seed)
+    rest, test = stratified_split(labels, spec.test_fraction, seed, "data.test_fraction")
     train, val = stratified_split(labels[rest], spec.val_fraction, seed)
     return rest[train], rest[val], test
 
@@ -267,7 +270,7 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
             parts[name] = _folder_with_classes(root / name, base.class_to_idx)
             where[name] = (name, np.arange(len(parts[name])))
         else:
-            keep, held = stratified_split(labels[kept], fraction, seed)
+            keep, held = stratified_split(labels[kept], fraction, seed, f"data.{name}_fraction")
             where[name] = ("train", kept[held])
             kept = kept[keep]
     where["train"] = ("train", kept)
