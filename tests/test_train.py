@@ -140,6 +140,16 @@ def test_logged_model_loads_back_with_one_call(workdir):
         load_model("0123456789abcdef")
 
 
+def test_a_run_that_cannot_be_read_from_a_store_with_a_password_is_said_without_it(monkeypatch):
+    from conftest import free_port
+    from vit_search.tracking import TrackingError, load_model
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a closed port: no retries to wait out
+    with pytest.raises(TrackingError) as refused:
+        load_model("0123456789abcdef", f"http://user:pw12345@127.0.0.1:{free_port()}")
+    assert "pw12345" not in str(refused.value) and "user:***@127.0.0.1" in str(refused.value)
+
+
 def test_seeded_cpu_runs_are_reproducible(workdir):
     first = train(tiny_spec("reproducible", epochs=2))
     second = train(tiny_spec("reproducible", epochs=2))

@@ -472,13 +472,11 @@ def load_model(run_id: str, tracking_uri: str | None = None):
     """The trained model of an MLflow run, rebuilt from its logged spec and weights (eval mode)."""
     import mlflow
     import torch
-
     import yaml
+    from mlflow.exceptions import MlflowException
 
     from .model import build_vit
     from .spec import load_spec
-
-    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -500,11 +498,12 @@ def _no_model(run_id: str, tracking_uri: str | None, err: Exception) -> str:
     run (its trials hold the models), or a run that logged none."""
     import mlflow
 
-    store = redact(tracking_uri or mlflow.get_tracking_uri())
+    uri = tracking_uri or mlflow.get_tracking_uri()
     try:
         run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     except Exception:  # the run itself is missing, or the store does not answer: MLflow's words
-        return f"MLflow run {run_id} cannot be read from the store {store} ({redact_in(str(err), store)[:200]})"
+        # Masked with the URL as given: the redacted one's password is *** already and would mask nothing.
+        return f"MLflow run {run_id} cannot be read from the store {redact(uri)} ({redact_in(str(err), uri)[:200]})"
     tags = run.data.tags
     if "optuna.study_name" in tags and "mlflow.parentRunId" not in tags:
         best = tags.get("best_run_id")
