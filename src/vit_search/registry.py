@@ -138,13 +138,19 @@ class BlockInfo:
         )
 
 
-def _signature(builder: Callable[..., Any]) -> inspect.Signature:
-    # Read for every block of every spec a search checks (one per choice of each searched key).
-    try:
-        hash(builder)
-    except TypeError:  # a callable instance that is not hashable: read each time
-        return _read_signature(builder)
-    return _cached_signature(builder)
+def _once_per_key(read: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``read``, remembered per (hashable) argument: a block's signature and its arguments' type adapters
+    are asked for by every spec a search checks (one per choice of each searched key)."""
+    remembered = functools.lru_cache(maxsize=1024)(read)
+
+    def once(key: Any) -> Any:
+        try:
+            hash(key)
+        except TypeError:  # a callable instance, an annotation, that is not hashable: read each time
+            return read(key)
+        return remembered(key)
+
+    return once
 
 
 def _read_signature(builder: Callable[..., Any]) -> inspect.Signature:
@@ -154,25 +160,14 @@ def _read_signature(builder: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(builder)
 
 
-_cached_signature = functools.lru_cache(maxsize=1024)(_read_signature)
-
-
-def _adapter(annotation: Any) -> Any:
-    """A pydantic TypeAdapter for a block argument's annotation, built once per annotation."""
-    try:
-        hash(annotation)
-    except TypeError:
-        return _new_adapter(annotation)
-    return _cached_adapter(annotation)
-
-
 def _new_adapter(annotation: Any) -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(annotation)
 
 
-_cached_adapter = functools.lru_cache(maxsize=1024)(_new_adapter)
+_signature = _once_per_key(_read_signature)
+_adapter = _once_per_key(_new_adapter)
 
 
 class Registry:

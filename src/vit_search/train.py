@@ -367,7 +367,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
                 _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
             except (RuntimeError, ValueError, KeyError) as err:  # another model's checkpoint
                 raise CheckpointError(f"{ckpt_path}: its weights do not fit this spec's model "
-                                      f"({_mismatch(err)}); run without --resume to start afresh, or "
+                                      f"({_first_line(err)}); run without --resume to start afresh, or "
                                       f"point --checkpoint-dir elsewhere") from None
             try:
                 run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -467,14 +467,6 @@ def _check_checkpoint_fits(checkpoint: dict[str, Any], spec: Spec, path: Path) -
 
 def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
-
-
-def _mismatch(err: BaseException) -> str:
-    """The first thing ``load_state_dict`` found wrong (its first line only says that something was)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        return lines[1][:200]
-    return _first_line(err)
 
 
 class TrainingStopped(Exception):
