@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import CheckpointError, RunFailed
+from .errors import CheckpointError, CheckpointMismatch, RunFailed
 from .files import symlink_loop
 from .schema import Spec
 
@@ -166,7 +166,7 @@ def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path) ->
     now = resume_settings(spec)
     for key in RESUME_SETTINGS:
         if key in recorded and _plain_value(recorded[key]) != now[key]:
-            raise CheckpointError(f"--resume: train.{key} {now[key]!r} differs from the checkpoint's run in {path} "
+            raise CheckpointMismatch(f"--resume: train.{key} {now[key]!r} differs from the checkpoint's run in {path} "
                                   f"({_plain_value(recorded[key])!r}); resume with the run's values, or start afresh "
                                   f"without --resume")
 

@@ -40,5 +40,9 @@ class CheckpointError(UserError):
     """A checkpoint folder that cannot be written, or a checkpoint that cannot be resumed from."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint that this spec cannot continue: another model, or other training values."""
+
+
 class RunFailed(RuntimeError):
     """A run or a study that cannot go on, for a reason one line says (exit code 1)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from .data.batches import DeviceBatches
 from .data.loading import DataSplits, load_data, make_loader
-from .errors import CheckpointError, DataError, UserError
+from .errors import CheckpointMismatch, DataError, UserError
 from .finetune import frozen, lr_scale
 from .model import build_model, build_on_meta, count_parameters
 from .model.cost import model_cost
@@ -366,7 +366,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             try:
                 _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
             except (RuntimeError, ValueError, KeyError) as err:  # another model's checkpoint
-                raise CheckpointError(f"{ckpt_path}: its weights do not fit this spec's model "
+                raise CheckpointMismatch(f"{ckpt_path}: its weights do not fit this spec's model "
                                       f"({_first_line(err)}); run without --resume to start afresh, or "
                                       f"point --checkpoint-dir elsewhere") from None
             try:
@@ -374,7 +374,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             except (RuntimeError, ValueError, KeyError) as err:
                 # The weights fit, the optimizer's groups do not: a checkpoint from before it recorded its train
                 # values (check_resume_settings), written under another train.freeze or train.layer_decay.
-                raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit this spec's training "
+                raise CheckpointMismatch(f"{ckpt_path}: its optimizer state does not fit this spec's training "
                                       f"({_first_line(err)}); resume with the train.freeze and train.layer_decay "
                                       f"it was trained with, or run without --resume to start afresh") from None
             if run.graph_blocker is None:
@@ -460,7 +460,7 @@ def _check_checkpoint_fits(checkpoint: dict[str, Any], spec: Spec, path: Path) -
         detail = (f"{differ[0]} is {'x'.join(map(str, theirs[differ[0]]))} in it and "
                   f"{'x'.join(map(str, ours[differ[0]]))} here" if differ
                   else f"it lacks {missing[0]}" if missing else f"it has {unexpected[0]}, this model does not")
-        raise CheckpointError(f"{path}: its weights do not fit this spec's model ({detail}); resume with the spec it "
+        raise CheckpointMismatch(f"{path}: its weights do not fit this spec's model ({detail}); resume with the spec it "
                               f"was trained with, run without --resume to start afresh, or point --checkpoint-dir "
                               f"elsewhere")
 

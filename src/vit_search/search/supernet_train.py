@@ -110,7 +110,7 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     from functools import partial
 
     from ..checkpoints import CHECKPOINT_FILE
-    from ..errors import CheckpointError
+    from ..errors import CheckpointMismatch
     from ..train import train
 
     draw = SubnetDraw(space, spec.seed, spec.search.supernet.random_subnets)
@@ -118,10 +118,10 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
         train(supernet_spec(spec, space), resume=True, checkpoint_dir=checkpoint_dir, run_id=run_id,
               make_step=partial(SandwichStep, draw), progress=progress, stop=stop,
               tags={"supernet.phase": "1: supernet"}, seconds=seconds)
-    except CheckpointError as err:
+    except CheckpointMismatch as err:
         # train's own advice is about `train --resume`, which a study's phase 1 always does; say its way out.
         what = str(err).removeprefix("--resume: ").rsplit("; ", 1)[0]
-        raise CheckpointError(f"the study's supernet, stopped in phase 1, cannot go on under this spec: {what}; run "
+        raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: {what}; run "
                               f"with the spec it started with, or give the study a new search.study_name (or delete "
                               f"{checkpoint_dir} to train its supernet afresh)") from None
     return checkpoint_dir / CHECKPOINT_FILE
