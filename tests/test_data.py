@@ -471,6 +471,23 @@ def test_an_image_that_cannot_be_decoded_in_a_dataloader_worker_is_one_line_nami
     assert f"{cut} (image file is truncated)" in line or "notes.png (cannot identify image file)" in line
 
 
+@pytest.mark.parametrize("link", ["loop", "val_to_train"])
+def test_a_folder_reached_twice_through_a_symbolic_link_is_one_data_error(tmp_path, link):
+    _pngs(tmp_path / "train", {"a": 3, "b": 3})
+    if link == "loop":  # ImageFolder follows it down until the path is too long: the set multiplied
+        (tmp_path / "train" / "a" / "again").symlink_to(tmp_path / "train")
+        twice = tmp_path / "train" / "a" / "again" / "a"
+    else:  # the test set would be training images
+        (tmp_path / "val").mkdir()
+        (tmp_path / "val" / "b").symlink_to(tmp_path / "train" / "b")
+        twice = tmp_path / "val" / "b"
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
+    said = str(raised.value)
+    assert said.startswith(f"imagefolder: {twice} is {tmp_path / 'train' / twice.name} again, through a symbolic link")
+    assert said.endswith("remove the link, or make it point outside data.root")
+
+
 def test_imagefolder_rejects_unknown_val_classes(tmp_path):
     _pngs(tmp_path / "train", {"a": 3, "b": 3})
     _pngs(tmp_path / "val", {"zebra": 1})

@@ -108,6 +108,15 @@ def test_resume_with_another_freeze_is_refused_and_a_finished_run_stays_finished
     assert _run_state(experiment) == before
     (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert "error" not in run.data.tags
+    # The same spec again: the run is done, so its result is read back and nothing is evaluated or logged twice.
+    models = MlflowClient().list_artifacts(run.info.run_id, "model")
+    result = cli_here("train", spec_path, "--resume", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "had finished (1 of 1 epochs, tested); nothing was trained or logged" in result.stderr
+    assert f"test_accuracy {run.data.metrics['test_accuracy']:.4f}" in result.stdout
+    assert _run_state(experiment) == before
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")) == 1
+    assert MlflowClient().list_artifacts(run.info.run_id, "model") == models
 
 
 def test_a_checkpoint_from_before_the_record_still_resumes_and_an_optimizer_that_does_not_load_is_said_as_such(

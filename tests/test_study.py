@@ -547,6 +547,19 @@ def test_a_configuration_whose_worker_dies_every_time_is_retried_twice_and_no_mo
     assert trials[0].params == trials[1].params == trials[2].params
 
 
+def test_a_retried_trial_keeps_the_attributes_it_was_queued_with():
+    from vit_search.search.study import StudyHandle, queue_again
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="queued")
+    study.enqueue_trial({"x": 1.0}, user_attrs={"subnets.trial_number": 7, "inherited_val_accuracy": 0.5})
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
+    trial.set_user_attr("error", "worker died")  # what the first try learnt is not carried over
+    assert queue_again(StudyHandle(study, storage, "memory"), trial.number)
+    retry = study.get_trials(states=(TrialState.WAITING,))[0]
+    assert retry.user_attrs == {"subnets.trial_number": 7, "inherited_val_accuracy": 0.5, "retry_of": 0}
+
+
 def test_the_storage_is_the_flag_then_the_environment_then_the_spec_then_beside_mlflows_store(monkeypatch):
     from vit_search.search.storage import STORAGE_ENV, journal_path
     from vit_search.search.study import storage_url_of

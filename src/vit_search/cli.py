@@ -201,6 +201,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one report is enough
         return 0
+    if result.already_finished:
+        epochs = spec.train.epochs
+        print(f"vit-search: --resume: MLflow run {result.run_id} had finished ({epochs} of {epochs} epochs, tested); "
+              f"nothing was trained or logged (raise train.epochs to train it on, or run without --resume to train "
+              f"afresh)", file=sys.stderr)
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"{spec.name}: {metrics}  ({result.parameters:,} parameters, {result.train_seconds:.1f} s training)")
     if result.run_id:

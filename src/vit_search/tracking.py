@@ -206,6 +206,26 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def finished_metrics(spec: Spec, run_id: str) -> dict[str, float] | None:
+    """Run ``run_id``'s metrics where it ended FINISHED after its test evaluation, so that resuming it has
+    nothing left to do; None where it did not, or is not in the store (resuming it says so)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    use_store(spec)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise refused(err) from None
+        return None
+    # The test metrics are logged after the last epoch, FINISHED once the model is too: a run killed between
+    # its last checkpoint and either is resumed to do them.
+    if run.info.status != "FINISHED" or "test_accuracy" not in run.data.metrics:
+        return None
+    return dict(run.data.metrics)
+
+
 @contextmanager
 def _new_store_removed_on_failure(uri: str) -> Iterator[None]:
     """A SQLite store file that this block creates is removed again if the block fails: half its tables made

@@ -38,7 +38,7 @@ from .checkpoints import (
 )
 from .schema import Spec, model_record
 from .stopping import interruption
-from .tracking import Tracker
+from .tracking import Tracker, finished_metrics
 from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -124,6 +124,7 @@ class TrainResult:
     train_seconds: float = 0.0
     trainable_parameters: int = 0
     seconds: RunSeconds = field(default_factory=RunSeconds)  # where the run's wall time went, phase by phase
+    already_finished: bool = False  # resumed after its end: read back from its run, nothing trained or logged
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
@@ -343,6 +344,9 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     if checkpoint is not None:  # a bad input: said before a file is written or the MLflow run is touched
         check_resume_settings(checkpoint, spec, ckpt_path)
         _check_checkpoint_fits(checkpoint, spec, ckpt_path)
+        finished = _finished_run(checkpoint, spec)
+        if finished is not None:  # trained and tested already: doing it again would log the test and model twice
+            return finished
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     _check_model_fits(spec, accelerator.device)
@@ -444,6 +448,22 @@ def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: 
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
     }
+
+
+def _finished_run(checkpoint: dict[str, Any], spec: Spec) -> TrainResult | None:
+    """The result of the run ``checkpoint`` continues, read back from MLflow, where that run trained every
+    epoch of ``spec`` and ended after its test evaluation; None where something is left to do."""
+    if checkpoint["epoch"] + 1 < spec.train.epochs or not (spec.tracking.enabled and checkpoint.get("run_id")):
+        return None
+    logged = finished_metrics(spec, checkpoint["run_id"])
+    if logged is None:
+        return None
+    history = checkpoint["history"]
+    final = {key: logged[key] for key in ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy")
+             if key in logged}
+    return TrainResult(final, history, int(logged.get("parameters", 0)), int(logged.get("flops", 0)),
+                       checkpoint["run_id"], sum(m.get("epoch_seconds", 0.0) for m in history),
+                       int(logged.get("trainable_parameters", logged.get("parameters", 0))), already_finished=True)
 
 
 def _check_checkpoint_fits(checkpoint: dict[str, Any], spec: Spec, path: Path) -> None:

@@ -260,6 +260,7 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     labels = np.asarray(base.targets)
     parts: Parts = {"train": base}
     if not has_train:
+        _no_folder_twice(parts, root)
         train, val, test = _three_way(labels, spec, seed)
         return parts, {"train": ("train", train), "val": ("train", val), "test": ("train", test)}, base.classes
     # root/train exists: root/val and root/test are used where present, else carved from train.
@@ -274,7 +275,22 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
             where[name] = ("train", kept[held])
             kept = kept[keep]
     where["train"] = ("train", kept)
+    _no_folder_twice(parts, root)
     return parts, where, base.classes
+
+
+def _no_folder_twice(parts: Parts, root: Path) -> None:
+    """Refuse a folder whose images the walk reached twice, through a symbolic link: ImageFolder follows
+    links without a loop check, so a link to a folder above it multiplies the set (and a val folder
+    linked to a train folder tests on training images). One path resolved per folder, not per image."""
+    seen: dict[str, str] = {}
+    for part in parts.values():
+        for folder in dict.fromkeys(os.path.dirname(path) for path, _ in part.samples):
+            first = seen.setdefault(os.path.realpath(folder), folder)
+            if first != folder:
+                raise DataError(f"imagefolder: {folder} is {first} again, through a symbolic link under data.root "
+                                f"'{root}', so its images would be read twice; remove the link, or make it point "
+                                f"outside data.root")
 
 
 def read_image(dataset: "Dataset", index: int) -> tuple[Any, int]:

@@ -41,6 +41,10 @@ RETRY_OF = "vit_search:retry_of"
 INITIALISED = "vit_search:initialised"
 PARENT_RUN = "vit_search:mlflow_parent_run_id"
 MAX_RETRIES = 2
+# User attributes a trial is queued with that say what it is (a supernet finalist's subnet and its
+# inherited score): its retry is the same trial, so they go with it.
+QUEUED_ATTRS = ("subnets.trial_number", "inherited_val_accuracy")
+
 
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
     """The study's sampler: each trial seeded from (spec seed, trial number), its point distinct
@@ -192,7 +196,8 @@ def fail_stale_trials(handle: StudyHandle, grace: float) -> list[optuna.trial.Fr
 def enqueue_retry(handle: StudyHandle, trial: optuna.trial.FrozenTrial, retry_of: list[int]) -> None:
     """Queue ``trial``'s values again, ``retry_of`` the failed trials before it; call under the lock."""
     study = handle.study
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    carried = {key: trial.user_attrs[key] for key in QUEUED_ATTRS if key in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={**carried, "retry_of": trial.number}, skip_if_exists=False)
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
     handle.set_trial_attr(waiting.number, RETRY_OF, retry_of)
 
