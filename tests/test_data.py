@@ -488,6 +488,30 @@ def test_a_folder_reached_twice_through_a_symbolic_link_is_one_data_error(tmp_pa
     assert said.endswith("remove the link, or make it point outside data.root")
 
 
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from vit_search.data.sources import read_rgb
+
+    gradient = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(gradient).save(tmp_path / "eight.png")
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(gradient.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    assert [Image.open(tmp_path / name).mode for name in ("sixteen.png", "float.tiff")] == ["I;16", "F"]
+    # The same picture in 8 bits, 16 bits and floats: one decode, the gradient kept (not all white, not all black).
+    decoded = [np.asarray(read_rgb(str(tmp_path / name))) for name in ("eight.png", "sixteen.png", "float.tiff")]
+    assert all(np.array_equal(image, np.stack([gradient] * 3, axis=-1)) for image in decoded)
+    _pngs(tmp_path / "set", {"a": 2, "b": 2})
+    parts, _, _ = imagefolder_parts(spec(dataset="imagefolder", root=str(tmp_path / "set"), image_size=8), seed=0)
+    assert parts["train"].loader is read_rgb
+
+
+def test_a_float_image_outside_0_to_1_is_named_as_undecodable(tmp_path):
+    _pngs(tmp_path, {"a": 2, "b": 2})
+    Image.fromarray(np.full((6, 10), 3.5, dtype=np.float32)).save(tmp_path / "b" / "hdr.tiff")
+    with pytest.raises(DataError, match=r"cannot decode an image: .*hdr\.tiff \(float pixels from 3\.5 to 3\.5, not "
+                                        r"within 0 to 1; save it as an 8- or 16-bit image"):
+        load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
+
+
 def test_imagefolder_rejects_unknown_val_classes(tmp_path):
     _pngs(tmp_path / "train", {"a": 3, "b": 3})
     _pngs(tmp_path / "val", {"zebra": 1})

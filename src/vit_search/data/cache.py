@@ -39,7 +39,7 @@ from ..errors import DataError
 from .decode import decode_dataset, resize_array
 from .sources import read_image, undecodable
 
-VERSION = 1
+VERSION = 2  # 2: 16-bit and float images scaled to 8 bits (sources.read_rgb), no longer clipped
 RESIZE = "torchvision v2.Resize bilinear antialias on uint8"  # part of the key: another resize, another cache
 _REPORT_SECONDS = 5.0  # a progress line this often when stderr is not a terminal
 

@@ -251,7 +251,7 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     root = Path(spec.root or ".").expanduser()
     has_train = (root / "train").is_dir()
     try:
-        base = torchvision.datasets.ImageFolder(str(root / "train" if has_train else root))
+        base = torchvision.datasets.ImageFolder(str(root / "train" if has_train else root), loader=read_rgb)
     except (FileNotFoundError, OSError) as err:
         empty = re.match(r"Found no valid file for the classes (.*?)\. ", str(err))
         if empty:  # torchvision's words for a class folder emptied since the spec was validated
@@ -293,6 +293,30 @@ def _no_folder_twice(parts: Parts, root: Path) -> None:
                                 f"outside data.root")
 
 
+# Pillow's one-channel modes wider than 8 bits, with the value that is white in each. torchvision's own loader
+# converts them to RGB by clipping at 255: a 16-bit image came out nearly all white, a float one black.
+# Mode I (32-bit integers) is mostly 16-bit data (TIFF, older Pillow's PNG): read as such, above 65535 clipped.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def read_rgb(path: str) -> Any:
+    """An image file as an 8-bit RGB PIL image, as ImageFolder reads it, except that 16-bit, 32-bit and
+    float (0 to 1) images are scaled to 8 bits rather than clipped at 255."""
+    from PIL import Image
+
+    with open(path, "rb") as file:
+        image = Image.open(file)
+        if image.mode not in _WIDE_MODES:
+            return image.convert("RGB")
+        pixels = np.asarray(image, dtype=np.float64)
+    white = _WIDE_MODES[image.mode]
+    if image.mode == "F" and not (pixels.min() >= 0 and pixels.max() <= 1):  # NaN fails both
+        raise ValueError(f"float pixels from {pixels.min():g} to {pixels.max():g}, not within 0 to 1; save it as an "
+                         f"8- or 16-bit image, or scale it to 0 to 1")
+    eight = np.clip(np.rint(pixels * (255 / white)), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight).convert("RGB")
+
+
 def read_image(dataset: "Dataset", index: int) -> tuple[Any, int]:
     """Item ``index`` (PIL image, label) of an image data set; a file that cannot be decoded (not an
     image, truncated, a decompression bomb) is a DataError that names it."""
@@ -330,7 +354,7 @@ def _folder_with_classes(root: Path, class_to_idx: dict[str, int]) -> "Dataset":
                 raise DataError(f"{directory}: class folders {', '.join(unknown)} are not in the training folder")
             return list(class_to_idx), dict(class_to_idx)
 
-    return ClassesOf(str(root), allow_empty=True)
+    return ClassesOf(str(root), loader=read_rgb, allow_empty=True)
 
 
 def _fixed(channels: int, classes: int) -> Callable[["DataSpec"], tuple[int, int]]:
