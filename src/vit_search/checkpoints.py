@@ -167,8 +167,8 @@ def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path) ->
     for key in RESUME_SETTINGS:
         if key in recorded and _plain_value(recorded[key]) != now[key]:
             raise CheckpointMismatch(f"--resume: train.{key} {now[key]!r} differs from the checkpoint's run in {path} "
-                                  f"({_plain_value(recorded[key])!r}); resume with the run's values, or start afresh "
-                                  f"without --resume")
+                                     f"({_plain_value(recorded[key])!r})",
+                                     "resume with the run's values, or start afresh without --resume")
 
 
 def _plain_value(value: Any) -> Any:

@@ -41,7 +41,12 @@ class CheckpointError(UserError):
 
 
 class CheckpointMismatch(CheckpointError):
-    """A readable checkpoint that this spec cannot continue: another model, or other training values."""
+    """A readable checkpoint that this spec cannot continue: another model, or other training values.
+    ``what`` is the mismatch alone, for a caller whose way out differs from ``fix``."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}; {fix}")
+        self.what = what
 
 
 class RunFailed(RuntimeError):

@@ -370,17 +370,17 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             try:
                 _plain(run.model, accelerator).load_state_dict(checkpoint["model"])
             except (RuntimeError, ValueError, KeyError) as err:  # another model's checkpoint
-                raise CheckpointMismatch(f"{ckpt_path}: its weights do not fit this spec's model "
-                                      f"({_first_line(err)}); run without --resume to start afresh, or "
-                                      f"point --checkpoint-dir elsewhere") from None
+                raise CheckpointMismatch(f"{ckpt_path}: its weights do not fit this spec's model ({_first_line(err)})",
+                                         "run without --resume to start afresh, or point --checkpoint-dir "
+                                         "elsewhere") from None
             try:
                 run.optimizer.load_state_dict(checkpoint["optimizer"])
             except (RuntimeError, ValueError, KeyError) as err:
                 # The weights fit, the optimizer's groups do not: a checkpoint from before it recorded its train
                 # values (check_resume_settings), written under another train.freeze or train.layer_decay.
                 raise CheckpointMismatch(f"{ckpt_path}: its optimizer state does not fit this spec's training "
-                                      f"({_first_line(err)}); resume with the train.freeze and train.layer_decay "
-                                      f"it was trained with, or run without --resume to start afresh") from None
+                                         f"({_first_line(err)})", "resume with the train.freeze and train.layer_decay "
+                                         "it was trained with, or run without --resume to start afresh") from None
             if run.graph_blocker is None:
                 device_learning_rates(run.optimizer)  # the loaded groups carry their rates as saved
             run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -480,9 +480,9 @@ def _check_checkpoint_fits(checkpoint: dict[str, Any], spec: Spec, path: Path) -
         detail = (f"{differ[0]} is {'x'.join(map(str, theirs[differ[0]]))} in it and "
                   f"{'x'.join(map(str, ours[differ[0]]))} here" if differ
                   else f"it lacks {missing[0]}" if missing else f"it has {unexpected[0]}, this model does not")
-        raise CheckpointMismatch(f"{path}: its weights do not fit this spec's model ({detail}); resume with the spec it "
-                              f"was trained with, run without --resume to start afresh, or point --checkpoint-dir "
-                              f"elsewhere")
+        raise CheckpointMismatch(f"{path}: its weights do not fit this spec's model ({detail})",
+                                 "resume with the spec it was trained with, run without --resume to start afresh, or "
+                                 "point --checkpoint-dir elsewhere")
 
 
 def _first_line(err: BaseException) -> str:

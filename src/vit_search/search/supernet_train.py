@@ -120,8 +120,8 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
               tags={"supernet.phase": "1: supernet"}, seconds=seconds)
     except CheckpointMismatch as err:
         # train's own advice is about `train --resume`, which a study's phase 1 always does; say its way out.
-        what = str(err).removeprefix("--resume: ").rsplit("; ", 1)[0]
-        raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: {what}; run "
-                              f"with the spec it started with, or give the study a new search.study_name (or delete "
-                              f"{checkpoint_dir} to train its supernet afresh)") from None
+        raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: "
+                                 f"{err.what.removeprefix('--resume: ')}", f"run with the spec it started with, or give "
+                                 f"the study a new search.study_name (or delete {checkpoint_dir} to train its supernet "
+                                 f"afresh)") from None
     return checkpoint_dir / CHECKPOINT_FILE
