@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("spec", nargs="?", default=str(REPO / "experiments" / "digits.yaml"))
     parser.add_argument("--out", default=str(REPO / "docs" / "ui-first-screen.png"))
     args = parser.parse_args()
+    browser()  # before the server: a missing browser is said at once
     ui = subprocess.Popen([sys.executable, "-m", "vit_search", "ui", args.spec, "--port", "0"],
                           stdout=subprocess.PIPE, text=True)
     try:

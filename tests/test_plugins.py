@@ -352,6 +352,9 @@ def test_disabling_autoload_hides_installed_plugins_even_broken_ones(cli, instal
 
     assert result.returncode == 0, result.stderr
     assert _listed(result.stdout) == ["einsum", "sdpa"]
+    refused = cli("validate", str(EXAMPLE_SPEC), env={"PYTHONPATH": path, AUTOLOAD_ENV: "1"})
+    assert refused.returncode == 2 and refused.stderr.rstrip().endswith(
+        f"unknown attention 'cosine'; registered: einsum, sdpa (installed plugins are not loaded: {AUTOLOAD_ENV} is set)")
 
 
 def test_plugin_failing_to_import_is_one_error_line_naming_it_and_its_distribution(cli, broken_distribution):
@@ -642,6 +645,12 @@ def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_witho
 
             def __init__(self, dim: int, hidden_dim: int = 8):
                 super().__init__(dim, dim)
+
+
+        @register("ffn", "test_open")
+        def test_open(dim: int, **options):
+            \"\"\"Takes whatever the spec gives.\"\"\"
+            return nn.Identity()
         """)
     without = cli_here("blocks", "ffn", "test_listed", cwd=tmp_path)
     assert without.returncode == 2 and without.stderr.startswith("error: unknown ffn 'test_listed'; registered: ")
@@ -650,6 +659,9 @@ def test_blocks_describes_a_spec_plugins_block_given_its_file_and_says_how_witho
     assert described.returncode == 0 and described.stdout.splitlines() == [
         "ffn 'test_listed': A block that only a spec's plugins list names.",
         f"  from {tmp_path / 'listed.py'}", "  hidden_dim: int (default 8)"], described.stdout
+    described = cli_here("blocks", "ffn", "test_open", "--plugin", "listed.py", cwd=tmp_path)
+    assert described.returncode == 0 and described.stdout.splitlines()[2:] == [
+        "  any other key: passed to it unchecked (it takes **kwargs)"], described.stdout  # not "no arguments"
 
 
 def test_a_logged_run_or_checkpoint_whose_model_needs_an_unlisted_plugin_block_says_so_at_model_init(tmp_path, monkeypatch):

@@ -42,11 +42,12 @@ def start_ui(spec: Path, *args: str) -> subprocess.Popen:
 
 
 def wait_for_address(proc: subprocess.Popen) -> str:
-    """The address line's URL (the command prints it once the server answers; MLflow's server prints too)."""
-    for line in proc.stdout:
-        if line.startswith("MLflow UI for "):
-            return line.split(": ", 1)[1].split()[0]
-    raise AssertionError(f"no address printed; exit {proc.wait()}: {proc.stderr.read()[-2000:]}")
+    """The address line's URL: printed once the server answers, the first line on stdout (the server's
+    own log goes to stderr, so that `vit-search ui | ...` reads the address alone)."""
+    line = proc.stdout.readline()
+    if line.startswith("MLflow UI for "):
+        return line.split(": ", 1)[1].split()[0]
+    raise AssertionError(f"{line!r} came first, not the address; exit {proc.wait()}: {proc.stderr.read()[-2000:]}")
 
 
 def wait_until_gone(pids: list[int], deadline_seconds: float = 60) -> list[int]:

@@ -79,11 +79,13 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         module = sys.modules.get(info.module)  # a plugin file is imported under a name of ours: its path says more
         origin = module.__file__ if info.module.startswith("vit_search_plugin_") and module else info.module
         print(f"  from {origin}" + (f" (distribution {dist})" if dist else ""))
-        if not info.args:
+        if not info.args and not info.accepts_any:
             print("  no arguments")
         for arg in info.args:
             default = "required" if arg.required else f"default {arg.default!r}"
             print(f"  {arg.name}: {arg.type_name} ({default})")
+        if info.accepts_any:
+            print("  any other key: passed to it unchecked (it takes **kwargs)")
         return 0
     listing = REGISTRY.list(args.kind)
     for kind in KINDS if args.kind is None else (args.kind,):
@@ -535,8 +537,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
-    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides $VIT_SEARCH_STORAGE and "
-                                          "search.storage; a password is better kept in the environment)")
+    _storage_argument(parser)
     parser.add_argument("--n-trials", type=int, help="trials in the whole study (overrides search.n_trials)")
     parser.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="N",
                         help="sample N configurations (default 5), print their sizes, train nothing")
@@ -551,6 +552,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _quiet_argument(parser)
 
 
+def _storage_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides $VIT_SEARCH_STORAGE and "
+                                          "search.storage; a password is better kept in the environment)")
+
+
 def _quiet_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars, and no progress lines when stdout is not a terminal")
@@ -558,7 +564,7 @@ def _quiet_argument(parser: argparse.ArgumentParser) -> None:
 
 def _best_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
-    parser.add_argument("--storage", help="Optuna storage URL or journal file (overrides search.storage)")
+    _storage_argument(parser)
     parser.add_argument("--export", metavar="FILE", help="write the best trial as a plain spec")
     parser.add_argument("--top", type=int, default=5, help="rows of the top-trials table")
 

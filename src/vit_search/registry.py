@@ -222,8 +222,9 @@ class Registry:
         blocks = self._blocks[kind]
         if name not in blocks:
             names = sorted(blocks)
+            off = f" (installed plugins are not loaded: {AUTOLOAD_ENV} is set)" if _autoload_off() else ""
             raise RegistryError(
-                f"unknown {kind} '{name}'{did_you_mean(name, names) or ';'} registered: {', '.join(names) or 'none'}"
+                f"unknown {kind} '{name}'{did_you_mean(name, names) or ';'} registered: {', '.join(names) or 'none'}{off}"
             )
         return blocks[name]
 
@@ -396,7 +397,7 @@ class Registry:
         self._loaded = True  # set first: the modules imported below call register()
         if self._builtin_module:
             importlib.import_module(self._builtin_module)
-        if os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        if _autoload_off():
             return
         for entry_point in importlib.metadata.entry_points(group=self._entry_point_group):
             dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
@@ -432,6 +433,10 @@ def register(kind: str, name: str | None = None, *, override: bool = False) -> C
 def get(kind: str, name: str) -> Callable[..., Any]:
     """The builder of ``kind``/``name`` in the default registry."""
     return REGISTRY.get(kind, name)
+
+
+def _autoload_off() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def describe(kind: str, name: str) -> BlockInfo:

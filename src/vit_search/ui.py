@@ -81,7 +81,8 @@ def serve(uri: str, port: int, view: str) -> int:
     # Listening before the server starts: a Ctrl-C at any moment stops its whole group.
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:  # the handlers are given back however this ends, a server that could not start included
-        server = subprocess.Popen(command, env=server_environment(uri), start_new_session=True)
+        # The server's log goes to stderr: stdout carries the address line alone, for `vit-search ui | ...`.
+        server = subprocess.Popen(command, env=server_environment(uri), start_new_session=True, stdout=2)
         started.append(server)
         if not _wait_until_up(server, f"http://{HOST}:{port}/health", stopping):
             if stopping:
