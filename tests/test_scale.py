@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from vit_search.model import build_model
 from vit_search.search.jobs import jobs_exit_code, plan_workers, wait_for_the_command
 from vit_search.search.run import run_search
-from vit_search.search.study import WORKER, _worker_dead
+from vit_search.search.study import WORKER, _worker_dead, _worker_id
 from vit_search.spec import load_spec
 from vit_search.train import train
 
@@ -256,8 +256,9 @@ def test_a_worker_whose_command_is_killed_gets_sigterm(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombie detection reads /proc (Linux)")
-def test_an_exited_but_unreaped_worker_counts_as_dead():
-    host = socket.gethostname()
+def test_an_exited_but_unreaped_worker_counts_as_dead_and_one_this_process_cannot_see_does_not():
+    host, pid = _worker_id().rsplit(":", 1)
+    assert pid == str(os.getpid()) and host.startswith(f"{socket.gethostname()}@")
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.monotonic() + 30
@@ -266,8 +267,13 @@ def test_an_exited_but_unreaped_worker_counts_as_dead():
             time.sleep(0.05)
     finally:
         child.wait()
+    assert _worker_dead(f"{host}:{child.pid}")  # reaped
     assert not _worker_dead(f"{host}:{os.getpid()}")  # this process is alive
-    assert not _worker_dead(f"another-host:{child.pid}")  # other hosts: only heartbeats tell
+    # Where the PID means another process (another machine, or a container of the same hostname with its
+    # own PID namespace, or a worker id without the namespace), only heartbeats tell.
+    name, (boot, namespace) = host.split("@")[0], host.split("@")[1].split(".")
+    for elsewhere in ("another-host", name, f"{name}@{boot}.1", f"{name}@0badb00t.{namespace}"):
+        assert not _worker_dead(f"{elsewhere}:{child.pid}"), elsewhere
 
 
 def test_device_options_fall_back_cleanly_on_cpu_and_metrics_are_logged(workdir):

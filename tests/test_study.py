@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from vit_search.registry import register
 from vit_search.search.run import run_search
+from vit_search.search.storage import StorageError
 from vit_search.search.study import PARENT_RUN, RETRIED, open_study
 from vit_search.spec import load_spec
 
@@ -382,6 +383,38 @@ def _redis_server(folder: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def test_a_redis_study_lock_is_kept_while_its_holder_lives_and_freed_soon_after_a_kill(redis_url):
+    import redis
+
+    from vit_search.search.storage import study_lock
+
+    name, url = f"lease-{os.getpid()}", f"{redis_url}/6"
+    key = f"vit-search:{name}"
+    redis.Redis.from_url(url).delete(key)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from vit_search.search import storage
+storage.REDIS_LEASE_SECONDS = 1.0
+with storage.study_lock({url!r}, {name!r}):
+    print("held", flush=True)
+    time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        time.sleep(2.5)  # past the 1 s lease: renewed, so still held
+        assert redis.Redis.from_url(url).exists(key)
+        with pytest.raises(StorageError, match="another worker held the study lock for 1 s"):
+            with study_lock(url, name, timeout=1):
+                pass
+        holder.kill()  # outright: no release
+        holder.wait()
+        with study_lock(url, name, timeout=60):  # the lease runs out in about a second, not the wait's 60 s
+            assert redis.Redis.from_url(url).exists(key)
+        assert not redis.Redis.from_url(url).exists(key)
+    finally:
+        holder.kill()
+
+
 def test_a_storage_that_goes_away_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir):
     pytest.importorskip("redis", reason="redis is needed for Redis storages (pip install -e '.[test]')")
     if not shutil.which("redis-server"):
@@ -628,6 +661,39 @@ def test_cli_run_of_a_study_stored_with_other_directions_exits_2(workdir, cli_he
                            "does not match study 'directions' in sqlite:///") and "created with maximize" in line
     assert "set a new search.study_name" in line
     assert optuna.load_study(study_name="directions", storage=study_raw("x")["search"]["storage"]).get_trials() == []
+
+
+def test_a_worker_under_other_shared_values_is_told_and_best_exports_the_best_trial_as_it_was_trained(workdir, capsys):
+    from vit_search.cli import main
+    from vit_search.search.fixed import SHARED_VALUES
+    from vit_search.search.study import open_study
+
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("shared", n_trials=1), sort_keys=False))
+    run_search(load_spec(spec_path, ["train.epochs=1"]), progress=False)
+    assert "note:" not in capsys.readouterr().err
+    # Searched values, and where or how fast a worker runs, differ without a word.
+    assert open_study(load_spec(spec_path, ["train.epochs=1", "train.lr=0.5", "model.pooling.type=mean",
+                                            "data.num_workers=0", "train.cuda_graph=false"])).differs == {}
+    # Another worker trains 2 epochs: told so, and its trial records it.
+    study = run_search(load_spec(spec_path, ["search.n_trials=2"]), progress=False).study
+    assert ("note: train.epochs 2 differs from study 'shared', whose first trials were trained with 1: this worker's "
+            "trials join the same leaderboard; set a new search.study_name") in capsys.readouterr().err
+    first, second = study.get_trials()
+    assert SHARED_VALUES not in first.system_attrs and second.system_attrs[SHARED_VALUES] == {"train.epochs": 2}
+    best = study.best_trial.number
+    trained, other = (1, 2) if best == 0 else (2, 1)
+    # best exports the best trial only under the values it was trained with.
+    assert main(["best", str(spec_path), "--set", f"train.epochs={other}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().endswith(
+        f"train.epochs {other} differs from the value the best trial ({best}) of study 'shared' was trained with, "
+        f"{trained}; pass --set train.epochs={trained} to export it as it was trained")
+    assert main(["best", str(spec_path), "--set", f"train.epochs={trained}", "--export", "best.yaml"]) == 0
+    assert yaml.safe_load((workdir / "best.yaml").read_text())["train"]["epochs"] == trained
+    parent = open_study(load_spec(spec_path)).attr(PARENT_RUN)  # its best_spec.yaml: the same values
+    logged = Path(MlflowClient().download_artifacts(parent, "best_spec.yaml", str(workdir)))
+    assert yaml.safe_load(logged.read_text())["train"]["epochs"] == trained
 
 
 def test_a_recreated_study_does_not_retag_the_runs_of_an_older_study_of_the_same_name(workdir):

@@ -488,6 +488,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     """Print the study's best trial; --export writes it as a plain spec for `vit-search train`."""
     import optuna
 
+    from .search.fixed import SHARED_VALUES
     from .search.report import best_spec, best_trials, top_table
     from .search.study import open_study
 
@@ -495,15 +496,16 @@ def cmd_best(args: argparse.Namespace) -> int:
         raise BadInput(f"--top {args.top}: must be at least 1 (rows of the top-trials table)")
     spec = _load_study_spec(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(spec, args.storage, create=False).study
+    handle = open_study(spec, args.storage, create=False)
+    study = handle.study
     if not best_trials(study):
         if spec.search.strategy == "supernet" and not spec.search.supernet.finalists:
             raise BadInput(f"study '{study.study_name}' trains no subnet on its own (search.supernet.finalists: 0): its "
                            f"scores are in the study '{study.study_name}:subnets' and the parent run's subnets.csv; "
                            f"set search.supernet.finalists and run 'vit-search run {args.spec}' to train the best")
         raise BadInput(f"study '{study.study_name}' has no completed trial yet; run 'vit-search run {args.spec}'")
+    best = best_spec(spec, study, handle.attr(SHARED_VALUES))  # refused before anything is printed
     print(top_table(study, limit=args.top))
-    best = best_spec(spec, study)
     if args.export:
         _export(Path(args.export), best.to_yaml(exclude_search=True))
         print(f"wrote {args.export}: vit-search train {args.export}")

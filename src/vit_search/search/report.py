@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..schema import Spec
+from .fixed import check_reproduces
 from .leaderboard import ranked
 from .study import trial_spec
 
@@ -21,11 +22,13 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [study.best_trial] if len(study.directions) == 1 else list(study.best_trials)
 
 
-def best_spec(spec: Spec, study: optuna.Study) -> Spec:
-    """The best trial as a plain spec (no search section) that ``vit-search train`` reproduces."""
+def best_spec(spec: Spec, study: optuna.Study, shared: dict[str, Any] | None = None) -> Spec:
+    """The best trial as a plain spec (no search section) that ``vit-search train`` reproduces; ``shared``,
+    the study's recorded shared values: a spec that gives others is refused (StudyMismatch)."""
     trials = best_trials(study)
     if not trials:
         raise ValueError(f"study '{study.study_name}' has no completed trial yet; run it first")
+    check_reproduces(spec, shared, trials[0], study.study_name)
     return trial_spec(spec, trials[0].params)
 
 

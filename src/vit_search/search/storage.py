@@ -265,23 +265,54 @@ def study_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[No
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     if url.startswith("redis://"):
-        import redis
-
-        lock = redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=timeout, blocking_timeout=timeout)
-        try:
-            taken = lock.acquire()
-        except redis.exceptions.RedisError as err:  # no server answers there
-            raise StorageError(_cannot_open(url, err)) from None
-        if not taken:
-            raise StorageError(f"storage '{redact(url)}': another worker held the study lock for {timeout:.0f} s; "
-                               f"check that it is not stuck, then run the command again")
-        try:
+        with _redis_lock(url, study_name, timeout):
             yield
-        finally:
-            lock.release()
         return
     with _database_lock(url, study_name, timeout):
         yield
+
+
+# A Redis lock is a key that outlives a holder killed outright (SIGKILL, the OOM killer): its lease is
+# short, and renewed while the holder lives, so that such a lock frees itself in seconds, not minutes.
+REDIS_LEASE_SECONDS = 20.0
+
+
+@contextmanager
+def _redis_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
+    import threading
+
+    import redis
+
+    # Not thread-local: the thread that renews the lease holds it with the thread that took it.
+    lock = redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=REDIS_LEASE_SECONDS,
+                                          blocking_timeout=timeout, thread_local=False)
+    try:
+        taken = lock.acquire()
+    except redis.exceptions.RedisError as err:  # no server answers there
+        raise StorageError(_cannot_open(url, err)) from None
+    if not taken:
+        raise StorageError(f"storage '{redact(url)}': another worker held the study lock for {timeout:.0f} s; "
+                           f"check that it is not stuck, then run the command again")
+    released = threading.Event()
+
+    def renew() -> None:
+        while not released.wait(REDIS_LEASE_SECONDS / 4):
+            try:
+                lock.reacquire()  # the lease starts again
+            except redis.exceptions.RedisError:  # lost (the server went away): the body's own calls say so
+                return
+
+    keeper = threading.Thread(target=renew, name="vit-search-redis-lease", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        released.set()
+        keeper.join()
+        try:
+            lock.release()
+        except redis.exceptions.RedisError:  # its lease ran out, or the server went away: the key expires
+            pass
 
 
 @contextmanager

@@ -8,6 +8,7 @@ on this host) is failed and retried with the same values.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -26,6 +27,7 @@ from ..schema import Spec
 from ..spec import load_spec
 from ..stopping import Terminated
 from .distinct import DistinctSampler
+from .fixed import SHARED_VALUES, differences, shared_values
 from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
@@ -72,6 +74,7 @@ class StudyHandle:
     study: optuna.Study
     storage: optuna.storages.BaseStorage
     url: str
+    differs: dict[str, Any] = field(default_factory=dict)  # this worker's shared values the study's differ from
 
     @property
     def study_id(self) -> int:
@@ -115,16 +118,29 @@ class StopWorker(Exception):
         self.exit_code = exit_code
 
 
+@functools.cache
+def _process_space() -> str:
+    """The processes this one can see: the hostname, the machine's boot and the PID namespace. A worker
+    in another (a container that shares the host's name, another machine of the same name) may have a
+    PID that is free here while it is alive: only its heartbeats tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        return socket.gethostname()
+    return f"{socket.gethostname()}@{boot}.{namespace}"
+
+
 def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_process_space()}:{os.getpid()}"
 
 
 def _worker_dead(worker: str | None) -> bool:
-    """A worker on this host whose process is gone (elsewhere only heartbeats tell)."""
+    """A worker whose process, one this process can see, is gone (for others only heartbeats tell)."""
     if not worker or ":" not in worker:
         return False
     host, pid = worker.rsplit(":", 1)
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != _process_space() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -239,6 +255,7 @@ def storage_url_of(spec: Spec, storage_url: str | None = None) -> str:
 def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) -> StudyHandle:
     """Create or load the spec's study (load_if_exists: re-running a command resumes it).
 
+    ``differs`` holds the spec's shared values that differ from the study's (:mod:`.fixed`).
     Raises StudyMismatch when the stored study has other directions than the spec's, and
     StorageError for a storage URL that cannot be used, or (``create=False``) that holds no such
     study: a mistyped storage then leaves nothing behind.
@@ -271,7 +288,12 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
             study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions,
             load_if_exists=True,
         )
-    return StudyHandle(study, storage, url)
+        handle = StudyHandle(study, storage, url)
+        values, stored = shared_values(spec), handle.attr(SHARED_VALUES)
+        if stored is None and create:  # a new study (or one from before the record): these values are its own
+            handle.set_attr(SHARED_VALUES, values)
+    handle.differs = differences(values, stored)
+    return handle
 
 
 def _stored_directions(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
@@ -394,6 +416,8 @@ def worker_loop(
             else:
                 trial = study.ask()
                 handle.set_trial_attr(trial.number, WORKER, _worker_id())
+                if handle.differs:  # trained otherwise than the study's first trials: what best must export
+                    handle.set_trial_attr(trial.number, SHARED_VALUES, handle.differs)
                 handle.set_trial_attr(trial.number, HEARTBEAT, time.time())
                 try:
                     drawn = draw(trial)

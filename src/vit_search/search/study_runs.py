@@ -19,7 +19,8 @@ from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_di
                         use_store)
 from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
-from .storage import redact, study_lock
+from .fixed import SHARED_VALUES
+from .storage import StudyMismatch, redact, study_lock
 from .study import PARENT_RUN, StudyHandle
 
 STATE_TAG = "trial.state"
@@ -244,7 +245,12 @@ class StudyRuns:
                     client.log_metric(parent, f"best_{key}", float(value))
             if top.user_attrs.get("mlflow_run_id"):
                 client.set_tag(parent, "best_run_id", top.user_attrs["mlflow_run_id"])
-            client.log_text(parent, best_spec(self.spec, study).to_yaml(exclude_search=True), "best_spec.yaml")
+            try:
+                exported = best_spec(self.spec, study, self.handle.attr(SHARED_VALUES)).to_yaml(exclude_search=True)
+            except StudyMismatch:  # trained under values other than this worker's (it was told): not these
+                pass
+            else:
+                client.log_text(parent, exported, "best_spec.yaml")
         client.set_tag(parent, NOTE_TAG, leaderboard(study, self.metrics, self.experiment_id)[:8000])  # MLflow's tag limit
         if self.spec.tracking.plots:
             with tempfile.TemporaryDirectory() as tmp:
