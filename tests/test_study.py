@@ -663,6 +663,21 @@ def test_cli_run_of_a_study_stored_with_other_directions_exits_2(workdir, cli_he
     assert optuna.load_study(study_name="directions", storage=study_raw("x")["search"]["storage"]).get_trials() == []
 
 
+def test_the_shared_values_are_the_unsearched_data_model_and_train_values_but_where_or_how_fast_a_trial_runs():
+    from vit_search.search.fixed import shared_values
+
+    raw = {**STUDY, "search": {**STUDY["search"], "space": {"model.preset": {"choice": ["vit_ti_16", "vit_s_16"]},
+                                                            "train.lr": {"float": [1e-3, 1e-2]},
+                                                            "model.ffn.type": {"choice": ["mlp", "swiglu"]}}}}
+    values = shared_values(load_spec(raw))
+    assert not [key for key in values if key.startswith("model.") or key == "train.lr"]  # all drawn with the preset
+    assert values["seed"] == 0 and values["train.epochs"] == 2 and values["data.image_size"] == 8
+    assert "data.num_workers" not in values and "train.checkpoint_dir" not in values and "train.cuda_graph" not in values
+    values = shared_values(load_spec(STUDY))  # depth, lr and the pooling searched: the pooling's arguments too
+    assert values["model.dim"] == 16 and values["model.ffn.ratio"] == 2
+    assert not [key for key in values if key.startswith("model.pooling") or key in ("model.depth", "train.lr")]
+
+
 def test_a_worker_under_other_shared_values_is_told_and_best_exports_the_best_trial_as_it_was_trained(workdir, capsys):
     from vit_search.cli import main
     from vit_search.search.fixed import SHARED_VALUES

@@ -39,8 +39,8 @@ def shared_values(spec: Spec) -> dict[str, Any]:
 
 def _under_a_searched_path(key: str, searched: list[str]) -> bool:
     for path in searched:
-        if path == "model.preset":  # every model value may come from the preset drawn
-            return key.startswith("model.")
+        if path == "model.preset" and key.startswith("model."):  # every model value may come from the preset drawn
+            return True
         block = path.removesuffix(".type")  # a block's type drawn: its arguments go with it
         if key == block or key.startswith(block + "."):
             return True

@@ -283,9 +283,11 @@ def _redis_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
 
     import redis
 
-    # Not thread-local: the thread that renews the lease holds it with the thread that took it.
-    lock = redis.Redis.from_url(url).lock(f"vit-search:{study_name}", timeout=REDIS_LEASE_SECONDS,
-                                          blocking_timeout=timeout, thread_local=False)
+    # Not thread-local: the thread that renews the lease holds it with the thread that took it. A socket
+    # timeout: a renewal sent to a server that went away must not hold up the release for ever.
+    client = redis.Redis.from_url(url, socket_timeout=REDIS_LEASE_SECONDS / 2)
+    lock = client.lock(f"vit-search:{study_name}", timeout=REDIS_LEASE_SECONDS, blocking_timeout=timeout,
+                       thread_local=False)
     try:
         taken = lock.acquire()
     except redis.exceptions.RedisError as err:  # no server answers there
