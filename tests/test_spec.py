@@ -244,6 +244,12 @@ def test_the_design_documents_sketch_loads_as_written(write_spec):
     assert spec.train.epochs == 30 and spec.search.sampler == "tpe" and spec.tracking.experiment == "digits-vit"
 
 
+def test_a_search_without_an_objective_is_refused_at_validate(write_spec):
+    path = write_spec("name: none\nsearch:\n  metric: []\n  direction: []\n  space: {}\n")
+    (problem,) = problems(path)  # it ran to an internal error in Optuna, after making the study's files
+    assert "metric: [] names no objective; give a metric (val_accuracy, by default) or leave it out" in problem
+
+
 def test_a_grace_shorter_than_two_heartbeats_is_refused(write_spec):
     path = write_spec("name: beats\nsearch:\n  heartbeat_seconds: 30\n  space: {}\n")
     (problem,) = problems(path, overrides=["search.grace_seconds=45"])

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -322,8 +323,12 @@ def test_an_export_is_written_whole_or_not_at_all(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(BadInput, match="afile/best.yaml: cannot write it"):
         _export(tmp_path / "afile" / "best.yaml", "model: {}\n")  # a file where its folder should be
+    os.mkfifo(tmp_path / "pipe")  # as a device (/dev/full, /dev/null) would be, it is not replaced by the file
+    with pytest.raises(BadInput, match="pipe: not a regular file"):
+        _export(tmp_path / "pipe", "model: {}\n")
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
     _export(tmp_path / "best.yaml", "model: {}\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "best.yaml", "taken"]  # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "best.yaml", "pipe", "taken"]  # no partial file left
     assert (tmp_path / "best.yaml").read_text() == "model: {}\n"
 
 
@@ -633,6 +638,15 @@ def test_an_unusable_storage_url_is_refused_naming_it(url, message):
     with pytest.raises(StorageError) as raised:
         check_url(url)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["sqlite:///", "journal:"])
+def test_a_storage_file_that_is_a_device_or_pipe_is_refused_before_it_is_read(tmp_path, kind):
+    from vit_search.search.storage import check_file
+
+    os.mkfifo(tmp_path / "pipe")  # as /dev/zero would be read without end, a pipe would block the open
+    with pytest.raises(StorageError, match=f"storage '{kind}{tmp_path}/pipe': {tmp_path}/pipe is not a regular file"):
+        check_file(f"{kind}{tmp_path / 'pipe'}")
 
 
 def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(workdir, cli_here):

@@ -436,6 +436,8 @@ def _wait_for_the_command(args: argparse.Namespace) -> bool:
 def _export(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (beside it, then renamed): a full disk or a
     kill mid-write leaves the file as it was. Anything that cannot be written is one line, exit 2."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # renamed over, /dev/full would become this file
+        raise BadInput(f"--export {path}: not a regular file (a device, a pipe or a socket); name a file to write")
     partial = path.with_name(f".{path.name}.partial")
     try:
         partial.write_text(text)

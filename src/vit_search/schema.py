@@ -400,6 +400,8 @@ class SearchSpec(_Section):
     def _objectives_match(self) -> "SearchSpec":
         metrics = [self.metric] if isinstance(self.metric, str) else self.metric
         directions = [self.direction] if isinstance(self.direction, str) else self.direction
+        if not metrics:
+            raise ValueError("metric: [] names no objective; give a metric (val_accuracy, by default) or leave it out")
         if len(metrics) != len(directions):
             raise ValueError(f"{len(metrics)} metric(s) but {len(directions)} direction(s); give one direction each")
         if self.grace_seconds < 2 * self.heartbeat_seconds:

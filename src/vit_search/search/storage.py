@@ -226,6 +226,9 @@ def check_file(url: str) -> None:
         example = path / ("optuna.db" if url.startswith("sqlite:///") else "study.log")
         raise StorageError(f"{path}: a folder, not a storage file; name a file in it (e.g. {example}), or pass "
                            f"another --storage")
+    if path.exists() and not path.is_file():  # /dev/zero would be read without end, /dev/null taken for empty
+        raise StorageError(f"storage '{redact(url)}': {path} is not a regular file (a device, a pipe or a socket); "
+                           f"name a file, or pass another --storage")
     try:
         # The study's file, and the worker lock beside it, go in this folder.
         path.parent.mkdir(parents=True, exist_ok=True)
