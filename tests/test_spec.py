@@ -250,6 +250,20 @@ def test_a_search_without_an_objective_is_refused_at_validate(write_spec):
     assert "metric: [] names no objective; give a metric (val_accuracy, by default) or leave it out" in problem
 
 
+@pytest.mark.parametrize("overrides, says", [
+    # The batch is padded whole: it ran out of memory, blamed on the batch size.
+    (["data.augment.random_crop_padding=100"], "augment.random_crop_padding 100 is more than the image side 16"),
+    # A NaN table: the NaN loss was blamed on the learning rate.
+    (["model.position.type=sincos2d", "model.position.temperature=0"], "temperature 0 must be above 0"),
+    (["model.position.std=-1"], "std -1 must be at least 0"),
+    (["search.constraints.max_params=-1"], "max_params -1 is no size a model can have, so every trial would be pruned"),
+])
+def test_values_that_validated_and_then_failed_or_pruned_everything_are_refused_at_validate(write_spec, overrides, says):
+    path = write_spec("name: odd\ndata: {dataset: digits, image_size: 16}\nsearch:\n  space: {}\n")
+    (problem,) = problems(path, overrides=overrides)
+    assert says in problem
+
+
 def test_a_grace_shorter_than_two_heartbeats_is_refused(write_spec):
     path = write_spec("name: beats\nsearch:\n  heartbeat_seconds: 30\n  space: {}\n")
     (problem,) = problems(path, overrides=["search.grace_seconds=45"])

@@ -144,6 +144,11 @@ class DataSpec(_Section):
 
     @model_validator(mode="after")
     def _dataset_readable(self) -> "DataSpec":
+        side = self.image_size if isinstance(self.image_size, int) else max(self.image_size)
+        padding = self.augment.random_crop_padding
+        if padding > side:  # the batch is padded whole: time and memory would grow as the padding squared
+            raise ValueError(f"augment.random_crop_padding {padding} is more than the image side {side}; a few pixels "
+                             f"(2 to 4 at 16-32 px) is what random crops need")
         dataset_shape(self)  # an imagefolder without class folders fails here, at data
         return self
 
@@ -389,6 +394,10 @@ class SearchSpec(_Section):
     @field_validator("constraints")
     @classmethod
     def _bounds_in_order(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, bound in value.items():
+            if bound < 0 or (key.startswith("max_") and bound == 0):
+                raise ValueError(f"{key} {bound:g} is no size a model can have, so every trial would be pruned; give a "
+                                 f"positive bound, or leave {key} out")
         for what in ("params", "flops"):
             low, high = value.get(f"min_{what}"), value.get(f"max_{what}")
             if low is not None and high is not None and low > high:

@@ -17,6 +17,8 @@ class LearnedPosition(Elastic, nn.Module):
 
     def __init__(self, dim: int, num_patches: int, grid: tuple[int, int], num_prefix_tokens: int, std: float = 0.02):
         super().__init__()
+        if not std >= 0:  # NaN too
+            raise ValueError(f"std {std:g} must be at least 0 (0.02 in the paper's code)")
         self.weight = nn.Parameter(torch.empty(1, num_prefix_tokens + num_patches, dim))
         nn.init.trunc_normal_(self.weight, std=std)
 
@@ -32,6 +34,8 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> 
     """Fixed 2-D sine-cosine embedding (rows, cols) -> (rows*cols, dim), as in MoCo v3 and Simple ViT."""
     if dim % 4:
         raise ValueError(f"sincos2d needs dim divisible by 4, got {dim}")
+    if not temperature > 0:  # 0 gives infinite frequencies: a NaN table, a NaN loss blamed on the learning rate
+        raise ValueError(f"temperature {temperature:g} must be above 0 (10000, as in the Transformer)")
     rows, cols = torch.meshgrid(
         torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij"
     )
