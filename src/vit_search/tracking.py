@@ -194,34 +194,30 @@ def full_disk_in_one_line(fix: str) -> Iterator[None]:
 
 def run_exists(run_id: str) -> bool:
     """Whether the MLflow store in use holds run ``run_id`` (anything else it refuses: TrackingError)."""
+    return _stored_run(run_id) is not None
+
+
+def _stored_run(run_id: str) -> Any:
+    """Run ``run_id`` from the MLflow store in use, None where it holds none (anything else: TrackingError)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        return mlflow.MlflowClient().get_run(run_id)
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise refused(err) from None
-        return False
-    return True
+        return None
 
 
 def finished_metrics(spec: Spec, run_id: str) -> dict[str, float] | None:
     """Run ``run_id``'s metrics where it ended FINISHED after its test evaluation, so that resuming it has
     nothing left to do; None where it did not, or is not in the store (resuming it says so)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     use_store(spec)
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise refused(err) from None
-        return None
+    run = _stored_run(run_id)
     # The test metrics are logged after the last epoch, FINISHED once the model is too: a run killed between
     # its last checkpoint and either is resumed to do them.
-    if run.info.status != "FINISHED" or "test_accuracy" not in run.data.metrics:
+    if run is None or run.info.status != "FINISHED" or "test_accuracy" not in run.data.metrics:
         return None
     return dict(run.data.metrics)
 
