@@ -182,7 +182,7 @@ def test_modest_anchors_aliases_merge_keys_and_duplicates_match_safe_load():
     assert lines[("seed",)] == 16 and lines[("model", "attention", "heads")] == 2
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "~", "3", "[1, 2]", "a: b"])
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "~", "3", "[1, 2]", "a: b", "t: '1:20'", "u: 1:x"])
 def test_small_documents_match_safe_load(text: str):
     data, lines = load_yaml(text, "s")
     assert data == yaml.safe_load(text)
@@ -202,6 +202,14 @@ def test_small_documents_match_safe_load(text: str):
         ("d: 2001-13-45", "s:1: d: 2001-13-45 is not a valid date"),
         ("n: !!int twelve", "s:1: n: twelve is not a valid integer"),
         ("k: !" + "t" * 5000 + " v", "s:1: YAML error: could not determine a constructor for the tag '!ttttt"),
+        ("train:\n  epochs: 1:20", "s:2: train.epochs: 1:20 is a YAML 1.1 base-60 number; write it in decimal"),
+        ("lr: -1:30.5", "s:1: lr: -1:30.5 is a YAML 1.1 base-60 number"),
+        ("name: !!binary aGVsbG8=", "s:1: name: !!binary makes binary data, which no spec value is"),
+        ("? !!binary aGVsbG8=\n: 1", "s:1: aGVsbG8=: !!binary makes binary data"),
+        ("plugins: !!set {a, b}", "s:1: plugins: !!set makes a set, which no spec value is"),
+        ("a:\n  b: !!omap [x: 1]", "s:2: a.b: !!omap makes an ordered mapping"),
+        ("model:\n  dim: 1\n  null: 3", "s:3: model: the key null reads as null in YAML; quote it"),
+        ("train:\n  yes: 3", "s:2: train: the key yes reads as a true/false value in YAML; quote it"),
     ],
 )
 def test_errors_are_one_short_line(text: str, expected: str):

@@ -485,6 +485,16 @@ def test_dry_run_marks_what_cannot_be_built_or_breaks_a_constraint_with_its_valu
     assert list(empty_cwd.iterdir()) == []
 
 
+def test_a_set_of_a_searched_value_is_said_to_be_drawn_over(write_spec, empty_cwd, cli_here):
+    path = write_spec(study_text("model.depth: {int: [1, 3]}\n"))
+    result = cli_here("run", path, "--dry-run", "2", "--set", "model.depth=5", "--set", "train.epochs=1", cwd=empty_cwd)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("note:")] == [
+        "note: --set model.depth=5: model.depth is searched (search.space), so each trial draws its own value over "
+        "it; to fix it, remove model.depth from search.space"]
+    assert "model.depth=5]" not in result.stdout  # the draw, as said
+
+
 def test_cli_dry_run_prints_one_line_per_trial_and_writes_nothing(write_spec, empty_cwd):
     path = write_spec(study_text(CONDITIONAL + "model.depth: {int: [1, 3]}\n"))
     result = cli("run", str(path), "--dry-run", "3", cwd=empty_cwd)
@@ -529,16 +539,20 @@ def test_an_empty_option_or_a_zero_count_is_one_line_rather_than_the_default(wri
 @pytest.mark.parametrize("flag, message", [
     ("--jobs=-1", "--jobs -1: must be 0 (--trials-per-gpu workers per GPU, else one per core) or more"),
     ("--n-trials=0", "--n-trials 0: must be at least 1 (trials in the whole study)"),
-    ("--dry-run=0", "--dry-run 0: must be at least 1 (configurations to sample), or leave N out for 5"),
-    ("--trials-per-gpu=0", "--trials-per-gpu 0: must be at least 1 (trials at once in each worker)"),
+    ("--dry-run=0", "--dry-run 0: must be from 1 to 10,000 (configurations to sample), or leave N out for 5"),
+    ("--dry-run=1000000", "--dry-run 1000000: must be from 1 to 10,000 (configurations to sample)"),
+    ("--trials-per-gpu=0", "--trials-per-gpu 0: must be from 1 to 64 (trials at once in each worker; each holds"),
+    ("--trials-per-gpu=65", "--trials-per-gpu 65: must be from 1 to 64"),
+    ("--jobs=100000", "--jobs 100000: at most {most} workers on this machine (8 a core); more only contend for it"),
     ("--storage=", "--storage '': empty; give the study's storage (sqlite:///FILE, journal:FILE, postgresql://..., "
                    "redis://...), or leave --storage out for search.storage"),
 ])
-def test_cli_run_refuses_counts_below_their_minimum_with_one_line(write_spec, empty_cwd, flag, message):
+def test_cli_run_refuses_counts_out_of_their_range_with_one_line(write_spec, empty_cwd, cli_here, flag, message):
     path = write_spec(study_text("model.depth: {int: [1, 3]}\n"))
-    result = cli("run", str(path), flag, cwd=empty_cwd)  # a study or MLflow store would land in cwd
+    result = cli_here("run", path, flag, cwd=empty_cwd)  # a study or MLflow store would land in cwd
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == [f"error: {message}"]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {message.format(most=8 * (os.cpu_count() or 1))}"), line
     assert list(empty_cwd.iterdir()) == []
 
 

@@ -88,6 +88,14 @@ def test_a_spec_file_that_does_not_exist_is_one_line():
     assert raised.value.problems == ["/nonexistent/spec.yaml: no such file; check the path"]
 
 
+def test_a_spec_that_is_not_utf8_names_the_line_and_says_to_save_it_as_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\n# café\n".encode("latin-1"))
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert raised.value.problems == [f"{path}:2: byte 0xe9 cannot be decoded as utf-8 text; save the spec as UTF-8"]
+
+
 def test_preset_fills_the_model_and_keys_override_it(write_spec):
     spec = load_spec(write_spec("name: p\ndata: {dataset: cifar10, image_size: 224}\n"
                                 "model: {preset: vit_s_16, depth: 6, attention: {heads: 4}}\n"), check_model=False)
@@ -144,6 +152,13 @@ def test_unknown_block_argument_names_the_block(write_spec):
 def test_dim_not_divisible_by_heads(write_spec):
     (line,) = problems(GOOD.replace("heads: 4", "heads: 5"), write_spec)
     assert "spec.yaml:7:" in line and "dim 32 is not divisible by heads 5" in line
+
+
+@pytest.mark.parametrize("heads", [0, -4])
+def test_heads_below_one_are_said_as_such_not_as_a_remainder(write_spec, heads):
+    (line,) = problems(GOOD.replace("heads: 4", f"heads: {heads}"), write_spec)
+    assert "spec.yaml:7:" in line and f"heads {heads}: must be at least 1" in line
+    assert "divisible" not in line
 
 
 def test_sincos2d_position_with_dim_not_divisible_by_4_is_one_error_at_the_position_block(write_spec):

@@ -85,11 +85,28 @@ def test_keys_a_merge_brings_in_may_still_be_overridden_once(write_spec):
         load_yaml(text + "  dim: 32\n", "s", unique_keys=True)
 
 
+def test_a_set_into_a_list_sets_that_position_and_keeps_the_list(write_spec):
+    spec = load_spec(write_spec("name: x\ntrain: {betas: [0.9, 0.99]}\n"), ["train.betas.0=0.8"])
+    assert spec.train.betas == (0.8, 0.99)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.betas.2=0.5", "train.betas is a list of 2: give a position from 0 to 1, not '2', or set the whole list"),
+    ("train.betas.first=0.5", "train.betas is a list of 2: give a position from 0 to 1, not 'first',"),
+    ("train.freeze.0=x", "train.freeze is an empty list, with no position '0': or set the whole list"),
+])
+def test_a_set_into_a_list_at_a_position_it_lacks_is_refused(write_spec, override, message):
+    [problem] = problems(write_spec("name: x\ntrain: {betas: [0.9, 0.99], freeze: []}\n"), [override])
+    assert problem.startswith(f"--set {override}: {message}"), problem
+
+
 # -- names that are folders -------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("name=../../escaped", "name: '../../escaped' names a folder under runs/ and cannot hold '/' or '\\'"),
     ("name=..", "name: '..' would name the folder above or this one (runs/..)"),
     ('name="a\\tb"', "name: 'a\\tb' holds a control character"),
+    ("name='   '", "name: '   ' is only spaces; give a word"),
+    ("name=' digits'", "name: ' digits' starts or ends with a space; give a word"),
     ("name=" + "x" * 300, "name: 300 characters, more than the 100 a folder name under runs/ may have"),
     ("search.study_name=a/b", "search.study_name: 'a/b' names a folder under runs/"),
     ("search.study_name=" + "y" * 101, "search.study_name: 101 characters, more than the 100"),

@@ -649,6 +649,18 @@ def test_a_storage_file_that_is_a_device_or_pipe_is_refused_before_it_is_read(tm
         check_file(f"{kind}{tmp_path / 'pipe'}")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a folder that takes no files, as root too")
+def test_a_storage_in_a_folder_that_takes_no_files_is_refused_before_any_store_is_made(workdir, cli_here):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("no-files")))
+    before = sorted(workdir.iterdir())
+    result = cli_here("run", str(spec_path), "--storage", "journal:/proc/vit-search-study.log", cwd=workdir)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: storage 'journal:/proc/vit-search-study.log': its folder /proc takes no "
+                                    "files"), result.stderr
+    assert sorted(workdir.iterdir()) == before  # no mlflow.db made before the refusal
+
+
 def test_cli_run_with_a_bad_storage_exits_2_with_one_line_and_writes_nothing(workdir, cli_here):
     spec_path = workdir / "study.yaml"
     spec_path.write_text(yaml.safe_dump(study_raw("bad-storage")))
@@ -690,6 +702,16 @@ def test_the_shared_values_are_the_unsearched_data_model_and_train_values_but_wh
     values = shared_values(load_spec(STUDY))  # depth, lr and the pooling searched: the pooling's arguments too
     assert values["model.dim"] == 16 and values["model.ffn.ratio"] == 2
     assert not [key for key in values if key.startswith("model.pooling") or key in ("model.depth", "train.lr")]
+
+
+@pytest.mark.parametrize("worker, told", [(None, True), ("0", True), ("1", False)])
+def test_the_joining_note_is_said_once_for_a_jobs_command_by_its_first_worker(monkeypatch, capsys, worker, told):
+    from vit_search.search.fixed import say_joining
+
+    if worker is not None:
+        monkeypatch.setenv("VIT_SEARCH_WORKER", worker)
+    say_joining({"train.epochs": 2}, {"train.epochs": 1}, "shared")
+    assert capsys.readouterr().err.startswith("note: train.epochs 2 differs") is told
 
 
 def test_a_worker_under_other_shared_values_is_told_and_best_exports_the_best_trial_as_it_was_trained(workdir, capsys):

@@ -106,10 +106,26 @@ def _load_study_spec(args: argparse.Namespace):
     problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
+    if getattr(args, "command", None) == "run" and not getattr(args, "worker", False):  # once, by the command
+        _note_searched_overrides(spec, args.overrides)
     if getattr(args, "n_trials", None) is not None and spec.search.strategy == "supernet":
         raise BadInput("--n-trials: a supernet study's size is search.supernet.n_subnets (subnets scored) and "
                        "search.supernet.finalists (trained); set those instead (--set search.supernet.n_subnets=N)")
     return spec
+
+
+def _note_searched_overrides(spec, overrides: Sequence[str]) -> None:
+    """A note (stderr) for each ``--set`` of a value the search draws: every trial's draw replaces it."""
+    from .safe_yaml import clip
+    from .search.space import parse_space
+
+    dims = parse_space(spec.search.space or {})
+    for item in overrides:
+        path = tuple(item.split("=", 1)[0].strip().split("."))
+        searched = next((dim.key for dim in dims if path[:len(dim.path)] == dim.path[:len(path)]), None)
+        if searched is not None:
+            print(f"note: --set {clip(item)}: {searched} is searched (search.space), so each trial draws its own "
+                  f"value over it; to fix it, remove {searched} from search.space", file=sys.stderr)
 
 
 def _space_problems(spec) -> list[str]:
@@ -156,6 +172,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
+    if getattr(args, "command", None) == "run" and not getattr(args, "worker", False):  # once, by the command
+        _note_searched_overrides(spec, args.overrides)
     searched = f", {len(spec.search.space)} searched values" if spec.search else ""
     print(f"{args.spec}: ok ({spec.name}{searched})")
     if spec.search is not None and spec.search.strategy == "supernet":
@@ -262,6 +280,11 @@ def _check_not_empty(args: argparse.Namespace) -> None:
             raise BadInput(f"--{name.replace('_', '-')} {value!r}: empty; {fix}")
 
 
+MAX_DRY_RUN = 10_000  # configurations a dry run samples: a look at the space, not a search of it
+MAX_TRIALS_AT_ONCE = 64  # --trials-per-gpu: beyond this, a GPU's kernels of the trials queue rather than overlap
+MAX_JOBS_PER_CORE = 8  # worker processes --jobs may start per core (a GPU's workers use the host's cores)
+
+
 def _check_run_numbers(args: argparse.Namespace) -> None:
     """Refuse counts that make no sense before anything is loaded or written (BadInput, exit 2)."""
     if args.jobs < 0:
@@ -271,11 +294,16 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
                        f"already spans the launched processes: drop one of the two")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInput(f"--n-trials {args.n_trials}: must be at least 1 (trials in the whole study)")
-    if args.dry_run is not None and args.dry_run < 1:
-        raise BadInput(f"--dry-run {args.dry_run}: must be at least 1 (configurations to sample), "
+    if args.dry_run is not None and not 1 <= args.dry_run <= MAX_DRY_RUN:
+        raise BadInput(f"--dry-run {args.dry_run}: must be from 1 to {MAX_DRY_RUN:,} (configurations to sample), "
                        f"or leave N out for 5")
-    if args.trials_per_gpu < 1:
-        raise BadInput(f"--trials-per-gpu {args.trials_per_gpu}: must be at least 1 (trials at once in each worker)")
+    most = max(MAX_JOBS_PER_CORE * (os.cpu_count() or 1), MAX_JOBS_PER_CORE)
+    if args.jobs > most:  # each worker is a process of its own, of hundreds of MB, however few trials
+        raise BadInput(f"--jobs {args.jobs}: at most {most} workers on this machine ({MAX_JOBS_PER_CORE} a core); "
+                       f"more only contend for it, or use --jobs 0 (one a core, or --trials-per-gpu a GPU)")
+    if not 1 <= args.trials_per_gpu <= MAX_TRIALS_AT_ONCE:
+        raise BadInput(f"--trials-per-gpu {args.trials_per_gpu}: must be from 1 to {MAX_TRIALS_AT_ONCE} (trials at once "
+                       f"in each worker; each holds its model, optimizer and batches)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -26,11 +26,14 @@ SHOWN = 80  # a value quoted in a message is cut to this many characters
 
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
+_NOT_KEYS = {"tag:yaml.org,2002:null": "null", "tag:yaml.org,2002:bool": "a true/false value"}
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base`: its keys may be given again, to override them
 # Tags whose constructors raise a plain ValueError on odd text (``!!int x``, ``2001-13-45``):
 # constructed while the path and line are still known.
-_CHECKED = {_INT: "integer", _FLOAT: "number", "tag:yaml.org,2002:timestamp": "date",
-            "tag:yaml.org,2002:binary": "base64 value"}
+_CHECKED = {_INT: "integer", _FLOAT: "number", "tag:yaml.org,2002:timestamp": "date"}
+# YAML 1.1 types no spec value is: bytes, a set (a mapping of nulls), ordered pairs (lists of tuples).
+_REFUSED = {"tag:yaml.org,2002:binary": "binary data", "tag:yaml.org,2002:set": "a set",
+            "tag:yaml.org,2002:omap": "an ordered mapping", "tag:yaml.org,2002:pairs": "a list of pairs"}
 
 
 class YamlError(ValueError):
@@ -115,11 +118,15 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def _check_scalar(loader: _BoundedLoader, node: ScalarNode, path: tuple[str, ...]) -> None:
-    """Refuse an over-long integer, a non-finite float, or a typed value its constructor rejects."""
+    """Refuse an over-long integer, a non-finite float, a base-60 number, or a typed value its constructor rejects."""
     kind = _CHECKED.get(node.tag)
     if kind is None:
         return
     line = node.start_mark.line + 1
+    if node.tag in (_INT, _FLOAT) and ":" in node.value:
+        # YAML 1.1 reads `1:20` as 80 (base 60), which YAML 1.2 and every other reader take as text.
+        raise _Problem(line, f"{clip(node.value, 20)} is a YAML 1.1 base-60 number; write it in decimal, "
+                             f"or quote it for text", path)
     if node.tag == _INT and len(node.value.lstrip("+-").replace("_", "")) > MAX_DIGITS:
         raise _Problem(line, f"{clip(node.value, 20)} has more than {MAX_DIGITS} digits; "
                              "a setting needs far fewer", path)
@@ -130,6 +137,13 @@ def _check_scalar(loader: _BoundedLoader, node: ScalarNode, path: tuple[str, ...
         raise _Problem(line, f"{clip(node.value)} is not a valid {kind}", path) from None
     if isinstance(value, float) and not math.isfinite(value):
         raise _Problem(line, f"{clip(node.value)} is not a finite number", path)
+
+
+def _refuse_type(node: Node, path: tuple[str, ...]) -> None:
+    """Refuse a node tagged with a YAML type that no spec value has (``!!binary``, ``!!set``, ...)."""
+    if node.tag in _REFUSED:
+        raise _Problem(node.start_mark.line + 1, f"!!{node.tag.rsplit(':', 1)[1]} makes {_REFUSED[node.tag]}, "
+                                                 "which no spec value is; write plain YAML values", path)
 
 
 def _walk(loader: _BoundedLoader, root: Node, unique_keys: bool = False) -> dict[tuple[str, ...], int]:
@@ -150,6 +164,7 @@ def _walk(loader: _BoundedLoader, root: Node, unique_keys: bool = False) -> dict
         node, path, line = stack.pop()
         if line is not None:
             lines[path] = line
+        _refuse_type(node, path)
         if isinstance(node, ScalarNode):
             if node not in checked:
                 checked.add(node)
@@ -162,6 +177,9 @@ def _walk(loader: _BoundedLoader, root: Node, unique_keys: bool = False) -> dict
                 if not isinstance(key, ScalarNode):  # unhashable in Python, and no field name
                     raise _Problem(key.start_mark.line + 1, "a mapping key must be a plain value, not a list "
                                    "or mapping", path)
+                if key.tag in _NOT_KEYS:  # no field is named so, and pydantic would name it `None` or `1`
+                    raise _Problem(key.start_mark.line + 1, f"the key {clip(key.value, 20)} reads as "
+                                   f"{_NOT_KEYS[key.tag]} in YAML; quote it if a field is so named", path)
                 sub = path + (str(key.value),)
                 if unique_keys and key.tag != _MERGE:
                     if str(key.value) in seen:
@@ -170,6 +188,7 @@ def _walk(loader: _BoundedLoader, root: Node, unique_keys: bool = False) -> dict
                     seen[str(key.value)] = key.start_mark.line + 1
                 if key not in checked:
                     checked.add(key)
+                    _refuse_type(key, sub)
                     _check_scalar(loader, key, sub)
                 children.append((value, sub, key.start_mark.line + 1))
         else:

@@ -39,6 +39,9 @@ def folder_name(value: str) -> str:
     if value in (".", ".."):
         raise ValueError(f"'{value}' would name the folder above or this one (runs/{value}); "
                          "give a word, e.g. digits-vit")
+    if value != value.strip():  # `name: "  "`, or a folder `runs/digits /` that looks like runs/digits/
+        raise ValueError(f"{_clip_name(value)!r} " + ("is only spaces" if not value.strip() else "starts or ends with a space")
+                         + "; give a word, e.g. digits-vit")
     if "/" in value or "\\" in value:
         raise ValueError(f"'{_clip_name(value)}' names a folder under runs/ and cannot hold '/' or '\\'; "
                          "use '-' or '_' instead")
@@ -537,14 +540,26 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...] | list[str], value: Any) -> None:
-    """Set ``tree[a][b]... = value``, creating mappings (a block given by name becomes {type: name})."""
-    node = tree
-    for key in path[:-1]:
-        child = node.get(key)
+    """Set ``tree[a][b]... = value``, creating mappings (a block given by name becomes {type: name}).
+
+    A list on the way is indexed by position (``train.betas.0``); an index it does not have raises
+    ValueError, as a mapping in its place would no longer be the list the field needs."""
+    node: Any = tree
+    for depth, key in enumerate(path):
+        slot: Any = key
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                have = f"a list of {len(node)}: give a position from 0 to {len(node) - 1}, not {key!r}," if node else \
+                    f"an empty list, with no position {key!r}:"
+                raise ValueError(f"{'.'.join(path[:depth])} is {have} or set the whole list")
+            slot = int(key)
+        if depth == len(path) - 1:
+            node[slot] = value
+            return
+        child = node[slot] if isinstance(node, list) else node.get(key)
         if isinstance(child, str):  # `ffn: mlp` written short
             child = {"type": child}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             child = {}
-        node[key] = child
+        node[slot] = child
         node = child
-    node[path[-1]] = value

@@ -141,7 +141,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     raw = copy.deepcopy(raw)
     for item in overrides:
         keys, value = parse_override(item)
-        set_path(raw, keys, value)
+        try:
+            set_path(raw, keys, value)
+        except ValueError as err:
+            raise SpecError([f"--set {item}: {err}"]) from None
     return raw
 
 
@@ -264,11 +267,16 @@ def _read_spec(path: Path, name: str) -> str:
         if size > limit:  # read no further: a spec is a few KB
             raise SpecError([f"{name}: the file is {size:,} bytes; a spec is a few KB (at most "
                              f"{MAX_CHARS:,} characters)"])
-        return io.TextIOWrapper(io.BytesIO(data)).read()  # as Path.read_text decodes it
+        try:
+            return io.TextIOWrapper(io.BytesIO(data)).read()  # as Path.read_text decodes it
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise SpecError([f"{name}:{line}: byte 0x{data[err.start]:02x} cannot be decoded as {err.encoding} text; "
+                             f"save the spec as {err.encoding.upper()}"]) from None
     except FileNotFoundError:
         raise SpecError([f"{name}: no such file; check the path"]) from None
-    except (PermissionError, UnicodeDecodeError) as err:
-        raise SpecError([f"{name}: cannot read the spec: {err}"]) from None
+    except PermissionError:
+        raise SpecError([f"{name}: cannot read the spec: permission denied; make it readable (chmod u+r)"]) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise SpecError([f"{name}: its symbolic links form a loop; give the path of the spec file itself"]) from None

@@ -15,6 +15,14 @@ from ..registry import register
 from .elastic import Elastic, norm, sliced_linear
 
 
+def _check_heads(dim: int, heads: int) -> None:
+    """Refuse a head count that cannot split ``dim`` (a count below 1 is said as such, not as a remainder)."""
+    if heads < 1:
+        raise ValueError(f"heads {heads}: must be at least 1")
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
+
+
 class _MultiHeadSelfAttention(Elastic, nn.Module):
     """Shared parameters: one fused qkv projection, optional per-head q/k LayerNorm, output proj.
 
@@ -37,8 +45,7 @@ class _MultiHeadSelfAttention(Elastic, nn.Module):
         proj_dropout: float = 0.0,
     ):
         super().__init__()
-        if heads <= 0 or dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
+        _check_heads(dim, heads)
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5  # 1/sqrt(d_head), applied before the softmax
@@ -52,8 +59,8 @@ class _MultiHeadSelfAttention(Elastic, nn.Module):
 
     def set_sample_config(self, dim: int | None = None, heads: int = 8) -> None:
         """Run as the subnet of width ``dim`` and ``heads`` heads (``dim=None``: as built)."""
-        if dim is not None and (heads <= 0 or dim % heads):
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
+        if dim is not None:
+            _check_heads(dim, heads)
         super().set_sample_config(dim, heads=heads)
 
     def _split_heads(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:

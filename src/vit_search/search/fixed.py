@@ -9,6 +9,8 @@ values it was trained with, so that the exported spec reproduces it.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 from optuna.trial import FrozenTrial
@@ -53,13 +55,16 @@ def differences(values: dict[str, Any], stored: dict[str, Any] | None) -> dict[s
     return {key: value for key, value in values.items() if stored and key in stored and stored[key] != value}
 
 
-def joining_note(differs: dict[str, Any], stored: dict[str, Any], study: str) -> str:
-    """The line a worker prints when its values differ from its study's."""
+def say_joining(differs: dict[str, Any], stored: dict[str, Any], study: str) -> None:
+    """Print (stderr) the line a worker says when its values differ from its study's: once for a
+    ``--jobs`` command, by its first worker, as its workers all run under the same values."""
+    if os.environ.get("VIT_SEARCH_WORKER", "0") != "0":
+        return
     key = next(iter(differs))
     more = f" (and {len(differs) - 1} more)" if len(differs) > 1 else ""
-    return (f"note: {key} {json.dumps(differs[key])}{more} differs from study '{study}', whose first trials were "
-            f"trained with {json.dumps(stored[key])}: this worker's trials join the same leaderboard; set a new "
-            f"search.study_name to keep them apart")
+    print(f"note: {key} {json.dumps(differs[key])}{more} differs from study '{study}', whose first trials were "
+          f"trained with {json.dumps(stored[key])}: this worker's trials join the same leaderboard; set a new "
+          f"search.study_name to keep them apart", file=sys.stderr)
 
 
 def check_reproduces(spec: Spec, stored: dict[str, Any] | None, trial: FrozenTrial, study: str) -> None:

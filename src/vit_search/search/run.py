@@ -29,7 +29,7 @@ from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
 from ..train import train
 from .epoch_reports import reporter
-from .fixed import SHARED_VALUES, joining_note
+from .fixed import SHARED_VALUES, say_joining
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import (
@@ -106,7 +106,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         handle = open_study(spec, url)
         runs = StudyRuns(spec, handle)
     if handle.differs:
-        print(joining_note(handle.differs, handle.attr(SHARED_VALUES), handle.study.study_name), file=sys.stderr)
+        say_joining(handle.differs, handle.attr(SHARED_VALUES), handle.study.study_name)
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
                        failures=not lines)
     stop = threading.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import tempfile
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -236,6 +237,11 @@ def check_file(url: str) -> None:
         why = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
         raise StorageError(f"storage '{redact(url)}': its folder {path.parent} cannot be made ({why}); pass a "
                            f"--storage in a folder that can be written") from None
+    try:  # a folder that exists but takes no files (read-only, /proc): said before any other store is made
+        tempfile.TemporaryFile(dir=path.parent, prefix=".vit-search-probe-").close()
+    except OSError as err:
+        raise StorageError(f"storage '{redact(url)}': its folder {path.parent} takes no files ({err.strerror or err}); "
+                           f"pass a --storage in a folder that can be written") from None
     if not url.startswith("sqlite:///"):
         return
     problem = sqlite_problem(path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..performance import RunSeconds
 from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..tracking import check_store
-from .fixed import SHARED_VALUES, joining_note
+from .fixed import SHARED_VALUES, say_joining
 from .run import Infeasible, SearchResult, TrialRunner, check_constraints, storage_faults_in_one_line
 from .space import parse_space, to_params
 from .storage import check_file, check_server, check_url, study_lock
@@ -110,7 +109,7 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                         say(scores_line(scores))
         if not interrupted and stopped is None and search.supernet.finalists:
             if finals.differs:  # said here, where its finalists join the others (phase 1 refuses other values itself)
-                print(joining_note(finals.differs, finals.attr(SHARED_VALUES), name), file=sys.stderr)
+                say_joining(finals.differs, finals.attr(SHARED_VALUES), name)
             runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
             with study_lock(url, name):
                 target = runner.enqueue_finalists()
