@@ -9,7 +9,7 @@ end: ``vit-search run`` of a supernet study (TPE, MLflow on sqlite), subnets sco
 first subnet drawn to the command's exit.
 
     python benchmarks/supernet.py            # 10 subnets x 3 seeds, 10 epochs, k = 0,1,2; 500 subnets
-    python benchmarks/supernet.py --quick    # 10 subnets x 2 seeds, 2 epochs: a smoke run
+    python benchmarks/supernet.py --quick    # 10 subnets x 2 seeds, 2 epochs, 20 subnets in phase 2: a smoke run
 """
 
 from __future__ import annotations
@@ -124,18 +124,29 @@ def phase2_cli(n_subnets: int, tmp: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 epochs, 2 seeds: a smoke run")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 2 seeds, 20 subnets in phase 2: a smoke run")
     parser.add_argument("--subnets", type=int, default=10, help="distinct random subnets ranked (0: cost only)")
     parser.add_argument("--epochs", type=int, help="default 10 (2 with --quick)")
     parser.add_argument("--seeds", type=int, help="stand-alone seeds per subnet, default 3 (2 with --quick)")
     parser.add_argument("--random-subnets", default="0,1,2", help="sandwich variants compared, comma-separated")
     parser.add_argument("--draw-seed", type=int, default=1, help="seed of the random subnets ranked")
-    parser.add_argument("--phase2", type=int, default=500, help="subnets scored through the CLI (0: skip)")
+    parser.add_argument("--phase2", type=int, help="subnets scored through the CLI (0: skip; default 500, 20 with "
+                                                   "--quick)")
     args = parser.parse_args()
+    for flag in ("subnets", "epochs", "seeds", "phase2"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag in ("epochs", "seeds") else 0):
+            parser.error(f"--{flag} {getattr(args, flag)}: too small")
     epochs = args.epochs or (2 if args.quick else 10)
     seeds = args.seeds or (2 if args.quick else 3)
-    tmp = Path(tempfile.mkdtemp())
+    if args.phase2 is None:
+        args.phase2 = 20 if args.quick else 500
+    with tempfile.TemporaryDirectory() as tmp:  # stores, checkpoints: nothing is left behind
+        measure(args, epochs, seeds, Path(tmp))
+
+
+def measure(args: argparse.Namespace, epochs: int, seeds: int, tmp: Path) -> None:
+    """Phase 1 and its ranking for each sandwich variant, then phase 2 through the command line."""
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     if args.phase2:
         phase2_cli(args.phase2, tmp)
