@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line sets it (cli.main), before torch
+TRIAL_PATCH = 32  # the end-to-end trial's patch side: --image-size must be a multiple
 
 
 def write_folder(folder: Path, images: int, side: int, classes: int = 10) -> None:
@@ -49,6 +50,72 @@ def write_folder(folder: Path, images: int, side: int, classes: int = 10) -> Non
         (folder / f"class_{c}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(one, range(images)))
+
+
+def written_train_images(images: int, classes: int = 10) -> int:
+    """How many of ``images`` written JPEGs the train split keeps: the seeded split load_data makes (seed 0)."""
+    from vit_search.data.sources import stratified_split
+    from vit_search.schema import DataSpec
+
+    fields = DataSpec.model_fields
+    labels = np.arange(images) % classes
+    rest, _ = stratified_split(labels, fields["test_fraction"].default, 0, "data.test_fraction")
+    train, _ = stratified_split(labels[rest], fields["val_fraction"].default, 0)
+    return len(train)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, in one line each, what would fail only after minutes of work: the numbers, the device, the
+    folder, and too few train images for the batches the rates time (one warm-up, then ``--batches``)."""
+    import torch
+
+    for name in ("images", "side", "image_size", "batch", "batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("workers", "epochs"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} {getattr(args, name)}: must be 0 or more")
+    if args.epochs and args.image_size % TRIAL_PATCH:
+        parser.error(f"--image-size {args.image_size}: the end-to-end trial (--epochs) cuts {TRIAL_PATCH} px patches, "
+                     f"so a multiple of {TRIAL_PATCH} (or --epochs 0 to skip the trial)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device (cpu, cuda, cuda:1...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    need = args.batch * (args.batches + 1)
+    shortfall = (f"the rates time --batches {args.batches} of --batch {args.batch} after one warm-up batch: "
+                 f"they need {need:,} train images")
+    if args.folder is not None:
+        from pydantic import ValidationError
+
+        from vit_search.data.sources import imagefolder_parts
+        from vit_search.errors import DataError
+
+        try:
+            _, splits, _ = imagefolder_parts(data_spec(args, "off"), 0)
+        except ValidationError as err:
+            parser.error(f"--folder {args.folder}: " + "; ".join(e["msg"].removeprefix("Value error, ")
+                                                                 for e in err.errors()))
+        except DataError as err:
+            parser.error(f"--folder {args.folder}: {err}")
+        train = len(splits["train"][1])
+        if train < need:
+            parser.error(f"--folder {args.folder}: its train split holds {train:,} images; {shortfall} "
+                         f"(a smaller --batch or --batches)")
+        return
+    if args.images < 10:  # write_folder spreads them over 10 class folders: none may stay empty
+        parser.error(f"--images {args.images}: at least 10, one for each class folder written")
+    train = written_train_images(args.images)
+    if train < need:
+        least = max(10, int(need / 0.72) - 10)  # train keeps about 72%: (1 - test 20%) x (1 - val 10%)
+        while written_train_images(least) < need:
+            least += 1
+        parser.error(f"--images {args.images}: the train split keeps {train:,} of them; {shortfall}, so --images "
+                     f"{least:,} or more (or a smaller --batch or --batches)")
 
 
 def data_spec(args: argparse.Namespace, cache: str, randaugment: bool = False):
@@ -116,7 +183,7 @@ def trial_seconds(args: argparse.Namespace, cache: str) -> float:
 
     raw = {"name": f"data-{cache}", "seed": 0,
            "data": data_spec(args, cache).model_dump(),
-           "model": {"dim": 64, "depth": 2, "patch_embed": {"type": "conv", "patch_size": 32},
+           "model": {"dim": 64, "depth": 2, "patch_embed": {"type": "conv", "patch_size": TRIAL_PATCH},
                      "attention": {"type": "sdpa", "heads": 2}, "ffn": {"type": "mlp", "ratio": 2}},
            "train": {"epochs": args.epochs, "batch_size": args.batch, "warmup_epochs": 0},
            "tracking": {"enabled": False}}
@@ -170,6 +237,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vit-ti", action="store_true", help="also time ViT-Ti/16 training on --device")
     args = parser.parse_args()
+    check_arguments(parser, args)
     sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured
 
     import torch

@@ -57,6 +57,8 @@ from quickstart_points import distinct_points  # noqa: E402  (a module beside th
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "digits.yaml"
 PART_TIMEOUT = 240  # seconds: one command of the suite that runs longer has hung
+DEFAULT_PARTS = "trial,packing,study,vit"
+PARTS = ("tags", "trial", "packing", "repeats", "study", "storage", "contention", "designs", "vit", "capture")
 
 
 def cli(args: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[str, float]:
@@ -475,8 +477,9 @@ def _img_per_second(model, device, batch: int, size: int, steps: int, compiled: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the script")
-    parser.add_argument("--parts", default="trial,packing,study,vit",
-                        help="comma-separated parts to run, in this order (default: all of them)")
+    parser.add_argument("--parts", default=DEFAULT_PARTS,
+                        help=f"comma-separated parts to run, in this order (default: {DEFAULT_PARTS}; on request: "
+                             f"{', '.join(p for p in PARTS if p not in DEFAULT_PARTS.split(','))})")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     parser.add_argument("--layouts", default="1x1,8x1,4x2",
                         help="part 'designs': worker processes x trials packed in each, comma-separated")
@@ -486,6 +489,19 @@ def main() -> None:
     parser.add_argument("--tmp", help="folder for the studies' stores and checkpoints (default: the system's; "
                                       "/dev/shm takes the disk out of the figures)")
     args = parser.parse_args()
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
+    unknown = set(args.skip.split(",")) - set(PARTS) - {""}
+    if unknown:
+        parser.error(f"--skip: unknown {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
+    if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", args.layouts):
+        parser.error(f"--layouts {args.layouts}: comma-separated JOBSxPACKED, e.g. 1x1,8x1,4x2")
+    if args.layout_trials < 1 or args.study_jobs < 0 or args.study_packed < 0:
+        parser.error(f"--layout-trials {args.layout_trials} --study-jobs {args.study_jobs} --study-packed "
+                     f"{args.study_packed}: the first at least 1, the others 0 or more")
+    if args.tmp and not Path(args.tmp).is_dir():
+        parser.error(f"--tmp {args.tmp}: no such folder")
     tempfile.tempdir = args.tmp
     import torch
 
@@ -508,10 +524,8 @@ def main() -> None:
         "vit": lambda: vit_b16(args.cpu_smoke),
         "capture": lambda: capture_cost(args.cpu_smoke),
     }
+    assert set(parts) == set(PARTS), "PARTS names every part"
     failed, suite_started = [], time.perf_counter()
-    unknown = set(args.parts.split(",")) - set(parts)
-    if unknown:
-        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(parts)})")
     for name in args.parts.split(","):
         if name in skip:
             continue

@@ -18,6 +18,7 @@ MFU is 3 x forward FLOPs (torch's FLOP counter) x images/s over the device's pea
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -66,8 +67,9 @@ def bare_steps(args: argparse.Namespace, device: torch.device) -> None:
           f"per image)" if peak else "  MFU: peak unknown for this device; pass --peak-tflops")
 
 
-def through_train(args: argparse.Namespace, device: torch.device) -> None:
-    """Images/second and MFU as train() measures and logs them (last of two epochs)."""
+def through_train(args: argparse.Namespace, device: torch.device, checkpoint_dir: str) -> None:
+    """Images/second and MFU as train() measures and logs them (last of two epochs); the checkpoint goes to
+    ``checkpoint_dir``."""
     steps_per_epoch = max(args.steps // 2, 2)
     train_images = args.batch * steps_per_epoch
     samples = int(train_images / 0.72) + 2 * args.classes  # val 10%, test 20% held out
@@ -81,7 +83,7 @@ def through_train(args: argparse.Namespace, device: torch.device) -> None:
                   "cpu": device.type == "cpu"},
         "tracking": {"enabled": False},
     })
-    result = train(spec, checkpoint_dir=args.checkpoint_dir, progress=False)
+    result = train(spec, checkpoint_dir=checkpoint_dir, progress=False)
     last = result.history[-1]
     mfu = f", MFU {last['mfu']:.1%}" if "mfu" in last else ", MFU: peak unknown (pass --peak-tflops)"
     print(f"  train(): {last['images_per_second']:,.0f} img/s{mfu}, peak memory {last['peak_memory_mb']:,.0f} MB "
@@ -105,9 +107,14 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
     parser.add_argument("--skip-train", action="store_true", help="bare steps only")
-    parser.add_argument("--checkpoint-dir", default="/tmp/vit-search-gpu-throughput")
+    parser.add_argument("--checkpoint-dir", help="keep train()'s checkpoint in this folder (default: a temporary "
+                                                 "folder, removed at the end)")
     parser.add_argument("--cpu-smoke", action="store_true", help="ViT-Ti/16 at 32 px, batch 4, 2 steps, on the CPU")
     args = parser.parse_args()
+    if args.batch < 1 or args.steps < 1:
+        parser.error(f"--batch {args.batch} --steps {args.steps}: both must be at least 1")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak-tflops {args.peak_tflops:g}: must be above 0")
     args.preset, args.image_size, args.classes = "vit_b_16", 224, 100
     if args.cpu_smoke:
         args.preset, args.image_size, args.classes, args.batch, args.steps = "vit_ti_16", 32, 4, 4, 2
@@ -117,8 +124,13 @@ def main() -> None:
     else:
         raise SystemExit("no CUDA device: this benchmark measures a GPU (--cpu-smoke checks the script)")
     bare_steps(args, device)
-    if not args.skip_train:
-        through_train(args, device)
+    if args.skip_train:
+        return
+    if args.checkpoint_dir:
+        through_train(args, device, args.checkpoint_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="vit-search-gpu-throughput-") as checkpoint_dir:
+        through_train(args, device, checkpoint_dir)
 
 
 if __name__ == "__main__":

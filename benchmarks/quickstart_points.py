@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def distinct_points(count: int) -> list[dict]:
     """``count`` distinct points of experiments/digits.yaml's space, spread over it (at most 36)."""
@@ -9,3 +11,9 @@ def distinct_points(count: int) -> list[dict]:
     step = max(1, len(points) // count)
     return [{"model.depth": d, "model.attention.heads": h, "model.pooling.type": p, "train.lr": lr}
             for d, h, p, lr in points[::step][:count]]
+
+
+if __name__ == "__main__":
+    print("quickstart_points.py: a helper module, imported by the other benchmarks (gpu_suite.py, jobs_throughput.py); "
+          "run one of those", file=sys.stderr)
+    raise SystemExit(2)

@@ -149,7 +149,20 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + tempfile.mkdtemp() + "/mlflow.db")
+    unknown = [name for name in args.methods.split(",") if name not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)})")
+    if not Path(args.spec).is_file():
+        parser.error(f"--spec {args.spec}: no such file")
+    if args.seeds < 1 or args.budget <= 0 or args.subnets < 1:
+        parser.error(f"--seeds {args.seeds} --budget {args.budget:g} --subnets {args.subnets}: each must be above 0")
+    with tempfile.TemporaryDirectory(prefix="vit-search-efficiency-") as tracking:  # MLflow's store, removed at the end
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tracking}/mlflow.db")
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Each method's studies and the lines comparing them."""
     raw = base_raw(args.spec)
     with tempfile.TemporaryDirectory() as tmp:
         largest, per_trial = seconds_per_trial(raw, args.overrides, tmp)
@@ -182,7 +195,9 @@ def main() -> None:
               f"{medians[name][2]:.4f}); seed {median_seed}'s: "
               f"{', '.join(f'{p:,} {a:.4f}' for p, a in front(runs[median_seed][4])) or 'none'}", flush=True)
     best = max(medians, key=lambda n: medians[n][0])
-    fastest = min(medians, key=lambda n: medians[n][1])
+    reached = [n for n in medians if medians[n][1] != float("inf")]
+    fastest = (min(reached, key=lambda n: medians[n][1]) if reached
+               else "none, the median run of every method never reached it")
     widest = max(medians, key=lambda n: medians[n][2])
     print(f"best median test accuracy: {best}; fastest median time to val {args.target}: {fastest}; "
           f"largest median front area: {widest}")

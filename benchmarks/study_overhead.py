@@ -97,29 +97,57 @@ def main() -> None:
     parser.add_argument("--tmp", help="folder for the stores (default: the system's temporary folder)")
     parser.add_argument("--strace", action="store_true", help="count fsync calls (slower: strace stops each)")
     args = parser.parse_args()
+    if args.trials < 1 or args.repeat < 1:
+        parser.error(f"--trials {args.trials} --repeat {args.repeat}: both must be at least 1")
+    try:
+        jobs_values = [int(j) for j in args.jobs.split(",")]
+        packed_values = [int(k) for k in args.packed.split(",")]
+    except ValueError:
+        parser.error(f"--jobs {args.jobs} --packed {args.packed}: comma-separated whole numbers")
+    if min(jobs_values) < 0 or min(packed_values) < 1:
+        parser.error(f"--jobs {args.jobs} --packed {args.packed}: --jobs 0 or more, --packed 1 or more")
+    if args.slow_fsync < 0:
+        parser.error(f"--slow-fsync {args.slow_fsync:g}: must be 0 or more")
+    if args.slow_fsync and not shutil.which("cc"):
+        parser.error("--slow-fsync: no C compiler (cc) here to build its shim")
+    if args.tmp and not Path(args.tmp).is_dir():
+        parser.error(f"--tmp {args.tmp}: no such folder")
     if args.strace and not shutil.which("strace"):
-        raise SystemExit("--strace: strace is not installed")
+        parser.error("--strace: strace is not installed")
     where = args.tmp or tempfile.gettempdir()
     slow = f", every fsync {args.slow_fsync:g} ms slower" if args.slow_fsync else ""
     print(f"stores in {where}{slow}; {args.trials} trials of 20 epochs that train almost nothing", flush=True)
+    noise = "the difference is within the noise (use more --trials or --repeat)"
     with tempfile.TemporaryDirectory() as shim:
         extra = slow_fsync_env(args.slow_fsync, shim) if args.slow_fsync else {}
-        paces = {}
-        for jobs in (int(j) for j in args.jobs.split(",")):
-            for packed in (int(k) for k in args.packed.split(",")):
+        paces: dict[tuple[int, int], float | None] = {}
+        for jobs in jobs_values:
+            for packed in packed_values:
                 pairs = sorted(((one_study(1, packed, jobs, args.tmp, args.strace, extra),
                                  one_study(1 + args.trials, packed, jobs, args.tmp, args.strace, extra))
                                 for _ in range(args.repeat)), key=lambda pair: pair[1][0] - pair[0][0])
                 (short, short_syncs), (long, long_syncs) = pairs[len(pairs) // 2]  # the median pace
-                paces[jobs, packed] = (long - short) / args.trials
-                syncs = "" if short_syncs is None else (f"; fsyncs: {short_syncs} for start-up and one trial, "
-                                                        f"{(long_syncs - short_syncs) / args.trials:.1f} per further trial")
+                # The longer study not longer than the short one: its trials cost less than the runs' noise.
+                paces[jobs, packed] = (long - short) / args.trials if long > short else None
+                if short_syncs is None or long_syncs is None:
+                    syncs = ""
+                elif long_syncs >= short_syncs:
+                    syncs = (f"; fsyncs: {short_syncs} for start-up and one trial, "
+                             f"{(long_syncs - short_syncs) / args.trials:.1f} per further trial")
+                else:
+                    syncs = (f"; fsyncs: {short_syncs} for start-up and one trial, {long_syncs} for all "
+                             f"{1 + args.trials} (fewer: within the noise)")
+                pace = paces[jobs, packed]
+                said = f"{pace:.3f} s per trial ({3600 / pace:,.0f} trials/hour)" if pace else noise
                 print(f"--jobs {jobs} --trials-per-gpu {packed}: 1 trial {short:.1f} s, {1 + args.trials} trials "
-                      f"{long:.1f} s: {paces[jobs, packed]:.3f} s per trial ({3600 / paces[jobs, packed]:,.0f} "
-                      f"trials/hour){syncs}", flush=True)
+                      f"{long:.1f} s: {said}{syncs}", flush=True)
     first = next(iter(paces.values()))
+    if first is None:
+        print(f"trials/hour against the first layout: none, for the first layout {noise}")
+        return
     print("trials/hour against the first layout: " + ", ".join(
-        f"{jobs}x{packed} {first / pace:.2f}x" for (jobs, packed), pace in paces.items()))
+        f"{jobs}x{packed} " + (f"{first / pace:.2f}x" if pace else "? (within the noise)")
+        for (jobs, packed), pace in paces.items()))
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ and torchvision ViT (every weight re-drawn at random, fp32, eval) and our model 
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
 
@@ -51,6 +53,8 @@ def difference(reference: nn.Module, ours: nn.Module, size: tuple[int, int]) -> 
 
 
 def main() -> None:
+    description = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph, on one line
+    argparse.ArgumentParser(description=description, epilog="It takes no options.").parse_args()
     from vit_search.model import from_timm, from_torchvision, resample_position_embedding
 
     print(f"max abs logit difference, fp32, eval (tolerance {TOLERANCE:g})")
