@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import trials_watch
 from test_study import study_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -731,14 +732,11 @@ def _training_trial_0(spec: Path, study: str, storage: str, workdir: Path, epoch
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--storage", storage,
                              "--set", f"train.epochs={epochs}"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 120
+    deadline, trials = time.monotonic() + 120, trials_watch(study, storage)
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        try:
-            if [t for t in optuna.load_study(study_name=study, storage=storage).get_trials() if t.params]:
-                return proc
-        except KeyError:  # no study yet
-            pass
+        if [t for t in trials() if t.params]:
+            return proc
         time.sleep(0.1)
 
 
@@ -1000,14 +998,9 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     storage = study_raw(name)["search"]["storage"]
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=30"],
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:  # the first trial exists: it is being drawn, or set up, or training
+    deadline, trials = time.monotonic() + 120, trials_watch(name, storage)
+    while not trials():  # the first trial exists: it is being drawn, or set up, or training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        try:
-            if optuna.load_study(study_name=name, storage=storage).get_trials():
-                break
-        except KeyError:
-            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -23,6 +23,7 @@ from vit_search.spec import load_spec
 from vit_search.train import train
 from vit_search.train_step import CAPTURE_GATE, CaptureGate, EagerStep
 
+from conftest import trials_watch
 from test_study import STUDY, children_of, study_raw
 
 
@@ -66,16 +67,10 @@ def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--trials-per-gpu", "2",
                              "--set", "train.epochs=50"], cwd=workdir, env=os.environ.copy(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 200
-    while True:  # both slots training
+    deadline, trials = time.monotonic() + 200, trials_watch("packed-ctrl-c", storage)
+    while sum(t.state == TrialState.RUNNING and "model.depth" in t.params for t in trials()) < 2:  # both slots training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
-        try:
-            trials = optuna.load_study(study_name="packed-ctrl-c", storage=storage).get_trials()
-        except KeyError:
-            continue
-        if sum(t.state == TrialState.RUNNING and "model.depth" in t.params for t in trials) == 2:
-            break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == 130, err[-3000:]

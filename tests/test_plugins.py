@@ -552,7 +552,8 @@ def test_a_plugin_block_that_fails_in_training_is_one_line_naming_its_file_and_t
         tracking: {experiment: fails-in-training}
         """)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    said = cli_here("train", spec, "--checkpoint-dir", tmp_path / "runs", env={"MLFLOW_TRACKING_URI": store})
+    said = cli_here("train", spec, "--checkpoint-dir", tmp_path / "runs", env={"MLFLOW_TRACKING_URI": store},
+                    cwd=tmp_path)  # a new store's artifacts go to ./mlruns
     (line,) = [line for line in said.stderr.splitlines() if line.startswith("error:")]  # MLflow's notes aside
     assert said.returncode == 1 and "Traceback" not in said.stderr, said.stderr
     assert line == (f"error: RuntimeError: boom in training (at {tmp_path / 'fails_in_training.py'}:12 in forward); "
@@ -668,6 +669,7 @@ def test_a_logged_run_or_checkpoint_whose_model_needs_an_unlisted_plugin_block_s
     from vit_search.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # a new store's artifacts go to ./mlruns
     _write(tmp_path / "pooled.py", """
         import torch
         from vit_search import register

@@ -27,7 +27,7 @@ from vit_search.search.study import WORKER, _worker_dead, _worker_id
 from vit_search.spec import load_spec
 from vit_search.train import train
 
-from conftest import two_process_launch
+from conftest import trials_watch, two_process_launch
 from test_study import STUDY, study_raw
 
 
@@ -171,14 +171,11 @@ def test_sigterm_sent_to_jobs_alone_stops_every_worker_without_blaming_them(work
     proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2",
                              "--set", "train.epochs=50"], cwd=workdir, env=os.environ.copy(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 200
+    deadline, watched = time.monotonic() + 200, trials_watch(name, storage)
     while True:  # both workers training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
-        try:
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
-        except KeyError:
-            continue
+        trials = watched()
         # The worker's id is written just after its trial starts RUNNING: wait for both.
         if sum(t.state == TrialState.RUNNING and WORKER in t.system_attrs for t in trials) == 2:
             break

@@ -157,13 +157,23 @@ def test_constraints_prune_trials_before_any_training(workdir):
 def test_n_trials_extends_a_study_a_finished_one_adds_none_and_every_enqueued_trial_runs_once(workdir):
     # Trials pruned by a constraint: the study's bookkeeping without training.
     raw = {**study_raw("extended", n_trials=2, constraints={"max_params": 1000},
-                       enqueue=[{"model.depth": 1}, {"model.depth": 2}, {"model.depth": 1, "train.lr": 5.0e-3}]),
+                       enqueue=[{"model.depth": 1}, {"model.depth": 2}, {"model.depth": 1, "train.lr": 5.0e-3},
+                                {"model.depth": 2}]),  # given twice: two trials, each with its own drawn lr
            "tracking": {"enabled": False}}
-    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 3  # all enqueued, though n_trials is 2
-    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 3  # finished: the same command adds none
+    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 4  # all enqueued, though n_trials is 2
+    assert len(run_search(load_spec(raw), progress=False).study.get_trials()) == 4  # finished: the same command adds none
     trials = run_search(load_spec(raw, ["search.n_trials=5"]), progress=False).study.get_trials()
     assert len(trials) == 5 and {t.state for t in trials} == {TrialState.PRUNED}  # the queue was not added again
-    assert [t.params["model.depth"] for t in trials[:3]] == [1, 2, 1] and trials[2].params["train.lr"] == 5.0e-3
+    assert [t.params["model.depth"] for t in trials[:4]] == [1, 2, 1, 2] and trials[2].params["train.lr"] == 5.0e-3
+    assert trials[1].params["train.lr"] != trials[3].params["train.lr"]
+    # An initialise whose worker was killed before the study recorded it done runs again: it adds none twice.
+    from vit_search.search.run import TrialRunner
+    from vit_search.search.study_runs import StudyRuns
+
+    spec = load_spec(raw)
+    handle = open_study(spec)
+    TrialRunner(spec, handle, StudyRuns(spec, handle), 1).initialise()
+    assert len(handle.study.get_trials()) == 5
 
 
 def test_without_n_trials_a_worker_stops_taking_trials_at_its_timeout(workdir):
@@ -343,6 +353,13 @@ def test_pruner_stops_weak_trials_early(workdir):
     assert TrialState.PRUNED in states[4:]
     pruned = [t for t in result.study.get_trials() if t.state == TrialState.PRUNED]
     assert all(len(t.intermediate_values) < 6 for t in pruned)
+    # Their runs say why in pruned_reason alone: a filter on `error` finds failures, not pruned trials.
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("pruned").experiment_id],
+                              filter_string="tags.`trial.state` = 'PRUNED'")
+    assert len(runs) == len(pruned) and {r.info.status for r in runs} == {"KILLED"}
+    assert all("error" not in r.data.tags and r.data.tags["pruned_reason"].startswith("pruned by median after epoch ")
+               for r in runs), [r.data.tags for r in runs]
 
 
 # Separate worker processes on one journal storage (exactly n_trials, distinct points, one MLflow parent):

@@ -19,6 +19,7 @@ import sqlalchemy.exc
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from conftest import trials_watch
 from optuna.trial import TrialState
 
 from vit_search.search.study import PARENT_RUN, RETRIED
@@ -153,12 +154,10 @@ def test_a_worker_killed_in_phase_2_has_its_subnet_retried_and_nothing_lost_or_s
     path, storage = write(workdir, "killed2", n_subnets=40)
     subnets = "killed2:subnets"
     proc = start(path, workdir)
+    watched = trials_watch(subnets, storage)
 
     def scoring() -> bool:
-        try:
-            trials = optuna.load_study(study_name=subnets, storage=storage).get_trials(deepcopy=False)
-        except KeyError:
-            return False
+        trials = watched()
         return (any(t.state == TrialState.COMPLETE for t in trials)
                 and any(t.state == TrialState.RUNNING for t in trials) and len(trials) < 35)
 

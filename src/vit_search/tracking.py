@@ -393,19 +393,25 @@ class Tracker:
             except BaseException as err:
                 lost = server_problem()
                 if lost is None:
-                    self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
+                    from optuna import TrialPruned
+
+                    if isinstance(err, TrialPruned):  # no error: the study tags it with its pruned_reason
+                        self._end_quietly("KILLED", None)
+                    else:
+                        self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
                     raise
                 # Nothing more reaches the store: the run stays RUNNING there, and --resume continues it.
                 raise TrackingLost(lost, "start the server, then run the same command with --resume") from err
             else:
                 mlflow.end_run(status="FINISHED")
 
-    def _end_quietly(self, status: str, error: str) -> None:
-        """End the run on an error without hiding that error under MLflow's own."""
+    def _end_quietly(self, status: str, error: str | None) -> None:
+        """End the run on an error (tagged ``error`` unless None) without hiding that error under MLflow's own."""
         import mlflow
 
         try:
-            mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
+            if error is not None:
+                mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
         except Exception:
             pass  # the error being raised says more; a study reconciles the run's state later
         try:

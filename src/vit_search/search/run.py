@@ -8,9 +8,11 @@ nested run per trial (pruned and failed ones included, tagged with their state):
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -282,8 +284,18 @@ class TrialRunner:
     def initialise(self) -> None:
         """Once per study, under the study lock: the enqueued configurations and the parent run."""
         dims = parse_space(self.spec.search.space)
+        study = self.handle.study
+        # Each entry is one trial, a repeated one too (`{model.ffn.type: swiglu}` twice: two trials, the rest drawn
+        # for each). Those a first initialise enqueued before its worker was killed are not enqueued again.
+        done = Counter(json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
+                       for t in study.get_trials(deepcopy=False) if "fixed_params" in t.system_attrs)
         for values in self.spec.search.enqueue:
-            self.handle.study.enqueue_trial(to_params(dims, values), skip_if_exists=True)
+            params = to_params(dims, values)
+            key = json.dumps(params, sort_keys=True)
+            if done[key]:
+                done[key] -= 1
+                continue
+            study.enqueue_trial(params, skip_if_exists=False)
         self.runs.create_parent()
 
     def draw(self, trial: optuna.Trial) -> tuple[Spec, dict[str, Any]]:
