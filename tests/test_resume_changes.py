@@ -102,6 +102,15 @@ def test_resume_with_another_freeze_is_refused_and_a_finished_run_stays_finished
                       cwd=workdir, env=env)
     _refused_in_one_line(result, "train.freeze ['blocks.1.*'] differs from the checkpoint's run")
     assert _run_state(experiment) == before
+    # Trained on two processes (accelerate launch): resumed on one, its schedule's saved step would fall elsewhere.
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["num_processes"] == 1
+    torch.save({**saved, "num_processes": 2}, checkpoint)
+    result = cli_here("train", spec_path, "--resume", "--set=train.epochs=2", cwd=workdir, env=env)
+    _refused_in_one_line(result, "--resume: 1 process now, but 2 trained the checkpoint's run in ")
+    assert "accelerate launch --num_processes 2" in result.stderr
+    torch.save(saved, checkpoint)
+    assert _run_state(experiment) == before
     # Another model: refused as well, before the run is reopened (it was ended FAILED, with an error tag that stayed)
     result = cli_here("train", spec_path, "--resume", "--set=model.dim=48", "--set=train.epochs=2", cwd=workdir, env=env)
     _refused_in_one_line(result, "checkpoint.pt: its weights do not fit this spec's model (")

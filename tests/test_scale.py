@@ -156,6 +156,9 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
     assert jobs_exit_code([2, 2], interrupted=False) == (2, None)  # each refused the input and said why
     assert jobs_exit_code([0, -9], interrupted=False) == (
         1, "worker 1 exited -9 (its trials were failed and retried by the others)")
+    assert jobs_exit_code([1, 1], interrupted=False) == (  # none went on to retry anything (a full disk, say)
+        1, "worker 0 exited 1; worker 1 exited 1 (their trials are queued again: mend what each said, then run the "
+           "same command)")
 
 
 @pytest.mark.slow
@@ -370,6 +373,48 @@ def test_a_launched_study_goes_on_after_a_trial_that_diverges_and_stops_whole_wh
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING], \
         [t.user_attrs for t in trials]
     assert trials[0].user_attrs["error"].startswith("TrainingDiverged: loss became")  # and the study went on
+
+
+RANK_1_FAILS = """
+import os
+
+from torch import nn
+
+from vit_search import register
+
+
+@register("head", "test_fails_on_rank_1")
+class FailsOnRank1(nn.Linear):
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(dim, num_classes)
+
+    def forward(self, pooled):
+        if self.training and os.environ.get("RANK") == "1":
+            raise ValueError("boom on rank 1")
+        return super().forward(pooled)
+"""
+
+
+def test_a_launched_trial_that_fails_on_one_other_process_alone_stops_in_bounded_time_and_is_queued_again(workdir):
+    # Rank 1 raised and went back to wait for the next trial while rank 0 waited for it in the step's
+    # collectives: the launched study hung until the launcher's timeout, its trial RUNNING.
+    (workdir / "rank1.py").write_text(RANK_1_FAILS)
+    raw = study_raw("rank1-fails", n_trials=1)
+    raw = {**raw, "plugins": ["rank1.py"], "model": {**raw["model"], "head": {"type": "test_fails_on_rank_1"}},
+           "train": {**raw["train"], "epochs": 1}}
+    (workdir / "study.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(two_process_launch("-m", "vit_search", "run", "study.yaml"), cwd=workdir,
+                            env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    ours = result.stderr.split("torch/distributed/elastic")[0]  # the launcher's own report follows
+    errors = [line for line in ours.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in ours, result.stderr[-3000:]
+    assert errors[0] == ("error: process 1 of the launch: ValueError: boom on rank 1; it stops, and the main process "
+                         "queues the trial again"), errors
+    # The main process queues the trial again, as a lost peer or, should the launcher's SIGTERM come first, as
+    # interrupted: either way nothing else is said as an internal fault.
+    assert all("another process of the launch stopped" in e for e in errors[1:]), errors
+    trials = optuna.load_study(study_name="rank1-fails", storage=raw["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING], [t.user_attrs for t in trials]
 
 
 @pytest.mark.slow

@@ -342,6 +342,16 @@ def test_an_export_is_written_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "best.yaml").read_text() == "model: {}\n"
 
 
+def test_a_study_whose_plots_cannot_be_drawn_says_so_and_still_finishes_its_parent_run(workdir, monkeypatch, capsys):
+    # As a library fails to load under an address-space limit ("failed to map segment"): the parent was left RUNNING.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    spec = load_spec(study_raw("no-plots", plots=True, n_trials=1), ["train.epochs=1"])
+    run_search(spec, progress=False)
+    assert "note: the study's plots were not drawn (ModuleNotFoundError: " in capsys.readouterr().err
+    parent = MlflowClient().get_run(open_study(spec).attr(PARENT_RUN))
+    assert parent.info.status == "FINISHED" and not MlflowClient().list_artifacts(parent.info.run_id, "plots")
+
+
 @pytest.mark.slow
 def test_pruner_stops_weak_trials_early(workdir):
     spec = load_spec(study_raw("pruned", n_trials=6, pruner="median", sampler="random",
@@ -405,6 +415,27 @@ def _redis_server(folder: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def test_a_postgresql_study_lock_whose_connection_is_cut_ends_without_an_error_and_is_taken_again(postgres_url):
+    # An administrator's pg_terminate_backend (or a server restart) cut the lock's connection mid-body: the
+    # unlock on it raised, and the worker died in the "unexpected failure" line.
+    import zlib
+
+    import psycopg
+
+    from vit_search.search.storage import study_lock
+
+    name = f"cut-{os.getpid()}-{time.time_ns()}"
+    key = zlib.crc32(f"vit-search:{name}".encode()) & 0x7FFFFFFF
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        with study_lock(postgres_url, name, timeout=30):
+            (cut,) = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                                   "AND objid = %s AND granted", (key,)).fetchall()
+            assert cut == (True,)
+        with study_lock(postgres_url, name, timeout=30):  # the server ended the session, and its lock with it
+            assert admin.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                                 (key,)).fetchone() == (1,)
+
+
 def test_a_redis_study_lock_is_kept_while_its_holder_lives_and_freed_soon_after_a_kill(redis_url):
     import redis
 

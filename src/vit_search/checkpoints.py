@@ -155,11 +155,18 @@ def resume_settings(spec: Spec) -> dict[str, Any]:
     return {key: values[key] for key in RESUME_SETTINGS}
 
 
-def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path) -> None:
+def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path, num_processes: int = 1) -> None:
     """Refuse (one line, exit 2) to resume ``checkpoint`` under train values other than those its optimizer
-    state was made under; called before anything is written or an MLflow run touched. A checkpoint from
-    before the record (no ``train_settings``), or a value it lacks, is not checked: such checkpoints resume
-    as they always did."""
+    state was made under, or on another number of processes (the scheduler counts each process's steps: its
+    saved step would fall at another epoch, and the batch would change mid-run); called before anything is
+    written or an MLflow run touched. A checkpoint from before the record (no ``train_settings`` or
+    ``num_processes``), or a value it lacks, is not checked: such checkpoints resume as they always did."""
+    saved = checkpoint.get("num_processes")
+    if isinstance(saved, int) and saved != num_processes:
+        raise CheckpointMismatch(f"--resume: {num_processes} process{'es' if num_processes > 1 else ''} now, but "
+                                 f"{saved} trained the checkpoint's run in {path} (its schedule counts each "
+                                 f"process's steps)", f"resume on {saved} (accelerate launch --num_processes {saved}"
+                                 f"{'' if saved > 1 else ', or no launcher'}), or start afresh without --resume")
     recorded = checkpoint.get("train_settings")
     if not isinstance(recorded, dict):
         return

@@ -320,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.n_trials is not None:
         spec.search.n_trials = args.n_trials
     if args.dry_run is not None:
-        return _dry_run(spec, args.dry_run)
+        return 0 if _repeats_the_main_process() else _dry_run(spec, args.dry_run)  # under a launch: printed once
     _prepare_weights(spec)
     from .log_lines import wanted
     from .redaction import redact
@@ -660,7 +660,10 @@ def _leave_process_group(together: bool = True) -> None:
 
     state = PartialState()
     if together:
-        state.wait_for_everyone()
+        try:
+            state.wait_for_everyone()
+        except RuntimeError:  # another process has gone (gloo: "Connection reset by peer"), having said why
+            pass
     state.destroy_process_group()
 
 
@@ -724,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .log_lines import every_seconds
 
             every_seconds()  # a bad VIT_SEARCH_LOG_SECONDS: refused now, not in each trial's thread
+            _quiet_libraries()
         with sigterm_interrupts():  # SIGTERM (a scheduler, `timeout`, `docker stop`) stops as Ctrl-C does
             code = args.func(args)
         _leave_process_group(together=code != exit_code())
@@ -738,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say_error(err)
         return EXIT_BAD_INPUT
     except RunFailed as err:  # started, then could not go on: a database gone, a diverged run, a full disk
-        _say_error(err)
+        if not (_repeats_the_main_process() and type(err).__name__ == "TrainingDiverged"):  # decided together
+            _say_error(err)
         return 1
     except KeyboardInterrupt as err:
         if not _repeats_the_main_process():
@@ -748,9 +753,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a plugin block failing in training, or a fault of ours: one line, and where
         if isinstance(err, BrokenPipeError) or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise  # a reader that went away is entry()'s to end quietly
+        if _repeats_the_main_process() and type(err).__name__ == "TrainingStopped":
+            return 1  # the main process stopped the run, and says why
         _say_error(f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]} ({_where_raised(err)}); "
                    f"set {TRACEBACK_ENV}=1 to see the traceback")
         return 1
+
+
+def _quiet_libraries() -> None:
+    """Our lines say what a run or a study did: not MLflow's link for each ended run (a study's trials printed
+    a pair each on stdout; ``ui`` and ``next:`` lines name the runs), its notes that it made a store's tables
+    or an experiment, or Optuna's notes that a study was created or loaded. Warnings and errors still come through. Set here,
+    once, before the trials' threads start (os.environ is not changed while they copy it)."""
+    import logging
+
+    import optuna  # imported already, by the log lines
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow.store.db.utils", "mlflow.tracking.fluent"):  # tables made; "Creating a new experiment"
+        logging.getLogger(name).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 TRACEBACK_ENV = "VIT_SEARCH_TRACEBACK"

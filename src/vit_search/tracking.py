@@ -384,6 +384,9 @@ class Tracker:
                 parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),
             )
             self.run_id = active.info.run_id
+            if run_id is not None and "error" in active.data.tags:
+                # Resumed: why it stopped before (interrupted, a lost peer) no longer holds; a new stop tags it anew.
+                mlflow.MlflowClient().delete_tag(run_id, "error")
             try:
                 yield self
             except KeyboardInterrupt:

@@ -342,7 +342,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     ckpt_path = Path(checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if checkpoint is not None:  # a bad input: said before a file is written or the MLflow run is touched
-        check_resume_settings(checkpoint, spec, ckpt_path)
+        check_resume_settings(checkpoint, spec, ckpt_path, accelerator.num_processes)
         _check_checkpoint_fits(checkpoint, spec, ckpt_path)
         finished = _finished_run(checkpoint, spec)
         if finished is not None:  # trained and tested already: doing it again would log the test and model twice
@@ -447,6 +447,7 @@ def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: 
         "model_spec": model_record(spec.model),
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
+        "num_processes": accelerator.num_processes,  # --resume refuses another count (check_resume_settings)
     }
 
 

@@ -167,6 +167,8 @@ def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None
     if codes and all(code == 2 for code in codes):
         return 2, None
     failed = [f"worker {i} exited {code}" for i, code in enumerate(codes) if code != 0]
+    if failed and len(failed) == len(codes):  # none went on: what each was training waits for the next run
+        return 1, "; ".join(failed) + " (their trials are queued again: mend what each said, then run the same command)"
     if failed:
         return 1, "; ".join(failed) + " (its trials were failed and retried by the others)"
     return 0, None

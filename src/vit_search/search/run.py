@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -145,7 +146,12 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has
         # gone would never take this message, and the main process would wait for it until killed.
         if not (any(r.interrupted for r in reports) or isinstance(sys.exc_info()[1], KeyboardInterrupt)):
-            _share_trial(state.num_processes, None)  # the other processes may stop
+            try:
+                _share_trial(state.num_processes, None)  # the other processes may stop
+            except Exception as err:
+                if not _peer_lost(err):
+                    raise
+                # One of them had stopped already (its trial's failure was said, and queued again): none waits.
     interrupted = any(r.interrupted for r in reports)
     stopped = next((r.stopped for r in reports if r.stopped), None)
     runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
@@ -345,6 +351,9 @@ class TrialRunner:
                                  f"run the same command to resume") from err
             if isinstance(err, CheckpointNotWritten):  # every trial would meet the full disk or the limit: none is lost
                 raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") from err
+            if self.num_processes > 1 and _peer_lost(err):  # the launch is broken: no trial can train in it
+                raise StopWorker(f"another process of the launch stopped ({(str(err).splitlines() or [''])[0][:200]}): "
+                                 f"trial {trial.number} is queued again; run the same command to resume") from err
             raise
 
     def _run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
@@ -398,12 +407,16 @@ def _share_trial(num_processes: int, message: dict[str, Any] | None) -> None:
 def _follow_trials() -> SearchResult:
     """Other processes: train each trial the main process sends, until it sends None.
 
-    A trial that fails here failed on the main process too, which records it and sends the next one:
-    the processes decide together that a loss diverged, and they run the same model on the same shapes
-    (a block that cannot run, memory that runs out). Left to end this process, such a trial took the
-    whole launched study down with it. A process group that broke fails at the next message.
+    A trial stopped by the main process (pruned, or failed there: TrainingStopped) or diverged (which the
+    processes decide together) ended on every process: the next one comes. Any other failure may be this
+    process's alone (a plugin's error on one rank, memory on one device), while the main process waits for
+    it in the step's collectives, which no signal interrupts: this process then says it in one line and
+    ends, so that the launch's process group breaks at once, and the main process queues the trial again
+    (``_peer_lost``) rather than wait for ever.
     """
     from accelerate.utils import broadcast_object_list
+
+    from ..train import TrainingDiverged, TrainingStopped
 
     started, train_seconds = time.perf_counter(), 0.0
     while True:
@@ -413,9 +426,27 @@ def _follow_trials() -> SearchResult:
         began = time.perf_counter()
         try:
             train(load_spec(message["raw"]), checkpoint_dir=message["checkpoint_dir"], progress=False)
-        except Exception:  # pruned by the main process (TrainingStopped), or failed there as here
+        except (TrainingStopped, TrainingDiverged):
             pass
+        except Exception as err:
+            from ..redaction import scrub
+
+            rank = os.environ.get("RANK", "?")
+            print(scrub(f"error: process {rank} of the launch: {type(err).__name__}: "
+                        f"{(str(err).strip().splitlines() or [''])[0][:300]}; it stops, and the main process queues "
+                        f"the trial again"), file=sys.stderr, flush=True)
+            os._exit(1)
         train_seconds += time.perf_counter() - began
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process of the launch went away."""
+    import torch.distributed
+
+    text = str(err)
+    return isinstance(err, getattr(torch.distributed, "DistBackendError", ())) or (
+        isinstance(err, RuntimeError) and any(word in text for word in (
+            "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")))
 
 
 class _ProgressBar:

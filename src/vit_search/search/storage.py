@@ -353,8 +353,14 @@ def _database_lock(url: str, study_name: str, timeout: float) -> Iterator[None]:
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text(unlock[0]), unlock[1])
-                conn.commit()
+                try:
+                    conn.execute(sqlalchemy.text(unlock[0]), unlock[1])
+                    conn.commit()
+                except sqlalchemy.exc.DBAPIError as err:
+                    if not err.connection_invalidated:
+                        raise
+                    # The connection was cut (a server restart, an administrator): the server ended its session,
+                    # and the lock with it. Optuna's own connections reconnect; the next lock is taken afresh.
     finally:
         engine.dispose()
 

@@ -7,6 +7,7 @@ weights) is written by :func:`~vit_search.train.train` through :class:`~vit_sear
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -137,8 +138,9 @@ class StudyRuns:
                 self.client.set_terminated(parent, "KILLED")
 
     def reconcile(self) -> None:
-        """Give the runs of finished trials that MLflow still shows RUNNING (their worker lost the
-        tracking server, or died) the trial's state: a resumed study's runs then agree with Optuna."""
+        """Give the runs of finished trials that MLflow still shows RUNNING, or that lack the trial's state
+        (their worker lost the tracking server, or died, before or while it marked them) the trial's state: a
+        resumed study's runs then agree with Optuna."""
         parent = self.parent_id
         if not parent:
             return
@@ -147,9 +149,11 @@ class StudyRuns:
                     if t.state not in (TrialState.RUNNING, TrialState.WAITING)}
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
-                                                f"tags.`optuna.study_name` = '{study.study_name}' and "
-                                                f"attributes.status = 'RUNNING'")
+                                                f"tags.`optuna.study_name` = '{study.study_name}'",
+            max_results=50_000)  # MLflow's page limit: a study's trials, not a page of them
         for run in runs:
+            if run.info.status != "RUNNING" and STATE_TAG in run.data.tags:
+                continue  # marked already
             frozen = finished.get(run.data.tags.get("optuna.trial_number", ""))
             if frozen is not None:
                 self.record_trial_end(frozen)  # ends failed trials' runs FAILED, pruned ones' KILLED
@@ -172,17 +176,17 @@ class StudyRuns:
 
     def record_trial_end(self, frozen: FrozenTrial) -> None:
         """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED), and
-        name it with its searched values and score. On a full MLflow disk this worker stops writing to
-        MLflow (its next trial then stops it) and a resumed study marks the run."""
+        name it with its searched values and score. On a full MLflow disk, or a tracking server that stopped
+        answering, this worker stops writing to MLflow (its next trial then stops it, in the one line that
+        says which) and a resumed study marks the run."""
         parent = self.parent_id
         if not parent or self.lost:
             return
         try:
             self._record_trial_end(parent, frozen)
         except Exception as err:
-            if mlflow_disk_full(err) is None:
+            if not self.outage(err):
                 raise
-            self.outage(err)
 
     def _record_trial_end(self, parent: str, frozen: FrozenTrial) -> None:
         runs = self.client.search_runs(
@@ -254,7 +258,14 @@ class StudyRuns:
         client.set_tag(parent, NOTE_TAG, leaderboard(study, self.metrics, self.experiment_id)[:8000])  # MLflow's tag limit
         if self.spec.tracking.plots:
             with tempfile.TemporaryDirectory() as tmp:
-                for path in save_plots(study, Path(tmp)):
+                try:
+                    drawn = save_plots(study, Path(tmp))
+                except (ImportError, OSError, MemoryError) as err:  # a picture of what is stored: not worth the run
+                    drawn = []
+                    print(scrub(f"note: the study's plots were not drawn ({type(err).__name__}: "
+                                f"{(str(err).splitlines() or [''])[0][:200]}); its runs and results are whole"),
+                          file=sys.stderr)
+                for path in drawn:
                     client.log_artifact(parent, str(path), "plots")
         running = any(t.state == TrialState.RUNNING for t in trials)
         waiting = any(t.state == TrialState.WAITING for t in trials)  # interrupted trials wait for a re-run
