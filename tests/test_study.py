@@ -342,6 +342,17 @@ def test_an_export_is_written_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "best.yaml").read_text() == "model: {}\n"
 
 
+def test_a_trial_run_left_without_its_state_is_given_it_when_the_study_runs_again(workdir):
+    # Its worker lost the tracking server as the trial ended (the run FINISHED, its state never tagged).
+    spec = load_spec(study_raw("untagged", n_trials=1), ["train.epochs=1"])
+    study = run_search(spec, progress=False).study
+    client = MlflowClient()
+    (run,) = children_of(client, open_study(spec).attr(PARENT_RUN))
+    client.delete_tag(run.info.run_id, "trial.state")
+    run_search(spec, progress=False)  # finished already: it trains nothing, and sets the runs right
+    assert client.get_run(run.info.run_id).data.tags["trial.state"] == study.get_trials()[0].state.name == "COMPLETE"
+
+
 def test_a_study_whose_plots_cannot_be_drawn_says_so_and_still_finishes_its_parent_run(workdir, monkeypatch, capsys):
     # As a library fails to load under an address-space limit ("failed to map segment"): the parent was left RUNNING.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
