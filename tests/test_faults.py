@@ -1048,6 +1048,29 @@ class Holding(nn.Module):
 '''
 
 
+def test_a_second_ctrl_c_that_lands_in_a_finalizer_still_stops_at_once_without_a_traceback(capsys):
+    # It raised inside SQLAlchemy's weakref callback: Python printed "Exception ignored in ..." with a traceback,
+    # and dropped the stop.
+    import threading
+
+    from vit_search.stopping import requests_set
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, taken while the finalizer runs
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass
+
+    stop = threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        with requests_set(stop):
+            stop.set()  # the first Ctrl-C came
+            Finalised()  # collected at once
+            time.sleep(5)  # where the stop lands instead
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [1, 2], ids=["one-trial", "packed-2"])
 def test_a_second_ctrl_c_stops_at_once_while_the_first_waits_for_the_step_and_the_trial_is_queued_again(

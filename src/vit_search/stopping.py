@@ -11,6 +11,7 @@ a second SIGTERM changes nothing (a scheduler insists with SIGKILL).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
 import sys
@@ -82,12 +83,23 @@ def requests_set(stop: threading.Event) -> Iterator[None]:
         print(f"stopping ({cause()}): trials in training end after their current step ({again})",
               file=sys.stderr, flush=True)
 
+    def unraisable(info: Any) -> None:
+        # The second Ctrl-C raised inside a finalizer (SQLAlchemy's, a weakref's callback): Python would print
+        # "Exception ignored in ..." with a traceback and drop the stop. Asked again from another thread a
+        # moment later, it lands after the finalizer (raised from here, it would be dropped with this hook).
+        if isinstance(info.exc_value, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+            threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,)).start()
+            return
+        hook(info)
+
     ours = {signal.SIGINT: (signal.default_int_handler,), signal.SIGTERM: (signal.SIG_DFL, _raise_terminated)}
     previous = {signum: signal.signal(signum, request)
                 for signum, defaults in ours.items() if signal.getsignal(signum) in defaults}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
