@@ -569,6 +569,7 @@ def test_a_study_whose_checkpoints_fill_the_disk_stops_in_one_line_with_its_tria
     trials = optuna.load_study(study_name="full-disk", storage=raw["search"]["storage"]).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # the one trial queued, none lost
     assert not list(tiny_disk.rglob("*.tmp"))
+    assert not (tiny_disk / "full-disk" / "trial-0").exists()  # its retry trains afresh: the space is given back
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("full-disk").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -121,6 +122,9 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         if lines:
             say(trial_line(frozen, runs.metrics))
         runs.record_trial_end(frozen)
+        if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
+            # Never read again (a retry trains afresh, under its own number): on a full disk, the space to go on.
+            shutil.rmtree(root / f"trial-{frozen.number}", ignore_errors=True)
 
     def loop(runner: TrialRunner) -> WorkerReport:
         return worker_loop(handle, search.n_trials, runner.draw, runner.run, timeout=search.timeout,
