@@ -578,7 +578,7 @@ def test_a_study_whose_checkpoints_fill_the_disk_stops_in_one_line_with_its_tria
 
 
 @pytest.mark.slow
-def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial(workdir):
+def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial(workdir, in_process):
     import numpy as np
     from PIL import Image
 
@@ -606,15 +606,15 @@ def test_a_study_on_a_file_that_is_no_image_stops_in_one_line_and_loses_no_trial
     assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]  # the trial's run, the parent's
 
     bad.unlink()  # the same command once the file is gone: the queued trial trains, the parent finishes
-    result = bounded_cli("run", str(spec), "--quiet", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, said = in_process("run", str(spec), "--quiet")
+    assert code == 0, said
     trials = optuna.load_study(study_name="no-image", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     runs = client.search_runs([client.get_experiment_by_name("no-image").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 
-def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(workdir):
+def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(workdir, in_process):
     import torch
 
     from vit_search.model import build_model
@@ -644,8 +644,8 @@ def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]  # none pruned
 
     torch.save(state, weights)  # put back: the same command trains the queued trial
-    result = bounded_cli("run", str(spec), "--quiet", "--set", "train.epochs=2", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, said = in_process("run", str(spec), "--quiet", "--set", "train.epochs=2")
+    assert code == 0, said
     trials = optuna.load_study(study_name="weights-gone", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
 
@@ -742,7 +742,7 @@ def _training_trial_0(spec: Path, study: str, storage: str, workdir: Path, epoch
 
 
 @pytest.mark.slow
-def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir, tiny_disk):
+def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir, tiny_disk, in_process):
     storage = f"sqlite:///{tiny_disk}/optuna.db"
     spec = write(workdir / "spec.yaml", {**study_raw("fills", n_trials=1), "tracking": {"enabled": False}})
     proc = _training_trial_0(spec, "fills", storage, workdir)
@@ -754,15 +754,15 @@ def test_a_storage_whose_disk_fills_mid_trial_is_one_line_and_the_resumed_study_
         f"retried when the study resumes; free space, then run the same command")
 
     filler.unlink()
-    result = bounded_cli("run", str(spec), "--storage", storage, cwd=workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, said = in_process("run", str(spec), "--storage", storage)
+    assert code == 0, said
     trials = optuna.load_study(study_name="fills", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[0].user_attrs["error"] == "worker died (no heartbeat)"
     assert trials[1].params == trials[0].params  # the same point, trained again
 
 
-def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queued_not_lost(workdir):
+def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queued_not_lost(workdir, in_process):
     import resource
 
     raw = {**study_raw("capped", n_trials=1), "tracking": {"enabled": False}}
@@ -782,8 +782,8 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queu
         f"folder that takes it (trial 0 is queued again; then run the same command)") in line, line
     assert not list((workdir / "runs" / "capped" / "trial-0").glob("*.tmp"))
 
-    result = bounded_cli("run", str(spec), "--quiet", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, said = in_process("run", str(spec), "--quiet")
+    assert code == 0, said
     trials = optuna.load_study(study_name="capped", storage=raw["search"]["storage"]).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no trial of n_trials lost
     assert trials[1].params == trials[0].params
@@ -831,7 +831,7 @@ def _immutable(*paths: Path, on: bool) -> None:
         pytest.skip(f"chattr +i is not available here ({result.stderr.strip()[:120]}): it makes the write error")
 
 
-def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir):
+def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_resumed_study_loses_no_trial(workdir, in_process):
     folder = workdir / "store"
     folder.mkdir()
     storage = f"sqlite:///{folder}/optuna.db"
@@ -864,8 +864,8 @@ def test_a_storage_file_that_stops_taking_writes_mid_trial_is_one_line_and_the_r
     assert re.fullmatch(r"ReportNotStored: the Optuna storage did not take epoch \d+'s report \(disk I/O error\); the "
                         r"trial is retried when the study resumes", trial_run.data.tags["error"]), trial_run.data.tags["error"]
 
-    result = bounded_cli("run", str(spec), "--storage", storage, cwd=workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, said = in_process("run", str(spec), "--storage", storage)
+    assert code == 0, said
     trials = optuna.load_study(study_name="frozen", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == trials[0].params  # the same point, trained again
