@@ -172,8 +172,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = _space_problems(spec)
     if problems:
         raise SpecError(problems)
-    if getattr(args, "command", None) == "run" and not getattr(args, "worker", False):  # once, by the command
-        _note_searched_overrides(spec, args.overrides)
     searched = f", {len(spec.search.space)} searched values" if spec.search else ""
     print(f"{args.spec}: ok ({spec.name}{searched})")
     if spec.search is not None and spec.search.strategy == "supernet":
@@ -763,8 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_libraries() -> None:
     """Our lines say what a run or a study did: not MLflow's link for each ended run (a study's trials printed
     a pair each on stdout; ``ui`` and ``next:`` lines name the runs), its notes that it made a store's tables
-    or an experiment, or Optuna's notes that a study was created or loaded. Warnings and errors still come through. Set here,
-    once, before the trials' threads start (os.environ is not changed while they copy it)."""
+    or an experiment, or Optuna's notes that a study was created or loaded. Warnings and errors still come
+    through. Set here, once, before the trials' threads start (os.environ is not changed while they copy it)."""
     import logging
 
     import optuna  # imported already, by the log lines
