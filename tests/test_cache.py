@@ -125,6 +125,28 @@ print(data.cache.folder)
 
 
 @pytest.mark.slow
+def test_a_run_trains_the_same_weights_with_the_cache_on_or_off(tmp_path, monkeypatch):
+    # Decoding without the cache drew from torch's generator: the model started from other weights, so a
+    # setting that only says how fast (data.cache may differ between a study's workers) changed the result.
+    from vit_search.spec import load_spec
+    from vit_search.train import train
+
+    folder_of_images(tmp_path / "images" / "train", {"a": 10, "b": 10})
+    folder_of_images(tmp_path / "images" / "val", {"a": 4, "b": 4}, seed=1)
+    monkeypatch.setenv("VIT_SEARCH_CACHE", str(tmp_path / "cache"))
+
+    def trained(cache: str) -> dict[str, float]:
+        raw = {"name": f"cache-{cache}", "data": {**folder_spec(tmp_path / "images", cache=cache).model_dump(),
+                                                  "test_fraction": 0.25},
+               "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 4},
+                         "attention": {"type": "sdpa", "heads": 2}},
+               "train": {"epochs": 1, "batch_size": 4}, "tracking": {"enabled": False}}
+        return train(load_spec(raw), checkpoint_dir=tmp_path / cache, progress=False).metrics
+
+    off, auto = trained("off"), trained("auto")
+    assert off == pytest.approx(auto, rel=1e-5)  # the cache's float images match the decoded ones to rounding
+
+
 def test_concurrent_builders_produce_one_cache(tmp_path):
     images = folder_of_images(tmp_path / "images", {"a": 60, "b": 60})
     env = {**os.environ, "VIT_SEARCH_CACHE": str(tmp_path / "cache")}

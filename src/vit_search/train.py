@@ -195,9 +195,15 @@ class _Setup:
 
 def _setup(spec: Spec, accelerator: Any, precision: str, init_weights: bool = True,
            data: DataSplits | None = None) -> _Setup:
+    from accelerate.utils import set_seed
+
     cfg = spec.train
     if data is None:
         data = load_data(spec.data, spec.seed, device=accelerator.device)
+    # Whatever the data path drew from the generators (an image folder decoded without the cache did), the
+    # model's initial weights and the training's draws come from the seed alone: data.cache says how fast.
+    with CAPTURE_GATE.shared():  # reseeds the CUDA generator: not while a packed neighbour captures
+        set_seed(spec.seed)
     model = build_model(spec, init_weights=init_weights)  # a resumed run's weights come from its checkpoint
     parameters, flops = model_cost(spec.model)
     trainable = freeze(model, cfg.freeze)
