@@ -100,6 +100,16 @@ def test_a_set_into_a_list_at_a_position_it_lacks_is_refused(write_spec, overrid
     assert problem.startswith(f"--set {override}: {message}"), problem
 
 
+@pytest.mark.parametrize("override, message", [
+    ("tracking.tags={mlflow.note.content: x}", "tracking.tags: tag key 'mlflow.note.content': mlflow.* tags "
+                                               "are MLflow's own"),
+    ("tracking.tags={team: 3}", "tracking.tags.team: Input should be a valid string"),
+])
+def test_tracking_tags_mlflow_would_refuse_or_overwrite_are_refused(write_spec, override, message):
+    [problem] = problems(write_spec("name: x\n"), [override])
+    assert problem.startswith(f"--set {override}: {message}"), problem
+
+
 # -- names that are folders -------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("name=../../escaped", "name: '../../escaped' names a folder under runs/ and cannot hold '/' or '\\'"),

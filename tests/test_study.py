@@ -315,9 +315,17 @@ def test_best_export_round_trips_through_train(workdir, capsys):
     assert main(["best", str(spec_path), "--export", "best.yaml"]) == 0
     best = yaml.safe_load((workdir / "best.yaml").read_text())
     assert "search" not in best and best["model"]["depth"] == result.study.best_trial.params["model.depth"]
+    best_trial = result.study.best_trial
+    assert best["tracking"]["tags"] == {"vit_search.retrain_of": f"study roundtrip trial {best_trial.number}",
+                                        "vit_search.retrain_of_run": best_trial.user_attrs["mlflow_run_id"]}
     capsys.readouterr()
     assert main(["train", "best.yaml"]) == 0  # in this process too: what is compared is the value, not a start-up
     assert f"val_accuracy {result.study.best_value:.4f}" in capsys.readouterr().out
+    # The retrained run is found from the trial it repeats.
+    (retrained,) = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("roundtrip").experiment_id],
+        filter_string=f"tags.`vit_search.retrain_of_run` = '{best_trial.user_attrs['mlflow_run_id']}'")
+    assert retrained.data.tags["vit_search.retrain_of"] == f"study roundtrip trial {best_trial.number}"
     assert main(["best", str(spec_path), "--export", "missing/best.yaml"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --export missing/best.yaml: cannot write it (No such file or directory); name a file in a folder "

@@ -32,6 +32,7 @@ from .sizes import Size, pair
 MAX_IMAGE_SIDE = 8192  # pixels: beyond any ViT, and bounded so that no size estimate overflows
 MAX_NAME = 100  # characters of a name that is also a folder (runs/<name>/): well below a file system's 255 bytes
 MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
+MAX_TAG_KEY, MAX_TAG_VALUE = 250, 5000  # an MLflow tag's key, and what of its value we keep (as error tags)
 
 
 def folder_name(value: str) -> str:
@@ -431,6 +432,20 @@ class TrackingSpec(_Section):
     enabled: bool = True
     log_model: bool = Field(True, description="log the trained weights as an artifact")
     plots: bool = Field(True, description="a study's parent run gets Optuna's plots (PNG)")
+    tags: dict[str, str] = Field(default_factory=dict, description="MLflow tags on the run (a study's: on every run)")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_mlflow_takes(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not key.strip() or len(key) > MAX_TAG_KEY:
+                raise ValueError(f"tag key {key[:40]!r}: give 1 to {MAX_TAG_KEY} characters (MLflow's limit)")
+            if key.startswith("mlflow."):
+                raise ValueError(f"tag key {key[:40]!r}: mlflow.* tags are MLflow's own; choose another name")
+            if len(text) > MAX_TAG_VALUE:
+                raise ValueError(f"tag {key[:40]!r}: {len(text):,} characters, more than the {MAX_TAG_VALUE:,} MLflow "
+                                 f"keeps; shorten it")
+        return value
 
 
 class Spec(_Section):

@@ -381,7 +381,8 @@ class Tracker:
             use_experiment(self.spec)
             active = mlflow.start_run(
                 run_id=run_id, run_name=None if run_id else (run_name or self.spec.name),
-                parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=dict(tags or {}),
+                parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                tags={**self.spec.tracking.tags, **(tags or {})},
             )
             self.run_id = active.info.run_id
             if run_id is not None and "error" in active.data.tags:

@@ -28,8 +28,13 @@ def best_spec(spec: Spec, study: optuna.Study, shared: dict[str, Any] | None = N
     trials = best_trials(study)
     if not trials:
         raise ValueError(f"study '{study.study_name}' has no completed trial yet; run it first")
-    check_reproduces(spec, shared, trials[0], study.study_name)
-    return trial_spec(spec, trials[0].params)
+    best = trials[0]
+    check_reproduces(spec, shared, best, study.study_name)
+    # Its retrained run, tagged so, is found beside the trial it repeats (it takes the study's name otherwise).
+    tags = {"vit_search.retrain_of": f"study {study.study_name} trial {best.number}"}
+    if best.user_attrs.get("mlflow_run_id"):
+        tags["vit_search.retrain_of_run"] = best.user_attrs["mlflow_run_id"]
+    return trial_spec(spec, best.params, tags)
 
 
 def top_table(study: optuna.Study, limit: int = 10) -> str:

@@ -315,10 +315,14 @@ def objective_values(spec: Spec, metrics: dict[str, float], parameters: int, flo
     return [known[name] for name in names]
 
 
-def trial_spec(base: Spec, values: dict[str, Any]) -> Spec:
-    """The plain spec of a trial: the base with ``values`` set and the search section dropped."""
+def trial_spec(base: Spec, values: dict[str, Any], tags: dict[str, str] | None = None) -> Spec:
+    """The plain spec of a trial: the base with ``values`` set and the search section dropped (``tags``
+    added to its ``tracking.tags``)."""
     raw = fill(parse_space(base.search.space), base.raw, values)
     raw.pop("search", None)
+    if tags:
+        tracking = dict(raw.get("tracking") or {})
+        raw["tracking"] = {**tracking, "tags": {**(tracking.get("tags") or {}), **tags}}
     return load_spec(raw, check_model=True)
 
 

@@ -90,7 +90,8 @@ class StudyRuns:
             return
         name = self.handle.study.study_name
         parent = self.client.create_run(self.experiment_id, run_name=name, tags={
-            **self.study_tags(), "optuna.storage": redact(self.handle.url), "mlflow.runName": name})
+            **self.spec.tracking.tags, **self.study_tags(), "optuna.storage": redact(self.handle.url),
+            "mlflow.runName": name})
         try:
             self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
         except BaseException:
