@@ -326,6 +326,7 @@ def test_best_export_round_trips_through_train(workdir, capsys):
         [MlflowClient().get_experiment_by_name("roundtrip").experiment_id],
         filter_string=f"tags.`vit_search.retrain_of_run` = '{best_trial.user_attrs['mlflow_run_id']}'")
     assert retrained.data.tags["vit_search.retrain_of"] == f"study roundtrip trial {best_trial.number}"
+    assert not [key for key in retrained.data.params if key.startswith("tracking.tags")]  # tags, not params too
     assert main(["best", str(spec_path), "--export", "missing/best.yaml"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --export missing/best.yaml: cannot write it (No such file or directory); name a file in a folder "

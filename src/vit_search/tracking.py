@@ -436,7 +436,8 @@ class Tracker:
 
         from . import __version__
 
-        params = [Param(k, _param_value(v)) for k, v in self.spec.flat().items()]
+        params = [Param(k, _param_value(v)) for k, v in self.spec.flat().items()
+                  if not k.startswith("tracking.tags")]  # they are the run's tags
         sizes = {"parameters": parameters, "flops": flops}
         if trainable is not None:
             sizes["trainable_parameters"] = trainable
