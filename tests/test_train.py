@@ -373,22 +373,30 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri):
+    write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
+    result = subprocess.run(two_process_launch("-m", "vit_search", "train", "bad.yaml"), cwd=workdir,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("dim 31 is not divisible by heads 2") == 1, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("command, said", [
-    (("train", "bad.yaml"), "dim 31 is not divisible by heads 2"),
     (("run", "study.yaml", "--jobs", "2"), "--jobs 2 starts worker processes of its own; under accelerate launch"),
     (("run", "supernet.yaml"), "search.strategy supernet trains in one process; run it without accelerate launch"),
-], ids=["bad-spec", "jobs", "supernet"])
-def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri, command, said):
-    write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
+], ids=["jobs", "supernet"])
+def test_what_a_launch_cannot_run_is_refused_by_its_main_process_alone(workdir, cli_here, command, said):
+    # Each launched process sees the environment the launcher sets (test_bad_input_under_accelerate_launch_...
+    # launches for real): the main process says it, the other says nothing, neither starts anything.
     write_yaml(workdir / "study.yaml", {**TINY, "search": {"n_trials": 2, "storage": f"sqlite:///{workdir / 'o.db'}",
                                                           "space": {"train.lr": {"float": [1e-3, 1e-2]}}}})
     write_yaml(workdir / "supernet.yaml", {**TINY, "search": {"strategy": "supernet", "storage": f"sqlite:///{workdir / 'o.db'}",
                                                              "space": {"model.depth": {"int": [1, 2]}}}})
-    result = subprocess.run(two_process_launch("-m", "vit_search", *command), cwd=workdir,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert result.stderr.count(said) == 1, result.stderr[-3000:]
+    said_by = [cli_here(*command, cwd=workdir, env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank})
+               for rank in ("0", "1")]
+    assert [r.returncode for r in said_by] == [2, 2]
+    assert [r.stderr.count(said) for r in said_by] == [1, 0], [r.stderr for r in said_by]
     assert not (workdir / "o.db").exists()  # --jobs would have started two workers in each launched process
 
 
