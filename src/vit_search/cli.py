@@ -118,10 +118,11 @@ def _note_searched_overrides(spec, overrides: Sequence[str]) -> None:
     """A note (stderr) for each ``--set`` of a value the search draws: every trial's draw replaces it."""
     from .safe_yaml import clip
     from .search.space import parse_space
+    from .spec import parse_override
 
     dims = parse_space(spec.search.space or {})
     for item in overrides:
-        path = tuple(item.split("=", 1)[0].strip().split("."))
+        path = tuple(parse_override(item)[0])  # read as the spec read it: valid, as the spec loaded
         searched = next((dim.key for dim in dims if path[:len(dim.path)] == dim.path[:len(path)]), None)
         if searched is not None:
             print(f"note: --set {clip(item)}: {searched} is searched (search.space), so each trial draws its own "
