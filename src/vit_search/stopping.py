@@ -64,6 +64,21 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back (delivered when the block ends) around bookkeeping that must be whole:
+    a trial failed and its retry queued. A launcher's SIGTERM between the two lost the retry."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def requests_set(stop: threading.Event) -> Iterator[None]:
     """Ctrl-C and SIGTERM set ``stop`` instead of raising wherever the worker happens to be (in a
     database write, an import, MLflow's client): each trial in training then ends at its next step,

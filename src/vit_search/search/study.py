@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from ..redaction import scrub
 from ..schema import Spec
 from ..spec import load_spec
-from ..stopping import Terminated
+from ..stopping import Terminated, signals_held
 from .distinct import DistinctSampler
 from .fixed import SHARED_VALUES, differences, shared_values
 from .grid import Grid
@@ -446,7 +446,7 @@ def worker_loop(
             asked = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
             reason = str(err) if isinstance(err, StopWorker) else f"interrupted ({asked})"
             _set_error(trial, reason)
-            with study_lock(handle.url, study.study_name):
+            with signals_held(), study_lock(handle.url, study.study_name):
                 queue_again(handle, trial.number)
             if isinstance(err, StopWorker):
                 report.stopped = err
