@@ -653,6 +653,38 @@ def test_a_configuration_whose_worker_dies_every_time_is_retried_twice_and_no_mo
     assert trials[0].params == trials[1].params == trials[2].params
 
 
+@pytest.mark.parametrize("where", ["worker-loop", "stopped-at-once"])
+def test_a_stop_signal_between_failing_a_trial_and_queueing_it_again_loses_no_retry(workdir, where):
+    # Seen once in CI: the launcher's SIGTERM landed after the trial was failed, before its retry was queued.
+    from vit_search.search.study import WORKER, _worker_id, interrupt_own_trials, worker_loop
+
+    handle = open_study(load_spec(study_raw(f"held-{where}", n_trials=1)))
+    tell = handle.study.tell
+
+    def tell_then_signal(*args, **kwargs):
+        told = tell(*args, **kwargs)
+        if kwargs.get("state") == TrialState.FAIL:
+            os.kill(os.getpid(), signal.SIGINT)  # lands between the failure and the queued retry
+        return told
+
+    def run_trial(trial, drawn):
+        raise KeyboardInterrupt  # the first Ctrl-C, in the trial's step
+
+    handle.study.tell = tell_then_signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if where == "worker-loop":
+                worker_loop(handle, 1, lambda trial: None, run_trial, heartbeat=0.1)
+            else:  # a second Ctrl-C left the trial mid-step in its thread: failed and queued from outside
+                trial = handle.study.ask()
+                handle.storage.set_trial_system_attr(trial._trial_id, WORKER, _worker_id())
+                interrupt_own_trials(handle, "interrupted (Ctrl-C)")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [t.state for t in handle.study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+
+
 def test_a_retried_trial_keeps_the_attributes_it_was_queued_with():
     from vit_search.search.study import StudyHandle, queue_again
 

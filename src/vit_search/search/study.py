@@ -239,8 +239,10 @@ def interrupt_own_trials(handle: StudyHandle, reason: str) -> list[optuna.trial.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.system_attrs.get(WORKER) != me:
                 continue
-            handle.storage.set_trial_user_attr(handle.trial_id(trial.number), "error", reason)
-            if queue_again(handle, trial.number):
+            with signals_held():  # a third Ctrl-C here would leave the trial failed with no retry
+                handle.storage.set_trial_user_attr(handle.trial_id(trial.number), "error", reason)
+                queued = queue_again(handle, trial.number)
+            if queued:
                 ended.append(study.get_trials(deepcopy=False)[trial.number])
     return ended
 
