@@ -282,7 +282,7 @@ def test_two_launched_processes_read_disjoint_shards_of_one_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli, sqlite_uri):
+def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli_here, sqlite_uri):
     images = folder_of_images(tmp_path / "images", {"a": 12, "b": 12})
     raw = {"name": "cached", "data": {"dataset": "imagefolder", "root": str(images), "image_size": 8,
                                       "on_device": "no", "num_workers": 0, "cache": str(tmp_path / "cache")},
@@ -292,11 +292,11 @@ def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli, sqli
     spec_path = tmp_path / "cached.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     env = {"MLFLOW_TRACKING_URI": sqlite_uri}
-    prepared = cli("prepare", str(spec_path), cwd=tmp_path, env=env)
+    prepared = cli_here("prepare", str(spec_path), cwd=tmp_path, env=env)  # in this process: no start-up to pay
     assert prepared.returncode == 0, prepared.stderr
     (folder,) = cache_folders(tmp_path / "cache")
     assert f"decoded cache {folder} (24 images" in prepared.stdout
-    trained = cli("train", str(spec_path), cwd=tmp_path, env=env)
+    trained = cli_here("train", str(spec_path), cwd=tmp_path, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "decoding" not in trained.stderr  # prepared already
     import mlflow
