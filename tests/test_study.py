@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,10 +242,27 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir):
                                 filter_string="tags.`optuna.trial_number` = '0'")
     assert failed[0].info.status == "FAILED" and failed[0].data.tags["trial.state"] == "FAIL"
     assert failed[0].data.tags["error"] == "RuntimeError: plugin bug" and failed[0].info.run_name.endswith(" · failed")
+    assert trials[0].user_attrs["mlflow_run_id"] == failed[0].info.run_id  # a failed trial names its run too
     trained = client.get_run(trials[1].user_attrs["mlflow_run_id"])
     assert {a.path for a in client.list_artifacts(trained.info.run_id)} == {"spec.yaml"}  # no weights: log_model off
     parent = client.get_run(trained.data.tags["mlflow.parentRunId"])
     assert not client.list_artifacts(parent.info.run_id, "plots")
+
+
+def test_a_trial_whose_model_cannot_fit_memory_fails_in_a_failed_run_that_it_names(workdir):
+    # It failed before its run started: Optuna held a failed trial that MLflow had never heard of.
+    raw = study_raw("too-large-trial", n_trials=2, space={"model.dim": {"choice": [16, 16384]}},
+                    enqueue=[{"model.dim": 16384}, {"model.dim": 16}])
+    raw["model"] = {**raw["model"], "depth": 30}  # at dim 16384: 360 GiB of weights, refused before any is allocated
+    trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "GiB for their weights alone" in trials[0].user_attrs["error"]
+    client = MlflowClient()
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("too-large-trial").experiment_id],
+                                                          filter_string="tags.`mlflow.parentRunId` LIKE '%'")}
+    assert sorted(runs) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    failed = runs[trials[0].user_attrs["mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and failed.data.tags["error"] == trials[0].user_attrs["error"]
 
 
 @register("head", "test_nan_when_evaluated_head")
@@ -388,6 +406,7 @@ def test_pruner_stops_weak_trials_early(workdir):
     runs = client.search_runs([client.get_experiment_by_name("pruned").experiment_id],
                               filter_string="tags.`trial.state` = 'PRUNED'")
     assert len(runs) == len(pruned) and {r.info.status for r in runs} == {"KILLED"}
+    assert {t.user_attrs["mlflow_run_id"] for t in pruned} == {r.info.run_id for r in runs}  # found from Optuna too
     assert all("error" not in r.data.tags and r.data.tags["pruned_reason"].startswith("pruned by median after epoch ")
                for r in runs), [r.data.tags for r in runs]
 
@@ -672,6 +691,9 @@ def test_a_stop_signal_between_failing_a_trial_and_queueing_it_again_loses_no_re
 
     handle.study.tell = tell_then_signal
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Another thread, as a worker has (MLflow's, a packed neighbour's): the kernel may hand it the signal.
+    done = threading.Event()
+    threading.Thread(target=done.wait, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt):
             if where == "worker-loop":
@@ -681,6 +703,7 @@ def test_a_stop_signal_between_failing_a_trial_and_queueing_it_again_loses_no_re
                 handle.storage.set_trial_system_attr(trial._trial_id, WORKER, _worker_id())
                 interrupt_own_trials(handle, "interrupted (Ctrl-C)")
     finally:
+        done.set()
         signal.signal(signal.SIGINT, previous)
     assert [t.state for t in handle.study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
 

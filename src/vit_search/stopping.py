@@ -66,16 +66,28 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM held back (delivered when the block ends) around bookkeeping that must be whole:
-    a trial failed and its retry queued. A launcher's SIGTERM between the two lost the retry."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    a trial failed and its retry queued. A launcher's SIGTERM between the two lost the retry.
+
+    Held by Python-level handlers that note the signal, not by the thread's signal mask: with other threads
+    running (a heartbeat, MLflow's, packed trials) the kernel hands the signal to one of them, and Python
+    runs its handler in the main thread all the same."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            # None: a handler installed outside Python, which Python cannot put back; the default is the nearest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(held):  # now, to the handlers put back (each signal once, as the kernel would)
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

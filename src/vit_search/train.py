@@ -298,6 +298,7 @@ def train(
     make_step: StepFactory | None = None,
     run_id: str | None = None,
     seconds: RunSeconds | None = None,
+    on_run_start: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train and evaluate ``spec``; returns final val and test metrics.
 
@@ -311,12 +312,14 @@ def train(
     so unreadable data is no FAILED run; whatever fails after the start ends the MLflow run FAILED.
     ``seconds``, given, is filled with where the run's time goes as it goes (a run that raises
     included); the result carries it too, and the run logs its set-up, capture and evaluation seconds.
+    ``on_run_start(run_id)`` runs once the MLflow run has started (a study links its trial to the run there,
+    so that a trial that fails or is pruned is linked too).
     """
     clock = seconds if seconds is not None else RunSeconds()
     with clock.timing("total"):
         result = _train(spec, clock, on_epoch=on_epoch, resume=resume, checkpoint_dir=checkpoint_dir,
                         parent_run_id=parent_run_id, run_name=run_name, tags=tags, progress=progress, stop=stop,
-                        make_step=make_step, run_id=run_id)
+                        make_step=make_step, run_id=run_id, on_run_start=on_run_start)
     result.seconds = clock
     return result
 
@@ -324,7 +327,8 @@ def train(
 def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, resume: bool,
            checkpoint_dir: str | Path | None, parent_run_id: str | None, run_name: str | None,
            tags: dict[str, str] | None, progress: bool, stop: threading.Event | None,
-           make_step: StepFactory | None, run_id: str | None) -> TrainResult:
+           make_step: StepFactory | None, run_id: str | None,
+           on_run_start: Callable[[str], None] | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
 
@@ -355,9 +359,11 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             return finished
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
-    _check_model_fits(spec, accelerator.device)
+    own_run = parent_run_id is None and run_id is None
+    if own_run:  # a bad input, said before MLflow hears of the run
+        _check_model_fits(spec, accelerator.device)
     data = None
-    if parent_run_id is None and run_id is None:
+    if own_run:
         # A run of its own reads its data before MLflow hears of it: unreadable data or a batch larger than the
         # training set is one line and no FAILED run. A trial's run is the study's record, so there it is the run's.
         with _out_of_memory_in_one_line(accelerator.device):
@@ -369,6 +375,10 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     with contextlib.ExitStack() as tracked:
         _on_main_then_together(accelerator, lambda: tracked.enter_context(tracker.run(
             run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags)), "as it started the run")
+        if on_run_start is not None and tracker.run_id is not None:
+            on_run_start(tracker.run_id)
+        if not own_run:  # a trial's refusal is its run's record, as its data's are: Optuna and MLflow agree
+            _check_model_fits(spec, accelerator.device)
         tracked.enter_context(_out_of_memory_in_one_line(accelerator.device))
         run = _setup(spec, accelerator, precision, init_weights=checkpoint is None, data=data)
         start_epoch, history = 0, []

@@ -8,6 +8,7 @@ nested run per trial (pruned and failed ones included, tagged with their state):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -367,14 +368,16 @@ class TrialRunner:
         try:
             parameters, flops = model_cost(trial_spec.model)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
-            with self.runs.trial_run(trial_spec, number, values)[1]:
+            tracker, run = self.runs.trial_run(trial_spec, number, values)
+            with run:
+                _link_run(trial, tracker.run_id)
                 raise
         trial.set_user_attr("parameters", parameters)
         trial.set_user_attr("flops", flops)
         reason = check_constraints(search.constraints, parameters, flops)
         if reason:
             trial.set_user_attr("pruned_reason", reason)
-            self.runs.log_untrained(trial_spec, number, values, parameters, flops, reason)
+            _link_run(trial, self.runs.log_untrained(trial_spec, number, values, parameters, flops, reason))
             raise Infeasible(reason)
 
         checkpoint_dir = str(self.checkpoints / f"trial-{number}")
@@ -388,16 +391,22 @@ class TrialRunner:
             result = train(trial_spec, on_epoch=on_epoch, parent_run_id=self.runs.parent_id,
                            run_name=trial_run_name(number, values),
                            tags={**self.runs.trial_tags(number, searched), **self.tags},
-                           checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop, seconds=seconds)
+                           checkpoint_dir=checkpoint_dir, progress=False, stop=self.stop, seconds=seconds,
+                           on_run_start=functools.partial(_link_run, trial))
         finally:
             self.seconds.add(seconds)  # a pruned trial's too: its train() raised
             if reports is not None:
                 reports.close()
         for name, value in result.metrics.items():
             trial.set_user_attr(name, value)
-        if result.run_id is not None:  # None: tracking.enabled is false
-            trial.set_user_attr("mlflow_run_id", result.run_id)
         return objective_values(self.spec, result.metrics, result.parameters, result.flops)
+
+
+def _link_run(trial: optuna.Trial, run_id: str | None) -> None:
+    """The trial's MLflow run, named in its ``mlflow_run_id`` as it starts: a failed or pruned trial is
+    found from Optuna too (None: tracking.enabled is false)."""
+    if run_id is not None:
+        trial.set_user_attr("mlflow_run_id", run_id)
 
 
 def _share_trial(num_processes: int, message: dict[str, Any] | None) -> None:

@@ -235,14 +235,13 @@ def interrupt_own_trials(handle: StudyHandle, reason: str) -> list[optuna.trial.
     """Fail the trials this process is training with ``reason`` and queue each again, from outside
     the threads that train them (stopped at once, they are left mid-step); returns them ended."""
     study, me, ended = handle.study, _worker_id(), []
-    with study_lock(handle.url, study.study_name):
+    # Signals held: a third Ctrl-C in here would leave a trial failed with no retry, or the rest not ended.
+    with study_lock(handle.url, study.study_name), signals_held():
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.system_attrs.get(WORKER) != me:
                 continue
-            with signals_held():  # a third Ctrl-C here would leave the trial failed with no retry
-                handle.storage.set_trial_user_attr(handle.trial_id(trial.number), "error", reason)
-                queued = queue_again(handle, trial.number)
-            if queued:
+            handle.storage.set_trial_user_attr(handle.trial_id(trial.number), "error", reason)
+            if queue_again(handle, trial.number):
                 ended.append(study.get_trials(deepcopy=False)[trial.number])
     return ended
 

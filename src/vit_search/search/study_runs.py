@@ -169,11 +169,13 @@ class StudyRuns:
                                     tags={**self.trial_tags(number, list(values)), **(extra_tags or {})})
 
     def log_untrained(self, trial_spec: Spec, number: int, values: Mapping[str, Any], parameters: int, flops: int,
-                      reason: str) -> None:
-        """A child run for a trial pruned before training: its spec, size and the reason."""
+                      reason: str) -> str | None:
+        """A child run for a trial pruned before training: its spec, size and the reason; returns its id
+        (None: tracking.enabled is false)."""
         tracker, run = self.trial_run(trial_spec, number, values, {"pruned_reason": reason})
         with run:
             tracker.log_start(parameters, flops, "none")
+        return tracker.run_id
 
     def record_trial_end(self, frozen: FrozenTrial) -> None:
         """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED), and
