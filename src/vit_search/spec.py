@@ -192,6 +192,11 @@ def load_spec(
     raw = apply_overrides(raw, overrides)
     REGISTRY.list()  # built-ins and installed plugins first: their failure is not this spec's
 
+    plugins = raw.get("plugins")
+    if plugins is not None and not isinstance(plugins, list):  # a string was imported a letter at a time
+        example = f"[{plugins}]" if isinstance(plugins, str) else "[my_blocks.py]"
+        raise SpecError([f"{where(('plugins',))}: plugins: a list of modules or .py files, got "
+                         f"{type(plugins).__name__}; write it as a list, e.g. plugins: {clip(example, 80)}"])
     if isinstance(raw.get("plugins"), list):  # file paths made absolute: the raw spec loads from anywhere
         raw["plugins"] = [_absolute_plugin(p, base_dir) for p in raw["plugins"]]
     if isinstance(raw.get("search"), Mapping):  # so are searched weights files: a trial's spec is a mapping
@@ -445,8 +450,10 @@ def _check_build(spec: Spec, where: _Locator) -> list[str]:
     # A plugin's block must chain with the others: a batch through the model, on the meta device, each
     # block's output held to its kind's convention, says so. (Ours are tested to; the check costs a
     # second of imports, torch's meta kernels.)
-    plugins = {type(m).__module__ for m in model.modules()} - {""}
-    if any(not name.startswith(("vit_search.", "torch.")) for name in plugins):
+    # Whose code: the modules' classes, and the builders the spec names (a plugin's factory returns torch's modules).
+    plugins = {type(m).__module__ for m in model.modules()} | {
+        REGISTRY.describe(kind, spec.model.block(kind)[0]).module for kind in KINDS}
+    if any(not name.startswith(("vit_search.", "torch.")) for name in plugins - {""}):
         try:
             check_declarations(model, spec.model)
             run_one_image(spec.model, forward_checked(spec.model), batch=BATCH)

@@ -88,6 +88,12 @@ def forward_checked(spec: ModelSpec) -> Callable[[nn.Module, Tensor], None]:
             if not ok and not broken:
                 broken.append(BlockContractError(kind, f"{name(kind, layer)}: returns {got} for a batch of {batch}, "
                                                        f"expected {wanted}: {meaning}; fix its forward"))
+            elif isinstance(out, Tensor) and out.dtype != images.dtype and not broken:
+                # float64 failed later in another block's kernel, blamed there; an integer output trained, untrainable.
+                dtype, wanted_dtype = (str(t).removeprefix("torch.") for t in (out.dtype, images.dtype))
+                broken.append(BlockContractError(kind, f"{name(kind, layer)}: returns {dtype} for {wanted_dtype} "
+                                                       f"input; return the dtype it was given (autocast sets the "
+                                                       f"precision in training); fix its forward"))
 
         hooks = []
         for kind, layer, module in _stages(model):
