@@ -5,15 +5,38 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from vit_search.registry import REGISTRY, Registry, RegistryError
+from vit_search.registry import PLUGIN_FILE_PREFIX, REGISTRY, PluginError, Registry, RegistryError
 
 
 @pytest.fixture
 def registry() -> Registry:
     return Registry(builtin_module=None)
+
+
+@pytest.fixture
+def default_registry() -> Registry:
+    """The default registry, which a plugin file's ``register`` fills, put back as it was afterwards:
+    its blocks (a test's must not show up in another's "registered: ..." list) and the plugin modules."""
+    REGISTRY.list()  # built-ins (and installed plugins) loaded first, so that they are kept
+    saved = {kind: dict(blocks) for kind, blocks in REGISTRY._blocks.items()}
+    modules_before = set(sys.modules)
+    yield REGISTRY
+    for kind, blocks in REGISTRY._blocks.items():
+        blocks.clear()
+        blocks.update(saved[kind])
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(PLUGIN_FILE_PREFIX):
+            del sys.modules[name]
+
+
+def _plugin(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
 
 
 def test_register_then_get_returns_the_builder(registry):
@@ -138,3 +161,123 @@ def test_an_unhashable_callable_builder_is_checked_like_any_other(registry):
                                                                                                 "gates": [1]}
     with pytest.raises(RegistryError, match=r"argument 'ratio' must be float, got 'wide'"):
         registry.check_args("ffn", "factory", {"ratio": "wide"}, "model.ffn")
+
+
+def _needs_an_optional_dependency(dim: int):
+    import test_missing_optional_dependency  # noqa: F401
+
+
+def _refuses(dim: int):
+    raise RuntimeError("I refuse to be built\nsecond line")
+
+
+def _divides_by_zero(dim: int, heads: int = 0):
+    return dim // heads
+
+
+@pytest.mark.parametrize("builder, says", [
+    (_needs_an_optional_dependency, "ModuleNotFoundError: No module named 'test_missing_optional_dependency'"),
+    (_refuses, "RuntimeError: I refuse to be built"),
+    (_divides_by_zero, "ZeroDivisionError: integer division or modulo by zero"),
+])
+def test_a_builder_failing_with_any_exception_is_named_with_its_key_block_and_file(registry, builder, says):
+    registry.add("attention", "flash", builder)
+    with pytest.raises(RegistryError) as err:
+        registry.build("attention", "flash", {}, {"dim": 8}, "model.attention")
+    assert err.value.path == "model.attention"  # the spec's line of the block, not of model:
+    assert str(err.value) == f"model.attention (flash): building it failed: {says} (in {__file__})"
+
+
+def test_a_plugin_constructor_missing_an_optional_dependency_is_refused_at_its_blocks_line_naming_its_file(
+        default_registry, tmp_path):
+    from vit_search.spec import SpecError, load_spec
+
+    plugin = _plugin(tmp_path / "lazy.py", """
+        from vit_search import register
+
+
+        @register("attention", "test_lazy_flash")
+        def flash(dim: int, heads: int = 2):
+            \"\"\"Needs an optional dependency when built.\"\"\"
+            import test_missing_optional_dependency  # noqa: F401
+        """)
+    spec = tmp_path / "lazy.yaml"
+    spec.write_text("name: lazy\nplugins: [lazy.py]\ndata: {dataset: digits, image_size: 8}\nmodel:\n  dim: 16\n"
+                    "  depth: 1\n  patch_embed: {type: conv, patch_size: 2}\n  attention: {type: test_lazy_flash}\n")
+    with pytest.raises(SpecError) as refused:
+        load_spec(spec)
+    assert refused.value.problems == [
+        f"{spec}:8: model.attention (test_lazy_flash): building it failed: ModuleNotFoundError: No module named "
+        f"'test_missing_optional_dependency' (in {plugin})"]
+
+
+def test_allocation_failures_and_overflows_in_a_builder_are_raised_as_they_are(registry):
+    for error in (MemoryError("no memory"), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"),
+                  OverflowError("Python int too large to convert to C long")):
+        def failing(dim: int, error=error):
+            raise error
+
+        registry.add("ffn", "failing", failing, override=True)
+        with pytest.raises(type(error)):  # to the trainer's out-of-memory line, the build check's overflow line
+            registry.build("ffn", "failing", {}, {"dim": 8}, "model.ffn")
+
+
+def test_ctrl_c_while_a_plugin_file_imports_leaves_nothing_and_the_next_load_imports_it_again(default_registry, tmp_path):
+    stop = tmp_path / "stop"
+    stop.touch()
+    plugin = _plugin(tmp_path / "slow.py", f"""
+        import os
+        from vit_search import register
+
+        register("ffn", "test_before_ctrl_c")(lambda dim: None)
+        if os.path.exists({str(stop)!r}):
+            raise KeyboardInterrupt  # the user pressed Stop while it imported
+        register("ffn", "test_after_ctrl_c")(lambda dim: None)
+        """)
+    with pytest.raises(KeyboardInterrupt):
+        default_registry.load_plugin(str(plugin))
+    assert "test_before_ctrl_c" not in default_registry.list("ffn")["ffn"]
+    assert not [name for name in sys.modules if name.startswith(PLUGIN_FILE_PREFIX) and "slow_py" in name]
+    stop.unlink()
+    default_registry.load_plugin(str(plugin))  # the same file, unchanged: imported again, not taken as loaded
+    assert {"test_before_ctrl_c", "test_after_ctrl_c"} <= set(default_registry.list("ffn")["ffn"])
+
+
+def test_a_plugin_files_override_is_undone_when_the_file_fails_and_when_it_is_edited(default_registry, tmp_path):
+    builtin = default_registry.describe("ffn", "mlp")
+    override = textwrap.dedent("""
+        from vit_search import register
+
+
+        @register("ffn", "mlp", override=True)
+        def mine(dim: int, ratio: float = 4.0):
+            \"\"\"My mlp.\"\"\"
+        """)
+    failing = _plugin(tmp_path / "failing.py", override + "\nraise ImportError('fails after registering')\n")
+    with pytest.raises(PluginError, match="failed to import: ImportError: fails after registering"):
+        default_registry.load_plugin(str(failing))
+    assert default_registry.describe("ffn", "mlp") == builtin  # the half-loaded plugin replaced nothing
+
+    edited = _plugin(tmp_path / "edited.py", override)
+    default_registry.load_plugin(str(edited))
+    assert default_registry.describe("ffn", "mlp").summary == "My mlp."
+    _plugin(edited, override.replace('"mlp", override=True', '"test_no_override_now"'))  # another size: read again
+    default_registry.load_plugin(str(edited))
+    assert default_registry.describe("ffn", "mlp") == builtin  # what the old version replaced is back
+    assert "test_no_override_now" in default_registry.list("ffn")["ffn"]
+
+
+def test_a_name_taken_by_a_plugin_file_is_said_with_the_files_path_and_an_installed_ones_with_its_module(
+        default_registry, tmp_path):
+    text = """
+        from vit_search import register
+
+        register("ffn", "test_shared")(lambda dim: None)
+        """
+    first, second = _plugin(tmp_path / "p_a.py", text), _plugin(tmp_path / "p_b.py", text)
+    default_registry.load_plugin(str(first))
+    with pytest.raises(PluginError) as err:
+        default_registry.load_plugin(str(second))
+    assert f"ffn 'test_shared' is already registered by {first.resolve()}; pick another name" in str(err.value)
+    with pytest.raises(RegistryError, match=r"ffn 'mlp' is already registered by vit_search\.blocks\.ffn; "):
+        default_registry.add("ffn", "mlp", lambda dim: None)  # a module (ours, an installed plugin's): its name

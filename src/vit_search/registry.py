@@ -55,6 +55,7 @@ CONVENTION_ARGS: dict[str, tuple[str, ...]] = {name: kind.convention for name, k
 ENTRY_POINT_GROUP = "vit_search.plugins"
 AUTOLOAD_ENV = "VIT_SEARCH_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_MODULE = "vit_search.blocks"
+PLUGIN_FILE_PREFIX = "vit_search_plugin_"  # the module name a spec's .py plugin is imported under
 
 
 _NAME = re.compile(r"[\w-]+")
@@ -123,6 +124,25 @@ class BlockInfo:
         return getattr(self.builder, "__module__", "?")
 
     @property
+    def origin(self) -> str:
+        """Where the block comes from, for a message: a spec's ``.py`` plugin is imported under a module
+        name of ours (``vit_search_plugin_...``) that says nothing to its author, so its file; else the module."""
+        module = sys.modules.get(self.module)
+        if self.module.startswith(PLUGIN_FILE_PREFIX) and getattr(module, "__file__", None):
+            return module.__file__
+        return self.module
+
+    @property
+    def source_file(self) -> str | None:
+        """The file the builder is defined in, for a block not of ours (None for a built-in, or when unknown)."""
+        if self.module.startswith("vit_search."):
+            return None
+        try:
+            return inspect.getsourcefile(self.builder)
+        except TypeError:  # a callable instance, a builtin: no file to name
+            return None
+
+    @property
     def accepts_any(self) -> bool:
         """True when the builder takes ``**kwargs`` (unknown arguments are then passed through)."""
         return any(p.kind is p.VAR_KEYWORD for p in _signature(self.builder).parameters.values())
@@ -180,7 +200,10 @@ class Registry:
         self._loaded = False
         self._loading_distribution: str | None = None
         self._file_stamps: dict[str, tuple[int, int]] = {}  # module name of a .py plugin -> (mtime_ns, size) read
-        self._file_blocks: dict[str, set[tuple[str, str]]] = {}  # module name of a .py plugin -> (kind, name) it added
+        # Module name of a .py plugin -> (kind, name, entry it replaced or None) for each of its registrations, in
+        # order: undone, newest first, when the file fails to import or is read again (overrides included).
+        self._file_blocks: dict[str, list[tuple[str, str, BlockInfo | None]]] = {}
+        self._journal: list[tuple[str, str, BlockInfo | None]] | None = None  # the file importing now, if any
 
     # -- registration -------------------------------------------------------------------------
     def register(self, kind: str, name: str | None = None, *, override: bool = False) -> Callable:
@@ -205,9 +228,11 @@ class Registry:
         existing = self._blocks[kind].get(name)
         if existing is not None and not override and existing.builder is not builder:
             raise RegistryError(
-                f"{kind} '{name}' is already registered by {existing.module}; "
+                f"{kind} '{name}' is already registered by {existing.origin}; "
                 f"pick another name or pass override=True to replace it"
             )
+        if self._journal is not None:
+            self._journal.append((kind, name, existing))
         self._blocks[kind][name] = BlockInfo(kind, name, builder, self._loading_distribution)
 
     # -- lookup -------------------------------------------------------------------------------
@@ -289,25 +314,28 @@ class Registry:
         """Check ``kwargs`` and call the block's builder with them plus the kind's ``context``.
 
         A ``ValueError`` from the builder (an impossible combination such as dim not divisible by
-        heads), or a builder's own bug (a TypeError...), becomes a :class:`RegistryError` naming
-        ``path`` and the block.
+        heads), or any other exception of its own (a bug, a missing optional dependency...), becomes a
+        :class:`RegistryError` naming ``path``, the block and, for a plugin's block, its file.
+        Allocation failures and sizes that overflow are raised as they are.
         """
         checked = self.check_args(kind, name, kwargs, path)
-        builder = self.get(kind, name)
+        info = self.describe(kind, name)
         try:
-            return builder(**context, **checked)
+            return info.builder(**context, **checked)
         except RegistryError:
             raise
         except ValueError as err:
             raise RegistryError(f"{path} ({name}): {err}", path) from err
-        except (TypeError, AttributeError, KeyError, IndexError, AssertionError, NotImplementedError) as err:
-            # A builder that fails in its own way (a plugin's bug): named, not blamed on the whole model.
-            # Allocation failures (RuntimeError, MemoryError) go on to the trainer's out-of-memory line,
-            # and sizes past any integer (torch's "Overflow when unpacking") to the build check's.
+        except Exception as err:
+            # A builder that fails in its own way: named, not blamed on the whole model. Allocation failures
+            # go on to the trainer's out-of-memory line, and sizes past any integer (torch's "Overflow when
+            # unpacking") to the build check's.
             first = (str(err).strip().splitlines() or [""])[0][:200]
-            if "overflow" in first.lower():
+            if _out_of_memory(err) or isinstance(err, OverflowError) or "overflow" in first.lower():
                 raise
-            raise RegistryError(f"{path} ({name}): building it failed: {type(err).__name__}: {first}", path) from err
+            file = info.source_file
+            raise RegistryError(f"{path} ({name}): building it failed: {type(err).__name__}: {first}"
+                                + (f" (in {file})" if file else ""), path) from err
 
     # -- plugins ------------------------------------------------------------------------------
     def load_plugin(self, ref: str, base_dir: str | os.PathLike[str] | None = None) -> None:
@@ -349,14 +377,15 @@ class Registry:
                     sys.path.remove(path)
 
     def _import_file(self, path: Path) -> None:
-        module_name = "vit_search_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path))
+        module_name = PLUGIN_FILE_PREFIX + "".join(c if c.isalnum() else "_" for c in str(path))
         stat = path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
         if module_name in sys.modules:
             if self._file_stamps.get(module_name, stamp) == stamp:  # loading a spec twice must not register twice
                 return
-            # The file was edited since (a notebook's next cell): its blocks are read again.
-            self._forget(self._file_blocks.pop(module_name, set()))
+            # The file was edited since (a notebook's next cell): its blocks are read again, and what its old
+            # version replaced is put back first (the new one may no longer override it).
+            self._undo(self._file_blocks.pop(module_name, []))
             del sys.modules[module_name]
         elif any(getattr(m, "__file__", None) == str(path) for m in list(sys.modules.values())):
             return  # imported by its module name already (a spec naming it so, the user's own import)
@@ -370,26 +399,33 @@ class Registry:
         added = folder not in sys.path
         if added:
             sys.path.insert(0, folder)
-        before = self._names()
+        outer, journal = self._journal, []
+        self._journal = journal  # add() records each registration the file makes
         try:
             spec.loader.exec_module(module)
-        except (Exception, SystemExit) as err:
-            del sys.modules[module_name]
-            # What it registered before it failed goes too: the file, fixed, would collide with itself.
-            self._forget(self._names() - before)
+        except BaseException as err:
+            # Ctrl-C too: a half-run module left in sys.modules would pass as loaded next time.
+            sys.modules.pop(module_name, None)
+            # What it registered before it failed goes too, overrides put back: the file, fixed, would
+            # collide with itself, and a half-loaded plugin must not replace a block.
+            self._undo(journal)
+            if not isinstance(err, (Exception, SystemExit)):  # a plugin calling sys.exit() is a plugin failing
+                raise
             raise PluginError(f"plugin file '{path}' failed to import: {type(err).__name__}: {err}") from err
         finally:
+            self._journal = outer
             if added and folder in sys.path:
                 sys.path.remove(folder)
         self._file_stamps[module_name] = stamp
-        self._file_blocks[module_name] = self._names() - before
+        self._file_blocks[module_name] = journal
 
-    def _names(self) -> set[tuple[str, str]]:
-        return {(kind, name) for kind, blocks in self._blocks.items() for name in blocks}
-
-    def _forget(self, names: set[tuple[str, str]]) -> None:
-        for kind, name in names:
-            self._blocks[kind].pop(name, None)
+    def _undo(self, journal: list[tuple[str, str, BlockInfo | None]]) -> None:
+        """Take back the registrations in ``journal``, newest first: each name gets what it had before."""
+        for kind, name, previous in reversed(journal):
+            if previous is None:
+                self._blocks[kind].pop(name, None)
+            else:
+                self._blocks[kind][name] = previous
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -433,6 +469,15 @@ def register(kind: str, name: str | None = None, *, override: bool = False) -> C
 def get(kind: str, name: str) -> Callable[..., Any]:
     """The builder of ``kind``/``name`` in the default registry."""
     return REGISTRY.get(kind, name)
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """Whether ``err`` is a failed allocation, as the trainer's out-of-memory line reads one (torch's
+    OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError); torch is not imported here."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    said = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said.lower())
 
 
 def _autoload_off() -> bool:
