@@ -228,6 +228,22 @@ def test_a_module_plugin_found_beside_the_spec_is_kept_as_its_file_so_an_exporte
     assert load_spec(tmp_path / "specs" / "spec.yaml").raw["plugins"] == ["plugtest_beside"]
 
 
+def test_a_package_plugin_found_beside_the_spec_is_kept_as_its_folder_so_an_exported_spec_loads_anywhere(
+        tmp_path, monkeypatch):
+    # It stayed a bare name: the `best --export` and `train best.yaml` that `run` prints failed from any other folder.
+    package = tmp_path / "specs" / "plugtest_package"
+    _write(package / "blocks.py", MIX_BLOCK.format(name="plugtest_package_mix"))
+    _write(package / "__init__.py", "from . import blocks  # noqa: F401  (a relative import: imported as a package)\n")
+    spec = load_spec(_write(tmp_path / "specs" / "spec.yaml", _spec_using("plugtest_package_mix", ["plugtest_package"], "")))
+    assert spec.raw["plugins"] == [str(package)]
+    exported = _write(tmp_path / "exports" / "best.yaml", spec.to_yaml(exclude_search=True))
+    REGISTRY._blocks["attention"].pop("plugtest_package_mix")  # a fresh process: nothing imported yet
+    for name in [n for n in sys.modules if n.startswith("plugtest_package")]:
+        sys.modules.pop(name)
+    monkeypatch.chdir(_write(tmp_path / "elsewhere" / "x", "").parent)
+    assert load_spec(exported).model.attention["type"] == "plugtest_package_mix"
+
+
 def test_plugin_whose_own_import_is_missing_is_reported_as_failing_not_as_not_found(tmp_path, monkeypatch):
     # The plugin exists; a module it imports does not. Its name being a prefix of the plugin's
     # must not make the plugin itself look missing.

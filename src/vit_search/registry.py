@@ -343,10 +343,13 @@ class Registry:
         self._ensure_loaded()
         if ref.endswith(".py") or os.sep in ref or "/" in ref:
             candidates = [Path(ref)] if Path(ref).is_absolute() else [Path(base_dir or ".") / ref, Path(ref)]
-            found = next((p for p in candidates if p.is_file()), None)
+            found = next((p for p in candidates if p.is_file() or _is_package(p)), None)
             if found is None:
                 tried = ", ".join(str(p) for p in dict.fromkeys(candidates))
                 raise PluginError(f"plugin file '{ref}' not found (looked at {tried}); check the path")
+            if found.is_dir():  # a package's folder (a spec exported from beside it): imported by its name from there
+                self.load_plugin(found.name, found.resolve().parent)
+                return
             self._import_file(found.resolve())
             return
         top = ref.split(".")[0]
@@ -478,6 +481,11 @@ def _out_of_memory(err: Exception) -> bool:
         return True
     said = str(err)
     return isinstance(err, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said.lower())
+
+
+def _is_package(path: Path) -> bool:
+    """A folder Python imports as a package of that name."""
+    return path.name.isidentifier() and (path / "__init__.py").is_file()
 
 
 def _autoload_off() -> bool:

@@ -388,16 +388,16 @@ def _absolute_searched_weights(search: Mapping[str, Any], base_dir: Path) -> Map
 
 
 def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
-    """A plugin as the spec's folder or the working directory gave it, made an absolute file path: a
-    relative ``.py`` path, or a module name that only a file beside the spec (or in the working
-    directory) provides. An exported best spec then loads its plugin from any folder. Module names
+    """A plugin as the spec's folder or the working directory gave it, made an absolute path: a
+    relative ``.py`` path, or a module name that only a file or a package beside the spec (or in the
+    working directory) provides. An exported best spec then loads its plugin from any folder. Module names
     on ``sys.path`` (installed ones) stay names."""
     if not isinstance(plugin, str) or not plugin:
         return plugin
     if plugin.endswith(".py") or "/" in plugin:
         relative = plugin
     elif plugin.isidentifier() and importlib.machinery.PathFinder.find_spec(plugin, sys.path) is None:
-        relative = f"{plugin}.py"  # a package beside the spec stays a name: its own imports need its folder
+        relative = f"{plugin}.py"
     else:
         return plugin
     if Path(relative).is_absolute():
@@ -405,6 +405,9 @@ def _absolute_plugin(plugin: Any, base_dir: Path) -> Any:
     for folder in (Path(base_dir), Path(".")):
         if (folder / relative).is_file():
             return str((folder / relative).resolve())
+        if relative == f"{plugin}.py" and (folder / plugin / "__init__.py").is_file():
+            # A package: its folder, which the registry imports by its name (its own relative imports need that).
+            return str((folder / plugin).resolve())
     return plugin
 
 
