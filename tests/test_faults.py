@@ -620,8 +620,8 @@ def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(
     from vit_search.model import build_model
     from vit_search.spec import load_spec
 
-    raw = {**study_raw("weights-gone", n_trials=2, space={"train.lr": {"float": [1e-3, 1e-2], "log": True}}),
-           "tracking": {"enabled": False}}
+    raw = study_raw("weights-gone", n_trials=2, space={"train.lr": {"float": [1e-3, 1e-2], "log": True}})
+    raw["tracking"] = {**raw["tracking"], "log_model": False}
     weights = workdir / "weights.pt"
     state = build_model(load_spec({key: value for key, value in raw.items() if key != "search"})).state_dict()
     torch.save(state, weights)
@@ -642,6 +642,14 @@ def test_a_weights_file_removed_mid_study_stops_in_one_line_and_prunes_no_trial(
     storage = raw["search"]["storage"]
     trials = optuna.load_study(study_name="weights-gone", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]  # none pruned
+    # MLflow agrees: trial 1 has its FAILED run (it failed as its values were drawn, before any run), and the parent
+    # is KILLED with its leaderboard (the best trial's spec, which names the file, could not be exported).
+    client = MlflowClient()
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("weights-gone").experiment_id])}
+    failed = runs[trials[1].user_attrs["mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and failed.data.tags["trial.state"] == "FAIL"
+    (parent,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED" and "mlflow.note.content" in parent.data.tags
 
     torch.save(state, weights)  # put back: the same command trains the queued trial
     code, said = in_process("run", str(spec), "--quiet", "--set", "train.epochs=2")

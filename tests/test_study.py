@@ -187,6 +187,17 @@ def test_without_n_trials_a_worker_stops_taking_trials_at_its_timeout(workdir):
     assert all((t.datetime_start - first).total_seconds() <= 1.0 for t in trials)  # none started after the timeout
 
 
+def test_a_study_that_reaches_its_timeout_with_trials_still_queued_ends_its_parent_run_finished(workdir):
+    # docs/search.md: the parent ends FINISHED once `timeout` has passed; queued trials left it RUNNING.
+    raw = study_raw("timed-queued", n_trials=3, timeout=0.5, enqueue=[{"model.depth": 1}] * 3)
+    trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
+    assert TrialState.WAITING in {t.state for t in trials} and TrialState.COMPLETE in {t.state for t in trials}
+    client = MlflowClient()
+    (parent,) = client.search_runs([client.get_experiment_by_name("timed-queued").experiment_id],
+                                   filter_string="tags.`mlflow.parentRunId` IS NULL")
+    assert parent.info.status == "FINISHED"
+
+
 def test_a_combination_that_cannot_be_built_is_pruned_with_its_reason(workdir):
     spec = load_spec(study_raw("infeasible", n_trials=1, space={"model.attention.heads": {"choice": [3, 4]}},
                                enqueue=[{"model.attention.heads": 3}]))  # dim 16 does not split into 3 heads

@@ -159,7 +159,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                 # One of them had stopped already (its trial's failure was said, and queued again): none waits.
     interrupted = any(r.interrupted for r in reports)
     stopped = next((r.stopped for r in reports if r.stopped), None)
-    runs.finish(interrupted=interrupted or stopped is not None)  # stopped early: KILLED, as after Ctrl-C
+    runs.finish(interrupted=interrupted or stopped is not None,  # stopped early: KILLED, as after Ctrl-C
+                timed_out=any(r.timed_out for r in reports))
     if not runs.lost:
         end_active_run()
     seconds = RunSeconds()
@@ -316,11 +317,27 @@ class TrialRunner:
         except SpecError as err:
             unmendable = self._base_refused()
             if unmendable:  # every trial would meet it: the trial waits in the queue, not pruned, for its fix
-                raise StopWorker(f"{unmendable} (trial {trial.number} is queued again; mend it, then run the same "
-                                 f"command)", exit_code=2) from None
+                with self._failed_run(trial):
+                    raise StopWorker(f"{unmendable} (trial {trial.number} is queued again; mend it, then run the same "
+                                     f"command)", exit_code=2) from None
             reason = f"infeasible: {err.problems[0]}"
             trial.set_user_attr("pruned_reason", reason)
             raise Infeasible(reason) from None
+        except Exception:  # the sampler failing: the trial fails, and MLflow hears of it as of any failed trial
+            with self._failed_run(trial):
+                raise
+
+    def _failed_run(self, trial: optuna.Trial) -> contextlib.AbstractContextManager[Any]:
+        """A child run for a trial that fails as its values are drawn, ended FAILED by the error raised in it."""
+        tracker, run = self.runs.trial_run(self.spec, trial.number, trial.params)
+
+        @contextlib.contextmanager
+        def failing() -> Iterator[None]:
+            with run:
+                _link_run(trial, tracker.run_id)
+                yield
+
+        return failing()
 
     def _base_refused(self) -> str | None:
         """Why the study's own spec, which loaded when the worker started, no longer loads (its weights

@@ -106,6 +106,7 @@ class WorkerReport:
     trials_run: list[int] = field(default_factory=list)
     interrupted: bool = False
     stopped: StopWorker | None = None  # why the worker stopped early, its trial queued again
+    timed_out: bool = False  # stopped at search.timeout, trials perhaps still queued
 
 
 class StopWorker(Exception):
@@ -416,6 +417,7 @@ def worker_loop(
             if out_of_time or (not waiting and (enough or exhausted)):
                 running = [t for t in trials if t.state == TrialState.RUNNING]
                 if out_of_time or not running:
+                    report.timed_out = out_of_time
                     return report
                 trial = None  # others still run: wait, in case their worker dies and needs a retry
             else:
@@ -448,13 +450,13 @@ def worker_loop(
             reason = str(err) if isinstance(err, StopWorker) else f"interrupted ({asked})"
             _set_error(trial, reason)
             with signals_held(), study_lock(handle.url, study.study_name):
-                queue_again(handle, trial.number)
+                queued = queue_again(handle, trial.number)
             if isinstance(err, StopWorker):
                 report.stopped = err
             else:
                 report.interrupted = True
             _TRIAL_ENDS.ended()
-            if on_trial_end:
+            if on_trial_end and queued:  # else whoever ended it first said so (a second Ctrl-C's, a stale judge)
                 on_trial_end(study.get_trials(deepcopy=False)[trial.number])
             return report
         except Exception as err:  # a failing trial is recorded and the study goes on

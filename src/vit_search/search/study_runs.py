@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import UserError
 from ..redaction import scrub
 from ..schema import Spec
 from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_exists, use_experiment,
@@ -217,12 +218,12 @@ class StudyRuns:
                 stopped = str(frozen.user_attrs.get("error", "")).startswith("interrupted")
                 self.client.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
 
-    def finish(self, interrupted: bool = False) -> None:
+    def finish(self, interrupted: bool = False, timed_out: bool = False) -> None:
         """Give the parent run the best trial's metrics and spec, the plots, the counts and the leaderboard.
 
         Called by each worker as it finishes (and so again on resume); the last one to finish ends
         the run: KILLED when it was interrupted, else FINISHED (all trials run, the grid covered, or
-        the time limit reached; re-running the study reopens it).
+        the time limit reached, ``timed_out``, queued trials or not; re-running the study reopens it).
         """
         parent = self.parent_id
         if not parent or self.lost:
@@ -232,9 +233,9 @@ class StudyRuns:
         with study_lock(self.handle.url, self.handle.study.study_name):
             with full_disk_in_one_line("free space, then run the same command: it brings the study's MLflow runs "
                                        "up to date"):
-                self._finish(parent, interrupted)
+                self._finish(parent, interrupted, timed_out)
 
-    def _finish(self, parent: str, interrupted: bool) -> None:
+    def _finish(self, parent: str, interrupted: bool, timed_out: bool = False) -> None:
         client, study = self.client, self.handle.study
         trials = study.get_trials(deepcopy=False)
         counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials)
@@ -256,6 +257,9 @@ class StudyRuns:
                 exported = best_spec(self.spec, study, self.handle.attr(SHARED_VALUES)).to_yaml(exclude_search=True)
             except StudyMismatch:  # trained under values other than this worker's (it was told): not these
                 pass
+            except UserError as err:  # its spec no longer loads (its model.init file removed): the rest still goes on
+                print(scrub(f"note: best_spec.yaml not logged: {(str(err).splitlines() or [''])[0][:300]}"),
+                      file=sys.stderr)
             else:
                 client.log_text(parent, exported, "best_spec.yaml")
         client.set_tag(parent, NOTE_TAG, leaderboard(study, self.metrics, self.experiment_id)[:8000])  # MLflow's tag limit
@@ -272,7 +276,7 @@ class StudyRuns:
                     client.log_artifact(parent, str(path), "plots")
         running = any(t.state == TrialState.RUNNING for t in trials)
         waiting = any(t.state == TrialState.WAITING for t in trials)  # interrupted trials wait for a re-run
-        if not running and (interrupted or not waiting):
+        if not running and (interrupted or timed_out or not waiting):
             client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
 
 
