@@ -177,6 +177,53 @@ def test_grid_sampler_visits_every_combination_once_yaml_labels_included(write_s
     assert {t.params["model.attention"] for t in study.trials} == {"{type: sdpa, heads: 4}", "{type: einsum, heads: 2}"}
 
 
+GRID_STUDY = """\
+name: grid-enqueue
+seed: 0
+data: {dataset: digits, image_size: 8}
+model: {dim: 16, depth: 1, patch_embed: {type: conv, patch_size: 4}, attention: {type: sdpa, heads: 2}}
+train: {epochs: 1, batch_size: 64, warmup_epochs: 0}
+tracking: {experiment: grid-enqueue, plots: false, log_model: false}
+search:
+  sampler: grid
+  pruner: none
+  space:
+    model.attention.heads: {choice: [1, 2, 4]}
+    model.pooling.type: {choice: [cls, mean]}
+"""
+
+
+def test_grid_study_counts_an_enqueued_point_and_tries_every_point_once(write_spec, tmp_path, monkeypatch, sqlite_uri):
+    from vit_search.search.run import run_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    # Optuna's grid gave the enqueued trial no point and trained it twice; the study ends when the grid is covered.
+    spec = load_spec(write_spec(GRID_STUDY + f"  storage: sqlite:///{tmp_path / 'optuna.db'}\n  n_trials: 10\n"
+                                "  enqueue:\n    - {model.attention.heads: 4, model.pooling.type: cls}\n"))
+    trials = run_search(spec, progress=False).study.get_trials()
+    points = [(t.params["model.attention.heads"], t.params["model.pooling.type"]) for t in trials]
+    assert points[0] == (4, "cls")
+    assert sorted(points) == [(h, p) for h in (1, 2, 4) for p in ("cls", "mean")]
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+
+
+def test_grid_fills_the_keys_an_enqueued_trial_leaves_out_from_an_unused_point(write_spec):
+    spec = load_spec(write_spec(GRID_STUDY))
+    study = optuna.create_study(sampler=SAMPLERS["grid"](0, parse_space(spec.search.space), None))
+    # The first leaves heads out; (4, mean) is the second's, queued behind it: the first takes another.
+    study.enqueue_trial({"model.pooling.type": "mean"})
+    study.enqueue_trial({"model.attention.heads": 4, "model.pooling.type": "mean"})
+    seen = []
+    while not study.sampler.all_started(study):
+        trial = study.ask()
+        built, _ = sample_spec(spec, trial)  # Optuna's grid refused a key left out here
+        seen.append((built.model.attention["heads"], built.model.pooling["type"]))
+        study.tell(trial, 0.0)
+    assert seen[0][1] == "mean" and seen[0] != (4, "mean") and seen[1] == (4, "mean")
+    assert sorted(seen) == [(h, p) for h in (1, 2, 4) for p in ("cls", "mean")]
+
+
 # -- conditional spaces -------------------------------------------------------------------------
 def test_block_argument_is_drawn_exactly_in_trials_that_choose_its_block(write_spec):
     spec = load_spec(write_spec(study_text(CONDITIONAL)))
@@ -362,6 +409,16 @@ def test_check_space_points_at_an_enqueued_key_outside_the_space(write_spec):
     path, problems = check(write_spec, text)
     assert problems == [f"{path}:{line_of(text, 'model.depth: 2')}: search.enqueue.0: 'model.depth' is not a key of "
                         f"search.space; search.space is empty: add it there, or leave it out here"]
+
+
+def test_check_space_refuses_an_enqueued_yes_no_for_a_choice_of_numbers(write_spec):
+    # To Python, true is 1: it trained heads 1. A yes/no stays one where the choices are yes/no.
+    text = study_text("model.attention.heads: {choice: [1, 2, 4]}\nmodel.attention.qk_norm: {choice: [true, false]}\n",
+                      "enqueue:\n  - {model.attention.qk_norm: false}\n  - {model.attention.heads: true}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'heads: true')}: search.enqueue.1.model.attention.heads: True is a "
+                        f"yes/no value, not one of its choices (1, 2, 4); enqueue a value search.space."
+                        f"model.attention.heads can draw"]
 
 
 def test_check_space_reports_malformed_entries_at_their_line_one_each(write_spec):

@@ -457,9 +457,13 @@ def _whole_block(dims: Mapping[str, Dimension], dim: Dimension) -> str | None:
 def _outside(dim: Dimension, value: Any) -> str | None:
     """Why ``value`` is no value ``dim`` draws (None: it is one): Optuna would prune it, or fail."""
     if dim.kind == "choice":
-        if value in dim.choices or (isinstance(value, str) and value in dim.labels):
+        # A yes/no matches only a yes/no choice: to Python, true is 1 (docs/spec.md refuses it as a number).
+        if any(isinstance(value, bool) == isinstance(c, bool) and value == c for c in dim.choices):
             return None
-        return f"is not one of its choices ({clip(', '.join(str(label) for label in dim.labels))})"
+        if isinstance(value, str) and value in dim.labels:
+            return None
+        what = "is a yes/no value, not one of its choices" if isinstance(value, bool) else "is not one of its choices"
+        return f"{what} ({clip(', '.join(str(label) for label in dim.labels))})"
     if isinstance(value, str):
         return _text_hint([value], dim.kind).removeprefix("; ").split(" ", 1)[1]  # "is text, not a number (...)"
     if dim.kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
