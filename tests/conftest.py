@@ -98,6 +98,27 @@ def write_spec(tmp_path: Path):
     return write
 
 
+@contextlib.contextmanager
+def registry_restored(module_prefixes: tuple[str, ...]):
+    """The default registry put back as it was after the block: its blocks (a test's must not show up in
+    another's "registered: ..." list), and the plugin modules imported meanwhile whose names start with
+    ``module_prefixes`` forgotten. The registry has no public way to unregister: a snapshot is the honest undo."""
+    from vit_search.registry import REGISTRY
+
+    REGISTRY.list()  # built-ins (and installed plugins) loaded first, so that they are kept
+    saved = {kind: dict(blocks) for kind, blocks in REGISTRY._blocks.items()}
+    modules_before = set(sys.modules)
+    try:
+        yield REGISTRY
+    finally:
+        for kind, blocks in REGISTRY._blocks.items():
+            blocks.clear()
+            blocks.update(saved[kind])
+        for name in set(sys.modules) - modules_before:
+            if name.startswith(module_prefixes):
+                del sys.modules[name]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
     """Run ``python -m vit_search ARGS`` in a fresh process; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

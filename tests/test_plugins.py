@@ -24,6 +24,8 @@ import pytest
 from vit_search.registry import AUTOLOAD_ENV, REGISTRY, PluginError
 from vit_search.spec import SpecError, load_spec
 
+from conftest import registry_restored
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vit-search-cosine-attention"
 EXAMPLE_SPEC = EXAMPLE / "cosine-digits.yaml"
@@ -53,17 +55,8 @@ class TokenMix(nn.Module):
 @pytest.fixture(autouse=True)
 def clean_registry():
     """Undo what a test's plugins registered, and forget the plugin modules it imported."""
-    REGISTRY.list()  # load built-ins (and installed plugins) first, so that they are kept
-    # The registry has no public way to unregister; a snapshot of its table is the honest undo.
-    saved = {kind: dict(blocks) for kind, blocks in REGISTRY._blocks.items()}
-    modules_before = set(sys.modules)
-    yield
-    for kind, blocks in REGISTRY._blocks.items():
-        blocks.clear()
-        blocks.update(saved[kind])
-    for name in set(sys.modules) - modules_before:
-        if name.startswith(PLUGIN_MODULE_PREFIXES):
-            del sys.modules[name]
+    with registry_restored(PLUGIN_MODULE_PREFIXES):
+        yield
 
 
 def _write(path: Path, text: str) -> Path:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import registry_restored
+
 from vit_search.registry import PLUGIN_FILE_PREFIX, REGISTRY, PluginError, Registry, RegistryError
 
 
@@ -20,18 +22,9 @@ def registry() -> Registry:
 
 @pytest.fixture
 def default_registry() -> Registry:
-    """The default registry, which a plugin file's ``register`` fills, put back as it was afterwards:
-    its blocks (a test's must not show up in another's "registered: ..." list) and the plugin modules."""
-    REGISTRY.list()  # built-ins (and installed plugins) loaded first, so that they are kept
-    saved = {kind: dict(blocks) for kind, blocks in REGISTRY._blocks.items()}
-    modules_before = set(sys.modules)
-    yield REGISTRY
-    for kind, blocks in REGISTRY._blocks.items():
-        blocks.clear()
-        blocks.update(saved[kind])
-    for name in set(sys.modules) - modules_before:
-        if name.startswith(PLUGIN_FILE_PREFIX):
-            del sys.modules[name]
+    """The default registry, which a plugin file's ``register`` fills, put back as it was afterwards."""
+    with registry_restored((PLUGIN_FILE_PREFIX,)) as registry:
+        yield registry
 
 
 def _plugin(path: Path, text: str) -> Path:
