@@ -327,9 +327,12 @@ class TrialRunner:
             with self._failed_run(trial):
                 raise
 
-    def _failed_run(self, trial: optuna.Trial) -> contextlib.AbstractContextManager[Any]:
-        """A child run for a trial that fails as its values are drawn, ended FAILED by the error raised in it."""
-        tracker, run = self.runs.trial_run(self.spec, trial.number, trial.params)
+    def _failed_run(self, trial: optuna.Trial, trial_spec: Spec | None = None,
+                    values: dict[str, Any] | None = None) -> contextlib.AbstractContextManager[Any]:
+        """A child run for a trial that fails before training (as its values are drawn: the study's spec and
+        what was drawn so far), ended FAILED by the error raised in it."""
+        tracker, run = self.runs.trial_run(trial_spec or self.spec, trial.number,
+                                           trial.params if values is None else values)
 
         @contextlib.contextmanager
         def failing() -> Iterator[None]:
@@ -385,9 +388,7 @@ class TrialRunner:
         try:
             parameters, flops = model_cost(trial_spec.model)
         except Exception:  # a block that cannot run: fail the trial, with a child run saying why
-            tracker, run = self.runs.trial_run(trial_spec, number, values)
-            with run:
-                _link_run(trial, tracker.run_id)
+            with self._failed_run(trial, trial_spec, values):
                 raise
         trial.set_user_attr("parameters", parameters)
         trial.set_user_attr("flops", flops)
