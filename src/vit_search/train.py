@@ -360,12 +360,12 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     if accelerator.is_main_process:
         check_writable(ckpt_path.parent)  # before any work: an epoch's checkpoint must have somewhere to go
     own_run = parent_run_id is None and run_id is None
-    if own_run:  # a bad input, said before MLflow hears of the run
-        _check_model_fits(spec, accelerator.device)
     data = None
     if own_run:
-        # A run of its own reads its data before MLflow hears of it: unreadable data or a batch larger than the
-        # training set is one line and no FAILED run. A trial's run is the study's record, so there it is the run's.
+        # A run of its own checks its model's size and reads its data before MLflow hears of it: a model past
+        # the device, unreadable data or a batch larger than the training set is one line and no FAILED run. A
+        # trial's run is the study's record, so there they are the run's.
+        _check_model_fits(spec, accelerator.device)
         with _out_of_memory_in_one_line(accelerator.device):
             data = load_data(spec.data, spec.seed, device=accelerator.device)
         if len(data.train) < cfg.batch_size * accelerator.num_processes:

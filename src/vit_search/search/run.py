@@ -327,20 +327,16 @@ class TrialRunner:
             with self._failed_run(trial):
                 raise
 
+    @contextlib.contextmanager
     def _failed_run(self, trial: optuna.Trial, trial_spec: Spec | None = None,
-                    values: dict[str, Any] | None = None) -> contextlib.AbstractContextManager[Any]:
+                    values: dict[str, Any] | None = None) -> Iterator[None]:
         """A child run for a trial that fails before training (as its values are drawn: the study's spec and
         what was drawn so far), ended FAILED by the error raised in it."""
         tracker, run = self.runs.trial_run(trial_spec or self.spec, trial.number,
                                            trial.params if values is None else values)
-
-        @contextlib.contextmanager
-        def failing() -> Iterator[None]:
-            with run:
-                _link_run(trial, tracker.run_id)
-                yield
-
-        return failing()
+        with run:
+            _link_run(trial, tracker.run_id)
+            yield
 
     def _base_refused(self) -> str | None:
         """Why the study's own spec, which loaded when the worker started, no longer loads (its weights
