@@ -85,6 +85,52 @@ def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
+def test_a_second_ctrl_c_counts_every_trial_the_slots_ran_not_only_those_it_ended(workdir, monkeypatch):
+    # The slots' threads are left mid-step: the worker's summary ("this worker: N trials") said only the two
+    # trials it ended from outside, after the slots had trained two more.
+    from vit_search.search import run as run_module
+
+    real_run, stops = run_module.TrialRunner.run, []
+    release, blocked = threading.Event(), threading.Semaphore(0)
+
+    def run(self, trial, drawn):
+        if trial.number < 2:
+            return real_run(self, trial, drawn)
+        stops.append(self.stop)
+        blocked.release()
+        release.wait(120)  # a step that does not end until the test lets it
+        raise KeyboardInterrupt
+
+    def two_ctrl_cs():
+        for _ in range(2):  # both slots in their never-ending step
+            assert blocked.acquire(timeout=200)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while not stops[0].is_set():  # the first is taken (the slots are asked to stop) before the second
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module.TrialRunner, "run", run)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sender = threading.Thread(target=two_ctrl_cs, daemon=True)
+    sender.start()
+    try:
+        result = run_search(load_spec(study_raw("packed-twice", n_trials=4), ["train.epochs=1"]),
+                            progress=False, trials_at_once=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name.startswith("trial-slot-"):
+                thread.join(timeout=60)
+    sender.join(timeout=10)
+    assert result.interrupted and result.trials_run == [0, 1, 2, 3]
+    states = [(t.number, t.state) for t in result.study.get_trials()]
+    assert states[:4] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE), (2, TrialState.FAIL), (3, TrialState.FAIL)]
+    assert sorted(t.user_attrs["retry_of"] for t in result.study.get_trials(states=(TrialState.WAITING,))) == [2, 3]
+
+
 @pytest.mark.parametrize("key, values, why", [
     ("train.mixed_precision", ["no", "bf16"], "Accelerate keeps one precision per process"),
     ("train.grad_accum_steps", [1, 2], "Accelerate keeps one gradient accumulation count per process"),

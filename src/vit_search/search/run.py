@@ -127,10 +127,13 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
             # Never read again (a retry trains afresh, under its own number): on a full disk, the space to go on.
             shutil.rmtree(root / f"trial-{frozen.number}", ignore_errors=True)
 
+    # Filled in as each runner's loop goes: what a slot left behind mid-step (a second Ctrl-C) had done.
+    so_far = {runner: WorkerReport(handle.study.study_name, url) for runner in runners}
+
     def loop(runner: TrialRunner) -> WorkerReport:
         return worker_loop(handle, search.n_trials, runner.draw, runner.run, timeout=search.timeout,
                            heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
-                           on_trial_end=trial_end, initialise=runner.initialise, stop=stop)
+                           on_trial_end=trial_end, initialise=runner.initialise, stop=stop, report=so_far[runner])
 
     started = time.perf_counter()
     reports: list[WorkerReport] = []
@@ -145,7 +148,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
                     ended = interrupt_own_trials(handle, "interrupted (Ctrl-C)")
                     for frozen in ended:
                         trial_end(frozen)
-                    reports = [WorkerReport(handle.study.study_name, url, [t.number for t in ended], interrupted=True)]
+                    run_here = {n for report in so_far.values() for n in report.trials_run} | {t.number for t in ended}
+                    reports = [WorkerReport(handle.study.study_name, url, sorted(run_here), interrupted=True)]
     finally:  # also when the loop raises: the other launched processes must not wait forever
         bar.close()
         # Ctrl-C and SIGTERM reach every launched process, and each stops by itself: one that has

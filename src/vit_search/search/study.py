@@ -374,6 +374,7 @@ def worker_loop(
     on_trial_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
     initialise: Callable[[], None] | None = None,
     stop: threading.Event | None = None,
+    report: WorkerReport | None = None,
 ) -> WorkerReport:
     """Take trials until the study has ``n_trials`` (or ``timeout`` passes); run each with ``run_trial``.
 
@@ -385,9 +386,11 @@ def worker_loop(
     for SIGTERM) fails the trial in progress as "interrupted", queues it again, ends the loop and
     returns, as does :class:`StopWorker` with its message; so does ``stop`` once set, for loops in
     threads, which signals do not reach (``run_trial`` must then raise KeyboardInterrupt too).
+    ``report``, when given, is the one filled in and returned: its caller still knows what the loop did
+    if the loop's thread is left behind mid-step (a second Ctrl-C).
     """
     study = handle.study
-    report = WorkerReport(study.study_name, handle.url)
+    report = report or WorkerReport(study.study_name, handle.url)
     started = time.monotonic()
     opened = _file_identity(handle.url)
     while True:
