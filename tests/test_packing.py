@@ -85,9 +85,10 @@ def test_ctrl_c_stops_every_packed_trial_and_queues_each_again(workdir):
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-def test_a_second_ctrl_c_counts_every_trial_the_slots_ran_not_only_those_it_ended(workdir, monkeypatch):
+def test_a_second_ctrl_c_counts_every_trial_the_slots_ran_and_reports_each_once(workdir, monkeypatch, capsys):
     # The slots' threads are left mid-step: the worker's summary ("this worker: N trials") said only the two
-    # trials it ended from outside, after the slots had trained two more.
+    # trials it ended from outside, after the slots had trained two more; and a slot let go afterwards
+    # reported its trial a second time.
     from vit_search.search import run as run_module
 
     real_run, stops = run_module.TrialRunner.run, []
@@ -117,7 +118,7 @@ def test_a_second_ctrl_c_counts_every_trial_the_slots_ran_not_only_those_it_ende
     sender.start()
     try:
         result = run_search(load_spec(study_raw("packed-twice", n_trials=4), ["train.epochs=1"]),
-                            progress=False, trials_at_once=2)
+                            progress=False, trials_at_once=2, lines=True)
     finally:
         signal.signal(signal.SIGINT, previous)
         release.set()
@@ -129,6 +130,8 @@ def test_a_second_ctrl_c_counts_every_trial_the_slots_ran_not_only_those_it_ende
     states = [(t.number, t.state) for t in result.study.get_trials()]
     assert states[:4] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE), (2, TrialState.FAIL), (3, TrialState.FAIL)]
     assert sorted(t.user_attrs["retry_of"] for t in result.study.get_trials(states=(TrialState.WAITING,))) == [2, 3]
+    said = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert sorted(said) == ["0", "1", "2", "3"]  # the slots, let go after it, did not say their trials again
 
 
 @pytest.mark.parametrize("key, values, why", [
