@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -312,6 +314,42 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_unbroken_r
     assert len(killed) == 1 and killed[0].info.status == "FINISHED"  # the same run, continued
     steps = sorted({m.step for m in MlflowClient().get_metric_history(killed[0].info.run_id, "val_accuracy")})
     assert steps == list(range(8))
+
+
+def test_a_run_killed_outright_is_ended_killed_by_the_next_train_in_its_folder(workdir, sqlite_uri, cli_here):
+    # SIGKILL (the OOM killer, a scheduler's hard limit) leaves no chance to end the run: MLflow showed it
+    # RUNNING for ever, though nothing would ever continue it (killed before its first checkpoint, or run again
+    # without --resume).
+    raw = {**TINY, "tracking": {"experiment": "killed-outright"}, "train": {**TINY["train"], "epochs": 50}}
+    spec_path = write_yaml(workdir / "killed.yaml", raw)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri}
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec_path)], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    mark, deadline = workdir / "runs" / "tiny" / "run.json", time.monotonic() + 120
+    while not mark.exists():  # written once its MLflow run has started
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (abandoned,) = mlflow.search_runs(experiment_names=["killed-outright"], output_format="list")
+    assert abandoned.info.status == "RUNNING"
+
+    result = cli_here("train", str(spec_path), "--set", "train.epochs=1", cwd=workdir,
+                      env={"MLFLOW_TRACKING_URI": sqlite_uri})
+    assert result.returncode == 0, result.stderr
+    assert f"MLflow run {abandoned.info.run_id}, left RUNNING in runs/tiny by a process that was killed" in result.stderr
+    runs = {r.info.run_id: r for r in mlflow.search_runs(experiment_names=["killed-outright"], output_format="list")}
+    assert runs.pop(abandoned.info.run_id).info.status == "KILLED"
+    assert [r.info.status for r in runs.values()] == ["FINISHED"]
+    assert MlflowClient().get_run(abandoned.info.run_id).data.tags["error"] == (
+        f"killed: its process ({proc.pid}) ended without ending the run")
+    # A RUNNING run whose process still lives (another train in the same folder, here this one) is not touched.
+    client = MlflowClient()
+    live = client.create_run(client.get_experiment_by_name("killed-outright").experiment_id).info.run_id
+    mark.write_text(json.dumps({"run_id": live, "host": socket.gethostname(), "pid": os.getpid()}))
+    train(load_spec(raw, ["train.epochs=1"]), checkpoint_dir=workdir / "runs" / "tiny")
+    assert client.get_run(live).info.status == "RUNNING"
 
 
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),

@@ -7,10 +7,13 @@ the spec's ``tracking.uri`` names one and the environment does not. Only the mai
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,6 +33,7 @@ MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that bui
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+RUN_MARK = "run.json"  # in a run of its own's checkpoint folder: which MLflow run trains there, from which process
 
 
 def configure(spec: Spec) -> str:
@@ -220,6 +224,56 @@ def finished_metrics(spec: Spec, run_id: str) -> dict[str, float] | None:
     if run is None or run.info.status != "FINISHED" or "test_accuracy" not in run.data.metrics:
         return None
     return dict(run.data.metrics)
+
+
+def mark_run(folder: Path, run_id: str) -> str | None:
+    """Note in a run of its own's checkpoint ``folder`` that run ``run_id`` (started) trains there, from
+    this process; first end KILLED the run noted there before, if it is still RUNNING and its process, on
+    this host, is gone. Returns that run's id, if ended.
+
+    A process killed outright (SIGKILL, the OOM killer) cannot end its run: MLflow shows it RUNNING for
+    ever. The next ``train`` in its folder can tell it was abandoned; one on another host cannot, and
+    leaves it. Best effort: a mark that cannot be read or written changes nothing else.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mark, ended = folder / RUN_MARK, None
+    try:
+        noted = json.loads(mark.read_text())
+        before, host, pid = str(noted["run_id"]), str(noted["host"]), int(noted["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = host = pid = None
+    if before and before != run_id and host == socket.gethostname() and pid and not _alive(pid):
+        try:
+            client = mlflow.MlflowClient()
+            if client.get_run(before).info.status == "RUNNING":
+                client.set_tag(before, "error", f"killed: its process ({pid}) ended without ending the run")
+                client.set_terminated(before, "KILLED")
+                ended = before
+                print(f"MLflow run {before}, left RUNNING in {folder} by a process that was killed, is now KILLED",
+                      file=sys.stderr, flush=True)
+        except MlflowException:  # not in this store (another tracking URI then): not ours to end
+            pass
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = folder / f".{RUN_MARK}.{os.getpid()}"
+        written.write_text(json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}))
+        written.replace(mark)
+    except OSError:  # a full disk says so at the first checkpoint
+        pass
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

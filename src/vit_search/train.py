@@ -38,7 +38,7 @@ from .checkpoints import (
 )
 from .schema import Spec, model_record
 from .stopping import interruption
-from .tracking import Tracker, finished_metrics
+from .tracking import Tracker, finished_metrics, mark_run
 from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -377,6 +377,8 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags)), "as it started the run")
         if on_run_start is not None and tracker.run_id is not None:
             on_run_start(tracker.run_id)
+        if own_run and tracker.run_id is not None:  # a trial's runs are reconciled by its study
+            mark_run(ckpt_path.parent, tracker.run_id)
         if not own_run:  # a trial's refusal is its run's record, as its data's are: Optuna and MLflow agree
             _check_model_fits(spec, accelerator.device)
         tracked.enter_context(_out_of_memory_in_one_line(accelerator.device))
