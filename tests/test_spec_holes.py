@@ -119,6 +119,7 @@ def test_tracking_tags_mlflow_would_refuse_or_overwrite_are_refused(write_spec, 
     ("name=' digits'", "name: ' digits' starts or ends with a space; give a word"),
     ("name=" + "x" * 300, "name: 300 characters, more than the 100 a folder name under runs/ may have"),
     ("search.study_name=a/b", "search.study_name: 'a/b' names a folder under runs/"),
+    ("""name='bob''s "vit"'""", """name: 'bob\\'s "vit"' holds both kinds of quote, which no MLflow search"""),
     ("search.study_name=" + "y" * 101, "search.study_name: 101 characters, more than the 100"),
 ])
 def test_a_name_that_would_leave_runs_or_not_fit_a_folder_is_refused(write_spec, override, message):
@@ -126,9 +127,10 @@ def test_a_name_that_would_leave_runs_or_not_fit_a_folder_is_refused(write_spec,
     assert problem.startswith(f"--set {override}: {message}"), problem
 
 
-@pytest.mark.parametrize("name", ["pretrain-synthetic", "digits-vit", "run_2.v1", "a" * 100, "study:subnets"])
+@pytest.mark.parametrize("name", ["pretrain-synthetic", "digits-vit", "run_2.v1", "a" * 100, "study:subnets", "bob''s-vit",
+                                  'say "vit"'])
 def test_names_in_use_still_load(write_spec, name):
-    assert load_spec(write_spec(f"name: '{name}'\nsearch: {{study_name: '{name}'}}\n")).name == name
+    assert load_spec(write_spec(f"name: '{name}'\nsearch: {{study_name: '{name}'}}\n")).name == name.replace("''", "'")
 
 
 # -- seed and betas ------------------------------------------------------------------------

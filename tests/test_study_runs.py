@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import urllib.parse
 from pathlib import Path
 
 import optuna
@@ -82,11 +83,14 @@ def test_workers_finishing_at_once_update_the_parent_run_without_an_error(tmp_pa
 
 
 def test_trial_runs_are_named_with_their_values_and_score_and_the_parent_holds_a_leaderboard(tmp_path, monkeypatch):
+    from vit_search.search.leaderboard import trials_address
     from vit_search.search.run import run_search
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    raw = tiny_study(tmp_path, "named")
+    # An apostrophe in the study's name: MLflow's run filters quoted it wrongly, and the study stopped after
+    # its first trial with the parent RUNNING.
+    raw = tiny_study(tmp_path, "bob's-study")
     raw["search"]["n_trials"] = 2
     raw["tracking"]["experiment"] = "named"
     result = run_search(load_spec(raw), progress=False)
@@ -107,6 +111,11 @@ def test_trial_runs_are_named_with_their_values_and_score_and_the_parent_holds_a
     best = result.study.best_trial
     assert "2 complete, 0 pruned, 0 failed" in note
     assert f"| 1 | [trial {best.number}](#/experiments/{experiment}/runs/{children[best.number].info.run_id}) |" in note
+    assert parent.info.status == "FINISHED" and {r.data.tags["trial.state"] for r in children.values()} == {"COMPLETE"}
+    # The UI's address lists the study's trials: its filter matches them in MLflow (and not the parent).
+    address = urllib.parse.parse_qs(trials_address(experiment, "bob's-study", "val_accuracy").split("?", 1)[1])
+    listed = client.search_runs([experiment], filter_string=address["searchFilter"][0])
+    assert sorted(r.info.run_id for r in listed) == sorted(r.info.run_id for r in children.values())
 
 
 @pytest.mark.parametrize("state, values, ending", [

@@ -46,6 +46,9 @@ def folder_name(value: str) -> str:
     if "/" in value or "\\" in value:
         raise ValueError(f"'{_clip_name(value)}' names a folder under runs/ and cannot hold '/' or '\\'; "
                          "use '-' or '_' instead")
+    if "'" in value and '"' in value:
+        raise ValueError(f"{_clip_name(value)!r} holds both kinds of quote, which no MLflow search of its runs can "
+                         "quote; drop one kind")
     if any(not ch.isprintable() for ch in value):
         raise ValueError(f"{_clip_name(value)!r} holds a control character (a tab, newline, ...); "
                          "use letters, digits, '-', '_' and '.'")

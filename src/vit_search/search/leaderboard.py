@@ -20,6 +20,12 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's UI shows this tag as the run's desc
 MAX_VALUE_CHARS = 16  # a whole block as a choice is YAML text: clipped in names and tables
 
 
+def filter_value(text: str) -> str:
+    """``text`` quoted for an MLflow search filter: in single quotes, or in double ones where it holds a
+    single quote (MLflow's filter parser takes no escapes; the schema refuses names holding both)."""
+    return f'"{text}"' if "'" in text else f"'{text}'"
+
+
 def short_key(key: str) -> str:
     """A searched key as a column or name reads it: its last part (``model.depth`` -> ``depth``), or the
     block for a block's type (``model.pooling.type`` -> ``pooling``)."""
@@ -87,8 +93,7 @@ def trials_address(experiment_id: str, study_name: str | None = None, metric: st
         return view
     # The parent-run clause keeps the parent itself out; with a filter and an order other than the
     # start time, MLflow lists nested runs flat instead of folded under their parent.
-    name = study_name.replace("'", "\\'")
-    search = f"tags.`optuna.study_name` = '{name}' and tags.`mlflow.parentRunId` LIKE '%'"
+    search = f"tags.`optuna.study_name` = {filter_value(study_name)} and tags.`mlflow.parentRunId` LIKE '%'"
     order = f"metrics.`{metric}`" if metric else "attributes.run_name"
     return (f"{view}&compareRunsMode=CHART&searchFilter={quote(search, safe='')}"
             f"&orderByKey={quote(order, safe='')}&orderByAsc={'false' if maximize and metric else 'true'}")

@@ -19,7 +19,7 @@ from ..redaction import scrub
 from ..schema import Spec
 from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_exists, use_experiment,
                         use_store)
-from .leaderboard import NOTE_TAG, leaderboard, score_of, trial_run_name
+from .leaderboard import NOTE_TAG, filter_value, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
 from .fixed import SHARED_VALUES
 from .storage import StudyMismatch, redact, study_lock
@@ -151,7 +151,7 @@ class StudyRuns:
                     if t.state not in (TrialState.RUNNING, TrialState.WAITING)}
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
-                                                f"tags.`optuna.study_name` = '{study.study_name}'",
+                                                f"tags.`optuna.study_name` = {filter_value(study.study_name)}",
             max_results=50_000)  # MLflow's page limit: a study's trials, not a page of them
         for run in runs:
             if run.info.status != "RUNNING" and STATE_TAG in run.data.tags:
@@ -198,7 +198,7 @@ class StudyRuns:
             # The parent too: an older study of the same name (its storage deleted) has runs of the
             # same trial numbers in this experiment, which are not this study's.
             filter_string=f"tags.`optuna.trial_number` = '{frozen.number}' and "
-                          f"tags.`optuna.study_name` = '{self.handle.study.study_name}' and "
+                          f"tags.`optuna.study_name` = {filter_value(self.handle.study.study_name)} and "
                           f"tags.`mlflow.parentRunId` = '{parent}'",
         )
         from mlflow.entities import RunTag
