@@ -3,7 +3,9 @@ constraints, finalists and the export round trip, a plugin's elastic block; real
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -303,6 +305,44 @@ def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir, 
     assert "subnets.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
+def test_ctrl_c_in_phase_2_stops_the_study_even_where_python_would_drop_it(workdir, monkeypatch):
+    # A Ctrl-C raised where the worker happened to be was lost when it landed in a finalizer ("Exception
+    # ignored in ...": the study went on to train its finalists and exited 0) or in code that made it another
+    # error (a subnet failed with "AssertionError"). As on the trials path, it now asks the worker to stop.
+    from vit_search.search import supernet as supernet_module
+
+    real_score, calls = supernet_module.SubnetScorer.score, []
+
+    class SignalsWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler here, inside the finalizer
+            for _ in range(1000):  # bytecodes for the handler to run at
+                pass
+
+    def score(self, subnet):
+        calls.append(subnet)
+        if len(calls) == 2:
+            SignalsWhileCollected()  # collected at once: the Ctrl-C lands in its __del__
+        return real_score(self, subnet)
+
+    monkeypatch.setattr(supernet_module.SubnetScorer, "score", score)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run_supernet_search(load_spec(spec_raw("ctrl-c-phase-2", n_subnets=6)), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.interrupted and result.trials_run == []  # no finalist trained
+    scores = optuna.load_study(study_name="ctrl-c-phase-2:subnets", storage=result.storage).get_trials()
+    # The subnet being scored stopped at its next batch and waits for the resumed study; none failed otherwise.
+    assert [t.state for t in scores] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert scores[1].user_attrs["error"] == "interrupted (Ctrl-C)" and scores[2].user_attrs["retry_of"] == 1
+    assert not result.study.get_trials()
+    client = MlflowClient()
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("ctrl-c-phase-2").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+
+
 def test_a_resumed_study_whose_score_logging_was_cut_short_has_one_run_per_top_subnet(workdir):
     spec = load_spec(spec_raw("relog", finalists=0, n_subnets=3, top_runs=2))
     run_supernet_search(spec, progress=False)
@@ -323,6 +363,27 @@ def test_a_resumed_study_whose_score_logging_was_cut_short_has_one_run_per_top_s
     assert kept.info.run_id in {r.info.run_id for r in runs} and cut.info.run_id not in {r.info.run_id for r in runs}
     assert {r.data.tags["subnets.trial_number"] for r in runs} == {kept.data.tags["subnets.trial_number"],
                                                                    cut.data.tags["subnets.trial_number"]}
+
+
+def test_a_space_smaller_than_n_subnets_gives_each_subnet_one_rank_one_finalist_and_one_run(workdir):
+    # Scored again once every subnet was, the best subnet took every finalist's place and every top run's.
+    raw = spec_raw("small-space", n_subnets=4, finalists=3, top_runs=3)
+    raw["search"]["space"] = {"model.attention.heads": {"choice": [2, 4]}}
+    spec = load_spec(raw)
+    result = run_supernet_search(spec, progress=False)
+    scores = optuna.load_study(study_name="small-space:subnets", storage=spec.search.storage).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in scores) == 4  # scored as asked, repeats included
+    finalists = result.study.get_trials()
+    assert sorted(t.params["model.attention.heads"] for t in finalists) == [2, 4]
+    from vit_search.search.supernet import outcome_lines
+
+    assert outcome_lines(spec, result)[1] == (
+        "finalists: 2 of 3: only 2 distinct subnets were scored, as many as the space holds that meet "
+        "search.constraints (search.supernet.n_subnets 4); widen search.space for more")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("small-space").experiment_id],
+                              filter_string="tags.`supernet.phase` = '2: scored subnet'")
+    assert sorted(r.data.tags["supernet.rank"] for r in runs) == ["1", "2"]
 
 
 def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_next_ranks(workdir, capsys):

@@ -33,6 +33,7 @@ from ..model.elastic import set_subnet, subnet_state_dict
 from ..performance import RunSeconds
 from ..schema import Spec
 from ..spec import SpecError, load_spec
+from ..stopping import interruption, requests_set
 from ..tracking import check_store
 from .fixed import SHARED_VALUES, say_joining
 from .run import Infeasible, SearchResult, TrialRunner, check_constraints, storage_faults_in_one_line
@@ -92,7 +93,9 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     seconds = RunSeconds()  # phase 1's training (this worker's share) and the finalists'
     trained: list[int] = []
     stopped = None
-    with storage_faults_in_one_line(url, runs):
+    # Ctrl-C and SIGTERM set ``stop``, as on the trials path: raised wherever the worker happened to be, one
+    # that landed in a finalizer (Python drops it there) or in code that made it another error was lost.
+    with storage_faults_in_one_line(url, runs), requests_set(stop):
         runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
         weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds)
         runs.reopen_parent()  # phase 1 ended the parent run it logged into
@@ -145,9 +148,15 @@ def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
                      "search.supernet.finalists=3) and run the same command to train the best ones")
     elif trained < asked and not result.interrupted:
         n_subnets, n_scored = spec.search.supernet.n_subnets, len(ranked(scores))
-        broke = ", the others broke search.constraints" if n_scored < n_subnets else ""
-        lines.append(f"finalists: {trained} of {asked}: only {n_scored} subnets were scored (search.supernet.n_subnets "
-                     f"{n_subnets}{broke}); raise search.supernet.n_subnets for more")
+        repeats = sum(t.state == TrialState.COMPLETE for t in scores.study.get_trials(deepcopy=False)) - n_scored
+        if repeats:  # every subnet of the space was scored: more draws only repeat them
+            lines.append(f"finalists: {trained} of {asked}: only {n_scored} distinct subnets were scored, as many as "
+                         f"the space holds that meet search.constraints (search.supernet.n_subnets {n_subnets}); "
+                         f"widen search.space for more")
+        else:
+            broke = ", the others broke search.constraints" if n_scored < n_subnets else ""
+            lines.append(f"finalists: {trained} of {asked}: only {n_scored} subnets were scored "
+                         f"(search.supernet.n_subnets {n_subnets}{broke}); raise search.supernet.n_subnets for more")
     return lines
 
 
@@ -184,7 +193,8 @@ def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRu
             with study_lock(handle.url, handle.study.study_name):
                 handle.set_attr(TRAINED, str(path.resolve()))
             return path
-        time.sleep(2.0)  # another worker trains it (a worker on another host is trusted to finish)
+        if stop.wait(2.0):  # another worker trains it (a worker on another host is trusted to finish)
+            raise interruption("stopped while another worker trains the supernet")
 
 
 def load_supernet(spec: Spec, space: SupernetSpace, weights: Path) -> Any:
@@ -203,10 +213,10 @@ def load_supernet(spec: Spec, space: SupernetSpace, weights: Path) -> Any:
 class SubnetScorer:
     """Phase 2's trials: a drawn subnet, checked against the constraints, scored with inherited weights."""
 
-    def __init__(self, spec: Spec, space: SupernetSpace, weights: Path):
+    def __init__(self, spec: Spec, space: SupernetSpace, weights: Path, stop: threading.Event | None = None):
         from ..data.loading import load_data, make_loader
 
-        self.spec, self.space = spec, space
+        self.spec, self.space, self.stop = spec, space, stop
         self.model = load_supernet(spec, space, weights)
         device = next(self.model.parameters()).device
         data = load_data(spec.data, spec.seed, device=device)
@@ -239,10 +249,12 @@ class SubnetScorer:
 
     @torch.no_grad()
     def score(self, subnet: Spec) -> dict[str, float]:
-        """Validation loss and accuracy of ``subnet`` run inside the supernet."""
+        """Validation loss and accuracy of ``subnet`` run inside the supernet; ``stop`` set ends it (queued again)."""
         set_subnet(self.model, subnet.model)
         loss = hits = count = 0.0
         for images, labels in self.val:
+            if self.stop is not None and self.stop.is_set():
+                raise interruption("stopped by the worker")
             images, labels = images.to(self.device), labels.to(self.device)
             logits = self.model(images)
             loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
@@ -261,7 +273,7 @@ def _phase2_done(handle: StudyHandle, n: int) -> bool:
 def _phase2(spec: Spec, handle: StudyHandle, space: SupernetSpace, weights: Path, runs: StudyRuns,
             stop: threading.Event) -> Any:
     """Score subnets until the study has ``n_subnets`` of them, then wait for other workers' to end."""
-    scorer = SubnetScorer(spec, space, weights)
+    scorer = SubnetScorer(spec, space, weights, stop)
     search = spec.search
     report = worker_loop(handle, search.n_trials, scorer.draw, scorer.run, timeout=search.timeout,
                          heartbeat=search.heartbeat_seconds, grace=search.grace_seconds, stop=stop)
@@ -269,9 +281,17 @@ def _phase2(spec: Spec, handle: StudyHandle, space: SupernetSpace, weights: Path
 
 
 def ranked(handle: StudyHandle) -> list[optuna.trial.FrozenTrial]:
-    """Scored subnets, best first: the Pareto front first when several objectives, then by the first."""
+    """Scored subnets, best first: the Pareto front first when several objectives, then by the first.
+
+    Each subnet once (its first scoring): a space smaller than ``n_subnets`` is drawn again once every
+    subnet has been, and a repeat scores what its first scoring did; ranked twice, it took the
+    finalists' and the top runs' places of other subnets."""
     study = handle.study
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    first: dict[tuple, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            first.setdefault(tuple(sorted((k, repr(v)) for k, v in t.params.items())), t)
+    complete = list(first.values())
     sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
     front = {t.number for t in study.best_trials} if len(study.directions) > 1 and complete else set()
     return sorted(complete, key=lambda t: (t.number not in front, sign * t.values[0], t.number))
