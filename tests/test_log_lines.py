@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 
 import optuna
 import pytest
@@ -150,3 +152,32 @@ def test_no_command_is_one_error_line_naming_the_commands(cli_here):
     assert said.returncode == 2 and said.stdout == "" and said.stderr.splitlines() == [
         "error: vit-search: a command is needed (blocks, validate, summary, train, prepare, run, best, ui); "
         "see 'vit-search --help'"]
+
+
+class _Terminal(io.StringIO):
+    """stdout and stderr both on one terminal, as `run | tee log` shows them: bars and lines on one screen."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_resumed_run_on_a_terminal_counts_its_bar_from_the_trials_done_and_never_runs_a_line_into_it(
+        write_spec, tmp_path, monkeypatch, sqlite_uri):
+    from vit_search.search.run import run_search
+    from vit_search.spec import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    spec = load_spec(write_spec(SPEC.replace("logged", "resumed-bar")), ["train.epochs=1"])
+    spec.search.n_trials = 1
+    run_search(spec, progress=False)
+    spec.search.n_trials = 2
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    run_search(spec, progress=True, lines=True)
+    shown = screen.getvalue()
+    # The bar started at the trial the study had (it drew 0/2, then stopped at 1/2 with the study done).
+    assert "1/2 [" in shown and "2/2 [" in shown and "0/2" not in shown, shown
+    at = shown.index("trial 1 COMPLETE")
+    assert shown[at - 1] in "\r\n", shown  # the bar was cleared for the line, not run into it

@@ -868,8 +868,19 @@ def test_a_worker_under_other_shared_values_is_told_and_best_exports_the_best_tr
     assert out == "" and err.strip().endswith(
         f"train.epochs {other} differs from the value the best trial ({best}) of study 'shared' was trained with, "
         f"{trained}; pass --set train.epochs={trained} to export it as it was trained")
-    assert main(["best", str(spec_path), "--set", f"train.epochs={trained}", "--export", "best.yaml"]) == 0
+    # The best command that a worker under other values prints passes the best trial's (it repeated the worker's).
+    from vit_search.search.next_steps import next_steps
+
+    said = next_steps(str(spec_path), [f"train.epochs={other}", "train.lr=0.003"], None, study, True,
+                      load_spec(spec_path, [f"train.epochs={other}", "train.lr=0.003"]))
+    (command,) = [line.split("   #")[0].split() for line in said if " best " in line]
+    assert command[3:5] == ["--set=train.lr=0.003", f"--set=train.epochs={trained}"], command
+    assert main(command[1:]) == 0
     assert yaml.safe_load((workdir / "best.yaml").read_text())["train"]["epochs"] == trained
+    # An export that cannot be written prints nothing on stdout: not a table, then the error.
+    capsys.readouterr()
+    assert main(["best", str(spec_path), "--set", f"train.epochs={trained}", "--export", str(workdir)]) == 2
+    assert capsys.readouterr().out == ""
     parent = open_study(load_spec(spec_path)).attr(PARENT_RUN)  # its best_spec.yaml: the same values
     logged = Path(MlflowClient().download_artifacts(parent, "best_spec.yaml", str(workdir)))
     assert yaml.safe_load(logged.read_text())["train"]["epochs"] == trained

@@ -287,12 +287,15 @@ def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir, 
     result = cli_here("run", path)
     assert result.returncode == 0, result.stderr
     # It said what phase 2 found and how to go on, not an empty table of finalists.
-    assert "subnets: 3 scored in study 'scores-only:subnets', best inherited val_accuracy" in result.stdout
-    assert "finalists: 0, so no subnet is trained on its own; set search.supernet.finalists" in result.stdout
+    assert result.stdout.count("subnets: 3 scored in study 'scores-only:subnets', best inherited val_accuracy") == 1
+    assert ("finalists: 0, so no subnet is trained on its own; to train the best 3, run the same command with --set "
+            "search.supernet.finalists=3 added at its end") in result.stdout
+    assert not result.stdout.endswith("\n\n")  # no next steps (no finalist to export): not an empty line either
     assert "trial " not in result.stdout
     assert not optuna.load_study(study_name="scores-only", storage=spec.search.storage).get_trials()
     best = cli_here("best", path)  # it sent the user to run the same command again, which did nothing
     assert best.returncode == 2 and "trains no subnet on its own (search.supernet.finalists: 0)" in best.stderr
+    assert f"run 'vit-search run {path} --set search.supernet.finalists=3'" in best.stderr
     extended = cli_here("run", path, "--n-trials", "5")  # silently ignored before
     assert extended.returncode == 2 and "--n-trials: a supernet study's size is search.supernet.n_subnets" in extended.stderr
     scores = optuna.load_study(study_name="scores-only:subnets", storage=spec.search.storage).get_trials()
@@ -386,9 +389,10 @@ def test_a_space_smaller_than_n_subnets_gives_each_subnet_one_rank_one_finalist_
     assert sorted(r.data.tags["supernet.rank"] for r in runs) == ["1", "2"]
 
 
-def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_next_ranks(workdir, capsys):
+def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_next_ranks(workdir, capsys, monkeypatch):
     # Fewer scored subnets than finalists: the sampler filled the rest with subnets never scored, and one
     # of them could be reported best. Raised later, finalists took sampler draws rather than the next ranks.
+    monkeypatch.setenv("VIT_SEARCH_LOG_SECONDS", "0")  # a line per epoch
     spec = load_spec(spec_raw("ranks", n_subnets=2, finalists=3, top_runs=1))
     result = run_supernet_search(spec, progress=False, lines=True)
     storage = spec.search.storage
@@ -406,6 +410,8 @@ def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_nex
     out = capsys.readouterr().out
     assert "subnets: 2 scored in study 'ranks:subnets', best inherited val_accuracy" in out
     assert out.count(" COMPLETE val_accuracy ") == 2  # a line per finalist, for logs
+    # And per epoch, of the supernet (phase 1) and of each finalist: none were printed.
+    assert out.count("supernet epoch 1/1: val_accuracy ") == 1 and out.count(" epoch 1/1: val_accuracy ") == 3
     from vit_search.search.supernet import outcome_lines
 
     assert outcome_lines(spec, result)[1] == ("finalists: 2 of 3: only 2 subnets were scored (search.supernet.n_subnets "

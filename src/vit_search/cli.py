@@ -347,7 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _say_error(result.stopped)
         return result.stopped.exit_code
     if args.worker:  # one of --jobs: the parent prints the study's table
-        print(f"worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
+        print(f"worker: {_trials(len(result.trials_run))} in {result.wall_seconds:.1f} s "
               f"({result.train_seconds:.1f} s training: {result.seconds.summary()})")
         return exit_code() if result.interrupted else 1 if failed else 0
     if spec.search.strategy == "supernet":
@@ -359,10 +359,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if failed and not result.interrupted:
         _say_error(failed)
         return 1
-    print(f"this worker: {len(result.trials_run)} trials in {result.wall_seconds:.1f} s "
+    print(f"this worker: {_trials(len(result.trials_run))} in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training: {result.seconds.summary()}); storage {redact(result.storage)}")
-    print("\n".join(next_steps(args.spec, args.overrides, args.storage, result.study, spec.tracking.enabled)))
+    _print_lines(next_steps(args.spec, args.overrides, args.storage, result.study, spec.tracking.enabled, spec))
     return exit_code() if result.interrupted else 0
+
+
+def _trials(count: int) -> str:
+    return f"{count} trial" + ("" if count == 1 else "s")
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Print ``lines``, if any (none: not an empty line)."""
+    if lines:
+        print("\n".join(lines))
 
 
 def _worker_plans(args: argparse.Namespace) -> list:
@@ -433,7 +443,8 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
     if failure:
         print(failure, file=sys.stderr)
     elif code == 0:
-        print("\n".join(next_steps(args.spec, args.overrides, args.storage, study, checked["spec"].tracking.enabled)))
+        _print_lines(next_steps(args.spec, args.overrides, args.storage, study, checked["spec"].tracking.enabled,
+                                checked["spec"]))
     return code
 
 
@@ -518,6 +529,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     import optuna
 
     from .search.fixed import SHARED_VALUES
+    from .search.next_steps import study_command
     from .search.report import best_spec, best_trials, top_table
     from .search.study import open_study
 
@@ -528,15 +540,17 @@ def cmd_best(args: argparse.Namespace) -> int:
     handle = open_study(spec, args.storage, create=False)
     study = handle.study
     if not best_trials(study):
+        run = study_command("run", args.spec, args.overrides, args.storage)
         if spec.search.strategy == "supernet" and not spec.search.supernet.finalists:
             raise BadInput(f"study '{study.study_name}' trains no subnet on its own (search.supernet.finalists: 0): its "
-                           f"scores are in the study '{study.study_name}:subnets' and the parent run's subnets.csv; "
-                           f"set search.supernet.finalists and run 'vit-search run {args.spec}' to train the best")
-        raise BadInput(f"study '{study.study_name}' has no completed trial yet; run 'vit-search run {args.spec}'")
+                           f"scores are in the study '{study.study_name}:subnets' and the parent run's subnets.csv; to "
+                           f"train the best 3, run '{run} --set search.supernet.finalists=3'")
+        raise BadInput(f"study '{study.study_name}' has no completed trial yet; run '{run}'")
     best = best_spec(spec, study, handle.attr(SHARED_VALUES))  # refused before anything is printed
+    if args.export:  # written (or refused) first: a command that fails prints no table
+        _export(Path(args.export), best.to_yaml(exclude_search=True))
     print(top_table(study, limit=args.top))
     if args.export:
-        _export(Path(args.export), best.to_yaml(exclude_search=True))
         print(f"wrote {args.export}: vit-search train {args.export}")
     else:
         print(best.to_yaml(exclude_search=True))

@@ -27,9 +27,14 @@ def wanted(quiet: bool) -> bool:
 
 
 def say(line: str) -> None:
-    """Print one line at once (a log file then shows it while the run goes on)."""
+    """Print one line at once (a log file then shows it while the run goes on). Through tqdm: with
+    stderr a terminal and stdout piped to it (``run | tee log``), a progress bar drawn there is cleared
+    first and drawn again below, not run into the line."""
+    from tqdm import tqdm
+
     with _PRINT:
-        print(line, flush=True)
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def every_seconds() -> float:

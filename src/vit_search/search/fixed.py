@@ -67,6 +67,13 @@ def say_joining(differs: dict[str, Any], stored: dict[str, Any], study: str) -> 
           f"search.study_name to keep them apart", file=sys.stderr)
 
 
+def trained_with(spec: Spec, stored: dict[str, Any] | None, trial: FrozenTrial) -> dict[str, Any]:
+    """The shared values ``trial`` was trained with where ``spec`` gives others (``stored``: the study's
+    recorded ones): what ``best`` must be given with ``--set`` to export it."""
+    trained = {**(stored or {}), **trial.system_attrs.get(SHARED_VALUES, {})}
+    return {key: trained[key] for key in differences(shared_values(spec), trained)}
+
+
 def check_reproduces(spec: Spec, stored: dict[str, Any] | None, trial: FrozenTrial, study: str) -> None:
     """Refuse (StudyMismatch, one line) to export ``trial`` from a spec whose shared values are not those it
     was trained with: the exported spec would not reproduce it."""

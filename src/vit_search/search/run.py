@@ -42,8 +42,8 @@ from .storage import (
     study_lock,
 )
 from .study import (
-    StopWorker, StudyHandle, WorkerReport, interrupt_own_trials, objective_values, open_study, sample_spec, storage_url_of,
-    worker_loop,
+    StopWorker, StudyHandle, WorkerReport, counted, interrupt_own_trials, objective_values, open_study, sample_spec,
+    storage_url_of, worker_loop,
 )
 from .study_runs import StudyRuns, end_active_run
 
@@ -113,7 +113,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     if handle.differs:
         say_joining(handle.differs, handle.attr(SHARED_VALUES), handle.study.study_name)
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
-                       failures=not lines)
+                       failures=not lines, done=counted([t for t in handle.study.get_trials(deepcopy=False)
+                                                         if t.state.is_finished()]))
     stop = threading.Event()
     runners = [TrialRunner(spec, handle, runs, state.num_processes, stop, root, lines, _packing_tags(trials_at_once))
                for _ in range(trials_at_once)]
@@ -483,11 +484,12 @@ def _peer_lost(err: BaseException) -> bool:
 class _ProgressBar:
     """A bar over the study's trials showing the best value so far (quiet when not a terminal)."""
 
-    def __init__(self, total: int | None, multi: bool, enabled: bool, failures: bool = True):
+    def __init__(self, total: int | None, multi: bool, enabled: bool, failures: bool = True, done: int = 0):
         from tqdm.auto import tqdm
 
         self.multi, self.failures = multi, failures  # failures: print a line for each failed trial
-        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
+        # done: the trials a resumed study has already (a bar from 0 stopped short of its total, at 1/3)
+        self.bar = tqdm(total=total, initial=done, desc="trials", unit="trial", disable=not enabled)
 
     def update(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         """One more trial ended."""

@@ -27,7 +27,7 @@ import torch
 from optuna.trial import TrialState
 
 from ..checkpoints import check_writable
-from ..log_lines import say, trial_line
+from ..log_lines import EpochLines, say, trial_line
 from ..model.cost import model_cost
 from ..model.elastic import set_subnet, subnet_state_dict
 from ..performance import RunSeconds
@@ -97,7 +97,7 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     # that landed in a finalizer (Python drops it there) or in code that made it another error was lost.
     with storage_faults_in_one_line(url, runs), requests_set(stop):
         runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
-        weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds)
+        weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds, lines)
         runs.reopen_parent()  # phase 1 ended the parent run it logged into
         scored = _phase2(scores_spec, scores, space, weights, runs, stop)
         interrupted, stopped = scored.interrupted, scored.stopped
@@ -108,12 +108,12 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                 if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
                     _log_scores(scores, spec, runs, search.supernet.top_runs)
                     scores.set_attr(LOGGED, count)
-                    if lines:
+                    if lines and search.supernet.finalists:  # else the run's outcome, printed next, says it
                         say(scores_line(scores))
         if not interrupted and stopped is None and search.supernet.finalists:
             if finals.differs:  # said here, where its finalists join the others (phase 1 refuses other values itself)
                 say_joining(finals.differs, finals.attr(SHARED_VALUES), name)
-            runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop)
+            runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop, lines)
             with study_lock(url, name):
                 target = runner.enqueue_finalists()
 
@@ -144,8 +144,8 @@ def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
                                     if spec.tracking.enabled else "")]
     asked, trained = spec.search.supernet.finalists, len(result.study.get_trials(deepcopy=False))
     if asked == 0:
-        lines.append("finalists: 0, so no subnet is trained on its own; set search.supernet.finalists (--set "
-                     "search.supernet.finalists=3) and run the same command to train the best ones")
+        lines.append("finalists: 0, so no subnet is trained on its own; to train the best 3, run the same command "
+                     "with --set search.supernet.finalists=3 added at its end")
     elif trained < asked and not result.interrupted:
         n_subnets, n_scored = spec.search.supernet.n_subnets, len(ranked(scores))
         repeats = sum(t.state == TrialState.COMPLETE for t in scores.study.get_trials(deepcopy=False)) - n_scored
@@ -170,8 +170,9 @@ def scores_line(scores: StudyHandle) -> str:
 
 
 def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRuns, folder: Path, progress: bool,
-            stop: threading.Event, seconds: RunSeconds) -> Path:
-    """Train the supernet unless it is trained; a worker that does not own the training waits for it."""
+            stop: threading.Event, seconds: RunSeconds, lines: bool = False) -> Path:
+    """Train the supernet unless it is trained; a worker that does not own the training waits for it.
+    ``lines``: a line per epoch every so often, as a trial prints them (for logs)."""
     while True:
         with study_lock(handle.url, handle.study.study_name):
             if handle.attr(TRAINED):
@@ -182,8 +183,9 @@ def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRu
                 handle.set_attr(OWNER, _worker_id())
         if mine:
             try:
+                epochs = spec.search.supernet.epochs or spec.train.epochs
                 path = train_supernet(spec, space, folder, runs.parent_id, progress=progress, stop=stop,
-                                      seconds=seconds)
+                                      seconds=seconds, on_epoch=EpochLines("supernet", epochs) if lines else None)
             except BaseException:
                 # Given up at once: another worker (or this process, in Python) need not wait for it to exit.
                 with study_lock(handle.url, handle.study.study_name):
@@ -350,8 +352,8 @@ class FinalistRunner(TrialRunner):
     """Phase 3's trials: the best scored subnets, enqueued once, trained as ordinary trials."""
 
     def __init__(self, spec: Spec, handle: StudyHandle, runs: StudyRuns, scores: StudyHandle, space: SupernetSpace,
-                 weights: Path, folder: Path, stop: threading.Event):
-        super().__init__(spec, handle, runs, 1, stop, folder)
+                 weights: Path, folder: Path, stop: threading.Event, lines: bool = False):
+        super().__init__(spec, handle, runs, 1, stop, folder, lines)
         self.scores, self.space, self.weights = scores, space, weights
 
     def enqueue_finalists(self) -> int:

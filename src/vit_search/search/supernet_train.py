@@ -105,8 +105,9 @@ def supernet_spec(spec: Spec, space: SupernetSpace) -> Spec:
 
 
 def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_id: str | None,
-                   progress: bool = False, stop: Any = None, seconds: Any = None) -> Path:
-    """Train (or resume) the supernet; returns its checkpoint file, whose ``model`` holds the weights."""
+                   progress: bool = False, stop: Any = None, seconds: Any = None, on_epoch: Any = None) -> Path:
+    """Train (or resume) the supernet; returns its checkpoint file, whose ``model`` holds the weights.
+    ``on_epoch(epoch, metrics)`` as :func:`~vit_search.train.train` takes it (the epoch lines of logs)."""
     from functools import partial
 
     from ..checkpoints import CHECKPOINT_FILE
@@ -117,7 +118,7 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     try:
         train(supernet_spec(spec, space), resume=True, checkpoint_dir=checkpoint_dir, run_id=run_id,
               make_step=partial(SandwichStep, draw), progress=progress, stop=stop,
-              tags={"supernet.phase": "1: supernet"}, seconds=seconds)
+              tags={"supernet.phase": "1: supernet"}, seconds=seconds, on_epoch=on_epoch)
     except CheckpointMismatch as err:
         # train's own advice is about `train --resume`, which a study's phase 1 always does; say its way out.
         raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: "
