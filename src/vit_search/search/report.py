@@ -43,6 +43,8 @@ def top_table(study: optuna.Study, limit: int = 10) -> str:
     states = {s: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
     header = (f"study '{study.study_name}': {states[TrialState.COMPLETE]} complete, "
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed")
+    if states[TrialState.RUNNING]:  # another worker's, still training: the study is not over
+        header += f", {states[TrialState.RUNNING]} running"
     if not complete:
         return header
     keys = sorted({k for t in complete[:limit] for k in t.params})
