@@ -307,6 +307,25 @@ def test_prepare_builds_the_cache_and_a_run_logs_where_it_is(tmp_path, cli_here,
     assert run.data.tags["data_cache_read"] == "batches"  # on_device: no
 
 
+def test_prepare_builds_a_cache_for_each_image_size_a_study_searches(tmp_path, cli_here):
+    images = folder_of_images(tmp_path / "images", {"a": 4, "b": 4})
+    raw = {"name": "sizes", "data": {"dataset": "imagefolder", "root": str(images), "image_size": 8, "on_device": "no",
+                                     "num_workers": 0, "cache": str(tmp_path / "cache")},
+           "model": {"dim": 16, "depth": 1, "patch_embed": {"type": "conv", "patch_size": 4},
+                     "attention": {"type": "sdpa", "heads": 2}},
+           "search": {"n_trials": 2, "space": {"data.image_size": {"choice": [8, 12]}}}}
+    spec_path = tmp_path / "sizes.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    prepared = cli_here("prepare", str(spec_path), cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    folders = cache_folders(tmp_path / "cache")  # the first trial at 12 px built its own before
+    assert [f.name.split("-")[1] for f in folders] == ["12x12", "8x8"] and prepared.stdout.count("decoded cache ") == 2
+    raw["search"]["space"] = {"data.image_size": {"int": [8, 16], "step": 4}}
+    spec_path.write_text(yaml.safe_dump(raw))
+    prepared = cli_here("prepare", str(spec_path), cwd=tmp_path)
+    assert "data.image_size is searched over a range: only the spec's own size is prepared" in prepared.stdout
+
+
 def test_a_cache_folder_that_cannot_be_written_is_one_error_line(tmp_path, cli_here):
     images = folder_of_images(tmp_path / "images", {"a": 3, "b": 3})
     (tmp_path / "file").write_text("not a folder")

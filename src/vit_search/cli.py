@@ -236,14 +236,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Build the decoded cache a spec's data trains from (once per data set and size), and say where it is."""
     from .data.loading import prepare_cache
 
+    from .schema import DataSpec
+    from .search.space import parse_space
+
     spec = _load(args)
-    cache = prepare_cache(spec.data, spec.seed)
-    if cache is None:
-        reason = "data.cache is off" if spec.data.cache == "off" else "the set is held as tensors without one"
-        print(f"{spec.name}: no decoded cache ({reason})")
-        return 0
-    count = sum(part.shape[0] for part in cache.parts.values())
-    print(f"{spec.name}: decoded cache {cache.folder} ({count:,} images, {cache.nbytes / 2**20:,.1f} MB)")
+    sizes = [spec.data]
+    searched = next((d for d in parse_space(spec.search.space) if d.path == ("data", "image_size")), None) \
+        if spec.search else None
+    if searched is not None and searched.kind == "choice":  # one cache per size the study trains at
+        base = spec.data.model_dump(by_alias=True)
+        sizes = [DataSpec.model_validate({**base, "image_size": size}) for size in searched.choices]
+    elif searched is not None:
+        print(f"{spec.name}: data.image_size is searched over a range: only the spec's own size is prepared; the first "
+              f"trial at each other size builds its cache")
+    for data in sizes:
+        cache = prepare_cache(data, spec.seed)
+        if cache is None:
+            reason = "data.cache is off" if spec.data.cache == "off" else "the set is held as tensors without one"
+            print(f"{spec.name}: no decoded cache ({reason})")
+            return 0
+        count = sum(part.shape[0] for part in cache.parts.values())
+        print(f"{spec.name}: decoded cache {cache.folder} ({count:,} images, {cache.nbytes / 2**20:,.1f} MB)")
     return 0
 
 
