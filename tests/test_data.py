@@ -49,6 +49,15 @@ def test_stratified_split_falls_back_when_a_class_has_one_image():
     assert len(kept) + len(held) == 7 and len(set(kept) & set(held)) == 0
 
 
+def test_a_class_of_one_image_is_kept_for_training_and_the_other_classes_stay_stratified():
+    # It turned stratification off for every class: a plain shuffle could leave a class out of val.
+    labels = np.array([0] * 12 + [1] * 12 + [2] * 12 + [3])
+    for seed in range(20):
+        kept, held = stratified_split(labels, 0.1, seed=seed)
+        assert len(held) == 4 and len(kept) == 33  # as many held out as 0.1 of all 37 says
+        assert set(labels[held]) == {0, 1, 2} and 36 in kept  # every class held out; the lone image kept
+
+
 def test_digits_splits_shapes_and_stratification(digits):
     assert (digits.in_channels, digits.num_classes, digits.on_device) == (1, 10, True)
     assert (len(digits.train), len(digits.val), len(digits.test)) == (1293, 144, 360)
@@ -228,8 +237,25 @@ def test_batch_augment_off_is_identity_and_randaugment_checks_channels():
     assert not aug.enabled and aug(images, labels) == (images, labels)
     with pytest.raises(ValueError, match="1 or 3 image channels"):
         BatchAugment(AugmentSpec(randaugment=True), num_classes=3, image_size=8)(images, labels)
+    with pytest.raises(ValueError, match="data.augment.randaugment needs 1 or 3 channels, the data has 4"):
+        spec(dataset="synthetic", channels=4, augment={"randaugment": True})  # at the spec: validate says it
+    changed = spec(dataset="synthetic", channels=4)
+    changed.augment.randaugment = True  # a nested assignment checks the augment section, not data's channels
     with pytest.raises(DataError, match="1 or 3 channels"):
-        load_data(spec(dataset="synthetic", channels=4, augment={"randaugment": True}), seed=0)
+        load_data(changed, seed=0)
+
+
+def test_validate_refuses_randaugment_on_data_of_other_than_1_or_3_channels_at_its_line(write_spec, cli_here):
+    path = write_spec("""
+        name: t
+        data:
+          dataset: synthetic
+          channels: 4
+          augment: {randaugment: true}
+        """)
+    said = cli_here("validate", path)
+    assert said.returncode == 2 and said.stderr.splitlines() == [
+        f"error: {path}:2: data: data.augment.randaugment needs 1 or 3 channels, the data has 4"]
 
 
 # -- torchvision sets from fake files ---------------------------------------------------------
@@ -297,13 +323,71 @@ def _fake_cifar(root: Path, cls: type, n: int = 10) -> np.ndarray:
 )
 def test_cifar_from_python_pickles(tmp_path, dataset, cls):
     test_data = _fake_cifar(tmp_path, cls, n=100 if dataset == "cifar100" else 10)
-    with pytest.warns(UserWarning, match="md5"):  # not the official files: our own reader, said aloud
-        data = load_data(spec(dataset=dataset, root=str(tmp_path), image_size=32, normalize=False, val_fraction=0.2), seed=0)
+    data = load_data(spec(dataset=dataset, root=str(tmp_path), image_size=32, normalize=False, val_fraction=0.2), seed=0)
     n_train = 100 if dataset == "cifar100" else 50
     assert data.in_channels == 3 and data.num_classes == len(data.classes) == (100 if dataset == "cifar100" else 10)
     assert len(data.train) + len(data.val) == n_train and len(data.test) == len(test_data)
     expected = torch.from_numpy(test_data.reshape(-1, 3, 32, 32))
     assert torch.equal((data.test.images * 255).round().byte(), expected)  # channel-major rows, as documented
+
+
+def test_non_official_cifar_files_are_said_in_one_warning_line_once_per_process(tmp_path, capsys):
+    # It was Python's two-line UserWarning, our source line shown, on every train, prepare and trial.
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    for seed in (0, 1):  # a study's trials read the set again and again
+        load_data(spec(dataset="cifar10", root=str(tmp_path), image_size=8), seed=seed)
+    assert capsys.readouterr().err.splitlines() == [
+        f"vit-search: warning: {tmp_path / 'cifar-10-batches-py'}: not the official release's files (md5 differs); "
+        f"reading them as CIFAR pickles"]
+
+
+def _repickle(path: Path, **changes) -> None:
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    with open(path, "wb") as f:
+        pickle.dump({**entry, **changes}, f)
+
+
+REPLACE = "delete it and download the set again (data.download: true), or put the release's file there"
+
+
+@pytest.mark.parametrize("labels, said", [
+    (list(range(9)), "holds 10 images but 9 labels"),  # every later image paired with another's label
+    ([0, 1, 2, 50, 4, -1, 6, 7, 8, 9], "holds 2 labels outside 0 to 9, the classes of cifar10 (the first: 50)"),
+    ([0.5] * 10, "its labels are not class numbers (a list of float64 of shape (10,))"),
+])
+def test_cifar_pickles_whose_labels_do_not_fit_their_images_are_one_data_error_naming_the_file(tmp_path, labels,
+                                                                                                said):
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _repickle(batch, labels=labels)
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="cifar10", root=str(tmp_path), image_size=8), seed=0)
+    separator = ": " if said.startswith("its") else " "
+    assert str(raised.value) == f"cifar10: {batch}{separator}{said}; {REPLACE}"
+
+
+def test_a_cifar_meta_file_naming_another_number_of_classes_is_one_data_error(tmp_path):
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    _repickle(meta, label_names=["cat", "dog"])
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="cifar10", root=str(tmp_path), image_size=8), seed=0)
+    assert str(raised.value) == f"cifar10: {meta} names 2 classes, cifar10 has 10; {REPLACE}"
+
+
+@pytest.mark.parametrize("spoil, said", [
+    (lambda path: path.write_bytes(path.read_bytes()[:100]), "UnpicklingError: pickle data was truncated"),
+    (lambda path: _repickle(path, data=None), "TypeError: int() argument must be a string"),
+])
+def test_a_damaged_cifar_file_is_named_itself_not_its_folder(tmp_path, spoil, said):
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    spoil(batch)
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="cifar10", root=str(tmp_path), image_size=8), seed=0)
+    assert str(raised.value).startswith(f"cifar10: cannot read {batch} ({said}")
+    assert str(raised.value).endswith(f"); {REPLACE}")
 
 
 def test_torchvision_sets_live_in_vit_search_data_else_in_the_home_cache(tmp_path, monkeypatch):
@@ -357,14 +441,51 @@ def test_a_failed_download_says_torchvisions_reason_from_the_lines_after_its_fir
 def test_unreadable_data_files_name_the_reason_even_when_the_error_has_no_text(tmp_path, monkeypatch):
     from vit_search.data import sources
 
-    _fake_mnist(tmp_path, "MNIST")
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
 
     def empty_error(*args):
         raise EOFError()
 
-    monkeypatch.setattr(sources, "_read_official", empty_error)
-    with pytest.raises(DataError, match=r"cannot read the files in .*MNIST/raw \(EOFError\); delete them"):
+    monkeypatch.setattr(sources, "_unpickle", empty_error)
+    with pytest.raises(DataError, match=r"cannot read .*cifar-10-batches-py/data_batch_1 \(EOFError\); delete it"):
+        load_data(spec(dataset="cifar10", root=str(tmp_path)), seed=0)
+
+
+@pytest.mark.parametrize("spoil, said", [
+    ("cut", "its header says 20 x 28 x 28 = 15,680 bytes follow, 15,580 do: cut short or padded"),
+    ("empty", "not an idx file of 3-dimensional bytes (it starts empty, not 00000803)"),
+    ("labels", "not an idx file of 3-dimensional bytes (it starts 00000801, not 00000803)"),
+])
+def test_a_damaged_mnist_file_is_named_with_what_is_wrong_with_it(tmp_path, spoil, said):
+    # It was the folder, with "(AssertionError)" or "(ValueError: torchvision did not accept them)".
+    _fake_mnist(tmp_path, "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    images = raw / "t10k-images-idx3-ubyte"
+    if spoil == "cut":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif spoil == "empty":
+        images.write_bytes(b"")
+    else:  # the labels file where the images should be
+        images.write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
+    with pytest.raises(DataError) as raised:
         load_data(spec(dataset="mnist", root=str(tmp_path)), seed=0)
+    assert str(raised.value) == f"mnist: cannot read {images} (ValueError: {said}); {REPLACE}"
+
+
+def test_mnist_labels_that_do_not_fit_the_images_are_one_data_error_naming_the_file(tmp_path):
+    _fake_mnist(tmp_path, "FashionMNIST")
+    labels = tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    _idx(labels, np.arange(50, dtype=np.uint8) % 10)  # 60 images
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="fashion_mnist", root=str(tmp_path)), seed=0)
+    assert str(raised.value) == (f"fashion_mnist: {labels} holds 50 labels but {labels.parent / 'train-images-idx3-ubyte'} "
+                                 f"holds 60 images; delete them and download the set again (data.download: true), "
+                                 f"or put the release's files there")
+    _idx(labels, np.where(np.arange(60) % 7 == 0, 12, 1).astype(np.uint8))
+    with pytest.raises(DataError) as raised:
+        load_data(spec(dataset="fashion_mnist", root=str(tmp_path)), seed=0)
+    assert str(raised.value) == (f"fashion_mnist: {labels} holds 9 labels outside 0 to 9, the classes of fashion_mnist "
+                                 f"(the first: 12); {REPLACE}")
 
 
 # -- image folders ----------------------------------------------------------------------------
@@ -519,20 +640,60 @@ def test_imagefolder_rejects_unknown_val_classes(tmp_path):
         load_data(spec(dataset="imagefolder", root=str(tmp_path), image_size=8), seed=0)
 
 
+def _empty_split(root: Path, split: str) -> str:
+    return (f"data.root '{root}': {split}/ holds no images in class folders ({split}/<class>/<image>), so its split "
+            f"would be empty; put the {split} images in its class folders, or remove {split}/ to hold out "
+            f"data.{split}_fraction of train instead")
+
+
 @pytest.mark.parametrize("split", ["val", "test"])
-def test_an_empty_val_or_test_folder_is_an_error_at_data_not_a_split_that_scores_zero(tmp_path, write_spec, split):
+@pytest.mark.parametrize("holds", ["a class folder of text", "loose images"])
+def test_an_empty_val_or_test_folder_is_an_error_at_data_not_a_split_that_scores_zero(tmp_path, write_spec, split,
+                                                                                      holds):
     from vit_search.spec import SpecError, load_spec
 
     # It trained, and logged val_accuracy 0.0000 and val_loss 0.0000 as the run's metrics: a search optimised a constant.
+    # ImageFolder reads a split's class folders only: images straight in val/ made a split of none as well.
     _pngs(tmp_path / "train", {"a": 3, "b": 3})
-    (tmp_path / split / "a").mkdir(parents=True)
-    (tmp_path / split / "a" / "readme.txt").write_text("no image")
+    if holds == "loose images":
+        _pngs(tmp_path, {split: 2})
+    else:
+        (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / split / "a" / "readme.txt").write_text("no image")
     path = write_spec(f"name: t\nseed: 0\ndata: {{dataset: imagefolder, root: {tmp_path}, image_size: 16}}\n")
     with pytest.raises(SpecError) as raised:
         load_spec(path)
-    assert raised.value.problems == [
-        f"{path}:3: data: data.root '{tmp_path}': {split}/ holds no images, so its split would be empty; put the {split} "
-        f"images in its class folders, or remove {split}/ to hold out data.{split}_fraction of train instead"]
+    assert raised.value.problems == [f"{path}:3: data: {_empty_split(tmp_path, split)}"]
+
+
+def test_a_val_folder_emptied_of_class_folders_after_validation_is_one_data_error(tmp_path):
+    _pngs(tmp_path / "train", {"a": 3, "b": 3})
+    _pngs(tmp_path / "val", {"a": 2})
+    validated = spec(dataset="imagefolder", root=str(tmp_path), image_size=8)
+    for image in (tmp_path / "val" / "a").iterdir():
+        image.rename(tmp_path / "val" / image.name)  # loose in val/: ImageFolder reads none of them
+    with pytest.raises(DataError) as raised:
+        imagefolder_parts(validated, seed=0)
+    assert str(raised.value) == f"imagefolder: {_empty_split(tmp_path, 'val')}"
+
+
+@pytest.mark.parametrize("layout", ["wrapper", "train"])
+def test_an_imagefolder_of_one_class_folder_is_refused_at_data_naming_it(tmp_path, write_spec, layout):
+    from vit_search.spec import SpecError, load_spec
+
+    # data.root one folder too high made one class of every image: it trained to a perfect, meaningless 1.0000.
+    if layout == "wrapper":
+        _pngs(tmp_path / "images", {"cat": 2, "dog": 2})
+        said = (f"data.root '{tmp_path}' holds one class folder only, 'images/', and a classifier needs at least 2: "
+                f"data.root should be the folder that holds the class folders (is it '{tmp_path / 'images'}'?)")
+    else:
+        _pngs(tmp_path / "train", {"cat": 4})
+        said = (f"data.root '{tmp_path}': train/ holds one class folder only, 'cat/'; a classifier needs at least 2: "
+                f"put each class's images in a folder of its own under train/")
+    path = write_spec(f"name: t\ndata: {{dataset: imagefolder, root: {tmp_path}, image_size: 16}}\n", name="s.yaml")
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert raised.value.problems == [f"{path}:2: data: {said}"]
 
 
 def test_an_imagefolder_root_without_class_folders_is_an_error_at_data(tmp_path, write_spec):
@@ -600,8 +761,25 @@ def test_an_imagefolder_without_data_root_is_read_from_the_working_directory(tmp
         spec(dataset="imagefolder")
 
 
+@pytest.mark.parametrize("dataset", ["digits", "imagefolder"])
+def test_a_test_fraction_that_leaves_one_image_for_train_and_val_is_blamed_on_test_fraction(tmp_path, dataset):
+    # It named data.val_fraction (no value of which could help), and said "1 images".
+    if dataset == "imagefolder":
+        _pngs(tmp_path / "train", {"a": 6, "b": 6})
+    chosen = spec(dataset=dataset, root=str(tmp_path), test_fraction=0.9 if dataset == "imagefolder" else 0.999,
+                  image_size=8)
+    count = "12 images" if dataset == "imagefolder" else "1,797 images"
+    with pytest.raises(DataError) as raised:
+        load_data(chosen, seed=0)
+    assert str(raised.value) == (f"data.test_fraction {chosen.test_fraction}: holding out that share of {count} for "
+                                 f"test leaves 1 image for training and validation, which need one each; lower "
+                                 f"data.test_fraction, or add images")
+
+
 def test_a_split_that_leaves_no_image_names_its_key_not_scikit_learns_words():
     with pytest.raises(DataError) as raised:
         stratified_split(np.arange(12) % 2, 0.95, seed=0, key="data.test_fraction")
     assert str(raised.value) == ("data.test_fraction 0.95: holding out that share of 12 images leaves one side with none; "
                                  "set data.test_fraction so that both keep at least one image, or add images")
+    with pytest.raises(DataError, match="that share of 1 image leaves one side with none"):  # not "1 images"
+        stratified_split(np.zeros(1), 0.5, seed=0)

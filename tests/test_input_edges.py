@@ -95,6 +95,41 @@ def test_a_checkpoint_folder_that_is_a_symlink_loop_is_refused_before_the_mlflow
     assert MlflowClient(sqlite_uri).get_experiment_by_name("edges-looping-checkpoints") is None  # no FAILED run
 
 
+# -- data files ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_labels_that_do_not_fit_a_data_sets_files_stop_train_in_one_line_before_the_mlflow_run(tmp_path, cli_here,
+                                                                                               sqlite_uri, dataset):
+    # A label of 12 ended in the loss's IndexError (exit 1, a FAILED run left); CIFAR labels one short trained
+    # on misaligned labels, or (decoded cache) broke in numpy's broadcast.
+    import numpy as np
+    import torchvision
+    from mlflow.tracking import MlflowClient
+    from test_data import _fake_cifar, _fake_mnist, _idx, _repickle
+
+    if dataset == "mnist":
+        _fake_mnist(tmp_path, "MNIST")
+        bad = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+        _idx(bad, np.full(60, 12, dtype=np.uint8))
+        said = f"error: mnist: {bad} holds 60 labels outside 0 to 9, the classes of mnist (the first: 12); "
+    else:
+        _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+        bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+        _repickle(bad, labels=list(range(9)))
+        said = f"error: cifar10: {bad} holds 10 images but 9 labels; "
+    experiment = f"edges-bad-labels-{dataset}"
+    said_all = cli_here("train", DIGITS, "--set", f"data.dataset={dataset}", "--set", f"data.root={tmp_path}",
+                        "--set", "data.on_device=no", "--set", "train.epochs=1", "--set", "data.image_size=8",
+                        "--set", f"tracking.experiment={experiment}", "--checkpoint-dir", tmp_path / "runs",
+                        cwd=tmp_path, env={"MLFLOW_TRACKING_URI": sqlite_uri, "VIT_SEARCH_CACHE": str(tmp_path / "cache")})
+    if dataset == "cifar10":  # fake files: the one warning line that they are not the release's comes first
+        warning, said_all.stderr = said_all.stderr.split("\n", 1)
+        assert warning.startswith("vit-search: warning: ") and "md5 differs" in warning
+    line = one_line(said_all)
+    assert line.startswith(said) and line.endswith("delete it and download the set again (data.download: true), or "
+                                                   "put the release's file there")
+    assert MlflowClient(sqlite_uri).get_experiment_by_name(experiment) is None  # no FAILED run
+
+
 # -- model.init: file ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path, said", [("folder", "is a folder, not a weights file"),
                                         ("/dev/zero", "is not a regular file")])

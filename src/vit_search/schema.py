@@ -156,7 +156,9 @@ class DataSpec(_Section):
         if padding > side:  # the batch is padded whole: time and memory would grow as the padding squared
             raise ValueError(f"augment.random_crop_padding {padding} is more than the image side {side}; a few pixels "
                              f"(2 to 4 at 16-32 px) is what random crops need")
-        dataset_shape(self)  # an imagefolder without class folders fails here, at data
+        channels, _ = dataset_shape(self)  # an imagefolder without class folders fails here, at data
+        if self.augment.randaugment and channels not in (1, 3):  # torchvision's RandAugment takes grey or RGB only
+            raise ValueError(f"data.augment.randaugment needs 1 or 3 channels, the data has {channels}")
         return self
 
 

@@ -158,6 +158,8 @@ def _load(spec: DataSpec, seed: int, device: torch.device) -> DataSplits:
     else:
         parts, where, classes = source.parts(spec, seed)
         count, channels = sum(len(i) for _, i in where.values()), source.shape(spec)[0]
+    # The spec refuses this at `data` (schema.DataSpec); a section changed in place after validation
+    # (a nested assignment does not check the section again) still stops here, not in torchvision.
     if spec.augment.randaugment and channels not in (1, 3):
         raise DataError(f"data.augment.randaugment needs 1 or 3 channels, the data has {channels}")
     megabytes = count * channels * size[0] * size[1] * 4 / 2**20

@@ -9,11 +9,13 @@ them. Adding a data set is an entry in ``DATASETS`` and its reader.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
 import shutil
-import warnings
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -54,26 +56,50 @@ def default_root() -> Path:
 def stratified_split(labels: np.ndarray, fraction: float, seed: int,
                      key: str = "data.val_fraction") -> tuple[np.ndarray, np.ndarray]:
     """Sorted indices (kept, held out) with ``fraction`` (the spec's ``key``) held out, class shares kept;
-    same seed, same split."""
+    same seed, same split. The images of a class that has only one stay on the kept side."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
     state = seed % 2**32
+    inverse = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    single = np.bincount(inverse)[inverse] == 1 if len(labels) else np.zeros(0, dtype=bool)
     try:
-        kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=state)
+        if not single.any():
+            kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=state)
+        else:
+            # A class of one image cannot be on both sides, and would turn stratification off for every class:
+            # it is kept, and the others are stratified, as many held out as the share of all of them says.
+            held_count = math.ceil(fraction * len(labels))  # scikit-learn's count for a share
+            kept, held = train_test_split(index[~single], test_size=held_count, stratify=labels[~single],
+                                          random_state=state)
+            kept = np.concatenate([kept, index[single]])
     except ValueError:
-        # A class with a single image, or fewer held-out slots than classes: shuffle unstratified.
+        # Fewer held-out (or kept) slots than classes, or no class of two images: shuffle unstratified.
         try:
             kept, held = train_test_split(index, test_size=fraction, random_state=state)
         except ValueError:  # scikit-learn's words are its own (test_size, train_size): said in the spec's
-            raise DataError(f"{key} {fraction}: holding out that share of {len(labels)} images leaves one side with "
-                            f"none; set {key} so that both keep at least one image, or add images") from None
+            raise DataError(f"{key} {fraction}: holding out that share of {_images(len(labels))} leaves one side "
+                            f"with none; set {key} so that both keep at least one image, or add images") from None
     return np.sort(kept), np.sort(held)
+
+
+def _images(count: int) -> str:
+    return f"{count:,} image" + ("" if count == 1 else "s")
+
+
+def _room_for_val(left: int, total: int, test_fraction: float) -> None:
+    """Refuse a test share that leaves fewer than the two images that train and val need, one each: no
+    ``val_fraction`` could fix that, so the error names ``test_fraction``."""
+    if left < 2:
+        raise DataError(f"data.test_fraction {test_fraction}: holding out that share of {_images(total)} for test "
+                        f"leaves {_images(left)} for training and validation, which need one each; lower "
+                        f"data.test_fraction, or add images")
 
 
 def _three_way(labels: np.ndarray, spec: "DataSpec", seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """train/val/test indices: test_fraction of all, then val_fraction of the rest."""
     rest, test = stratified_split(labels, spec.test_fraction, seed, "data.test_fraction")
+    _room_for_val(len(rest), len(labels), spec.test_fraction)
     train, val = stratified_split(labels[rest], spec.val_fraction, seed)
     return rest[train], rest[val], test
 
@@ -111,9 +137,10 @@ def read_synthetic(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
     return {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}, names
 
 
-def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Parts, PartSplits, list[str]]]:
-    """The official train and test splits of one of torchvision's data sets, and the seeded split of
-    the official train split into train/val (stratified)."""
+def torchvision_parts(class_name: str,
+                      num_classes: int) -> Callable[["DataSpec", int], tuple[Parts, PartSplits, list[str]]]:
+    """The official train and test splits of one of torchvision's data sets (labels checked against
+    ``num_classes``), and the seeded split of the official train split into train/val (stratified)."""
 
     def parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, list[str]]:
         import torch
@@ -121,7 +148,8 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
 
         cls = getattr(torchvision.datasets, class_name)
         root = Path(spec.root).expanduser() if spec.root else default_root()
-        if issubclass(cls, torchvision.datasets.MNIST):
+        mnist = issubclass(cls, torchvision.datasets.MNIST)
+        if mnist:
             folder = root / cls.__name__ / "raw"
             names = [os.path.splitext(name)[0] for name, _ in cls.resources]
         else:
@@ -148,12 +176,10 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
                 f"{spec.dataset}: data files not found in {folder} (missing {', '.join(missing)}); set "
                 f"data.download: true to fetch them, or place the files there (data.root sets the folder above it)"
             )
-        try:
-            splits, classes = _read_official(cls, root, folder)
-        except (AssertionError, TypeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
-            reason = f"{type(err).__name__}: {err}" if str(err).strip() else type(err).__name__
-            raise DataError(f"{spec.dataset}: cannot read the files in {folder} ({reason}); delete them and download "
-                            f"again") from None
+        if mnist:
+            splits, classes = _read_mnist(cls, folder, spec.dataset, num_classes)
+        else:
+            splits, classes = _read_official(cls, root, folder, spec.dataset, num_classes)
         # (N, H, W) grey or (N, H, W, 3) colour -> (N, C, H, W)
         (train_x, train_y), (test_x, test_y) = [
             (torch.as_tensor(x).unsqueeze(1) if x.ndim == 3 else torch.as_tensor(x).permute(0, 3, 1, 2),
@@ -169,39 +195,125 @@ def torchvision_parts(class_name: str) -> Callable[["DataSpec", int], tuple[Part
 
 
 Pairs = list[tuple[np.ndarray, np.ndarray]]  # (images, labels) of the train and test splits
+_REPLACE = "delete it and download the set again (data.download: true), or put the release's file there"
 
 
-def _read_official(cls: type, root: Path, folder: Path) -> tuple[Pairs, list[str]]:
-    """(images, labels) of the train and test splits through torchvision's own class."""
-    import torchvision
-
+def _read_official(cls: type, root: Path, folder: Path, dataset: str, num_classes: int) -> tuple[Pairs, list[str]]:
+    """(images, labels) of CIFAR's train and test splits: through torchvision's own class where the files are
+    the release's (their md5 says so), else read as CIFAR pickles, file by file."""
     try:
         sets = [cls(str(root), train=train) for train in (True, False)]
     except RuntimeError:
-        if issubclass(cls, torchvision.datasets.MNIST):
-            raise ValueError("torchvision did not accept them") from None
         # torchvision refuses CIFAR files whose md5 is not the official release's (a subset, a
         # re-pickled copy); the format is documented, so read them ourselves and say so.
-        warnings.warn(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles",
-                      stacklevel=2)
-        return _read_cifar(cls, folder)
+        warn_once(f"{folder}: not the official release's files (md5 differs); reading them as CIFAR pickles")
+        return _read_cifar(cls, folder, dataset, num_classes)
+    except Exception as err:  # the release's files, checked by their md5: what is left is the reader's
+        raise DataError(f"{dataset}: cannot read the files in {folder} ({_why(err)}); delete them and download the "
+                        f"set again (data.download: true)") from None
     return [(np.asarray(s.data), np.asarray(s.targets)) for s in sets], list(sets[0].classes)
 
 
-def _read_cifar(cls: type, folder: Path) -> tuple[Pairs, list[str]]:
+_WARNED: set[str] = set()
+
+
+def warn_once(text: str) -> None:
+    """``text`` as one line on stderr, ``vit-search: warning: ...``, once per process (every trial reads the set)."""
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"vit-search: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _why(err: BaseException) -> str:
+    """An exception as a short line: its type, and its message where it has one."""
+    said = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {said}" if said else type(err).__name__
+
+
+def _reading(path: Path, dataset: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, whatever it raises (the file is what the user must fix) made one DataError naming ``path``."""
+    try:
+        return read(path)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{dataset}: cannot read {path} ({_why(err)}); {_REPLACE}") from None
+
+
+def _unpickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # the format is pickle; torchvision loads it too
+
+
+def _read_cifar(cls: type, folder: Path, dataset: str, num_classes: int) -> tuple[Pairs, list[str]]:
     """CIFAR's python pickles: 'data' (N, 3072) uint8, 'labels' or 'fine_labels'; HWC like torchvision."""
     splits = []
     for files in (cls.train_list, cls.test_list):
-        xs, ys = [], []
-        for name, _ in files:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")  # the format is pickle; torchvision loads it too
-            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-        splits.append((np.concatenate(xs), np.asarray(ys)))
-    with open(folder / cls.meta["filename"], "rb") as f:
-        classes = list(pickle.load(f, encoding="latin1")[cls.meta["key"]])
+        batches = [_cifar_batch(folder / name, dataset, num_classes) for name, _ in files]
+        splits.append((np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])))
+    meta = folder / cls.meta["filename"]
+    classes = _reading(meta, dataset, lambda path: list(_unpickle(path)[cls.meta["key"]]))
+    if len(classes) != num_classes:  # the model's head has num_classes outputs, the labels index these names
+        raise DataError(f"{dataset}: {meta} names {len(classes):,} classes, {dataset} has {num_classes}; {_REPLACE}")
     return splits, classes
+
+
+def _cifar_batch(path: Path, dataset: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch file: images (N, 32, 32, 3) uint8 and their labels, one per image, each a class."""
+
+    def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        entry = _unpickle(path)
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return images, np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
+
+    images, labels = _reading(path, dataset, read)
+    if len(labels) != len(images):  # misaligned from the first missing label on, every later one wrong
+        raise DataError(f"{dataset}: {path} holds {_images(len(images))} but {len(labels):,} labels; {_REPLACE}")
+    return images, _classes_of(labels, path, dataset, num_classes)
+
+
+def _classes_of(labels: np.ndarray, path: Path, dataset: str, num_classes: int) -> np.ndarray:
+    """``labels`` as int64, refused unless each is a class of the data set (0 to num_classes - 1)."""
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{dataset}: {path}: its labels are not class numbers (a list of {labels.dtype} of shape "
+                        f"{labels.shape}); {_REPLACE}")
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        count = int(outside.sum())
+        raise DataError(f"{dataset}: {path} holds {count:,} label{'' if count == 1 else 's'} outside 0 to "
+                        f"{num_classes - 1}, the classes of {dataset} (the first: {labels[outside][0]}); {_REPLACE}")
+    return labels.astype(np.int64)
+
+
+def _read_mnist(cls: type, folder: Path, dataset: str, num_classes: int) -> tuple[Pairs, list[str]]:
+    """MNIST's (and FashionMNIST's) raw idx files, read file by file as torchvision reads them, so that a
+    damaged one is named."""
+    splits = []
+    for prefix in ("train", "t10k"):  # torchvision's names for the two splits' files
+        images_path, labels_path = folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"
+        images = _reading(images_path, dataset, lambda path: _idx(path, 3))
+        labels = _reading(labels_path, dataset, lambda path: _idx(path, 1))
+        if len(labels) != len(images):
+            raise DataError(f"{dataset}: {labels_path} holds {len(labels):,} labels but {images_path} holds "
+                            f"{_images(len(images))}; delete them and download the set again (data.download: true), "
+                            f"or put the release's files there")
+        splits.append((images, _classes_of(labels, labels_path, dataset, num_classes)))
+    return splits, list(cls.classes)
+
+
+def _idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file (MNIST's format) of bytes in ``ndim`` dimensions; a ValueError says what is wrong."""
+    raw = np.fromfile(path, dtype=np.uint8)  # writable, unlike a buffer of bytes: torch takes it without a copy
+    head = 4 + 4 * ndim
+    magic = bytes(raw[:4])
+    if len(raw) < head or magic != bytes([0, 0, 0x08, ndim]):  # 0x08: unsigned bytes, as MNIST's files hold
+        raise ValueError(f"not an idx file of {ndim}-dimensional bytes (it starts {magic.hex() or 'empty'}, "
+                         f"not 000008{ndim:02x})")
+    sizes = struct.unpack(f">{ndim}I", bytes(raw[4:head]))
+    if len(raw) - head != math.prod(sizes):
+        raise ValueError(f"its header says {' x '.join(map(str, sizes))} = {math.prod(sizes):,} bytes follow, "
+                         f"{len(raw) - head:,} do: cut short or padded")
+    return raw[head:].reshape(sizes)
 
 
 # -- image folders --------------------------------------------------------------------------------
@@ -219,12 +331,34 @@ def class_folders(spec: "DataSpec") -> list[Path]:
     if empty:
         raise ValueError(_no_images(", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else ""),
                                     root))
+    if len(classes) == 1:  # one class scores a perfect, meaningless 1.0000
+        raise ValueError(_one_class(root, classes[0], train != root))
     for name in ("val", "test") if train != root else ():
-        if (root / name).is_dir() and not _holds_an_image(root / name):  # a split of none scores 0.0000, silently
-            raise ValueError(f"data.root '{root}': {name}/ holds no images, so its split would be empty; put the "
-                             f"{name} images in its class folders, or remove {name}/ to hold out data.{name}_fraction "
-                             f"of train instead")
+        # ImageFolder reads a split's images in its class folders only: loose ones would make a split of none,
+        # which scores 0.0000, silently.
+        split = root / name
+        if split.is_dir() and not any(_holds_an_image(p) for p in split.iterdir() if p.is_dir()):
+            raise ValueError(_empty_split(root, name))
     return classes
+
+
+def _one_class(root: Path, only: Path, has_train: bool) -> str:
+    if has_train:
+        return (f"data.root '{root}': train/ holds one class folder only, '{only.name}/'; a classifier needs at least "
+                f"2: put each class's images in a folder of its own under train/")
+    try:  # root/images/<class>/...: data.root one folder too high
+        deeper = any(entry.is_dir() for entry in os.scandir(only))
+    except OSError:
+        deeper = False
+    return (f"data.root '{root}' holds one class folder only, '{only.name}/', and a classifier needs at least 2: "
+            f"data.root should be the folder that holds the class folders"
+            + (f" (is it '{only}'?)" if deeper else ""))
+
+
+def _empty_split(root: Path, name: str) -> str:
+    return (f"data.root '{root}': {name}/ holds no images in class folders ({name}/<class>/<image>), so its split "
+            f"would be empty; put the {name} images in its class folders, or remove {name}/ to hold out "
+            f"data.{name}_fraction of train instead")
 
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, which ImageFolder reads (written out: validate imports no torchvision).
@@ -269,8 +403,12 @@ def imagefolder_parts(spec: "DataSpec", seed: int) -> tuple[Parts, PartSplits, l
     for name, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
         if (root / name).is_dir():
             parts[name] = _folder_with_classes(root / name, base.class_to_idx)
+            if len(parts[name]) == 0:  # its images removed since the spec was validated
+                raise DataError(f"imagefolder: {_empty_split(root, name)}")
             where[name] = (name, np.arange(len(parts[name])))
         else:
+            if name == "val" and len(kept) < len(labels):  # test carved out first: what is left must hold two
+                _room_for_val(len(kept), len(labels), spec.test_fraction)
             keep, held = stratified_split(labels[kept], fraction, seed, f"data.{name}_fraction")
             where[name] = ("train", kept[held])
             kept = kept[keep]
@@ -362,7 +500,7 @@ def _fixed(channels: int, classes: int) -> Callable[["DataSpec"], tuple[int, int
 
 
 def _torchvision(class_name: str, channels: int, classes: int) -> Source:
-    return Source(_fixed(channels, classes), parts=torchvision_parts(class_name))
+    return Source(_fixed(channels, classes), parts=torchvision_parts(class_name, classes))
 
 
 DATASETS: dict[str, Source] = {
