@@ -576,14 +576,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from .tracking import configure
-    from .ui import choose_port, serve, ui_address
+    import logging
+
+    from .tracking import use_store
+    from .ui import choose_port, serve, study_view
 
     spec = _load(args)
     remote = (os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or "").startswith(("http://", "https://"))
     # Before the store is touched: a bad or busy port is one line, exit 2, and nothing created.
     port = choose_port(args.port, check_free=not remote)
-    view = ui_address(spec, configure(spec))
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not MLflow's note that it made the tables
+    use_store(spec)
+    view = study_view(spec)  # read-only: the experiment is looked up, not created
     uri = mlflow.get_tracking_uri()
     if remote:  # a tracking server serves its own UI
         from .redaction import redact
@@ -772,6 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say_error(err)
         return 1
     except KeyboardInterrupt as err:
+        if args.command == "ui":  # stopping is how a UI ends, its server started or not
+            return 0
         if not _repeats_the_main_process():
             print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
         _leave_process_group(together=False)

@@ -2,8 +2,14 @@
 
 The port is checked before the server starts (a port in use would otherwise show whatever already
 listens there, perhaps another store's UI); the address is printed once the server answers; the
-server runs in a process group of its own, which SIGINT and SIGTERM to this process stop whole
-(MLflow's UI is several processes: its command, uvicorn and uvicorn's workers).
+server runs in a process group of its own, which SIGINT, SIGTERM and SIGHUP (its terminal closed) to
+this process stop whole (MLflow's UI is several processes: its command, uvicorn and uvicorn's workers).
+That group's leader is a small watcher (:data:`WATCHER`), which stops the group itself should this
+process end without doing so (SIGKILL): nothing serves on, orphaned, holding the port.
+
+The server says what goes wrong (a port it cannot bind, a store it cannot open), not how it is
+doing: uvicorn's log at warning level, MLflow's at WARNING, no Python warnings, and not the note that
+MLflow prints at every start about its ``--host`` (which ``vit-search ui`` does not take).
 
 MLflow's job runner (huey consumers for GenAI evaluation jobs and trace roll-ups) is not started unless
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says so: comparing trials needs none of it, and it costs eight
@@ -28,6 +34,51 @@ from .schema import Spec
 HOST = "127.0.0.1"
 STOP_SECONDS = 10.0  # how long the server gets to stop after SIGTERM before it is killed
 JOB_RUNNER = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, `kill` or `timeout`, a closed terminal
+# Lines of the server's that say nothing to a user of `vit-search ui`, printed at every start whatever the log
+# level: MLflow's note that it serves localhost only, and how to serve other hosts with flags ui does not take.
+NOISE = ("[MLflow] Security middleware enabled with default settings",)
+
+# The leader of the server's process group, run as `python -c WATCHER COMMAND...`: it starts the server in
+# its group, passes on the server's log but NOISE, and exits with the server's exit code. Should the
+# command that started it end without stopping the group (SIGKILL), its pipe to this script closes:
+# the script then stops the group itself, SIGTERM and, after STOP_SECONDS or once the server has
+# ended, SIGKILL (uvicorn's workers included, and the script). A parent-death signal would reach
+# MLflow's command alone, not uvicorn and its workers. A script, not this module: it runs as long as
+# the server, and needs nothing of the package.
+WATCHER = f"""# vit-search ui: the watcher of MLflow's UI server
+import os, signal, subprocess, sys, threading, time
+for signum in (signal.SIGINT, signal.SIGTERM):  # the group's stop is for the server: this waits for it to end
+    signal.signal(signum, lambda *_: None)
+server = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+orphaned = threading.Event()
+
+def forward():
+    for line in server.stdout:
+        if not line.startswith({tuple(noise.encode() for noise in NOISE)!r}):
+            try:
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+            except OSError:  # the terminal closed
+                pass
+
+def watch():
+    while os.read(0, 512):  # vit-search ui writes nothing: the pipe ends when it does
+        pass
+    orphaned.set()
+    os.killpg(0, signal.SIGTERM)
+    time.sleep({STOP_SECONDS!r})
+    os.killpg(0, signal.SIGKILL)
+
+reader = threading.Thread(target=forward, daemon=True)
+reader.start()
+threading.Thread(target=watch, daemon=True).start()
+code = server.wait()
+reader.join(2)  # its last lines, which say why it failed
+if orphaned.is_set():  # what outlives the server in its group
+    os.killpg(0, signal.SIGKILL)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 class UiError(UserError):
@@ -64,12 +115,35 @@ def ui_address(spec: Spec, experiment_id: str) -> str:
     return trials_address(experiment_id, search.study_name or spec.name, metric, direction == "maximize")
 
 
+def study_view(spec: Spec) -> str:
+    """The address fragment ``ui`` opens in the store MLflow points at (``tracking.use_store``): the study's
+    trials (:func:`ui_address`), or, where the store has no experiment of the spec's yet (a new store, a
+    mistyped ``tracking.uri``), MLflow's list of experiments, after a line on stderr that says so. Creates
+    nothing: ``ui`` only reads."""
+    import mlflow
+
+    name = spec.tracking.experiment or spec.name
+    experiment = mlflow.MlflowClient().get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "active":
+        return ui_address(spec, experiment.experiment_id)
+    store = redact(mlflow.get_tracking_uri())
+    if experiment is None:
+        print(f"note: MLflow store {store} has no experiment '{name}' yet: nothing of this spec's is logged there; "
+              f"run the study first, or check tracking.uri and MLFLOW_TRACKING_URI", file=sys.stderr)
+    else:  # in MLflow's trash: its runs are hidden until it is restored
+        print(f"note: experiment '{name}' in MLflow store {store} is deleted; restore it (mlflow experiments restore "
+              f"--experiment-id {experiment.experiment_id}) to see its runs", file=sys.stderr)
+    return "#/experiments"
+
+
 def serve(uri: str, port: int, view: str) -> int:
     """Serve MLflow's UI for the store ``uri`` on 127.0.0.1:``port`` until it exits or this process is
     told to stop; prints the address of ``view`` once the server answers. Returns the exit code."""
     # The store goes in the environment (server_environment), not on the command line: `ps` shows that to
     # every user of the machine, a database password in it included.
-    command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port)]
+    # One worker: one local user's browser needs no more, and each of MLflow's default four costs seconds of
+    # start-up and hundreds of MB.
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port), "--workers", "1"]
     stopping: list[int] = []
     started: list[subprocess.Popen] = []
 
@@ -79,10 +153,12 @@ def serve(uri: str, port: int, view: str) -> int:
             _signal_group(server, signal.SIGTERM)
 
     # Listening before the server starts: a Ctrl-C at any moment stops its whole group.
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:  # the handlers are given back however this ends, a server that could not start included
         # The server's log goes to stderr: stdout carries the address line alone, for `vit-search ui | ...`.
-        server = subprocess.Popen(command, env=server_environment(uri), start_new_session=True, stdout=2)
+        # The watcher's standard input is a pipe from here, which it reads to learn that this process ended.
+        server = subprocess.Popen([sys.executable, "-c", WATCHER, *command], env=server_environment(uri),
+                                  start_new_session=True, stdin=subprocess.PIPE, stdout=2)
         started.append(server)
         if not _wait_until_up(server, f"http://{HOST}:{port}/health", stopping):
             if stopping:
@@ -101,9 +177,14 @@ def serve(uri: str, port: int, view: str) -> int:
 
 
 def server_environment(uri: str) -> dict[str, str]:
-    """The UI server's environment: this one, tracking and serving the store ``uri``, without MLflow's job
-    runner unless the user's own environment turns it on."""
-    return {JOB_RUNNER: "false", **os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_BACKEND_STORE_URI": uri}
+    """The UI server's environment: this one, tracking and serving the store ``uri`` (its models too), quiet
+    but for what goes wrong, and without MLflow's job runner unless the user's own environment turns it on
+    (or raises a log level: uvicorn's takes the last ``--log-level`` in ``MLFLOW_UVICORN_OPTS``)."""
+    quiet = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_REGISTRY_STORE_URI": uri}  # else "Registry store URI not provided"
+    uvicorn = f"--log-level warning {os.environ.get('MLFLOW_UVICORN_OPTS', '')}".strip()
+    # No Python warnings: the server's are its libraries' (Starlette's deprecations, once per worker).
+    return {JOB_RUNNER: "false", **quiet, **os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_BACKEND_STORE_URI": uri,
+            "MLFLOW_UVICORN_OPTS": uvicorn, "PYTHONWARNINGS": "ignore"}
 
 
 def _wait_until_up(server: subprocess.Popen, health: str, stopping: list[int]) -> bool:
