@@ -255,13 +255,13 @@ def mark_run(folder: Path, run_id: str) -> str | None:
                       file=sys.stderr, flush=True)
         except MlflowException:  # not in this store (another tracking URI then): not ours to end
             pass
+    written = folder / f".{RUN_MARK}.{os.getpid()}"  # whole or not at all: renamed into place
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        written = folder / f".{RUN_MARK}.{os.getpid()}"
         written.write_text(json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}))
         written.replace(mark)
     except OSError:  # a full disk says so at the first checkpoint
-        pass
+        written.unlink(missing_ok=True)
     return ended
 
 
