@@ -119,7 +119,7 @@ def test_three_worker_processes_on_one_journal_storage_run_exactly_n_trials_at_p
     study = optuna.load_study(study_name="three-processes", storage=open_storage(url))
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
     assert len(set(points(study))) == 6
-    assert sum(int(out.split("this worker: ")[1].split(" trials")[0]) for out in outputs) == 6
+    assert sum(int(out.split("this worker: ")[1].split(" trial")[0]) for out in outputs) == 6  # "1 trial", "2 trials"
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("three-processes").experiment_id])
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 6
