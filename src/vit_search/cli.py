@@ -235,7 +235,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Build the decoded cache a spec's data trains from (once per data set and size), and say where it is."""
     from .data.loading import prepare_cache
-
     from .schema import DataSpec
     from .search.space import parse_space
 
@@ -572,11 +571,10 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI for the study's tracking store on 127.0.0.1 and print the trials' address."""
+    import logging
     import os
 
     import mlflow
-
-    import logging
 
     from .tracking import use_store
     from .ui import choose_port, serve, study_view
