@@ -226,10 +226,10 @@ def finished_metrics(spec: Spec, run_id: str) -> dict[str, float] | None:
     return dict(run.data.metrics)
 
 
-def mark_run(folder: Path, run_id: str) -> str | None:
+def mark_run(folder: Path, run_id: str) -> None:
     """Note in a run of its own's checkpoint ``folder`` that run ``run_id`` (started) trains there, from
     this process; first end KILLED the run noted there before, if it is still RUNNING and its process, on
-    this host, is gone. Returns that run's id, if ended.
+    this host, is gone.
 
     A process killed outright (SIGKILL, the OOM killer) cannot end its run: MLflow shows it RUNNING for
     ever. The next ``train`` in its folder can tell it was abandoned; one on another host cannot, and
@@ -238,7 +238,7 @@ def mark_run(folder: Path, run_id: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mark, ended = folder / RUN_MARK, None
+    mark = folder / RUN_MARK
     try:
         noted = json.loads(mark.read_text())
         before, host, pid = str(noted["run_id"]), str(noted["host"]), int(noted["pid"])
@@ -250,7 +250,6 @@ def mark_run(folder: Path, run_id: str) -> str | None:
             if client.get_run(before).info.status == "RUNNING":
                 client.set_tag(before, "error", f"killed: its process ({pid}) ended without ending the run")
                 client.set_terminated(before, "KILLED")
-                ended = before
                 print(f"MLflow run {before}, left RUNNING in {folder} by a process that was killed, is now KILLED",
                       file=sys.stderr, flush=True)
         except MlflowException:  # not in this store (another tracking URI then): not ours to end
@@ -262,17 +261,16 @@ def mark_run(folder: Path, run_id: str) -> str | None:
         written.replace(mark)
     except OSError:  # a full disk says so at the first checkpoint
         written.unlink(missing_ok=True)
-    return ended
 
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this host (one of another user's counts as alive)."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: asks only whether it exists (PermissionError: it does, another user's)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
