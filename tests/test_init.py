@@ -357,6 +357,14 @@ def test_a_missing_absolute_weights_path_is_not_said_to_be_read_from_the_spec_fo
     assert "relative path" not in problem
 
 
+def test_a_missing_checkpoint_says_which_command_writes_it_and_where(tmp_path):
+    with pytest.raises(SpecError) as err:
+        spec_from(tmp_path / "runs" / "pretrain" / "checkpoint.pt")
+    (problem,) = err.value.problems
+    assert f"{tmp_path / 'runs' / 'pretrain' / 'checkpoint.pt'}: no such file; check the path (`vit-search train` writes " \
+           "runs/NAME/checkpoint.pt under the folder it runs in" in problem, problem
+
+
 def test_init_keys_follow_the_source():
     with pytest.raises(SpecError, match="model.init: from torchvision takes name, weights: missing weights"):
         load_spec({"name": "x", "model": {"init": {"from": "torchvision", "name": "vit_b_16"}}})

@@ -163,7 +163,9 @@ def serve(uri: str, port: int, view: str) -> int:
         if not _wait_until_up(server, f"http://{HOST}:{port}/health", stopping):
             if stopping:
                 return 0
-            print(f"error: the MLflow UI for {redact(uri)} did not start on {HOST}:{port} (exit {server.returncode}); "
+            # `mlflow ui` exits 0 when its uvicorn fails to start: an exit code would only mislead then.
+            ended = f"it exited with code {server.returncode}" if server.returncode else "it stopped"
+            print(f"error: the MLflow UI for {redact(uri)} did not start on {HOST}:{port} ({ended}); "
                   f"its messages are above", file=sys.stderr)
             return 1
         print(f"MLflow UI for {redact(uri)}: http://{HOST}:{port}/{view}  (Ctrl-C stops it)", flush=True)

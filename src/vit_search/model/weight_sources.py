@@ -302,6 +302,9 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:300]
 
 
+# A spec that starts from a train run's checkpoint is often run before that run, or from another folder.
+_CHECKPOINT_HINT = (" (`vit-search train` writes runs/NAME/checkpoint.pt under the folder it runs in, or in its "
+                    "--checkpoint-dir: train that spec first, or point the path at where it wrote it)")
 _SAVE_STATE = "save the state dict alone: torch.save(model.state_dict(), PATH)"
 _GLOBAL = re.compile(r"GLOBAL ((?:\w+\.)+\w+)")  # torch's "unsupported GLOBAL argparse.Namespace"
 
@@ -319,7 +322,7 @@ def _load_file(path: Path, shapes_only: bool = False) -> Any:
         # A spec's relative paths are made absolute (from its folder) before they get here: only the
         # Python API passes a relative one, read from the working folder.
         if path.is_absolute():
-            raise WeightsError(f"{path}: no such file; check the path")
+            raise WeightsError(f"{path}: no such file; check the path" + _CHECKPOINT_HINT * (path.name == "checkpoint.pt"))
         raise WeightsError(f"{path}: no such file in {Path.cwd()} (in a spec, a relative path is read from the spec's folder)")
     if _size(path) == 0:  # torch says nothing (an EOFError without text), safetensors "header too small"
         raise WeightsError(f"{path}: is empty (0 bytes): it was never written, or cut off; copy it again, or {_SAVE_STATE}")
