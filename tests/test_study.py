@@ -187,8 +187,16 @@ def test_without_n_trials_a_worker_stops_taking_trials_at_its_timeout(workdir):
     assert all((t.datetime_start - first).total_seconds() <= 1.0 for t in trials)  # none started after the timeout
 
 
-def test_a_study_that_reaches_its_timeout_with_trials_still_queued_ends_its_parent_run_finished(workdir):
+def test_a_study_that_reaches_its_timeout_with_trials_still_queued_ends_its_parent_run_finished(workdir, monkeypatch):
     # docs/search.md: the parent ends FINISHED once `timeout` has passed; queued trials left it RUNNING.
+    import vit_search.search.run as run_module
+
+    def train_past_the_timeout(*args, **kwargs):  # a fast machine trained all three within it
+        time.sleep(0.6)
+        return real_train(*args, **kwargs)
+
+    real_train = run_module.train
+    monkeypatch.setattr(run_module, "train", train_past_the_timeout)
     raw = study_raw("timed-queued", n_trials=3, timeout=0.5, enqueue=[{"model.depth": 1}] * 3)
     trials = run_search(load_spec(raw, ["train.epochs=1"]), progress=False).study.get_trials()
     assert TrialState.WAITING in {t.state for t in trials} and TrialState.COMPLETE in {t.state for t in trials}
