@@ -260,6 +260,29 @@ def test_a_plugin_files_override_is_undone_when_the_file_fails_and_when_it_is_ed
     assert "test_no_override_now" in default_registry.list("ffn")["ffn"]
 
 
+def test_undoing_a_files_override_keeps_a_later_files_override_and_passes_it_what_was_there_before(
+        default_registry, tmp_path):
+    builtin = default_registry.describe("ffn", "mlp")
+    override = textwrap.dedent("""
+        from vit_search import register
+
+
+        @register("ffn", "mlp", override=True)
+        def mine(dim: int, ratio: float = 4.0):
+            \"\"\"SUMMARY\"\"\"
+        """)
+    first = _plugin(tmp_path / "first.py", override.replace("SUMMARY", "First."))
+    second = _plugin(tmp_path / "second.py", override.replace("SUMMARY", "Second."))
+    default_registry.load_plugin(str(first))
+    default_registry.load_plugin(str(second))
+    _plugin(first, override.replace('"mlp", override=True', '"test_first_now"').replace("SUMMARY", "First, edited."))
+    default_registry.load_plugin(str(first))  # its override undone: the second file's stays
+    assert default_registry.describe("ffn", "mlp").summary == "Second."
+    _plugin(second, override.replace('"mlp", override=True', '"test_second_now"').replace("SUMMARY", "Second, edited."))
+    default_registry.load_plugin(str(second))  # the first file no longer overrides: the built-in is back
+    assert default_registry.describe("ffn", "mlp") is builtin
+
+
 def test_a_name_taken_by_a_plugin_file_is_said_with_the_files_path_and_an_installed_ones_with_its_module(
         default_registry, tmp_path):
     text = """

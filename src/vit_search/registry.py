@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from .errors import UserError
 
@@ -158,6 +158,15 @@ class BlockInfo:
         )
 
 
+class _Registration(NamedTuple):
+    """One ``add()`` a plugin file made: undone when the file fails to import or is read again."""
+
+    kind: str
+    name: str
+    replaced: BlockInfo | None  # what the name held before, put back on undo
+    registered: BlockInfo
+
+
 def _once_per_key(read: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``read``, remembered per (hashable) argument: a block's signature and its arguments' type adapters
     are asked for by every spec a search checks (one per choice of each searched key)."""
@@ -200,10 +209,10 @@ class Registry:
         self._loaded = False
         self._loading_distribution: str | None = None
         self._file_stamps: dict[str, tuple[int, int]] = {}  # module name of a .py plugin -> (mtime_ns, size) read
-        # Module name of a .py plugin -> (kind, name, entry it replaced or None) for each of its registrations, in
-        # order: undone, newest first, when the file fails to import or is read again (overrides included).
-        self._file_blocks: dict[str, list[tuple[str, str, BlockInfo | None]]] = {}
-        self._journal: list[tuple[str, str, BlockInfo | None]] | None = None  # the file importing now, if any
+        # Module name of a .py plugin -> its registrations in order: undone, newest first, when the file fails to
+        # import or is read again (overrides included).
+        self._file_blocks: dict[str, list[_Registration]] = {}
+        self._journal: list[_Registration] | None = None  # the file importing now, if any
 
     # -- registration -------------------------------------------------------------------------
     def register(self, kind: str, name: str | None = None, *, override: bool = False) -> Callable:
@@ -231,9 +240,10 @@ class Registry:
                 f"{kind} '{name}' is already registered by {existing.origin}; "
                 f"pick another name or pass override=True to replace it"
             )
+        info = BlockInfo(kind, name, builder, self._loading_distribution)
         if self._journal is not None:
-            self._journal.append((kind, name, existing))
-        self._blocks[kind][name] = BlockInfo(kind, name, builder, self._loading_distribution)
+            self._journal.append(_Registration(kind, name, existing, info))
+        self._blocks[kind][name] = info
 
     # -- lookup -------------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Callable[..., Any]:
@@ -422,13 +432,21 @@ class Registry:
         self._file_stamps[module_name] = stamp
         self._file_blocks[module_name] = journal
 
-    def _undo(self, journal: list[tuple[str, str, BlockInfo | None]]) -> None:
-        """Take back the registrations in ``journal``, newest first: each name gets what it had before."""
-        for kind, name, previous in reversed(journal):
-            if previous is None:
-                self._blocks[kind].pop(name, None)
-            else:
-                self._blocks[kind][name] = previous
+    def _undo(self, journal: list[_Registration]) -> None:
+        """Take back the registrations in ``journal``, newest first: each name gets what it had before, unless
+        another file replaced it since: that one stays, and is the one to put back what this one replaced."""
+        for entry in reversed(journal):
+            blocks = self._blocks[entry.kind]
+            if blocks.get(entry.name) is entry.registered:
+                if entry.replaced is None:
+                    blocks.pop(entry.name, None)
+                else:
+                    blocks[entry.name] = entry.replaced
+                continue
+            for later in [*self._file_blocks.values(), self._journal or []]:
+                for i, other in enumerate(later):
+                    if other.replaced is entry.registered:
+                        later[i] = other._replace(replaced=entry.replaced)
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
