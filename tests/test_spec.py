@@ -222,6 +222,7 @@ def test_cli_validate_and_summary_on_a_good_spec(write_spec, cli):
     result = cli("summary", str(path), "--set", "model.depth=3")
     assert result.returncode == 0, result.stderr
     assert "blocks.2" in result.stdout and "total parameters:" in result.stdout and "forward FLOPs" in result.stdout
+    assert ", 1 channel, 10 classes" in result.stdout.splitlines()[0]  # digits: grey
     assert yaml.safe_load(path.read_text())["model"]["depth"] == 2  # overrides never edit the file
 
 

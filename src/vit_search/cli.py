@@ -185,8 +185,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .model.summary import summarize
 
     spec = _load(args)
-    print(f"{spec.name}: image {spec.model.image_size}, {spec.model.in_channels} channels, "
-          f"{spec.model.num_classes} classes")
+    channels, classes = spec.model.in_channels, spec.model.num_classes
+    print(f"{spec.name}: image {spec.model.image_size}, {channels} channel{'s' * (channels != 1)}, "
+          f"{classes} class{'es' * (classes != 1)}")
     if spec.model.init is not None:
         from .model.pretrained import init_report
 
