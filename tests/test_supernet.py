@@ -255,6 +255,31 @@ def test_finalists_can_start_from_their_inherited_weights(workdir):
     assert list((workdir / "runs" / "inherited" / "finalists").glob("inherited-*.pt"))
 
 
+def test_finalists_are_trained_in_full_whatever_pruner_the_spec_names(workdir):
+    raw = spec_raw("unpruned", finalists=2)
+    raw["search"]["pruner"] = "successive_halving"  # a trials study's pruner: it stopped finalists after an epoch
+    raw["train"] = {**raw["train"], "epochs": 2}
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert isinstance(result.study.pruner, optuna.pruners.NopPruner)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_a_failed_finalists_checkpoint_and_inherited_weights_are_removed_as_a_trials_are(workdir, monkeypatch):
+    import vit_search.search.run as run_module
+
+    real_train = run_module.train
+
+    def train_then_fail(spec, **kwargs):  # a fault once the finalist's first checkpoint is on disk
+        real_train(spec, **kwargs)
+        raise RuntimeError("the finalist fails after training")
+
+    monkeypatch.setattr(run_module, "train", train_then_fail)
+    result = run_supernet_search(load_spec(spec_raw("failing", finalists_init="inherited", n_subnets=3)), progress=False)
+    (finalist,) = result.study.get_trials()
+    assert finalist.state == TrialState.FAIL and "the finalist fails" in finalist.user_attrs["error"]
+    assert sorted(p.name for p in (workdir / "runs" / "failing" / "finalists").iterdir()) == []
+
+
 @pytest.fixture
 def cosine_plugin(monkeypatch):
     """The example plugin's cosine attention registered, and unregistered afterwards."""

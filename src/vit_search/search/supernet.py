@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,9 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     finals_spec = _phase_spec(spec, name, search.supernet.finalists or None)
     scores_spec = _phase_spec(spec, f"{name}:subnets", search.supernet.n_subnets)
     scores_spec.search.pruner = "none"
+    # A finalist is chosen to be trained in full: pruned after an epoch or two by the spec's pruner (which
+    # suits a trials study's many draws), the best of the study could end unknown.
+    finals_spec.search.pruner = "none"
     with study_lock(url, name):
         finals = open_study(finals_spec, url)
         runs = StudyRuns(finals_spec, finals)
@@ -121,6 +125,10 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                 if lines:
                     say(trial_line(frozen, runs.metrics))
                 runs.record_trial_end(frozen)
+                if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
+                    # As for trials: never read again (a retry trains afresh under its own number).
+                    shutil.rmtree(root / "finalists" / f"trial-{frozen.number}", ignore_errors=True)
+                    (root / "finalists" / f"inherited-{frozen.number}.pt").unlink(missing_ok=True)
 
             report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
                                  heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
