@@ -414,6 +414,19 @@ def test_a_space_smaller_than_n_subnets_gives_each_subnet_one_rank_one_finalist_
     assert sorted(r.data.tags["supernet.rank"] for r in runs) == ["1", "2"]
 
 
+def test_a_logged_supernet_study_says_its_scores_once_before_its_finalists_lines(workdir, cli_here):
+    path = workdir / "said-once.yaml"
+    path.write_text(yaml.safe_dump(spec_raw("said-once", n_subnets=3)))
+    for _ in range(2):  # trained, then run again on the finished study
+        result = cli_here("run", path)
+        assert result.returncode == 0, result.stderr
+        scores = "subnets: 3 scored in study 'said-once:subnets', best inherited val_accuracy"
+        assert result.stdout.count(scores) == 1, result.stdout
+        assert "(their table: subnets.csv of the study's parent run)" in result.stdout
+    first = cli_here("run", path, "--set", "search.supernet.finalists=2").stdout
+    assert first.count(scores) == 1 and first.index(scores) < first.index("trial 1 COMPLETE"), first
+
+
 def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_next_ranks(workdir, capsys, monkeypatch):
     # Fewer scored subnets than finalists: the sampler filled the rest with subnets never scored, and one
     # of them could be reported best. Raised later, finalists took sampler draws rather than the next ranks.

@@ -366,7 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if spec.search.strategy == "supernet":
         from .search.supernet import outcome_lines
 
-        print("\n".join(outcome_lines(spec, result)))
+        _print_lines(outcome_lines(spec, result, said_lines=wanted(args.quiet)))
     if result.study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
         print(top_table(result.study))
     if failed and not result.interrupted:

@@ -112,8 +112,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                 if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
                     _log_scores(scores, spec, runs, search.supernet.top_runs)
                     scores.set_attr(LOGGED, count)
-                    if lines and search.supernet.finalists:  # else the run's outcome, printed next, says it
-                        say(scores_line(scores))
+            if _scores_said(spec, scores, lines):
+                say(_scores_outcome(spec, scores))
         if not interrupted and stopped is None and search.supernet.finalists:
             if finals.differs:  # said here, where its finalists join the others (phase 1 refuses other values itself)
                 say_joining(finals.differs, finals.attr(SHARED_VALUES), name)
@@ -142,14 +142,14 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                         stopped, seconds)
 
 
-def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
-    """What ``vit-search run`` says of phase 2 after a supernet study: the scores, where their table is,
-    and why there are fewer finalists than asked (or none)."""
+def outcome_lines(spec: Spec, result: SearchResult, said_lines: bool = False) -> list[str]:
+    """What ``vit-search run`` says of phase 2 after a supernet study: the scores, where their table is
+    (unless the run printed that as phase 2 ended: ``said_lines``, its ``lines``), and why there are fewer
+    finalists than asked (or none)."""
     name = spec.search.study_name or spec.name
     study = optuna.load_study(study_name=f"{name}:subnets", storage=result.storage)
     scores = StudyHandle(study, study._storage, result.storage)
-    lines = [scores_line(scores) + (" (their table: subnets.csv of the study's parent run)"
-                                    if spec.tracking.enabled else "")]
+    lines = [] if _scores_said(spec, scores, said_lines) else [_scores_outcome(spec, scores)]
     asked, trained = spec.search.supernet.finalists, len(result.study.get_trials(deepcopy=False))
     if asked == 0:
         lines.append("finalists: 0, so no subnet is trained on its own; to train the best 3, run the same command "
@@ -166,6 +166,16 @@ def outcome_lines(spec: Spec, result: SearchResult) -> list[str]:
             lines.append(f"finalists: {trained} of {asked}: only {n_scored} subnets were scored "
                          f"(search.supernet.n_subnets {n_subnets}{broke}); raise search.supernet.n_subnets for more")
     return lines
+
+
+def _scores_said(spec: Spec, scores: StudyHandle, lines: bool) -> bool:
+    """Whether a run printing ``lines`` says the scores as phase 2 ends: before its finalists' lines, which
+    would bury them at the end of a long log."""
+    return lines and spec.search.supernet.finalists > 0 and _phase2_done(scores, spec.search.supernet.n_subnets)
+
+
+def _scores_outcome(spec: Spec, scores: StudyHandle) -> str:
+    return scores_line(scores) + (" (their table: subnets.csv of the study's parent run)" if spec.tracking.enabled else "")
 
 
 def scores_line(scores: StudyHandle) -> str:
