@@ -333,7 +333,7 @@ def test_a_study_without_finalists_scores_subnets_and_logs_their_table(workdir, 
     assert "subnets.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
-def test_ctrl_c_in_phase_2_stops_the_study_even_where_python_would_drop_it(workdir, monkeypatch):
+def test_ctrl_c_in_phase_2_stops_the_study_even_where_python_would_drop_it(workdir, monkeypatch, capsys):
     # A Ctrl-C raised where the worker happened to be was lost when it landed in a finalizer ("Exception
     # ignored in ...": the study went on to train its finalists and exited 0) or in code that made it another
     # error (a subnet failed with "AssertionError"). As on the trials path, it now asks the worker to stop.
@@ -360,6 +360,9 @@ def test_ctrl_c_in_phase_2_stops_the_study_even_where_python_would_drop_it(workd
     finally:
         signal.signal(signal.SIGINT, previous)
     assert result.interrupted and result.trials_run == []  # no finalist trained
+    # What stops is said as a supernet study has it: it has no trials in training until its finalists
+    assert ("stopping (Ctrl-C): the supernet, a subnet being scored or a finalist in training ends after its current step"
+            in capsys.readouterr().err)
     scores = optuna.load_study(study_name="ctrl-c-phase-2:subnets", storage=result.storage).get_trials()
     # The subnet being scored stopped at its next batch and waits for the resumed study; none failed otherwise.
     assert [t.state for t in scores] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]

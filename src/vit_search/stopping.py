@@ -91,10 +91,11 @@ def signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def requests_set(stop: threading.Event) -> Iterator[None]:
+def requests_set(stop: threading.Event, ending: str = "trials in training end after their current step") -> Iterator[None]:
     """Ctrl-C and SIGTERM set ``stop`` instead of raising wherever the worker happens to be (in a
     database write, an import, MLflow's client): each trial in training then ends at its next step,
-    failed as interrupted and queued again, and the worker returns. A second Ctrl-C raises at once."""
+    failed as interrupted and queued again, and the worker returns. A second Ctrl-C raises at once.
+    ``ending``: what the line printed at the first one says ends, and when."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -107,7 +108,7 @@ def requests_set(stop: threading.Event) -> Iterator[None]:
         _received.add(signum)
         stop.set()
         again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "SIGKILL to stop at once"
-        print(f"stopping ({cause()}): trials in training end after their current step ({again})",
+        print(f"stopping ({cause()}): {ending} ({again})",
               file=sys.stderr, flush=True)
 
     def unraisable(info: Any) -> None:

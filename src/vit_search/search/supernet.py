@@ -99,7 +99,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
     stopped = None
     # Ctrl-C and SIGTERM set ``stop``, as on the trials path: raised wherever the worker happened to be, one
     # that landed in a finalizer (Python drops it there) or in code that made it another error was lost.
-    with storage_faults_in_one_line(url, runs), requests_set(stop):
+    with storage_faults_in_one_line(url, runs), requests_set(stop, "the supernet, a subnet being scored or a finalist "
+                                                                  "in training ends after its current step"):
         runs.reconcile()  # runs that an earlier worker left RUNNING when it lost MLflow
         weights = _phase1(spec, space, finals, runs, root / "supernet", progress, stop, seconds, lines)
         runs.reopen_parent()  # phase 1 ended the parent run it logged into
