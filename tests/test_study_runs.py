@@ -149,7 +149,7 @@ def test_the_top_table_of_a_multi_objective_study_is_sorted_by_its_first_objecti
     assert rows[0].split()[1:3] == ["0.9000,", "30.0000"]
 
 
-def test_the_top_tables_header_counts_trials_still_running_only_when_there_are_some():
+def test_the_top_tables_header_counts_trials_still_running_or_queued_only_when_there_are_some():
     from vit_search.search.report import top_table
 
     study = optuna.create_study(direction="maximize", study_name="going-on")
@@ -157,6 +157,8 @@ def test_the_top_tables_header_counts_trials_still_running_only_when_there_are_s
     assert top_table(study).splitlines()[0] == "study 'going-on': 1 complete, 0 pruned, 0 failed"
     study.ask()  # another worker's trial in training
     assert top_table(study).splitlines()[0] == "study 'going-on': 1 complete, 0 pruned, 0 failed, 1 running"
+    study.enqueue_trial({})  # an interrupted trial's retry, waiting for the same command again
+    assert top_table(study).splitlines()[0] == "study 'going-on': 1 complete, 0 pruned, 0 failed, 1 running, 1 queued"
 
 
 def test_a_study_without_a_complete_trial_draws_no_plot_and_says_nothing(tmp_path, capfd):

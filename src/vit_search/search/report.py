@@ -45,6 +45,8 @@ def top_table(study: optuna.Study, limit: int = 10) -> str:
               f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed")
     if states[TrialState.RUNNING]:  # another worker's, still training: the study is not over
         header += f", {states[TrialState.RUNNING]} running"
+    if states[TrialState.WAITING]:  # queued (an interrupted trial's retry, enqueued points): the study is not over
+        header += f", {states[TrialState.WAITING]} queued"
     if not complete:
         return header
     keys = sorted({k for t in complete[:limit] for k in t.params})
