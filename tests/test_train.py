@@ -352,10 +352,12 @@ def test_a_run_killed_outright_is_ended_killed_by_the_next_train_in_its_folder(w
     assert client.get_run(live).info.status == "RUNNING"
 
 
-@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
-                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signum, code, line, tag", [
+    (signal.SIGINT, 130, "interrupted", "interrupted (Ctrl-C)"),
+    # The run's tag says it as a study's trial does (it said `interrupted` for both)
+    (signal.SIGTERM, 143, "terminated (SIGTERM)", "interrupted (SIGTERM)")], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resume_finishes_it(
-        workdir, sqlite_uri, cli_here, signum, code, line):
+        workdir, sqlite_uri, cli_here, signum, code, line, tag):
     experiment = f"stopped-{signum.name.lower()}"
     raw = {**TINY, "tracking": {"experiment": experiment}, "train": {**TINY["train"], "epochs": 200}}
     spec_path = write_yaml(workdir / "stopped.yaml", raw)
@@ -367,7 +369,7 @@ def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resu
     assert stopped.returncode == code and err.strip().splitlines()[-1] == line, err[-2000:]
     assert "Traceback" not in err
     (run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list")
-    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert run.info.status == "KILLED" and run.data.tags["error"] == tag
     # --resume continues it, in the same MLflow run (two epochs past its checkpoint, to keep the test short).
     last = torch.load(checkpoint, weights_only=True)["epoch"]
     resumed = cli_here("train", spec_path, "--resume", f"--set=train.epochs={last + 3}", cwd=workdir)
@@ -713,3 +715,22 @@ def test_validation_and_test_batches_are_four_training_batches_unless_set(eval_b
     spec = load_spec({**TINY, "train": {**TINY["train"], "eval_batch_size": eval_batch_size}})
     loaders = _setup(spec, Accelerator(cpu=True), "no").loaders
     assert loaders["train"].batch_size == 32 and loaders["val"].batch_size == loaders["test"].batch_size == expected
+
+
+def test_a_checkpoint_dir_under_home_is_the_homes_never_a_folder_named_tilde(workdir, monkeypatch, cli_here):
+    # `train.checkpoint_dir: ~/x` once made ./~/x, which `rm -rf ~` would then "clean up".
+    from vit_search.cli import build_parser
+
+    home = workdir / "home"
+    monkeypatch.setenv("HOME", str(home))
+    assert load_spec({**TINY, "train": {**TINY["train"], "checkpoint_dir": "~/ck"}}).train.checkpoint_dir == \
+        str(home / "ck")
+    # The argument too (the shell leaves `--checkpoint-dir=~/x` as it is): `run` and `train` read it.
+    for command in ("run", "train"):
+        assert build_parser().parse_args([command, "s.yaml", "--checkpoint-dir=~/x"]).checkpoint_dir == str(home / "x")
+    spec_path = write_yaml(workdir / "home.yaml", {**TINY, "tracking": {"enabled": False},
+                                                   "train": {**TINY["train"], "epochs": 1}})
+    assert cli_here("train", spec_path, "--set=train.checkpoint_dir=~/ck", cwd=workdir).returncode == 0
+    assert cli_here("train", spec_path, "--checkpoint-dir=~/other", cwd=workdir).returncode == 0
+    assert (home / "ck" / "checkpoint.pt").exists() and (home / "other" / "checkpoint.pt").exists()
+    assert not (workdir / "~").exists()

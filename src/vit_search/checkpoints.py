@@ -1,9 +1,10 @@
 """Epoch checkpoints: what they hold, where they go, writing them in the background, reading them back.
 
 A checkpoint holds the model, the optimizer, the scheduler, the random states (plain tensors and
-lists, so that it loads with ``weights_only=True``), the epoch, the history, the MLflow run id, and
-the ``train`` values its optimizer state was made under (:func:`resume_settings`), which ``--resume``
-checks before it touches anything.
+lists, so that it loads with ``weights_only=True``), the epoch, the history, the MLflow run id and the
+store it was logged to, the ``train`` values its optimizer state was made under (:func:`resume_settings`)
+and the whole spec it was trained under (:func:`spec_record`), which ``--resume`` checks before it
+touches anything: only the values of :data:`RESUMABLE_CHANGES` may differ.
 It is written beside and renamed, so a kill mid-write leaves the previous one whole; a failed write
 removes its temporary file and says why in one line (a full disk above all).
 """
@@ -27,7 +28,7 @@ import torch
 
 from .errors import CheckpointError, CheckpointMismatch, RunFailed
 from .files import symlink_loop
-from .schema import Spec
+from .schema import Spec, flatten
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REQUIRED = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "run_id")
@@ -37,6 +38,28 @@ REQUIRED = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "run_i
 # rates the scheduler restores; train.weight_decay; train.betas). The schedule's length is not among them:
 # `--set train.epochs=N` with --resume extends a run on purpose, and the schedule is rebuilt from the spec.
 RESUME_SETTINGS = ("freeze", "layer_decay", "lr", "weight_decay", "betas")
+# The spec values a resumed run may change (a dotted key, or a section and everything under it): they change neither
+# the model, nor the data split and its content, nor the optimisation. Any other value differing from the checkpoint's
+# record (spec_record) is refused, since the run would go on as another one while its MLflow record kept the first
+# (the seed or val_fraction draw another split, putting trained-on images into val and test). train.epochs extends the
+# run (never below the epochs trained); the rest say where things go, how fast, or what is logged.
+RESUMABLE_CHANGES = (
+    "name", "plugins", "search", "tracking",
+    "train.epochs", "train.checkpoint_dir", "train.mixed_precision", "train.tf32", "train.fused_optimizer",
+    "train.compile", "train.cuda_graph", "train.activation_checkpointing", "train.eval_batch_size", "train.cpu",
+    "train.peak_tflops",
+    "data.root", "data.download", "data.on_device", "data.max_on_device_mb", "data.num_workers", "data.cache",
+)
+
+
+class _Unset:
+    """A key one side does not have (a layer override added, a block's own key), shown as such in a refusal."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+_UNSET = _Unset()
 
 
 class TrainingFailed(RunFailed):
@@ -146,7 +169,58 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a vit-search checkpoint (no {', '.join(repr(k) for k in missing)}); {fix}")
+    # The right keys with the wrong contents (another tool's file, a hand edit) would fail only once the MLflow run
+    # had been reopened, ending it FAILED with an internal error: said here, before anything is touched.
+    damage = _damage(checkpoint)
+    if damage:
+        raise CheckpointError(f"{path}: not a usable checkpoint (its {damage}); {fix}")
     return checkpoint
+
+
+def _damage(checkpoint: dict[str, Any]) -> str | None:
+    """What in a checkpoint with every key is not what the trainer wrote there (None: nothing)."""
+    model, optimizer, epoch = checkpoint["model"], checkpoint["optimizer"], checkpoint["epoch"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        return f"'model' is a {type(model).__name__}, not a state dict of tensors"
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return f"'optimizer' is {_kind(optimizer)}, not an optimizer's state (state and param_groups)"
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return f"'epoch' is {epoch!r}, not an epoch number (0 or more)"
+    history = checkpoint["history"]
+    if not isinstance(history, list) or not all(
+            isinstance(m, dict) and all(isinstance(v, (int, float)) for v in m.values()) for m in history):
+        return f"'history' is {_kind(history)}, not a list of each epoch's metrics"
+    scheduler = checkpoint["scheduler"]
+    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("last_epoch"), int)
+            and all(isinstance(scheduler.get(key), list) for key in ("base_lrs", "lr_lambdas"))):
+        return f"'scheduler' is {_kind(scheduler)}, not a scheduler's state (last_epoch, base_lrs, lr_lambdas)"
+    if not _rng_like(checkpoint["rng"]):
+        return f"'rng' is {_kind(checkpoint['rng'])}, not the random states (torch, numpy, python)"
+    if checkpoint["run_id"] is not None and not isinstance(checkpoint["run_id"], str):
+        return f"'run_id' is {_kind(checkpoint['run_id'])}, not an MLflow run id"
+    if "spec" in checkpoint and not isinstance(checkpoint["spec"], dict):
+        return f"'spec' is {_kind(checkpoint['spec'])}, not a spec's values"
+    return None
+
+
+def _rng_like(state: Any) -> bool:
+    """Whether ``state`` has the shape :func:`rng_state` gives (what :func:`set_rng_state` reads)."""
+    if not isinstance(state, dict) or not isinstance(state.get("torch"), torch.Tensor):
+        return False
+    numpy_state, python_state = state.get("numpy"), state.get("python")
+    return (isinstance(numpy_state, list) and len(numpy_state) == 5 and isinstance(numpy_state[0], str)
+            and isinstance(numpy_state[1], torch.Tensor)
+            and isinstance(python_state, list) and len(python_state) == 3 and isinstance(python_state[1], list)
+            and ("cuda" not in state or isinstance(state["cuda"], list)))
+
+
+def _kind(value: Any) -> str:
+    """A short description of a wrong value: an empty dict, a str 'x', a list of 3."""
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}" if value else f"an empty {type(value).__name__}"
+    name = type(value).__name__
+    return "None" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def resume_settings(spec: Spec) -> dict[str, Any]:
@@ -176,6 +250,40 @@ def check_resume_settings(checkpoint: dict[str, Any], spec: Spec, path: Path, nu
             raise CheckpointMismatch(f"--resume: train.{key} {now[key]!r} differs from the checkpoint's run in {path} "
                                      f"({_plain_value(recorded[key])!r})",
                                      "resume with the run's values, or start afresh without --resume")
+
+
+def spec_record(spec: Spec) -> dict[str, Any]:
+    """What a checkpoint records of the spec it trains under: every resolved value but the search section, as plain
+    values (weights_only), passwords in URLs left out (:meth:`~vit_search.schema.Spec.to_dict`)."""
+    return spec.to_dict(exclude_search=True)
+
+
+def resumable_change(key: str) -> bool:
+    """Whether the dotted spec ``key`` may differ from the checkpoint's on ``--resume`` (:data:`RESUMABLE_CHANGES`)."""
+    return any(key == allowed or key.startswith(f"{allowed}.") for allowed in RESUMABLE_CHANGES)
+
+
+def check_resume_spec(checkpoint: dict[str, Any], spec: Spec, path: Path) -> None:
+    """Refuse (one line, exit 2) to resume ``checkpoint`` with fewer ``train.epochs`` than it has trained, or under
+    any spec value other than its record's outside :data:`RESUMABLE_CHANGES`; called before anything is written or
+    an MLflow run touched. A checkpoint from before the record (no ``spec``) is checked for its epochs alone."""
+    trained = checkpoint["epoch"] + 1
+    recorded = checkpoint.get("spec")
+    if trained > spec.train.epochs:  # equal: the run is done, and its result is read back
+        own = recorded.get("train", {}).get("epochs") if isinstance(recorded, dict) else None
+        raise CheckpointMismatch(f"--resume: train.epochs {spec.train.epochs} is fewer than the {trained} epochs the "
+                                 f"checkpoint's run in {path} has trained",
+                                 f"resume with train.epochs {trained} or more{f' (its own: {own})' if own else ''}, or "
+                                 f"start afresh without --resume")
+    if not isinstance(recorded, dict):
+        return
+    then, now = flatten(recorded), flatten(spec_record(spec))
+    for key in [*now, *(key for key in then if key not in now)]:  # in the spec's order; keys it lost last
+        if resumable_change(key) or _plain_value(then.get(key, _UNSET)) == now.get(key, _UNSET):
+            continue
+        raise CheckpointMismatch(f"--resume: {key} {now.get(key, _UNSET)!r} differs from the checkpoint's run in {path} "
+                                 f"({_plain_value(then.get(key, _UNSET))!r})",
+                                 "resume with the run's values, or start afresh without --resume")
 
 
 def _plain_value(value: Any) -> Any:

@@ -203,13 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     _prepare_weights(spec)
-    if args.resume:
-        from .checkpoints import CHECKPOINT_FILE, checkpoint_dir_of
-
-        path = Path(args.checkpoint_dir or checkpoint_dir_of(spec)) / CHECKPOINT_FILE
-        if not path.exists():  # stopped before its first epoch ended, or another folder: nothing to continue
-            print(f"vit-search: --resume: no checkpoint at {path}; training from the first epoch, as a new MLflow "
-                  f"run", file=sys.stderr)
+    # With --resume and no checkpoint to continue, train() says so once nothing can refuse the run any more.
     lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
     try:
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
@@ -607,8 +601,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
                         help="train K trials at once: with --jobs 0 on GPUs, K worker processes per GPU; "
                              "otherwise K threads in each worker, each on its own CUDA stream")
-    parser.add_argument("--checkpoint-dir", help="where trials' epoch checkpoints go: DIR/<study>/trial-<n> "
-                                                 "(default: train.checkpoint_dir, else runs/)")
+    parser.add_argument("--checkpoint-dir", type=os.path.expanduser,  # --checkpoint-dir=~/x: the shell leaves ~ there
+                        help="where trials' epoch checkpoints go: DIR/<study>/trial-<n> (default: train.checkpoint_dir, "
+                             "else runs/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     _quiet_argument(parser)
 
@@ -638,7 +633,8 @@ def _ui_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
-    parser.add_argument("--checkpoint-dir", help="where epoch checkpoints go (default: train.checkpoint_dir)")
+    parser.add_argument("--checkpoint-dir", type=os.path.expanduser,  # --checkpoint-dir=~/x: the shell leaves ~ there
+                        help="where epoch checkpoints go (default: train.checkpoint_dir)")
     _quiet_argument(parser)
 
 

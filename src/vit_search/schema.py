@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
@@ -344,6 +345,13 @@ class TrainSpec(_Section):
     freeze: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="parameter-name patterns (fnmatch) left untrained, e.g. patch_embed.*"
     )
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _home_expanded(cls, value: str | None) -> str | None:
+        # `~/x` is the home's, as data.root's is, for every reader of the value (train, a study's trials, a supernet):
+        # never a folder named `~` in the working directory, which `rm -rf ~` would then "clean up".
+        return os.path.expanduser(value) if value else value
 
 
 Direction = Literal["maximize", "minimize"]

@@ -25,6 +25,7 @@ from .files import disk_full, error_chain, in_memory_sqlite, sqlite_problem, sym
 from .redaction import redact, redact_in, scrub
 from .schema import Spec
 from .sqlite_wal import use_wal
+from .stopping import Terminated
 from .tracking_store import (  # noqa: F401  (the checks are this module's too)
     HTTP_RETRY_DEFAULTS, TrackingError, bound_http_retries, server_problem, source_store_problem,
 )
@@ -199,6 +200,71 @@ def full_disk_in_one_line(fix: str) -> Iterator[None]:
 def run_exists(run_id: str) -> bool:
     """Whether the MLflow store in use holds run ``run_id`` (anything else it refuses: TrackingError)."""
     return _stored_run(run_id) is not None
+
+
+def store_uri(spec: Spec) -> str:
+    """The MLflow store ``spec``'s runs go to: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else MLflow's own."""
+    import mlflow
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+
+
+def store_identity(uri: str) -> str:
+    """``uri`` as a checkpoint records the store its run was logged to: a SQLite file or a folder made absolute
+    (a relative one means another store from another folder), its password masked."""
+    local = _local_store(uri)
+    if local is not None:
+        uri = f"sqlite:///{local}" if uri.startswith("sqlite:") else str(local)
+    return redact(uri)
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a ``sqlite:///`` or file store (None: a server or a database)."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    elif uri.startswith("file:"):
+        path = uri.removeprefix("file://") if uri.startswith("file://") else uri.removeprefix("file:")
+    elif "://" not in uri:
+        path = uri
+    else:
+        return None
+    return Path(path).expanduser().absolute() if path and path != ":memory:" else None
+
+
+def check_resumable(spec: Spec, run_id: str, logged_to: str | None = None) -> None:
+    """Refuse (TrackingError, exit 2) to continue MLflow run ``run_id`` where the store in use does not hold it, or
+    holds it deleted; ``logged_to`` is the store its checkpoint recorded (:func:`store_identity`), if any. A
+    ``sqlite:///`` file or file store that does not exist is not made: plainly, the run is not there."""
+    uri = store_uri(spec)
+    local = _local_store(uri)
+    if local is not None and not local.exists():
+        raise TrackingError(_not_in_store(run_id, uri, logged_to))
+    use_store(spec)
+    _check_continuable(run_id, uri, logged_to)
+
+
+def _check_continuable(run_id: str, uri: str, logged_to: str | None = None) -> None:
+    """Refuse to continue run ``run_id`` of the store in use, ``uri``, where it is missing or deleted."""
+    run = _stored_run(run_id)
+    if run is None:
+        raise TrackingError(_not_in_store(run_id, uri, logged_to))
+    if run.info.lifecycle_stage == "deleted":  # MLflow refuses to start it ("in the deleted state")
+        raise TrackingError(f"MLflow run {run_id}, the one to continue, was deleted in the store {redact(uri)}; restore "
+                            f"it (mlflow runs restore --run-id {run_id}) and run the same command again, or start "
+                            f"afresh (without --resume)")
+
+
+def _not_in_store(run_id: str, uri: str, logged_to: str | None) -> str:
+    """Why run ``run_id`` is not in the store ``uri``, by what its checkpoint says of the store it was logged to."""
+    said = f"MLflow run {run_id}, the one to continue, is not in the store {redact(uri)}"
+    if logged_to == store_identity(uri):  # the same store: another one would not have it either
+        return (f"{said}, the one it was logged to (MLFLOW_TRACKING_URI or tracking.uri names it still): it was "
+                f"removed from it (deleted, then `mlflow gc`); start afresh (without --resume)")
+    if logged_to:
+        return (f"{said}; it was logged to {logged_to}: point MLFLOW_TRACKING_URI (or tracking.uri) at that store, or "
+                f"start afresh (without --resume)")
+    return (f"{said}: it was logged to another store, or removed from this one (deleted, then `mlflow gc`); point "
+            f"MLFLOW_TRACKING_URI (or tracking.uri) at the store it was logged to, or start afresh (without --resume)")
 
 
 def _stored_run(run_id: str) -> Any:
@@ -408,6 +474,7 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled and spec.tracking.enabled
         self.run_id: str | None = None
+        self.store: str | None = None  # the store the run is logged to (store_identity), once it has started
 
     @contextmanager
     def run(
@@ -424,10 +491,9 @@ class Tracker:
         import mlflow
 
         use_store(self.spec)
-        if run_id is not None and not run_exists(run_id):  # before the experiment is made in the wrong store
-            raise TrackingError(f"MLflow run {run_id}, the one to continue, is not in the store "
-                                f"{redact(mlflow.get_tracking_uri())}; point MLFLOW_TRACKING_URI (or tracking.uri) at "
-                                f"the store it was logged to, or start afresh (without --resume)")
+        self.store = store_identity(mlflow.get_tracking_uri())
+        if run_id is not None:  # before the experiment is made in the wrong store
+            _check_continuable(run_id, mlflow.get_tracking_uri())
         # A full disk leaves the run RUNNING (nothing more reaches the store); --resume continues it.
         with full_disk_in_one_line("free space, then run the same command with --resume"):
             use_experiment(self.spec)
@@ -442,9 +508,10 @@ class Tracker:
                 mlflow.MlflowClient().delete_tag(run_id, "error")
             try:
                 yield self
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as err:
                 if server_problem() is None:  # else MLflow's retries would hold up the stop; a resume sets it right
-                    self._end_quietly("KILLED", "interrupted")
+                    # As a study's trial says it (search/study.py), so that either kind of run reads the same.
+                    self._end_quietly("KILLED", f"interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'Ctrl-C'})")
                 raise
             except BaseException as err:
                 lost = server_problem()
@@ -507,6 +574,29 @@ class Tracker:
             client.log_batch(self.run_id, metrics=metrics if start == 0 else [], params=params[start:start + 100],
                              tags=run_tags[start:start + 100])
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
+
+    def log_resumed(self) -> str | None:
+        """Record, in a run continued from a checkpoint, the spec values that differ from its params (MLflow keeps
+        a param's first value; ``--resume`` allows only values that change neither the model, the data nor the
+        optimisation): the tag ``resumed_with`` (``train.epochs: 3 -> 5``) and ``spec.yaml`` logged again with the
+        values trained now. Returns the tag's text (None: nothing differs)."""
+        if not self.enabled:
+            return None
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        logged = client.get_run(self.run_id).data.params
+        now = {key: _param_value(value) for key, value in self.spec.flat().items()
+               if not key.startswith("tracking.tags")}
+        changes = [f"{key}: {logged[key]} -> {value}" for key, value in now.items()
+                   if key in logged and logged[key] != value]
+        if not changes:
+            return None
+        said = "; ".join(changes)
+        client.set_tag(self.run_id, "resumed_with", scrub(said)[:5000])
+        mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
+        return said
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Store metrics in the run, at ``step`` (the epoch) if given."""

@@ -33,12 +33,12 @@ from .performance import (
     resolve_mixed_precision,
 )
 from .checkpoints import (
-    CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_resume_settings, check_writable, checkpoint_dir_of,
-    load_checkpoint, resume_settings, rng_state, set_rng_state,
+    CHECKPOINT_FILE, CheckpointWriter, TrainingFailed, check_resume_settings, check_resume_spec, check_writable,
+    checkpoint_dir_of, load_checkpoint, resume_settings, rng_state, set_rng_state, spec_record,
 )
 from .schema import Spec, model_record
 from .stopping import interruption
-from .tracking import Tracker, finished_metrics, mark_run
+from .tracking import Tracker, check_resumable, finished_metrics, mark_run
 from .train_step import CAPTURE_GATE, EagerStep, GraphedStep, device_learning_rates, graph_blocker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -353,7 +353,10 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if checkpoint is not None:  # a bad input: said before a file is written or the MLflow run is touched
         check_resume_settings(checkpoint, spec, ckpt_path, accelerator.num_processes)
-        _check_checkpoint_fits(checkpoint, spec, ckpt_path)
+        _check_checkpoint_fits(checkpoint, spec, ckpt_path)  # before the spec's record: it names the weight
+        check_resume_spec(checkpoint, spec, ckpt_path)
+        if spec.tracking.enabled and checkpoint["run_id"]:  # missing or deleted there: said, nothing made in the store
+            check_resumable(spec, checkpoint["run_id"], checkpoint.get("tracking_store"))
         finished = _finished_run(checkpoint, spec)
         if finished is not None:  # trained and tested already: doing it again would log the test and model twice
             return finished
@@ -371,7 +374,10 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         if len(data.train) < cfg.batch_size * accelerator.num_processes:
             raise _no_full_batch(cfg.batch_size, accelerator.num_processes, len(data.train))
     tracker = Tracker(spec, enabled=accelerator.is_main_process)
-    run_id = checkpoint["run_id"] if checkpoint else run_id
+    # The checkpoint's MLflow run goes on; one trained with tracking off names none, and its training goes on in a
+    # new run (or the caller's), which is logged as any new run is.
+    continued = checkpoint is not None and checkpoint["run_id"] is not None
+    run_id = checkpoint["run_id"] if continued else run_id
     with contextlib.ExitStack() as tracked:
         _on_main_then_together(accelerator, lambda: tracked.enter_context(tracker.run(
             run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags)), "as it started the run")
@@ -379,6 +385,10 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
             on_run_start(tracker.run_id)
         if own_run and tracker.run_id is not None:  # a trial's runs are reconciled by its study
             mark_run(ckpt_path.parent, tracker.run_id)
+        if own_run and resume and accelerator.is_main_process:
+            # Said once nothing can refuse the run any more (a checkpoint folder that is a file, unreadable data,
+            # another store): a note promising training just before an error refused it was wrong.
+            _say_how_it_resumes(ckpt_path, checkpoint, continued, tracker)
         if not own_run:  # a trial's refusal is its run's record, as its data's are: Optuna and MLflow agree
             _check_model_fits(spec, accelerator.device)
         tracked.enter_context(_out_of_memory_in_one_line(accelerator.device))
@@ -408,12 +418,20 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         clock.setup += time.perf_counter() - began
         with clock.timing("capture"):
             graph = _make_step(spec, run, accelerator, make_step)
-        if checkpoint is None:
+        if not continued:  # a new run (a checkpoint that named none included): its params, tags and spec
             how = {"num_processes": str(accelerator.num_processes), "mixed_precision": precision,
                    "attention_kernel": _attention_kernel(run.model, accelerator, precision), "cuda_graph": graph,
                    **run.data_tags}
-            _on_main_then_together(accelerator, lambda: tracker.log_start(
-                run.parameters, run.flops, str(accelerator.device), how, trainable=run.trainable), "as it logged the run")
+
+            def log_start() -> None:
+                tracker.log_start(run.parameters, run.flops, str(accelerator.device), how, trainable=run.trainable)
+                if history:  # the epochs the checkpoint trained before this run: its curves start at epoch 0
+                    at = int(time.time() * 1000)
+                    tracker.log_epochs([(metrics, epoch, at) for epoch, metrics in enumerate(history)])
+
+            _on_main_then_together(accelerator, log_start, "as it logged the run")
+        else:  # values --resume may change (train.epochs ...): the run's params keep their first ones, so say them
+            _on_main_then_together(accelerator, lambda: _log_resumed(tracker, own_run), "as it logged the resume")
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         checkpoints = CheckpointWriter(ckpt_path, log=tracker.log_epochs)
@@ -430,7 +448,8 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
                 history.append(metrics)
 
                 def store_and_report(epoch: int = epoch, metrics: dict[str, float] = metrics) -> None:
-                    state = functools.partial(_checkpoint, spec, run, accelerator, epoch, history, tracker.run_id)
+                    state = functools.partial(_checkpoint, spec, run, accelerator, epoch, history, tracker.run_id,
+                                              tracker.store)
                     checkpoints.save(state if checkpoints.due(last=epoch == cfg.epochs - 1) else None, metrics,
                                      step=epoch)
                     if on_epoch is not None:
@@ -455,18 +474,42 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
 
 
 def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: list[dict[str, float]],
-                run_id: str | None) -> dict[str, Any]:
+                run_id: str | None, store: str | None = None) -> dict[str, Any]:
     """What a checkpoint of ``epoch`` holds (on the device still: the writer copies it off)."""
     return {
         "model": _plain(run.model, accelerator).state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
+        # The store run_id is in: a resume that misses the run there can tell it was removed, not logged elsewhere.
+        "tracking_store": store,
         # What builds these weights: `model.init: {from: file}` reads it back.
         "model_spec": model_record(spec.model),
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
+        # What it was trained under: --resume refuses other values but those that may change (check_resume_spec).
+        "spec": spec_record(spec),
         "num_processes": accelerator.num_processes,  # --resume refuses another count (check_resume_settings)
     }
+
+
+def _say_how_it_resumes(path: Path, checkpoint: dict[str, Any] | None, continued: bool, tracker: Tracker) -> None:
+    """The note of a ``--resume`` that does not continue an MLflow run: no checkpoint to continue, or one that names
+    no run (trained with tracking off), whose training goes on in a new run."""
+    new_run = ", as a new MLflow run" if tracker.run_id is not None else ""
+    if checkpoint is None:
+        print(f"vit-search: --resume: no checkpoint at {path}; training from the first epoch{new_run}", file=sys.stderr)
+    elif not continued and new_run:
+        print(f"vit-search: --resume: the checkpoint {path} names no MLflow run (trained with tracking off); training "
+              f"from epoch {checkpoint['epoch'] + 2}{new_run}, its first epochs logged from the checkpoint",
+              file=sys.stderr)
+
+
+def _log_resumed(tracker: Tracker, own_run: bool) -> None:
+    """Tag the continued run with the values that differ from its params, and say so for a run of its own."""
+    changed = tracker.log_resumed()
+    if changed and own_run:
+        print(f"vit-search: --resume: MLflow run {tracker.run_id} goes on with {changed}; its params keep the values it "
+              f"started with (its tag resumed_with and spec.yaml have these)", file=sys.stderr)
 
 
 def _finished_run(checkpoint: dict[str, Any], spec: Spec) -> TrainResult | None:
