@@ -1014,6 +1014,7 @@ def test_ctrl_c_as_the_first_trial_starts_exits_130_with_its_trial_queued_again(
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "stopped: run the same command to go on (1 trial queued)" in out, out  # and the next lines still say best
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert [t.user_attrs.get("error") for t in trials if t.state == TrialState.FAIL] == ["interrupted (Ctrl-C)"]

@@ -81,6 +81,24 @@ def test_jobs_0_with_one_usable_core_is_one_worker_in_the_commands_own_process(w
     assert "this worker: 2 trials" in result.stdout  # this process trained the study itself
 
 
+@pytest.mark.parametrize("arguments, said", [
+    (["--checkpoint-dir", "/dev/null/x"], "error: cannot write checkpoints in /dev/null/x/"),
+    (["--trials-per-gpu", "2", "--set", 'search.space={"train.tf32": {"choice": [true, false]}}', "--set",
+      "search.enqueue=[]"], "train.tf32 cannot be searched with --trials-per-gpu above 1"),
+], ids=["checkpoint-folder", "packed-space"])
+def test_what_a_worker_would_refuse_is_refused_once_by_the_jobs_command_before_the_stores_are_made(
+        workdir, cli_here, arguments, said):
+    spec_path = workdir / "study.yaml"
+    raw = study_raw("refused-by-the-command", n_trials=2)
+    raw["search"]["storage"] = f"sqlite:///{workdir / 'study.db'}"
+    spec_path.write_text(yaml.safe_dump(raw))
+    result = cli_here("run", str(spec_path), "--jobs", "2", *arguments, cwd=workdir)
+    assert result.returncode == 2
+    (error,) = result.stderr.splitlines()
+    assert said in error, error
+    assert not (workdir / "study.db").exists()
+
+
 def test_a_spec_refused_under_jobs_is_one_line_and_leaves_no_worker_running(workdir, cli_here):
     # The workers start before the command has checked the spec (they import meanwhile): a refusal
     # must kill them before they touch anything, and say it once.
@@ -88,8 +106,7 @@ def test_a_spec_refused_under_jobs_is_one_line_and_leaves_no_worker_running(work
     spec_path.write_text(yaml.safe_dump(study_raw("refused-under-jobs", n_trials=2)))
     result = cli_here("run", str(spec_path), "--jobs", "2", "--set", "model.depth=0", cwd=workdir)
     assert result.returncode == 2
-    assert [line for line in result.stderr.splitlines() if line.startswith("worker ")] != []  # they were started
-    (error,) = [line for line in result.stderr.splitlines() if not line.startswith("worker ")]
+    (error,) = result.stderr.splitlines()  # the workers' plan lines come only once the input is taken
     assert error.startswith("error: --set model.depth=0: model.depth")
     running = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -138,6 +155,7 @@ def test_a_dead_worker_does_not_stop_the_others_and_its_trial_is_retried(workdir
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 1 and "exited -9" in err
+    assert "next:" in out  # the study ended all the same: its best is worth the commands
     trials = optuna.load_study(study_name="jobs-death", storage=storage).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
     (dead,) = [t for t in trials if t.state == TrialState.FAIL]
@@ -191,7 +209,11 @@ def test_sigterm_sent_to_jobs_alone_stops_every_worker_without_blaming_them(work
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "retried by the others" not in err
-    assert f"study '{name}': 0 complete, 0 pruned, 2 failed" in out
+    assert f"study '{name}': 0 complete, 0 pruned, 2 failed, 2 queued" in out
+    # Said once by the command, not once per worker; then how to go on
+    assert err.count("stopping (SIGTERM): ") == 1 and "interrupted" not in err, err[-3000:]
+    assert "stopped: run the same command to go on (2 trials queued)" in out
+    assert sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("worker ")) == ["worker 0", "worker 1"]
     for pid in workers:  # no worker is left training without its parent
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -197,6 +197,8 @@ def test_two_workers_on_one_supernet_study_train_it_once_and_share_the_scores_an
     proc = subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", "2", "--quiet"], cwd=workdir,
                           env=os.environ, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # What phase 2 found, said once by the command (its workers leave it to it), --quiet or not
+    assert proc.stdout.count("subnets: 24 scored in study 'shared:subnets', best inherited val_accuracy") == 1, proc.stdout
     attrs = study_attrs(storage, "shared")
     assert attrs[TRAINED] == str((workdir / "runs" / "shared" / "supernet" / "checkpoint.pt").resolve())
     assert attrs[OWNER]  # one worker owned phase 1; the other waited for it
@@ -218,3 +220,13 @@ def test_two_workers_on_one_supernet_study_train_it_once_and_share_the_scores_an
     assert sorted(int(row["trial"]) for row in table) == list(range(24))
     runs = client.search_runs([parent.info.experiment_id])
     assert not [r for r in runs if r.info.status != "FINISHED"]
+
+
+def test_a_supernet_study_under_jobs_with_packed_trials_is_refused_once_before_the_stores_are_made(workdir):
+    path, storage = write(workdir, "packed")
+    proc = subprocess.run([sys.executable, "-m", "vit_search", "run", str(path), "--jobs", "2", "--trials-per-gpu", "2"],
+                          cwd=workdir, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --trials-per-gpu: a supernet study trains one model at a time in each "
+                                        "worker; drop it"]
+    assert not (workdir / "optuna.db").exists()

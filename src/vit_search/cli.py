@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from .errors import RunFailed, UserError
 from .redaction import remember_passwords, scrub
 from .registry import KINDS
-from .stopping import Terminated, exit_code, sigterm_interrupts, trials_left_behind
+from .stopping import Terminated, exit_code, jobs_worker, sigterm_interrupts, trials_left_behind
 
 EXIT_BAD_INPUT = 2
 
@@ -334,19 +334,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .search.report import all_failed, top_table
     from .search.run import run_search
 
+    _check_supernet_run(spec, args)
+    # A --jobs worker draws no bar (its command's terminal would show one per worker, each at its share):
+    # it prints a line per trial, as in a log.
+    progress, lines = not args.quiet and not args.worker, not args.quiet and (args.worker or wanted(args.quiet))
     if spec.search.strategy == "supernet":
         from .search.supernet import run_supernet_search
 
-        if args.trials_per_gpu != 1:
-            raise BadInput("--trials-per-gpu: a supernet study trains one model at a time in each worker; drop it")
-        if _launched():  # its phases are one process's: the others would wait for a trial that never comes
-            raise BadInput(f"{spec.locate(('search', 'strategy'))}: search.strategy supernet trains in one process; "
-                           f"run it without accelerate launch (--jobs starts several workers)")
         result = run_supernet_search(spec, storage=args.storage, checkpoint_dir=args.checkpoint_dir,
-                                     progress=not args.quiet, lines=wanted(args.quiet))
+                                     progress=progress, lines=lines, outcome_here=not args.worker)
     else:
         result = run_search(spec, storage=args.storage, trials_at_once=args.trials_per_gpu,
-                            checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, lines=wanted(args.quiet))
+                            checkpoint_dir=args.checkpoint_dir, progress=progress, lines=lines)
     if result.study is None:  # a non-main process under `accelerate launch`: the main one reports
         return 0
     failed = all_failed(result.study, result.trials_run)
@@ -354,13 +353,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _say_error(result.stopped)
         return result.stopped.exit_code
     if args.worker:  # one of --jobs: the parent prints the study's table
-        print(f"worker: {_trials(len(result.trials_run))} in {result.wall_seconds:.1f} s "
+        print(f"worker {jobs_worker()}: {_trials(len(result.trials_run))} in {result.wall_seconds:.1f} s "
               f"({result.train_seconds:.1f} s training: {result.seconds.summary()})")
         return exit_code() if result.interrupted else 1 if failed else 0
     if spec.search.strategy == "supernet":
         from .search.supernet import outcome_lines
 
-        _print_lines(outcome_lines(spec, result, said_lines=wanted(args.quiet)))
+        _print_lines(outcome_lines(spec, result, said_lines=lines))
     if result.study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
         print(top_table(result.study))
     if failed and not result.interrupted:
@@ -368,8 +367,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"this worker: {_trials(len(result.trials_run))} in {result.wall_seconds:.1f} s "
           f"({result.train_seconds:.1f} s training: {result.seconds.summary()}); storage {redact(result.storage)}")
-    _print_lines(next_steps(args.spec, args.overrides, args.storage, result.study, spec.tracking.enabled, spec))
+    _print_lines([*(_to_go_on(result.study) if result.interrupted else []),
+                  *next_steps(args.spec, args.overrides, args.storage, result.study, spec.tracking.enabled, spec)])
     return exit_code() if result.interrupted else 0
+
+
+def _check_supernet_run(spec, args: argparse.Namespace) -> None:
+    """Refuse what a supernet study cannot run under (BadInput, exit 2), before anything is written."""
+    if spec.search.strategy != "supernet":
+        return
+    if args.trials_per_gpu != 1:
+        raise BadInput("--trials-per-gpu: a supernet study trains one model at a time in each worker; drop it")
+    if _launched():  # its phases are one process's: the others would wait for a trial that never comes
+        raise BadInput(f"{spec.locate(('search', 'strategy'))}: search.strategy supernet trains in one process; "
+                       f"run it without accelerate launch (--jobs starts several workers)")
+
+
+def _to_go_on(study: Any) -> list[str]:
+    """The line after a study stopped on request: how to go on, and what waits for it."""
+    from optuna.trial import TrialState
+
+    queued = sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    return ["stopped: run the same command to go on" + (f" ({_trials(queued)} queued)" if queued else "")]
 
 
 def _trials(count: int) -> str:
@@ -413,10 +432,17 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
         from .search.storage import check_server, check_url, study_lock
         from .search.study import storage_url_of
 
+        from .checkpoints import check_writable
+        from .search.run import check_packing, checkpoint_root
+
         spec = _load_study_spec(args)
         if args.n_trials is not None:
             spec.search.n_trials = args.n_trials
+        # What each worker would refuse, refused here: once, and before the stores are made.
+        _check_supernet_run(spec, args)
+        check_packing(spec, plans[0].trials_at_once, 1)
         _prepare_weights(spec)
+        check_writable(checkpoint_root(spec, args.checkpoint_dir))
         url = storage_url_of(spec, args.storage)  # resolved once: every worker must use the same
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         check_url(url)
@@ -441,17 +467,25 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
                  *([f"--checkpoint-dir={args.checkpoint_dir}"] if args.checkpoint_dir else [])]
     if args.n_trials is not None:
         arguments.append(f"--n-trials={args.n_trials}")
-    codes, interrupted = run_workers(arguments, plans, ready)
+    codes, interrupted = run_workers(arguments, plans, ready, quiet=args.quiet)
     code, failure = jobs_exit_code(codes, interrupted)
     if code == 2 or not checked:  # every worker refused the input and said why, or a stop before the checks ended
         return code
-    study = open_study(checked["spec"], checked["url"]).study
-    print(top_table(study))
+    spec = checked["spec"]
+    study = open_study(spec, checked["url"]).study
+    stopped = code in (130, 143)
+    if spec.search.strategy == "supernet":  # what phase 2 found: the workers leave it to this command
+        from .search.run import SearchResult
+        from .search.supernet import outcome_lines
+
+        _print_lines(outcome_lines(spec, SearchResult(study, checked["url"], [], 0.0, 0.0, stopped)))
+    if study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
+        print(top_table(study))
     if failure:
         print(failure, file=sys.stderr)
-    elif code == 0:
-        _print_lines(next_steps(args.spec, args.overrides, args.storage, study, checked["spec"].tracking.enabled,
-                                checked["spec"]))
+    # A worker that died leaves the study to the others: its best is still worth the commands.
+    _print_lines([*(_to_go_on(study) if stopped else []),
+                  *next_steps(args.spec, args.overrides, args.storage, study, spec.tracking.enabled, spec)])
     return code
 
 
@@ -773,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         if args.command == "ui":  # stopping is how a UI ends, its server started or not
             return 0
-        if not _repeats_the_main_process():
+        if not _repeats_the_main_process() and jobs_worker() is None:  # a --jobs command says it once, for all
             print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
         _leave_process_group(together=False)
         return exit_code()

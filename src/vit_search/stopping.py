@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,27 @@ from collections.abc import Iterator
 from typing import Any
 
 _received: set[int] = set()  # the stop signals this command has received
+# Set in each worker process of `run --jobs` (its index): the command that started it says what the
+# workers would each say once per Ctrl-C, and draws what they would each draw.
+WORKER_ENV = "VIT_SEARCH_WORKER"
+
+
+def jobs_worker() -> str | None:
+    """This process's index among the workers of a ``run --jobs`` command, or None when it is none."""
+    return os.environ.get(WORKER_ENV)
+
+
+def stopping_line(signum: int, ending: str) -> str:
+    """``stopping (Ctrl-C): ENDING (Ctrl-C again to stop at once)``: what the first stop request prints."""
+    again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "SIGKILL to stop at once"
+    return f"stopping ({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}): {ending} ({again})"
+
+
+def say_stopping(signum: int, ending: str) -> None:
+    """Print :func:`stopping_line` on stderr, through tqdm: a progress bar there is cleared first, not run into."""
+    from tqdm import tqdm
+
+    tqdm.write(stopping_line(signum, ending), file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -107,9 +129,8 @@ def requests_set(stop: threading.Event, ending: str = "trials in training end af
             return
         _received.add(signum)
         stop.set()
-        again = "Ctrl-C again to stop at once" if signum == signal.SIGINT else "SIGKILL to stop at once"
-        print(f"stopping ({cause()}): {ending} ({again})",
-              file=sys.stderr, flush=True)
+        if jobs_worker() is None:  # a worker's comes from its command, which has said it
+            say_stopping(signum, ending)
 
     def unraisable(info: Any) -> None:
         # The second Ctrl-C raised inside a finalizer (SQLAlchemy's, a weakref's callback): Python would print

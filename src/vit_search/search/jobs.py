@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..stopping import Terminated, exit_code
+from ..stopping import WORKER_ENV, Terminated, exit_code, say_stopping
 
 
 @dataclass
@@ -83,11 +83,9 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
     processes: list[subprocess.Popen] = []
     try:
         for plan in plans:
-            if not quiet:
-                print(plan.describe(), file=sys.stderr, flush=True)
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "vit_search", "run", *arguments, f"--trials-per-gpu={plan.trials_at_once}"],
-                env={**os.environ, **plan.env, "VIT_SEARCH_WORKER": str(plan.index)}, stdin=subprocess.PIPE, text=True,
+                env={**os.environ, **plan.env, WORKER_ENV: str(plan.index)}, stdin=subprocess.PIPE, text=True,
                 start_new_session=True,  # out of the terminal's reach: its Ctrl-C comes from here, once
                 preexec_fn=_stop_when_orphaned if sys.platform == "linux" else None,
             ))
@@ -98,6 +96,8 @@ def run_workers(arguments: list[str], plans: list[WorkerPlan], ready: Callable[[
                 process.kill()
                 process.wait()
             raise
+        if not quiet:  # once the input is taken: a refusal is its one line
+            print("\n".join(plan.describe() for plan in plans), file=sys.stderr, flush=True)
         for process in processes:
             _tell(process, word)
         # Reap each worker as soon as it ends: an unreaped (zombie) worker still looks alive to the
@@ -122,8 +122,12 @@ def _stop_when_orphaned() -> None:
 def _stop_workers(processes: list[subprocess.Popen], request: KeyboardInterrupt) -> list[int]:
     """Pass a stop request (Ctrl-C, or SIGTERM as :class:`Terminated`) on to every worker still running
     and wait for them all, passing on each further Ctrl-C too; their exit codes."""
+    said = False
     while True:
         signum = signal.SIGTERM if isinstance(request, Terminated) else signal.SIGINT
+        if not said and any(process.poll() is None for process in processes):  # said once here, not by each
+            say_stopping(signum, "the workers' trials in training end after their current step")
+            said = True
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)

@@ -95,11 +95,11 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     # Under `accelerate launch`, each trial trains on all the launched processes: the main one runs
     # the study and tells the others which spec to train next.
     state = PartialState(cpu=cpu_only())
-    _check_packing(spec, trials_at_once, state.num_processes)
+    check_packing(spec, trials_at_once, state.num_processes)
     if not state.is_main_process:
         return _follow_trials()
     url = storage_url_of(spec, storage)
-    root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / (search.study_name or spec.name)
+    root = checkpoint_root(spec, checkpoint_dir)
     check_url(url)
     check_file(url)
     check_server(url)
@@ -205,7 +205,13 @@ def storage_faults_in_one_line(url: str, runs: StudyRuns) -> Iterator[None]:
         raise lost from None
 
 
-def _check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
+def checkpoint_root(spec: Spec, checkpoint_dir: str | None = None) -> Path:
+    """The folder of a study's checkpoints: ``checkpoint_dir`` (``--checkpoint-dir``), else
+    ``train.checkpoint_dir``, else ``runs``, then the study's name."""
+    return Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / (spec.search.study_name or spec.name)
+
+
+def check_packing(spec: Spec, trials_at_once: int, num_processes: int) -> None:
     """Refuse packings that cannot work, before anything is written (UserError, exit 2)."""
     if trials_at_once < 1:
         raise UserError(f"--trials-per-gpu {trials_at_once}: must be at least 1 (trials at once in a worker)")

@@ -37,7 +37,7 @@ from ..spec import SpecError, load_spec
 from ..stopping import interruption, requests_set
 from ..tracking import check_store
 from .fixed import SHARED_VALUES, say_joining
-from .run import Infeasible, SearchResult, TrialRunner, check_constraints, storage_faults_in_one_line
+from .run import Infeasible, SearchResult, TrialRunner, check_constraints, checkpoint_root, storage_faults_in_one_line
 from .space import parse_space, to_params
 from .storage import check_file, check_server, check_url, study_lock
 from .study import (
@@ -62,14 +62,15 @@ def _phase_spec(spec: Spec, study_name: str, n_trials: int) -> Spec:
 
 
 def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool = True,
-                        checkpoint_dir: str | None = None, lines: bool = False) -> SearchResult:
+                        checkpoint_dir: str | None = None, lines: bool = False, outcome_here: bool = True) -> SearchResult:
     """Run this worker's share of all three phases; returns when the finalists are trained.
 
-    ``lines``: print a line when the subnets are scored and one per finished finalist (for logs)."""
+    ``lines``: print a line when the subnets are scored and one per finished finalist (for logs); the
+    scores' line only where ``outcome_here`` (not in a ``--jobs`` worker: its command says it, once)."""
     search = spec.search
     name = search.study_name or spec.name
     url = storage_url_of(spec, storage)
-    root = Path(checkpoint_dir or spec.train.checkpoint_dir or "runs") / name
+    root = checkpoint_root(spec, checkpoint_dir)
     check_url(url)
     check_file(url)
     check_server(url)
@@ -113,7 +114,7 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                 if scores.attr(LOGGED) != count and _phase2_done(scores, search.supernet.n_subnets):
                     _log_scores(scores, spec, runs, search.supernet.top_runs)
                     scores.set_attr(LOGGED, count)
-            if _scores_said(spec, scores, lines):
+            if _scores_said(spec, scores, lines and outcome_here):
                 say(_scores_outcome(spec, scores))
         if not interrupted and stopped is None and search.supernet.finalists:
             if finals.differs:  # said here, where its finalists join the others (phase 1 refuses other values itself)
