@@ -230,3 +230,20 @@ def test_a_supernet_study_under_jobs_with_packed_trials_is_refused_once_before_t
     assert proc.stderr.splitlines() == ["error: --trials-per-gpu: a supernet study trains one model at a time in each "
                                         "worker; drop it"]
     assert not (workdir / "optuna.db").exists()
+
+
+def test_ctrl_c_in_phase_1_says_what_stops_and_how_to_go_on(workdir):
+    path, storage = write(workdir, "stopped1", epochs=500)
+    checkpoint = workdir / "runs" / "stopped1" / "supernet" / "checkpoint.pt"
+    proc = start(path, workdir)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():  # phase 1 trains, epoch after epoch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-2:] == [
+        "stopping (Ctrl-C): the supernet, a subnet being scored or a finalist in training ends after its current step "
+        "(Ctrl-C again to stop at once)",
+        "interrupted; run the same command to go on"], err[-3000:]

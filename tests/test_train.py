@@ -353,9 +353,10 @@ def test_a_run_killed_outright_is_ended_killed_by_the_next_train_in_its_folder(w
 
 
 @pytest.mark.parametrize("signum, code, line, tag", [
-    (signal.SIGINT, 130, "interrupted", "interrupted (Ctrl-C)"),
+    (signal.SIGINT, 130, "interrupted; run the same command with --resume to go on", "interrupted (Ctrl-C)"),
     # The run's tag says it as a study's trial does (it said `interrupted` for both)
-    (signal.SIGTERM, 143, "terminated (SIGTERM)", "interrupted (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+    (signal.SIGTERM, 143, "terminated (SIGTERM); run the same command with --resume to go on", "interrupted (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_mid_training_ends_the_run_killed_in_one_line_and_resume_finishes_it(
         workdir, sqlite_uri, cli_here, signum, code, line, tag):
     experiment = f"stopped-{signum.name.lower()}"

@@ -808,7 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ui":  # stopping is how a UI ends, its server started or not
             return 0
         if not _repeats_the_main_process() and jobs_worker() is None:  # a --jobs command says it once, for all
-            print("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+            again = {"run": "; run the same command to go on",
+                     "train": "; run the same command with --resume to go on"}.get(args.command, "")
+            print(("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted") + again, file=sys.stderr)
         _leave_process_group(together=False)
         return exit_code()
     except Exception as err:  # a plugin block failing in training, or a fault of ours: one line, and where
