@@ -593,8 +593,8 @@ class Tracker:
                    if key in logged and logged[key] != value]
         if not changes:
             return None
-        said = "; ".join(changes)
-        client.set_tag(self.run_id, "resumed_with", scrub(said)[:5000])
+        said = scrub("; ".join(changes))  # a URL's password never goes to the tag or the screen
+        client.set_tag(self.run_id, "resumed_with", said[:5000])
         mlflow.log_text(self.spec.to_yaml(), "spec.yaml")
         return said
 
