@@ -429,11 +429,10 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
         one error line, not one per worker."""
         import optuna
 
-        from .search.storage import check_server, check_url, study_lock
-        from .search.study import storage_url_of
-
         from .checkpoints import check_writable
         from .search.run import check_packing, checkpoint_root
+        from .search.storage import check_server, check_url, study_lock
+        from .search.study import storage_url_of
 
         spec = _load_study_spec(args)
         if args.n_trials is not None:
