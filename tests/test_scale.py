@@ -179,6 +179,33 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
            "same command)")
 
 
+def test_jobs_workers_on_a_terminal_print_trial_lines_and_draw_no_bars_of_their_own(workdir):
+    # One bar per worker on the command's terminal shared a line, each stuck at its share of the trials.
+    import pty
+
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("jobs-on-a-terminal", n_trials=2)))
+    leader, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "run", str(spec_path), "--jobs", "2",
+                             "--set", "train.epochs=1"], cwd=workdir, stdin=subprocess.DEVNULL, stdout=terminal,
+                            stderr=terminal)
+    os.close(terminal)
+    said = b""
+    while True:  # the terminal's whole output, until the command and its workers have closed it
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: no process holds the terminal any more
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, said.decode(errors="replace")[-3000:]
+    text = said.decode(errors="replace")
+    assert "trials:" not in text, text[-3000:]  # no bar
+    assert text.count(" COMPLETE val_accuracy ") == 2 and "study 'jobs-on-a-terminal': 2 complete" in text, text[-3000:]
+
+
 @pytest.mark.slow
 def test_sigterm_sent_to_jobs_alone_stops_every_worker_without_blaming_them(workdir):
     # As a scheduler or `timeout` sends it: to the command alone, which passes it on. Ctrl-C takes the same
