@@ -202,6 +202,23 @@ def test_phase_1_trains_the_supernet_through_train_with_a_sandwich_step(workdir)
         load_supernet(spec, space, workdir / "planted.pt")
 
 
+def test_fewer_supernet_epochs_than_phase_1_trained_are_refused_by_the_key_the_user_set(workdir):
+    from vit_search.errors import CheckpointMismatch
+    from vit_search.search.supernet_train import train_supernet
+
+    raw = spec_raw("fewer")
+    raw["search"]["supernet"] = {**raw["search"]["supernet"], "epochs": 2}
+    spec = load_spec(raw)
+    space = SupernetSpace.of(spec)
+    train_supernet(spec, space, workdir / "sn", None)
+    raw["search"]["supernet"]["epochs"] = 1
+    with pytest.raises(CheckpointMismatch) as err:
+        train_supernet(load_spec(raw), space, workdir / "sn", None)
+    assert str(err.value).startswith("the study's supernet, stopped in phase 1, cannot go on under this spec: "
+                                     "search.supernet.epochs 1 is fewer than the 2 epochs it has trained; set "
+                                     "search.supernet.epochs to 2 or more, or run with the spec it started with"), err.value
+
+
 class _Planted:
     """An object a weights file must not be able to bring in (unpickling it could run any code)."""
 
