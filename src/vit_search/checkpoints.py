@@ -62,6 +62,14 @@ class _Unset:
 _UNSET = _Unset()
 
 
+class FewerEpochsThanTrained(CheckpointMismatch):
+    """``train.epochs`` below the ``trained`` epochs of the checkpoint to resume (a caller names its own key)."""
+
+    def __init__(self, trained: int, what: str, fix: str) -> None:
+        super().__init__(what, fix)
+        self.trained = trained
+
+
 class TrainingFailed(RunFailed):
     """A run that cannot go on, for a reason one line says (exit code 1)."""
 
@@ -271,10 +279,10 @@ def check_resume_spec(checkpoint: dict[str, Any], spec: Spec, path: Path) -> Non
     recorded = checkpoint.get("spec")
     if trained > spec.train.epochs:  # equal: the run is done, and its result is read back
         own = recorded.get("train", {}).get("epochs") if isinstance(recorded, dict) else None
-        raise CheckpointMismatch(f"--resume: train.epochs {spec.train.epochs} is fewer than the {trained} epochs the "
-                                 f"checkpoint's run in {path} has trained",
-                                 f"resume with train.epochs {trained} or more{f' (its own: {own})' if own else ''}, or "
-                                 f"start afresh without --resume")
+        raise FewerEpochsThanTrained(trained, f"--resume: train.epochs {spec.train.epochs} is fewer than the {trained} "
+                                     f"epochs the checkpoint's run in {path} has trained",
+                                     f"resume with train.epochs {trained} or more{f' (its own: {own})' if own else ''}, "
+                                     f"or start afresh without --resume")
     if not isinstance(recorded, dict):
         return
     then, now = flatten(recorded), flatten(spec_record(spec))

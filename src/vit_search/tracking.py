@@ -364,7 +364,7 @@ def check_store(spec: Spec) -> None:
     # while another thread copies it (every Accelerator does) raises there.
     bound_http_retries()
     _still_environment()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or mlflow.get_tracking_uri()
+    uri = store_uri(spec)
     if in_memory_sqlite(uri):  # MLflow's tables would be made in one connection and missing in the next
         raise TrackingError(f"MLflow store {redact(uri)}: an in-memory SQLite database keeps nothing between MLflow's "
                             f"connections; name a file, e.g. sqlite:///mlflow.db (MLFLOW_TRACKING_URI or tracking.uri)")

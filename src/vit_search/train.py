@@ -435,6 +435,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
         peak = peak_tflops(accelerator.device, precision, cfg.peak_tflops)
         show_bar = progress and accelerator.is_main_process and sys.stderr.isatty()
         checkpoints = CheckpointWriter(ckpt_path, log=tracker.log_epochs)
+        records = _spec_records(spec, accelerator.num_processes)  # the same in every checkpoint: made once
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 metrics = _train_epoch(spec, run, accelerator, epoch, show_bar, stop)
@@ -448,7 +449,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
                 history.append(metrics)
 
                 def store_and_report(epoch: int = epoch, metrics: dict[str, float] = metrics) -> None:
-                    state = functools.partial(_checkpoint, spec, run, accelerator, epoch, history, tracker.run_id,
+                    state = functools.partial(_checkpoint, records, run, accelerator, epoch, history, tracker.run_id,
                                               tracker.store)
                     checkpoints.save(state if checkpoints.due(last=epoch == cfg.epochs - 1) else None, metrics,
                                      step=epoch)
@@ -473,22 +474,30 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     return TrainResult(final, history, run.parameters, run.flops, tracker.run_id, train_seconds, run.trainable)
 
 
-def _checkpoint(spec: Spec, run: _Setup, accelerator: Any, epoch: int, history: list[dict[str, float]],
-                run_id: str | None, store: str | None = None) -> dict[str, Any]:
-    """What a checkpoint of ``epoch`` holds (on the device still: the writer copies it off)."""
+def _spec_records(spec: Spec, num_processes: int) -> dict[str, Any]:
+    """What every checkpoint of a run records of its spec and processes."""
     return {
-        "model": _plain(run.model, accelerator).state_dict(),
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
-        # The store run_id is in: a resume that misses the run there can tell it was removed, not logged elsewhere.
-        "tracking_store": store,
         # What builds these weights: `model.init: {from: file}` reads it back.
         "model_spec": model_record(spec.model),
         # What the optimizer state was made under: --resume refuses other values (check_resume_settings).
         "train_settings": resume_settings(spec),
         # What it was trained under: --resume refuses other values but those that may change (check_resume_spec).
         "spec": spec_record(spec),
-        "num_processes": accelerator.num_processes,  # --resume refuses another count (check_resume_settings)
+        "num_processes": num_processes,  # --resume refuses another count (check_resume_settings)
+    }
+
+
+def _checkpoint(records: dict[str, Any], run: _Setup, accelerator: Any, epoch: int, history: list[dict[str, float]],
+                run_id: str | None, store: str | None = None) -> dict[str, Any]:
+    """What a checkpoint of ``epoch`` holds (on the device still: the writer copies it off); ``records``: what
+    :func:`_spec_records` made."""
+    return {
+        "model": _plain(run.model, accelerator).state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(), "epoch": epoch, "history": history, "run_id": run_id,
+        # The store run_id is in: a resume that misses the run there can tell it was removed, not logged elsewhere.
+        "tracking_store": store,
+        **records,
     }
 
 

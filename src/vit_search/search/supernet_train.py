@@ -110,7 +110,7 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     ``on_epoch(epoch, metrics)`` as :func:`~vit_search.train.train` takes it (the epoch lines of logs)."""
     from functools import partial
 
-    from ..checkpoints import CHECKPOINT_FILE, load_checkpoint
+    from ..checkpoints import CHECKPOINT_FILE, FewerEpochsThanTrained
     from ..errors import CheckpointMismatch
     from ..train import train
 
@@ -118,18 +118,15 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     way_out = (f"run with the spec it started with, or give the study a new search.study_name (or delete "
                f"{checkpoint_dir} to train its supernet afresh)")
     phase = supernet_spec(spec, space)
-    saved = checkpoint_dir / CHECKPOINT_FILE
-    if saved.exists():  # said by the key the user set: train() knows phase 1's epochs as train.epochs
-        trained = load_checkpoint(saved)["epoch"] + 1
-        key = "search.supernet.epochs" if spec.search.supernet.epochs else "train.epochs"
-        if trained > phase.train.epochs:
-            raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: {key} "
-                                     f"{phase.train.epochs} is fewer than the {trained} epochs it has trained",
-                                     f"set {key} to {trained} or more, or {way_out}")
     try:
         train(phase, resume=True, checkpoint_dir=checkpoint_dir, run_id=run_id,
               make_step=partial(SandwichStep, draw), progress=progress, stop=stop,
               tags={"supernet.phase": "1: supernet"}, seconds=seconds, on_epoch=on_epoch)
+    except FewerEpochsThanTrained as err:  # said by the key the user set: train() knows phase 1's as train.epochs
+        key = "search.supernet.epochs" if spec.search.supernet.epochs else "train.epochs"
+        raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: {key} "
+                                 f"{phase.train.epochs} is fewer than the {err.trained} epochs it has trained",
+                                 f"set {key} to {err.trained} or more, or {way_out}") from None
     except CheckpointMismatch as err:
         # train's own advice is about `train --resume`, which a study's phase 1 always does; say its way out.
         raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: "
