@@ -484,6 +484,30 @@ def test_a_study_whose_parent_run_is_not_in_the_tracking_store_is_one_line_and_n
     assert MlflowClient().get_experiment_by_name("elsewhere") is None  # nothing made in the wrong store
 
 
+def test_a_study_whose_parent_run_was_deleted_is_one_line_with_the_restore_command_and_goes_on_once_restored(
+        workdir, in_process):
+    from vit_search.search.study import PARENT_RUN, open_study
+    from vit_search.spec import load_spec
+
+    raw = study_raw("deleted-parent", n_trials=1)
+    raw["search"]["storage"] = "sqlite:///optuna.db"
+    spec = write(workdir / "spec.yaml", raw)
+    assert in_process("run", str(spec), "--quiet")[0] == 0
+    parent = open_study(load_spec(spec), "sqlite:///optuna.db").attr(PARENT_RUN)
+    MlflowClient().delete_run(parent)  # as the UI's delete does
+    before = _snapshot(workdir)
+    # It once stopped with MLflow's "must be in the 'active' state" as an internal error (exit 1).
+    code, line = in_process("run", str(spec), "--n-trials", "2", "--quiet")
+    assert code == 2 and "'deleted-parent'" in line and "was deleted in the store" in line
+    assert f"mlflow runs restore --run-id {parent}" in line and "--resume" not in line  # `run` has no --resume
+    assert _snapshot(workdir) == before
+    MlflowClient().restore_run(parent)
+    assert in_process("run", str(spec), "--n-trials", "2", "--quiet")[0] == 0
+    trials = open_study(load_spec(spec), "sqlite:///optuna.db").study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert MlflowClient().get_run(parent).info.status == "FINISHED"
+
+
 def test_resuming_a_run_logged_to_another_tracking_store_is_one_line_and_creates_nothing_there(workdir):
     import torch
 

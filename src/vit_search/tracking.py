@@ -197,9 +197,11 @@ def full_disk_in_one_line(fix: str) -> Iterator[None]:
         raise TrackingDiskFull(full, fix) from None
 
 
-def run_exists(run_id: str) -> bool:
-    """Whether the MLflow store in use holds run ``run_id`` (anything else it refuses: TrackingError)."""
-    return _stored_run(run_id) is not None
+def run_lifecycle(run_id: str) -> str | None:
+    """Run ``run_id``'s stage in the MLflow store in use ("active", "deleted"), None where the store holds no such
+    run (anything else it refuses: TrackingError)."""
+    run = _stored_run(run_id)
+    return None if run is None else run.info.lifecycle_stage
 
 
 def store_uri(spec: Spec) -> str:

@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..errors import UserError
 from ..redaction import scrub
 from ..schema import Spec
-from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_exists, use_experiment,
+from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_lifecycle, use_experiment,
                         use_store)
 from .leaderboard import NOTE_TAG, filter_value, leaderboard, score_of, trial_run_name
 from .report import best_spec, best_trials, save_plots
@@ -106,16 +106,24 @@ class StudyRuns:
 
     def _check_parent(self) -> None:
         """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
-        logged to another store, and trials logged on into this one would have no parent."""
+        logged to another store, and trials logged on into this one would have no parent; or holds
+        deleted: MLflow takes nothing more into it until it is restored."""
         parent = self.parent_id
-        if parent and not run_exists(parent):
-            import mlflow
+        if not parent:
+            return
+        import mlflow
 
+        stage = run_lifecycle(parent)
+        study, store = self.handle.study.study_name, redact(mlflow.get_tracking_uri())
+        afresh = "start a new study (another search.study_name or --storage)"
+        if stage is None:
             raise TrackingError(
-                f"study {self.handle.study.study_name!r} logs to MLflow parent run {parent}, which the store "
-                f"{redact(mlflow.get_tracking_uri())} does not hold; point MLFLOW_TRACKING_URI (or tracking.uri) at "
-                f"the store the study was logged to, or start a new study (another search.study_name or "
-                f"--storage)")
+                f"study {study!r} logs to MLflow parent run {parent}, which the store {store} does not hold; point "
+                f"MLFLOW_TRACKING_URI (or tracking.uri) at the store the study was logged to, or {afresh}")
+        if stage == "deleted":
+            raise TrackingError(
+                f"study {study!r} logs to MLflow parent run {parent}, which was deleted in the store {store}; restore "
+                f"it (mlflow runs restore --run-id {parent}) and run the same command again, or {afresh}")
 
     def reopen_parent(self) -> None:
         """A resumed study: its parent run is RUNNING again until the study ends, with no error from
