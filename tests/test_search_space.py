@@ -421,6 +421,16 @@ def test_check_space_refuses_an_enqueued_yes_no_for_a_choice_of_numbers(write_sp
                         f"model.attention.heads can draw"]
 
 
+def test_check_space_refuses_an_enqueued_decimal_for_a_choice_of_integers(write_spec):
+    # 2.0 trained heads 2 while the spec said 2.0; a decimal for a choice of decimals stays accepted.
+    text = study_text("model.attention.heads: {choice: [1, 2, 4]}\ntrain.lr: {choice: [0.001, 0.01]}\n",
+                      "enqueue:\n  - {train.lr: 0.01}\n  - {model.attention.heads: 2.0}\n")
+    path, problems = check(write_spec, text)
+    assert problems == [f"{path}:{line_of(text, 'heads: 2.0')}: search.enqueue.1.model.attention.heads: 2.0 is a "
+                        f"decimal number; its choices are integers (1, 2, 4); enqueue a value search.space."
+                        f"model.attention.heads can draw"]
+
+
 def test_check_space_reports_malformed_entries_at_their_line_one_each(write_spec):
     text = study_text("model.depth: {int: [4, 2]}\ntrain.lr: {float: [1, 2], step: 0.5, log: true}\n"
                       "model.pooling.type: {choice: [cls, mean]}\n")

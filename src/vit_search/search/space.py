@@ -459,6 +459,9 @@ def _outside(dim: Dimension, value: Any) -> str | None:
     if dim.kind == "choice":
         # A yes/no matches only a yes/no choice: to Python, true is 1 (docs/spec.md refuses it as a number).
         if any(isinstance(value, bool) == isinstance(c, bool) and value == c for c in dim.choices):
+            if isinstance(value, float) and not any(isinstance(c, float) and value == c for c in dim.choices):
+                # 2.0 for the choice 2 would train with 2, while the spec and its records said 2.0
+                return f"is a decimal number; its choices are integers ({clip(', '.join(map(str, dim.labels)))})"
             return None
         if isinstance(value, str) and value in dim.labels:
             return None
