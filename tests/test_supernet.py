@@ -425,7 +425,7 @@ def test_a_space_smaller_than_n_subnets_gives_each_subnet_one_rank_one_finalist_
     assert sorted(t.params["model.attention.heads"] for t in finalists) == [2, 4]
     from vit_search.search.supernet import outcome_lines
 
-    assert outcome_lines(spec, result)[1] == (
+    assert outcome_lines(spec, result.study, result.storage, result.interrupted)[1] == (
         "finalists: 2 of 3: only 2 distinct subnets were scored, as many as the space holds that meet "
         "search.constraints (search.supernet.n_subnets 4); widen search.space for more")
     client = MlflowClient()
@@ -472,8 +472,9 @@ def test_only_scored_subnets_become_finalists_and_raising_finalists_adds_the_nex
     assert out.count("supernet epoch 1/1: val_accuracy ") == 1 and out.count(" epoch 1/1: val_accuracy ") == 3
     from vit_search.search.supernet import outcome_lines
 
-    assert outcome_lines(spec, result)[1] == ("finalists: 2 of 3: only 2 subnets were scored (search.supernet.n_subnets "
-                                              "2); raise search.supernet.n_subnets for more")
+    assert outcome_lines(spec, result.study, result.storage, result.interrupted)[1] == (
+        "finalists: 2 of 3: only 2 subnets were scored (search.supernet.n_subnets 2); raise search.supernet.n_subnets "
+        "for more")
     assert result.train_seconds > 0 and result.seconds.epochs > 0  # phase 1 and the finalists trained
 
     spec = load_spec(spec_raw("ranks", n_subnets=4, finalists=3, top_runs=1))

@@ -359,7 +359,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if spec.search.strategy == "supernet":
         from .search.supernet import outcome_lines
 
-        _print_lines(outcome_lines(spec, result, said_lines=lines))
+        _print_lines(outcome_lines(spec, result.study, result.storage, result.interrupted, said_lines=lines))
     if result.study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
         print(top_table(result.study))
     if failed and not result.interrupted:
@@ -474,10 +474,9 @@ def _run_jobs(args: argparse.Namespace, plans: list) -> int:
     study = open_study(spec, checked["url"]).study
     stopped = code in (130, 143)
     if spec.search.strategy == "supernet":  # what phase 2 found: the workers leave it to this command
-        from .search.run import SearchResult
         from .search.supernet import outcome_lines
 
-        _print_lines(outcome_lines(spec, SearchResult(study, checked["url"], [], 0.0, 0.0, stopped)))
+        _print_lines(outcome_lines(spec, study, checked["url"], stopped))
     if study.get_trials(deepcopy=False) or spec.search.strategy != "supernet":
         print(top_table(study))
     if failure:

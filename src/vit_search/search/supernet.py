@@ -144,19 +144,19 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                         stopped, seconds)
 
 
-def outcome_lines(spec: Spec, result: SearchResult, said_lines: bool = False) -> list[str]:
-    """What ``vit-search run`` says of phase 2 after a supernet study: the scores, where their table is
-    (unless the run printed that as phase 2 ended: ``said_lines``, its ``lines``), and why there are fewer
-    finalists than asked (or none)."""
+def outcome_lines(spec: Spec, finals: optuna.Study, storage: str, interrupted: bool, said_lines: bool = False) -> list[str]:
+    """What ``vit-search run`` says of phase 2 after a supernet study whose finalists' study is ``finals`` (on
+    ``storage``): the scores, where their table is (unless the run printed that as phase 2 ended: ``said_lines``,
+    its ``lines``), and why there are fewer finalists than asked (or none) where it was not ``interrupted``."""
     name = spec.search.study_name or spec.name
-    study = optuna.load_study(study_name=f"{name}:subnets", storage=result.storage)
-    scores = StudyHandle(study, study._storage, result.storage)
+    study = optuna.load_study(study_name=f"{name}:subnets", storage=storage)
+    scores = StudyHandle(study, study._storage, storage)
     lines = [] if _scores_said(spec, scores, said_lines) else [_scores_outcome(spec, scores)]
-    asked, trained = spec.search.supernet.finalists, len(result.study.get_trials(deepcopy=False))
+    asked, trained = spec.search.supernet.finalists, len(finals.get_trials(deepcopy=False))
     if asked == 0:
         lines.append("finalists: 0, so no subnet is trained on its own; to train the best 3, run the same command "
                      "with --set search.supernet.finalists=3 added at its end")
-    elif trained < asked and not result.interrupted:
+    elif trained < asked and not interrupted:
         n_subnets, n_scored = spec.search.supernet.n_subnets, len(ranked(scores))
         repeats = sum(t.state == TrialState.COMPLETE for t in scores.study.get_trials(deepcopy=False)) - n_scored
         if repeats:  # every subnet of the space was scored: more draws only repeat them
