@@ -4,7 +4,6 @@ constraints, finalists and the export round trip, a plugin's elastic block; real
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 from pathlib import Path
@@ -198,7 +197,9 @@ def test_phase_1_trains_the_supernet_through_train_with_a_sandwich_step(workdir)
     assert not load_supernet(spec, space, workdir / "sn" / "checkpoint.pt").training  # phase 2's start
     # Read as tensors alone: phase 2 finds the file by a path in the study's storage, which other hosts write.
     torch.save({"model": {}, "planted": _Planted()}, workdir / "planted.pt")
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+    from vit_search.errors import UnreadableCheckpoint
+
+    with pytest.raises(UnreadableCheckpoint, match=r"planted.pt: not a readable checkpoint \(UnpicklingError\)"):
         load_supernet(spec, space, workdir / "planted.pt")
 
 
@@ -295,6 +296,95 @@ def test_a_failed_finalists_checkpoint_and_inherited_weights_are_removed_as_a_tr
     (finalist,) = result.study.get_trials()
     assert finalist.state == TrialState.FAIL and "the finalist fails" in finalist.user_attrs["error"]
     assert sorted(p.name for p in (workdir / "runs" / "failing" / "finalists").iterdir()) == []
+
+
+def _parent_run(study: optuna.Study):
+    from vit_search.search.study import PARENT_RUN
+
+    return MlflowClient().get_run(StudyHandle(study, study._storage, "").attr(PARENT_RUN))
+
+
+def test_a_damaged_supernet_or_an_unwritable_inherited_file_queues_the_finalist_again_and_goes_on_once_mended(workdir):
+    raw = spec_raw("mended", finalists_init="inherited", n_subnets=3)
+    assert run_supernet_search(load_spec(raw), progress=False).study.get_trials()[0].state == TrialState.COMPLETE
+    weights = workdir / "runs" / "mended" / "supernet" / "checkpoint.pt"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])  # disk trouble after phase 1
+    raw["search"]["supernet"]["finalists"] = 2
+    # It was an OSError out of torch.load (exit 1, no file named) that left the parent run RUNNING.
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert result.stopped.exit_code == 2
+    assert str(result.stopped).startswith(f"{weights}: not a readable checkpoint (")
+    assert "put the file back, or give the study a new search.study_name" in str(result.stopped)
+    assert "queued again" in str(result.stopped) and "--resume" not in str(result.stopped)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert _parent_run(result.study).info.status == "KILLED"
+    weights.write_bytes(whole)
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert result.stopped is None and sum(t.state == TrialState.COMPLETE for t in result.study.get_trials()) == 2
+
+    # The next finalist's inherited file cannot be written (a full disk, a file size limit): not failed for good.
+    raw["search"]["supernet"]["finalists"] = 3
+    blocker = Path("runs", "mended", "finalists", "inherited-3.pt")
+    (blocker / "in-the-way").mkdir(parents=True)
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert result.stopped.exit_code == 1
+    assert str(result.stopped).startswith(f"cannot write the finalist's inherited weights {blocker}: ")
+    assert str(result.stopped).endswith("(trial 3 is queued again; then run the same command)")
+    failed = result.study.get_trials()[3]
+    assert failed.state == TrialState.FAIL and result.study.get_trials()[4].state == TrialState.WAITING
+    assert MlflowClient().get_run(failed.user_attrs["mlflow_run_id"]).info.status == "FAILED"  # its run says why
+    assert _parent_run(result.study).info.status == "KILLED"
+    import shutil
+
+    shutil.rmtree(blocker)
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert result.stopped is None and sum(t.state == TrialState.COMPLETE for t in result.study.get_trials()) == 3
+    assert _parent_run(result.study).info.status == "FINISHED"
+
+
+def test_a_damaged_checkpoint_of_a_stopped_phase_1_names_the_way_out_of_a_study_and_ends_its_parent_run(workdir):
+    from vit_search.errors import UnreadableCheckpoint
+    from vit_search.search.supernet import TRAINED
+
+    raw = spec_raw("phase1-damaged", finalists=0, n_subnets=2)
+    study = run_supernet_search(load_spec(raw), progress=False).study
+    StudyHandle(study, study._storage, "").set_attr(TRAINED, None)  # as if phase 1 had stopped after its epoch
+    folder = Path("runs", "phase1-damaged", "supernet")
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UnreadableCheckpoint) as refused:
+        run_supernet_search(load_spec(raw), progress=False)
+    # It said "run without --resume", which `run` does not have.
+    assert str(refused.value) == (f"the study's supernet, stopped in phase 1, cannot go on: {folder / 'checkpoint.pt'}: "
+                                  f"not a readable checkpoint (UnpicklingError); delete {folder} to train its supernet "
+                                  f"afresh, or give the study a new search.study_name")
+    parent = _parent_run(study)
+    assert parent.info.status == "KILLED" and parent.data.tags["error"] == str(refused.value)  # it was left RUNNING
+
+
+def test_a_finished_scoring_phase_does_not_read_the_supernet_again_for_finalists_trained_from_scratch(workdir):
+    raw = spec_raw("no-reread", n_subnets=3)
+    run_supernet_search(load_spec(raw), progress=False)
+    (workdir / "runs" / "no-reread" / "supernet" / "checkpoint.pt").unlink()  # the space it took, freed
+    raw["search"]["supernet"]["finalists"] = 2
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert result.stopped is None and [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_after_a_stop_the_scores_line_counts_what_is_scored_so_far_and_more_supernet_epochs_get_a_note(workdir):
+    from vit_search.search.supernet import outcome_lines
+
+    raw = spec_raw("so-far", finalists=0, n_subnets=3)
+    result = run_supernet_search(load_spec(raw), progress=False)
+    raw["search"]["supernet"]["n_subnets"] = 5  # two more to score, as if stopped after three
+    lines = outcome_lines(load_spec(raw), result.study, result.storage, interrupted=True)
+    # It said "none scored ... (every drawn subnet broke a constraint)" after a stop in phase 1, and named a table
+    # not yet logged.
+    assert lines[0] == "subnets: 3 of 5 scored so far in study 'so-far:subnets'"
+    raw["search"]["supernet"]["epochs"] = 3  # phase 1 trained train.epochs, 1: raising it later trains nothing
+    lines = outcome_lines(load_spec(raw), result.study, result.storage, interrupted=False)
+    assert lines[1] == ("note: the study's supernet was trained 1 epochs in phase 1, which is over; "
+                         "search.supernet.epochs 3 does not train it again (a new search.study_name would)")
 
 
 @pytest.fixture

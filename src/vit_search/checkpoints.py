@@ -11,6 +11,7 @@ removes its temporary file and says why in one line (a full disk above all).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import random
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CheckpointMismatch, RunFailed
+from .errors import CheckpointError, CheckpointMismatch, RunFailed, UnreadableCheckpoint
 from .files import symlink_loop
 from .schema import Spec, flatten
 
@@ -112,19 +113,21 @@ def checkpoint_dir_of(spec: Spec) -> Path:
     return Path(spec.train.checkpoint_dir or Path("runs") / spec.name)
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    # Write beside, then rename: a kill mid-write leaves the previous checkpoint intact.
+def save_atomically(path: Path, payload: dict[str, Any], what: str = "the epoch checkpoint") -> None:
+    """``torch.save`` ``payload`` to ``path`` through a file beside it, renamed once whole: a kill mid-write leaves
+    the previous file intact. A write that fails is CheckpointDiskFull or CheckpointNotWritten, naming ``what``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     try:
         torch.save(payload, tmp)
         tmp.replace(path)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("unexpected pos")
-        tmp.unlink(missing_ok=True)  # a half-written file helps no one, and fills the disk for the next
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a half-written file helps no one, and fills the disk for the next
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
-            raise CheckpointDiskFull(f"no space left in {path.parent} for the epoch checkpoint; free some, or "
+            raise CheckpointDiskFull(f"no space left in {path.parent} for {what}; free some, or "
                                      f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
-        raise CheckpointNotWritten(f"cannot write the checkpoint {path}: {_why_not_written(path.parent, err)}; "
+        raise CheckpointNotWritten(f"cannot write {what} {path}: {_why_not_written(path.parent, err)}; "
                                    f"set train.checkpoint_dir (--checkpoint-dir) to a folder that takes it") from None
 
 
@@ -163,25 +166,30 @@ def check_writable(folder: Path) -> None:
                               f"(--checkpoint-dir) to a writable folder") from None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint read back for ``--resume``; one line naming the file for anything unreadable."""
-    fix = "delete it, or run without --resume to start afresh"
+RESUME_FIX = "delete it, or run without --resume to start afresh"
+
+
+def load_checkpoint(path: Path, fix: str = RESUME_FIX) -> dict[str, Any]:
+    """A checkpoint read back for ``--resume``; one line naming the file for anything unreadable, ending with
+    ``fix`` (what to do about it)."""
+    if not path.exists():
+        raise UnreadableCheckpoint(f"{path}: no such file", fix)
     try:
         with warnings.catch_warnings():  # torch warns of odd pickle protocols in garbage: the one line says it all
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, garbage, empty, not a torch file: torch's own text suggests unsafe loading
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}); {fix}") from None
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(err).__name__})", fix) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a vit-search checkpoint (it holds a {type(checkpoint).__name__}); {fix}")
+        raise UnreadableCheckpoint(f"{path}: not a vit-search checkpoint (it holds a {type(checkpoint).__name__})", fix)
     missing = [key for key in REQUIRED if key not in checkpoint]
     if missing:
-        raise CheckpointError(f"{path}: not a vit-search checkpoint (no {', '.join(repr(k) for k in missing)}); {fix}")
+        raise UnreadableCheckpoint(f"{path}: not a vit-search checkpoint (no {', '.join(repr(k) for k in missing)})", fix)
     # The right keys with the wrong contents (another tool's file, a hand edit) would fail only once the MLflow run
     # had been reopened, ending it FAILED with an internal error: said here, before anything is touched.
     damage = _damage(checkpoint)
     if damage:
-        raise CheckpointError(f"{path}: not a usable checkpoint (its {damage}); {fix}")
+        raise UnreadableCheckpoint(f"{path}: not a usable checkpoint (its {damage})", fix)
     return checkpoint
 
 
@@ -410,7 +418,7 @@ class CheckpointWriter:
                     self._log(epochs)
                     self._logged_at = time.monotonic()
                 if payload is not None:
-                    _save_checkpoint(self.path, payload)
+                    save_atomically(self.path, payload)
             except BaseException as err:  # raised in the training thread by its next save() or wait()
                 with self._changed:
                     self._error = err

@@ -49,5 +49,14 @@ class CheckpointMismatch(CheckpointError):
         self.what = what
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint file that is gone, damaged or not vit-search's. ``what`` is that alone, for a caller whose
+    way out differs from ``fix``."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}; {fix}")
+        self.what = what
+
+
 class RunFailed(RuntimeError):
     """A run or a study that cannot go on, for a reason one line says (exit code 1)."""

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..checkpoints import CheckpointNotWritten, check_writable
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
 from ..performance import RunSeconds, cpu_only
@@ -178,8 +178,8 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
 @contextlib.contextmanager
 def storage_faults_in_one_line(url: str, runs: StudyRuns) -> Iterator[None]:
     """A study's work (the parent run reopened first): a full MLflow disk, or an Optuna storage that went
-    away, filled up or refused a write, raised as one line (TrackingDiskFull, StorageLost), the parent
-    run KILLED with the line where the storage is lost."""
+    away, filled up or refused a write, raised as one line (TrackingDiskFull, StorageLost); the parent
+    run ends KILLED with the error on any error but a full MLflow disk."""
     try:
         # A full MLflow disk out of a trial (making the parent run, bringing runs up to date): one line.
         with full_disk_in_one_line("free space, then run the same command"):
@@ -196,12 +196,14 @@ def storage_faults_in_one_line(url: str, runs: StudyRuns) -> Iterator[None]:
             lost, fix = (f"Optuna storage {redact(url)} could not be written ({redact_in(said, url)[:160]})",
                          "check its file and disk (or its server)")
         if lost is None:
+            # Not left RUNNING (the study was reopened first) with nothing running: the error is why it stopped.
+            runs.stopped_by(str(err) if isinstance(err, (UserError, RunFailed)) else f"{type(err).__name__}: {err}")
             raise
         # Nothing more can be written to the study: its trials in training stay RUNNING, and the
         # worker that resumes it fails them as a dead worker's and retries them.
         lost = StorageLost(f"{lost}: the trials this worker was training are retried when the study resumes; "
                            f"{fix}, then run the same command")
-        runs.storage_lost(str(lost))
+        runs.stopped_by(str(lost))
         raise lost from None
 
 

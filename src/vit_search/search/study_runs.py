@@ -137,10 +137,10 @@ class StudyRuns:
         if ERROR_TAG in run.data.tags:
             self.client.delete_tag(parent, ERROR_TAG)
 
-    def storage_lost(self, why: str) -> None:
-        """The study's storage went away: the parent run ends KILLED, as after Ctrl-C, with ``why`` as
-        its error (the UI says why the study stopped; the resumed study reopens it). MLflow gone too
-        is left to the resume, which brings the runs up to date."""
+    def stopped_by(self, why: str) -> None:
+        """This worker stopped on an error (its storage went away, a file it needs is damaged): the parent run
+        ends KILLED, as after Ctrl-C, with ``why`` as its error (the UI says why the study stopped; the resumed
+        study reopens it). MLflow gone too is left to the resume, which brings the runs up to date."""
         parent = None if self.lost else self._parent
         if parent:
             with contextlib.suppress(Exception):

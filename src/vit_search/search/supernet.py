@@ -15,6 +15,7 @@ the others wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
@@ -27,7 +28,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..checkpoints import check_writable
+from ..checkpoints import CheckpointNotWritten, check_writable, save_atomically
+from ..errors import UserError
 from ..log_lines import EpochLines, say, trial_line
 from ..model.cost import model_cost
 from ..model.elastic import set_subnet, subnet_state_dict
@@ -41,8 +43,8 @@ from .run import Infeasible, SearchResult, TrialRunner, check_constraints, check
 from .space import parse_space, to_params
 from .storage import check_file, check_server, check_url, study_lock
 from .study import (
-    PARENT_RUN, StudyHandle, _worker_dead, _worker_id, counted, objective_values, open_study, sample_spec,
-    storage_url_of, worker_loop,
+    PARENT_RUN, StopWorker, StudyHandle, WorkerReport, _worker_dead, _worker_id, counted, objective_values, open_study,
+    sample_spec, storage_url_of, worker_loop,
 )
 from .study_runs import StudyRuns, end_active_run
 from .supernet_space import SupernetSpace, describe_subnet
@@ -51,6 +53,7 @@ from .supernet_train import supernet_spec, train_supernet
 TRAINED = "vit_search:supernet_trained"
 OWNER = "vit_search:supernet_owner"
 LOGGED = "vit_search:subnets_logged"
+TRAINED_EPOCHS = "vit_search:supernet_epochs"  # the epochs phase 1 trained, set with TRAINED
 
 
 def _phase_spec(spec: Spec, study_name: str, n_trials: int) -> Spec:
@@ -130,7 +133,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
                 if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
                     # As for trials: never read again (a retry trains afresh under its own number).
                     shutil.rmtree(root / "finalists" / f"trial-{frozen.number}", ignore_errors=True)
-                    (root / "finalists" / f"inherited-{frozen.number}.pt").unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # a leftover, never read again: what is there stays
+                        inherited_file(root / "finalists", frozen.number).unlink(missing_ok=True)
 
             report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
                                  heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
@@ -152,6 +156,12 @@ def outcome_lines(spec: Spec, finals: optuna.Study, storage: str, interrupted: b
     study = optuna.load_study(study_name=f"{name}:subnets", storage=storage)
     scores = StudyHandle(study, study._storage, storage)
     lines = [] if _scores_said(spec, scores, said_lines) else [_scores_outcome(spec, scores)]
+    trained_epochs = StudyHandle(finals, finals._storage, storage).attr(TRAINED_EPOCHS)
+    asked_epochs = spec.search.supernet.epochs or spec.train.epochs
+    if trained_epochs is not None and trained_epochs != asked_epochs:  # phase 1 is over: it is not trained again
+        key = "search.supernet.epochs" if spec.search.supernet.epochs else "train.epochs"
+        lines.append(f"note: the study's supernet was trained {trained_epochs} epochs in phase 1, which is over; "
+                     f"{key} {asked_epochs} does not train it again (a new search.study_name would)")
     asked, trained = spec.search.supernet.finalists, len(finals.get_trials(deepcopy=False))
     if asked == 0:
         lines.append("finalists: 0, so no subnet is trained on its own; to train the best 3, run the same command "
@@ -177,6 +187,10 @@ def _scores_said(spec: Spec, scores: StudyHandle, lines: bool) -> bool:
 
 
 def _scores_outcome(spec: Spec, scores: StudyHandle) -> str:
+    n_subnets = spec.search.supernet.n_subnets
+    if not _phase2_done(scores, n_subnets):  # stopped before phase 2 ended: no table yet, and more to score
+        judged = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in scores.study.get_trials(deepcopy=False))
+        return f"subnets: {judged} of {n_subnets} scored so far in study '{scores.study.study_name}'"
     return scores_line(scores) + (" (their table: subnets.csv of the study's parent run)" if spec.tracking.enabled else "")
 
 
@@ -214,20 +228,32 @@ def _phase1(spec: Spec, space: SupernetSpace, handle: StudyHandle, runs: StudyRu
                 raise
             with study_lock(handle.url, handle.study.study_name):
                 handle.set_attr(TRAINED, str(path.resolve()))
+                handle.set_attr(TRAINED_EPOCHS, epochs)
             return path
         if stop.wait(2.0):  # another worker trains it (a worker on another host is trusted to finish)
             raise interruption("stopped while another worker trains the supernet")
 
 
 def load_supernet(spec: Spec, space: SupernetSpace, weights: Path) -> Any:
-    """The trained supernet, on this machine's device, in eval mode."""
+    """The trained supernet, on this machine's device, in eval mode; a file that is gone, damaged or of another
+    model is one line (CheckpointError, exit 2) naming it."""
+    from ..checkpoints import load_checkpoint
+    from ..errors import CheckpointMismatch
     from ..model.vit import build_vit
     from ..performance import cpu_only
 
     model = build_vit(supernet_spec(spec, space))
+    # Phase 1 is over (the study says so): deleting the file does not train it again, another study does.
+    afresh = "give the study a new search.study_name (or --storage) to train a new supernet"
     # Tensors only: the path comes from the study's storage, which other hosts can write.
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    state = load_checkpoint(weights, f"the study's supernet, trained in phase 1: put the file back, or {afresh}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # the space or the model changed since phase 1: other shapes or names
+        said = (str(err).splitlines() or [""])[1:2] or [""]
+        raise CheckpointMismatch(f"{weights}: the study's supernet was trained for another search.space or model "
+                                 f"({said[0].strip()[:160]})", f"run with the spec it was trained with, or {afresh}") \
+            from None
     device = "cuda" if torch.cuda.is_available() and not (spec.train.cpu or cpu_only()) else "cpu"
     return model.to(device).eval()
 
@@ -295,8 +321,10 @@ def _phase2_done(handle: StudyHandle, n: int) -> bool:
 def _phase2(spec: Spec, handle: StudyHandle, space: SupernetSpace, weights: Path, runs: StudyRuns,
             stop: threading.Event) -> Any:
     """Score subnets until the study has ``n_subnets`` of them, then wait for other workers' to end."""
-    scorer = SubnetScorer(spec, space, weights, stop)
     search = spec.search
+    if _phase2_done(handle, search.n_trials):  # nothing to score: the supernet need not be read (nor be there)
+        return WorkerReport(handle.study.study_name, handle.url)
+    scorer = SubnetScorer(spec, space, weights, stop)
     report = worker_loop(handle, search.n_trials, scorer.draw, scorer.run, timeout=search.timeout,
                          heartbeat=search.heartbeat_seconds, grace=search.grace_seconds, stop=stop)
     return report
@@ -368,6 +396,11 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
     return min(top, len(trials))
 
 
+def inherited_file(folder: Path, number: int) -> Path:
+    """Finalist ``number``'s start: its slice of the supernet's weights (``finalists_init: inherited``)."""
+    return folder / f"inherited-{number}.pt"
+
+
 class FinalistRunner(TrialRunner):
     """Phase 3's trials: the best scored subnets, enqueued once, trained as ordinary trials."""
 
@@ -375,6 +408,7 @@ class FinalistRunner(TrialRunner):
                  weights: Path, folder: Path, stop: threading.Event, lines: bool = False):
         super().__init__(spec, handle, runs, 1, stop, folder, lines)
         self.scores, self.space, self.weights = scores, space, weights
+        self._supernet: Any = None
 
     def enqueue_finalists(self) -> int:
         """Under the study's lock: queue the best scored subnets that are not finalists yet, until the study
@@ -403,11 +437,21 @@ class FinalistRunner(TrialRunner):
         """The finalist's spec; with ``finalists_init: inherited`` it starts from its slice of the supernet."""
         trial_spec, values = super().draw(trial)
         if self.spec.search.supernet.finalists_init == "inherited":
-            path = self.checkpoints / f"inherited-{trial.number}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            supernet = load_supernet(self.spec, self.space, self.weights).cpu()
-            torch.save({"model": subnet_state_dict(supernet, trial_spec.model),
-                        "model_spec": trial_spec.model.model_dump(by_alias=True)}, path)  # int layer keys
+            path = inherited_file(self.checkpoints, trial.number)
+            try:
+                if self._supernet is None:  # read once, for the worker's finalists: a few need not read it each
+                    self._supernet = load_supernet(self.spec, self.space, self.weights).cpu()
+            except UserError as err:  # gone or damaged since phase 1: every finalist would meet it
+                with self._failed_run(trial, trial_spec, values):
+                    raise StopWorker(f"{err} (trial {trial.number} is queued again)", exit_code=2) from None
+            try:
+                save_atomically(path, {"model": subnet_state_dict(self._supernet, trial_spec.model),
+                                       "model_spec": trial_spec.model.model_dump(by_alias=True)},  # int layer keys
+                                "the finalist's inherited weights")
+            except CheckpointNotWritten as err:  # every finalist would meet the full disk or the limit: none is lost
+                with self._failed_run(trial, trial_spec, values):
+                    raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") \
+                        from None
             raw = trial_spec.raw
             raw["model"]["init"] = {"from": "file", "path": str(path.resolve())}
             trial_spec = load_spec(raw, check_model=True)

@@ -111,7 +111,7 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
     from functools import partial
 
     from ..checkpoints import CHECKPOINT_FILE, FewerEpochsThanTrained
-    from ..errors import CheckpointMismatch
+    from ..errors import CheckpointMismatch, UnreadableCheckpoint
     from ..train import train
 
     draw = SubnetDraw(space, spec.seed, spec.search.supernet.random_subnets)
@@ -131,4 +131,8 @@ def train_supernet(spec: Spec, space: SupernetSpace, checkpoint_dir: Path, run_i
         # train's own advice is about `train --resume`, which a study's phase 1 always does; say its way out.
         raise CheckpointMismatch(f"the study's supernet, stopped in phase 1, cannot go on under this spec: "
                                  f"{err.what.removeprefix('--resume: ')}", way_out) from None
+    except UnreadableCheckpoint as err:  # `run` has no --resume to leave out: the checkpoint goes, or the study
+        raise UnreadableCheckpoint(f"the study's supernet, stopped in phase 1, cannot go on: {err.what}",
+                                   f"delete {checkpoint_dir} to train its supernet afresh, or give the study a new "
+                                   f"search.study_name") from None
     return checkpoint_dir / CHECKPOINT_FILE
