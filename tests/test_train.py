@@ -182,7 +182,7 @@ class NanHead:
         return Head(dim, num_classes)
 
 
-def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workdir, capsys):
+def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workdir, capsys, monkeypatch):
     from vit_search.cli import main
 
     raw = {**TINY, "tracking": {"experiment": "nan"}, "model": {**TINY["model"], "head": {"type": "test_nan_head"}}}
@@ -196,6 +196,10 @@ def test_nan_loss_stops_the_run_with_a_clear_error_and_a_failed_mlflow_run(workd
         "instead of fp16")
     (run, _) = mlflow.search_runs(experiment_names=["nan"], output_format="list")
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became nan")
+    # Under a launch every process finds the divergence together: the others say nothing (each said it).
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", str(workdir / "nan.yaml"), "--quiet"]) == 1
+    assert capsys.readouterr().err == ""
 
 
 @register("head", "test_counted_nan_head")

@@ -199,18 +199,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one spec (its search section is ignored) and log the run to MLflow."""
     from .log_lines import EpochLines, wanted
-    from .train import TrainingFailed, train
+    from .train import train
 
     spec = _load(args)
     _prepare_weights(spec)
     # With --resume and no checkpoint to continue, train() says so once nothing can refuse the run any more.
     lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
-    try:
-        result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
-                       progress=not args.quiet)
-    except TrainingFailed as err:  # diverged, or a checkpoint that could not be written
-        _say_error(err)
-        return 1
+    # Diverged, or a checkpoint that could not be written (TrainingFailed): main() says it, once under a launch.
+    result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
+                   progress=not args.quiet)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one report is enough
