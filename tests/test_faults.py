@@ -576,8 +576,36 @@ def test_a_full_disk_stops_train_with_one_line_and_leaves_no_temporary_file(work
     raw = {**TINY, "model": {**TINY["model"], "dim": 256, "depth": 2}}  # checkpoints of a few MB
     spec = write(workdir / "spec.yaml", raw)
     line = one_line(bounded_cli("train", str(spec), "--checkpoint-dir", str(tiny_disk), cwd=workdir), code=1)
-    assert f"no space left in {tiny_disk}" in line
+    # Another --checkpoint-dir, which it once offered, would resume nothing: the run goes on where its checkpoint is.
+    assert line == (f"error: no space left in {tiny_disk} for the epoch checkpoint; free some space, then run the same "
+                    f"command with --resume to go on from its last checkpoint")
     assert not list(tiny_disk.glob("*.tmp"))
+
+
+def test_a_checkpoint_folder_made_read_only_mid_run_is_one_line_and_the_run_resumes_once_it_is_writable(
+        workdir, tiny_disk):
+    import torch
+
+    spec = write(workdir / "spec.yaml", {**TINY, "train": {**TINY["train"], "epochs": 500}})
+    proc = subprocess.Popen([sys.executable, "-m", "vit_search", "train", str(spec), "--checkpoint-dir", str(tiny_disk),
+                             "--quiet"], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint, deadline = tiny_disk / "checkpoint.pt", time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)  # as a failing disk is remounted
+    _, err = proc.communicate(timeout=300)
+    # It was an internal error: removing the temporary file raised EROFS too, over the line that says what happened.
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write the epoch checkpoint {checkpoint}: Read-only file system; make {tiny_disk} writable "
+        f"again, then run the same command with --resume to go on from its last checkpoint")
+    saved = torch.load(checkpoint, weights_only=True)["epoch"]  # the last one written is whole
+    subprocess.run(["mount", "-o", "remount,rw", str(tiny_disk)], check=True)
+    result = bounded_cli("train", str(spec), "--checkpoint-dir", str(tiny_disk), "--resume",
+                         f"--set=train.epochs={saved + 2}", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == saved + 1
 
 
 @pytest.mark.slow
@@ -809,9 +837,9 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_its_trial_is_queu
                             capture_output=True, text=True, timeout=300, preexec_fn=capped)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: cannot write the checkpoint runs/capped/trial-0/checkpoint.pt: ") and (
-        f"files are limited to {limit:,} bytes here (ulimit -f); set train.checkpoint_dir (--checkpoint-dir) to a "
-        f"folder that takes it (trial 0 is queued again; then run the same command)") in line, line
+    assert line.startswith("error: cannot write the epoch checkpoint runs/capped/trial-0/checkpoint.pt: ") and (
+        f"files are limited to {limit:,} bytes here (ulimit -f); lift the limit (ulimit -f unlimited) (trial 0 is "
+        f"queued again; then run the same command)") in line, line
     assert not list((workdir / "runs" / "capped" / "trial-0").glob("*.tmp"))
 
     code, said = in_process("run", str(spec), "--quiet")

@@ -77,7 +77,12 @@ class TrainingFailed(RunFailed):
 
 class CheckpointNotWritten(TrainingFailed):
     """A checkpoint could not be written (a full disk, a file size limit, a folder gone or made read-only): no
-    fault of the run's, which a study queues again."""
+    fault of the run's, which a study queues again. ``what`` is what happened, ``in_place`` the mending that
+    keeps the checkpoint folder (the one a resumed run needs); ``fix`` may also point elsewhere."""
+
+    def __init__(self, what: str, fix: str, in_place: str) -> None:
+        super().__init__(f"{what}; {fix}")
+        self.what, self.in_place = what, in_place
 
 
 class CheckpointDiskFull(CheckpointNotWritten):
@@ -122,30 +127,54 @@ def save_atomically(path: Path, payload: dict[str, Any], what: str = "the epoch 
         torch.save(payload, tmp)
         tmp.replace(path)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("unexpected pos")
-        with contextlib.suppress(OSError):
+        failure = _write_failure(path, tmp, err, what)  # before the partial file goes: its size tells
+        with contextlib.suppress(OSError):  # (a read-only mount refuses even the unlink of a missing file)
             tmp.unlink(missing_ok=True)  # a half-written file helps no one, and fills the disk for the next
-        if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 64 * 2**20:
-            raise CheckpointDiskFull(f"no space left in {path.parent} for {what}; free some, or "
-                                     f"set train.checkpoint_dir (--checkpoint-dir) to a disk with room") from None
-        raise CheckpointNotWritten(f"cannot write {what} {path}: {_why_not_written(path.parent, err)}; "
-                                   f"set train.checkpoint_dir (--checkpoint-dir) to a folder that takes it") from None
+        raise failure from None
 
 
-def _why_not_written(folder: Path, err: BaseException) -> str:
-    """What stopped a write, in the system's words where torch's hide them ("unexpected pos 3038912 vs 3038800")."""
-    said = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
+def _write_failure(path: Path, tmp: Path, err: BaseException, what: str) -> CheckpointNotWritten:
+    """Why writing ``what`` to ``path`` (through ``tmp``) failed, in the system's words where torch's hide them
+    ("unexpected pos 3038912 vs 3038800"): a file size limit, a full disk, or the folder's own refusal."""
+    code, reason = getattr(err, "errno", None), getattr(err, "strerror", None)
+    if code is None:  # torch's RuntimeError: what the folder says to a write of our own
+        code, reason = _probe(path.parent)
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:  # a write past it fails with EFBIG, which torch reports as above
-        return f"{said}; files are limited to {limit:,} bytes here (ulimit -f)"
+    if code == errno.EFBIG or (limit != resource.RLIM_INFINITY and _size(tmp) >= limit):
+        return CheckpointNotWritten(f"cannot write {what} {path}: files are limited to {limit:,} bytes here (ulimit "
+                                    f"-f)", "lift the limit (ulimit -f unlimited)", "lift the limit (ulimit -f unlimited)")
+    if code == errno.ENOSPC or (code is None and _free(path.parent) < 2**20):  # a full disk leaves next to nothing
+        return CheckpointDiskFull(f"no space left in {path.parent} for {what}", "free some, or set train.checkpoint_dir "
+                                  "(--checkpoint-dir) to a disk with room", "free some space")
+    reason = reason or f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    return CheckpointNotWritten(f"cannot write {what} {path}: {reason}",
+                                "set train.checkpoint_dir (--checkpoint-dir) to a folder that takes it",
+                                f"make {path.parent} writable again")
+
+
+def _probe(folder: Path) -> tuple[int | None, str | None]:
+    """The error number and words of a write of one byte in ``folder`` (None, None: it took it)."""
     probe = folder / ".write-probe"
     try:
         probe.write_bytes(b"0")
         probe.unlink()
-    except OSError as refused:  # a folder made read-only, or gone, since the run started
-        return refused.strerror or said
-    return said
+    except OSError as refused:  # a folder made read-only, or gone, since the run started; or a full disk
+        return refused.errno, refused.strerror
+    return None, None
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
+
+
+def _free(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # the folder is gone: its disk's space says nothing
+        return 2**62
 
 
 def check_writable(folder: Path) -> None:

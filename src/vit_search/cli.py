@@ -198,6 +198,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one spec (its search section is ignored) and log the run to MLflow."""
+    from .checkpoints import CheckpointNotWritten
     from .log_lines import EpochLines, wanted
     from .train import train
 
@@ -205,9 +206,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     _prepare_weights(spec)
     # With --resume and no checkpoint to continue, train() says so once nothing can refuse the run any more.
     lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
-    # Diverged, or a checkpoint that could not be written (TrainingFailed): main() says it, once under a launch.
-    result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
-                   progress=not args.quiet)
+    # Diverged (TrainingFailed): main() says it, once under a launch.
+    try:
+        result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
+                       progress=not args.quiet)
+    except CheckpointNotWritten as err:  # the folder's last checkpoint is whole: mended there, the run goes on
+        raise type(err)(err.what, f"{err.in_place}, then run the same command with --resume to go on from its last "
+                                  f"checkpoint", err.in_place) from None
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one report is enough

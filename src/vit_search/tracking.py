@@ -316,9 +316,10 @@ def mark_run(folder: Path, run_id: str) -> None:
         try:
             client = mlflow.MlflowClient()
             if client.get_run(before).info.status == "RUNNING":
-                client.set_tag(before, "error", f"killed: its process ({pid}) ended without ending the run")
+                client.set_tag(before, "error", f"its process ({pid}) ended without ending the run (killed, or its tracking "
+                                                    f"server went away)")
                 client.set_terminated(before, "KILLED")
-                print(f"MLflow run {before}, left RUNNING in {folder} by a process that was killed, is now KILLED",
+                print(f"MLflow run {before}, left RUNNING in {folder} by a process that ended without ending it, is now KILLED",
                       file=sys.stderr, flush=True)
         except MlflowException:  # not in this store (another tracking URI then): not ours to end
             pass
