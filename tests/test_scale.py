@@ -416,7 +416,7 @@ def test_a_launched_study_goes_on_after_a_trial_that_diverges_and_stops_whole_wh
                             env=os.environ.copy(), capture_output=True, text=True, timeout=400)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
-    assert "cannot write the checkpoint" in errors[0] and "trial 2 is queued again" in errors[0]
+    assert "cannot write the epoch checkpoint" in errors[0] and "trial 2 is queued again" in errors[0]
     assert "Grad strides" not in result.stderr, result.stderr[-3000:]
     trials = optuna.load_study(study_name="launched-nan", storage=raw["search"]["storage"]).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING], \

@@ -419,6 +419,46 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
+def _launched(mark: str, rank: str) -> int | None:
+    """The pid of the launched process of rank ``rank`` whose environment holds ``mark`` (None: not yet started)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if mark.encode() in variables and f"LOCAL_RANK={rank}".encode() in variables:
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_launch_whose_other_process_is_killed_ends_in_one_line_and_leaves_no_run_running(workdir, sqlite_uri):
+    raw = {**TINY, "tracking": {"experiment": "peer"}, "train": {**TINY["train"], "epochs": 500}}
+    spec_path = write_yaml(workdir / "peer.yaml", raw)
+    mark = f"VIT_SEARCH_TEST_LAUNCH={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri, "OMP_NUM_THREADS": "1", mark.split("=")[0]: mark.split("=")[1]}
+    checkpoint = workdir / "runs" / "tiny" / "checkpoint.pt"
+    proc = subprocess.Popen(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() or _launched(mark, "1") is None:  # training on both
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(_launched(mark, "1"), signal.SIGKILL)  # the OOM killer's way
+    err = proc.communicate(timeout=300)[1]
+    (run,) = mlflow.search_runs(experiment_names=["peer"], output_format="list")
+    # It was left RUNNING, tagged with gloo's text (a source path, a port, "GLHF!"), and the line said SIGTERM: the
+    # launcher's, sent to the main process as it ended the run.
+    assert run.info.status in ("FAILED", "KILLED") and "gloo" not in run.data.tags["error"], run.data.tags
+    said = [line for line in err.splitlines() if line.startswith(("error:", "terminated", "interrupted"))]
+    # Which comes first, the broken collective or the launcher's SIGTERM, is the scheduler's call: either is one line.
+    assert said in (["error: another process of the launch stopped (its connection to this one was lost); run the same "
+                     "command with --resume to go on"],
+                    ["terminated (SIGTERM); run the same command with --resume to go on"]), err[-3000:]
+    if said[0].startswith("error:"):
+        assert run.info.status == "FAILED" and run.data.tags["error"].startswith("LaunchBroken: another process")
+
+
 def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri):
     write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
     result = subprocess.run(two_process_launch("-m", "vit_search", "train", "bad.yaml"), cwd=workdir,

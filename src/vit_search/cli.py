@@ -807,6 +807,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         if args.command == "ui":  # stopping is how a UI ends, its server started or not
             return 0
+        if isinstance(err.__context__, RunFailed):  # the stop came as it failed (a launcher stops the others of a
+            _say_error(err.__context__)  # launch once one died): what happened is the failure
+            _leave_process_group(together=False)
+            return 1
         if not _repeats_the_main_process() and jobs_worker() is None:  # a --jobs command says it once, for all
             again = {"run": "; run the same command to go on",
                      "train": "; run the same command with --resume to go on"}.get(args.command, "")

@@ -535,15 +535,20 @@ class Tracker:
         """End the run on an error (tagged ``error`` unless None) without hiding that error under MLflow's own."""
         import mlflow
 
-        try:
-            if error is not None:
-                mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
-        except Exception:
-            pass  # the error being raised says more; a study reconciles the run's state later
-        try:
-            mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
-        except Exception:
-            pass
+        from .stopping import signals_held
+
+        # Whole, or a launcher's SIGTERM (sent as soon as another process of the launch died) left the run RUNNING
+        # with the tag half-said; the held signal is delivered as the block ends.
+        with signals_held():
+            try:
+                if error is not None:
+                    mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
+            except Exception:
+                pass  # the error being raised says more; a study reconciles the run's state later
+            try:
+                mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
+            except Exception:
+                pass
 
     def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None,
                   trainable: int | None = None) -> None:

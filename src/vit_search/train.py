@@ -64,6 +64,40 @@ class TrainingOutOfMemory(TrainingFailed):
     """An allocation failed: the model, its optimizer state or a batch does not fit the device."""
 
 
+class LaunchBroken(TrainingFailed):
+    """Another process of the ``accelerate launch`` went away mid-run (killed, out of memory): no collective of
+    this one can finish. ``what`` says so without the way on, which a study's and a run's differ in."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}; {fix}")
+        self.what = what
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process of the launch went away."""
+    import torch.distributed
+
+    if isinstance(err, LaunchBroken):
+        return True
+    text = str(err)
+    return isinstance(err, getattr(torch.distributed, "DistBackendError", ())) or (
+        isinstance(err, RuntimeError) and any(word in text for word in (
+            "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")))
+
+
+@contextlib.contextmanager
+def _peer_loss_in_one_line(num_processes: int) -> Iterator[None]:
+    """A collective broken by a lost peer, raised as LaunchBroken (the backend's text: a source path, a port,
+    "GLHF"), so that the run's error tag and the line say what happened."""
+    try:
+        yield
+    except Exception as err:
+        if num_processes > 1 and not isinstance(err, LaunchBroken) and peer_lost(err):
+            raise LaunchBroken("another process of the launch stopped (its connection to this one was lost)",
+                               "run the same command with --resume to go on") from err
+        raise
+
+
 @contextlib.contextmanager
 def _out_of_memory_in_one_line(device: torch.device) -> Iterator[None]:
     """A failed allocation (the GPU's memory, or the host's) ends the run in one line, with what to
@@ -381,6 +415,7 @@ def _train(spec: Spec, clock: RunSeconds, *, on_epoch: EpochCallback | None, res
     with contextlib.ExitStack() as tracked:
         _on_main_then_together(accelerator, lambda: tracked.enter_context(tracker.run(
             run_id=run_id, parent_run_id=parent_run_id, run_name=run_name, tags=tags)), "as it started the run")
+        tracked.enter_context(_peer_loss_in_one_line(accelerator.num_processes))  # said so before the run ends on it
         if on_run_start is not None and tracker.run_id is not None:
             on_run_start(tracker.run_id)
         if own_run and tracker.run_id is not None:  # a trial's runs are reconciled by its study

@@ -32,7 +32,7 @@ from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
-from ..train import train
+from ..train import LaunchBroken, peer_lost, train
 from .epoch_reports import reporter
 from .fixed import SHARED_VALUES, say_joining
 from .leaderboard import trial_run_name
@@ -159,7 +159,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
             try:
                 _share_trial(state.num_processes, None)  # the other processes may stop
             except Exception as err:
-                if not _peer_lost(err):
+                if not peer_lost(err):
                     raise
                 # One of them had stopped already (its trial's failure was said, and queued again): none waits.
     interrupted = any(r.interrupted for r in reports)
@@ -385,9 +385,10 @@ class TrialRunner:
                                  f"run the same command to resume") from err
             if isinstance(err, CheckpointNotWritten):  # every trial would meet the full disk or the limit: none is lost
                 raise StopWorker(f"{err} (trial {trial.number} is queued again; then run the same command)") from err
-            if self.num_processes > 1 and _peer_lost(err):  # the launch is broken: no trial can train in it
-                raise StopWorker(f"another process of the launch stopped ({(str(err).splitlines() or [''])[0][:200]}): "
-                                 f"trial {trial.number} is queued again; run the same command to resume") from err
+            if self.num_processes > 1 and peer_lost(err):  # the launch is broken: no trial can train in it
+                said = err.what if isinstance(err, LaunchBroken) else \
+                    f"another process of the launch stopped ({(str(err).splitlines() or [''])[0][:200]})"
+                raise StopWorker(f"{said}: trial {trial.number} is queued again; run the same command to resume") from err
             raise
 
     def _run(self, trial: optuna.Trial, drawn: tuple[Spec, dict[str, Any]]) -> list[float]:
@@ -452,7 +453,7 @@ def _follow_trials() -> SearchResult:
     process's alone (a plugin's error on one rank, memory on one device), while the main process waits for
     it in the step's collectives, which no signal interrupts: this process then says it in one line and
     ends, so that the launch's process group breaks at once, and the main process queues the trial again
-    (``_peer_lost``) rather than wait for ever.
+    (``peer_lost``) rather than wait for ever.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -477,16 +478,6 @@ def _follow_trials() -> SearchResult:
                         f"the trial again"), file=sys.stderr, flush=True)
             os._exit(1)
         train_seconds += time.perf_counter() - began
-
-
-def _peer_lost(err: BaseException) -> bool:
-    """Whether ``err`` is a collective that failed because another process of the launch went away."""
-    import torch.distributed
-
-    text = str(err)
-    return isinstance(err, getattr(torch.distributed, "DistBackendError", ())) or (
-        isinstance(err, RuntimeError) and any(word in text for word in (
-            "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")))
 
 
 class _ProgressBar:
