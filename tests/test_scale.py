@@ -499,3 +499,7 @@ def test_a_launched_study_trains_on_two_processes_reports_once_and_resumes_after
                 if "optuna.trial_number" in r.data.tags]
     assert len(children) == 3 and {r.data.tags["num_processes"] for r in children} == {"2"}
     assert sorted(r.info.status for r in children)[-1] == "KILLED"
+    from vit_search.search.fixed import LAUNCH
+
+    storage = optuna.storages.RDBStorage(study_raw("launched")["search"]["storage"])
+    assert storage.get_study_system_attrs(storage.get_study_id_from_name("launched"))[LAUNCH] == 2  # a worker's note

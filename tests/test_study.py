@@ -850,6 +850,30 @@ def test_the_joining_note_is_said_once_for_a_jobs_command_by_its_first_worker(mo
     assert capsys.readouterr().err.startswith("note: train.epochs 2 differs") is told
 
 
+def test_a_worker_on_another_number_of_processes_than_the_studys_first_trials_is_told_once(workdir, capsys,
+                                                                                            monkeypatch):
+    from vit_search.search.fixed import LAUNCH
+    from vit_search.search.study import open_study
+
+    spec = load_spec(study_raw("launch-size", n_trials=1))
+    run_search(spec, progress=False)
+    assert "note:" not in capsys.readouterr().err
+    handle = open_study(spec)
+    assert handle.attr(LAUNCH) == 1
+    # As a study begun under `accelerate launch` on 2 processes records it (test_scale launches one for real): a
+    # worker on one process trains at half the batch a step, which the leaderboard does not show. It was silent.
+    handle.set_attr(LAUNCH, 2)
+    spec.search.n_trials = 2
+    run_search(spec, progress=False)
+    assert ("note: this worker trains each trial on 1 process, study 'launch-size''s first trials on 2: a step takes "
+            "train.batch_size images on each, so its trials join the same leaderboard at another batch; set a new "
+            "search.study_name to keep them apart") in capsys.readouterr().err
+    monkeypatch.setenv("VIT_SEARCH_WORKER", "1")  # a --jobs worker but the first: its first worker says it
+    spec.search.n_trials = 3
+    run_search(spec, progress=False)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_worker_under_other_shared_values_is_told_and_best_exports_the_best_trial_as_it_was_trained(workdir, capsys):
     from vit_search.cli import main
     from vit_search.search.fixed import SHARED_VALUES

@@ -67,6 +67,28 @@ def say_joining(differs: dict[str, Any], stored: dict[str, Any], study: str) -> 
           f"search.study_name to keep them apart", file=sys.stderr)
 
 
+LAUNCH = "vit_search:num_processes"  # the processes a study's first trials each trained on (a study attribute)
+
+
+def check_launch(handle: Any, num_processes: int) -> None:
+    """Record how many processes the study's trials train on (``accelerate launch``: each takes a batch of
+    ``train.batch_size``, so a step's batch is theirs together); where this worker's differ from the study's
+    first, say so, once, as :func:`say_joining` does: its trials join the leaderboard at another batch. Call
+    under the study's lock."""
+    first = handle.attr(LAUNCH)
+    if first is None:
+        handle.set_attr(LAUNCH, num_processes)
+    elif first != num_processes and os.environ.get("VIT_SEARCH_WORKER", "0") == "0":
+        print(f"note: this worker trains each trial on {_processes(num_processes)}, study "
+              f"'{handle.study.study_name}''s first trials on {first}: a step takes train.batch_size images on each, "
+              f"so its trials join the same leaderboard at another batch; set a new search.study_name to keep them "
+              f"apart", file=sys.stderr)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + ("" if count == 1 else "es")
+
+
 def trained_with(spec: Spec, stored: dict[str, Any] | None, trial: FrozenTrial) -> dict[str, Any]:
     """The shared values ``trial`` was trained with where ``spec`` gives others (``stored``: the study's
     recorded ones): what ``best`` must be given with ``--set`` to export it."""

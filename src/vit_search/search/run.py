@@ -34,7 +34,7 @@ from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
 from ..train import LaunchBroken, peer_lost, train
 from .epoch_reports import reporter
-from .fixed import SHARED_VALUES, say_joining
+from .fixed import SHARED_VALUES, check_launch, say_joining
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import (
@@ -110,6 +110,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
     with study_lock(url, search.study_name or spec.name):
         handle = open_study(spec, url)
         runs = StudyRuns(spec, handle)
+        check_launch(handle, state.num_processes)
     if handle.differs:
         say_joining(handle.differs, handle.attr(SHARED_VALUES), handle.study.study_name)
     bar = _ProgressBar(search.n_trials, not isinstance(search.metric, str), enabled=progress and sys.stderr.isatty(),
