@@ -138,6 +138,14 @@ def test_a_trial_run_name_shows_block_types_under_the_block_and_floats_to_3_digi
     assert name == "trial 7 · depth 6 · pooling cls · lr 0.00314" + ending
 
 
+def test_a_trial_run_name_tells_apart_keys_that_end_alike_by_their_layer():
+    from vit_search.search.leaderboard import trial_run_name
+
+    params = {"model.depth": 2, "model.layers.0.ffn.ratio": 2, "model.layers.1.ffn.ratio": 4, "model.dim": 16}
+    # It read "ratio 2 · ratio 4": which layer had which?
+    assert trial_run_name(0, params) == "trial 0 · depth 2 · layers.0.ffn.ratio 2 · layers.1.ffn.ratio 4 · dim 16"
+
+
 def test_the_top_table_of_a_multi_objective_study_is_sorted_by_its_first_objective():
     from vit_search.search.report import top_table
 

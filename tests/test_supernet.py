@@ -61,6 +61,8 @@ def test_validate_names_what_a_supernet_varies_and_its_largest_and_smallest_subn
     result = cli_here("validate", str(path))
     assert result.returncode == 0, result.stderr
     assert "supernet over model.depth, model.dim" in result.stdout
+    # 8 at depth 1, 16 at depth 2: layer 1's ratio is no value of a subnet without layer 1 (it said 32).
+    assert "(24 subnets)" in result.stdout
     assert "largest subnet: depth 2, dim 32, attention.heads 4, ffn.ratio 2" in result.stdout
     assert "smallest subnet: depth 1, dim 16, attention.heads 2, ffn.ratio 1" in result.stdout
 

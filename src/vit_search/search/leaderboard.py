@@ -10,7 +10,8 @@ the default start time.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections import Counter
+from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
 import optuna
@@ -33,6 +34,15 @@ def short_key(key: str) -> str:
     return parts[-2] if parts[-1] == "type" and len(parts) > 1 else parts[-1]
 
 
+def short_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Each key's :func:`short_key`, but where two would read alike (``model.layers.0.ffn.ratio`` and
+    ``model.layers.1.ffn.ratio``, both ``ratio``): those keep all but ``model.`` (``layers.0.ffn.ratio``)."""
+    keys = list(keys)
+    short = {key: short_key(key) for key in keys}
+    alike = Counter(short.values())
+    return {key: key.removeprefix("model.") if alike[name] > 1 else name for key, name in short.items()}
+
+
 def short_value(value: Any) -> str:
     """A value as a name or table shows it: floats to 3 significant digits, long text clipped."""
     text = f"{value:.3g}" if isinstance(value, float) else str(value)
@@ -41,7 +51,8 @@ def short_value(value: Any) -> str:
 
 def trial_run_name(number: int, params: Mapping[str, Any], score: str | None = None) -> str:
     """``trial 7 · depth 6 · heads 4 · val_accuracy 0.9861``: the trial's searched values, then its score."""
-    parts = [f"trial {number}", *(f"{short_key(k)} {short_value(v)}" for k, v in params.items())]
+    names = short_keys(params)
+    parts = [f"trial {number}", *(f"{names[k]} {short_value(v)}" for k, v in params.items())]
     return " · ".join(parts + ([score] if score else []))
 
 
@@ -71,7 +82,7 @@ def leaderboard(study: optuna.Study, metrics: list[str], experiment_id: str, lim
     keys = sorted({k for t in top for k in t.params})
     lines.append(f"Top {len(top)} trials:")
     lines.append("")
-    header = ["rank", "trial", *metrics, "test_accuracy", "parameters", *(short_key(k) for k in keys)]
+    header = ["rank", "trial", *metrics, "test_accuracy", "parameters", *short_keys(keys).values()]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, trial in enumerate(top, 1):
         run = trial.user_attrs.get("mlflow_run_id")

@@ -77,13 +77,22 @@ class SupernetSpace:
         return values
 
     def size(self) -> int | None:
-        """How many subnets the space holds (None: a continuous range); infeasible ones counted too."""
-        total = 1
-        for dim in self.dims:
-            n = dim.size()
-            if n is None:
-                return None
-            total *= n
+        """How many subnets the space holds (None: a continuous range); infeasible ones counted too. A layer's
+        values count only at the depths that have the layer (they are not drawn for a subnet without it)."""
+        sizes = [dim.size() for dim in self.dims]
+        if None in sizes:
+            return None
+        depth = next((dim for dim in self.dims if dim.path == ("model", "depth")), None)
+        depths = ([self.base.get("depth", 1)] if depth is None else list(depth.choices) if depth.kind == "choice"
+                  else list(range(int(depth.low), int(depth.high) + 1, int(depth.step or 1))))
+        total = 0
+        for subnet_depth in depths:
+            count = 1
+            for dim, size in zip(self.dims, sizes):
+                layer = int(dim.path[2]) if dim.path[1] == "layers" else None
+                if dim is not depth and (layer is None or layer < subnet_depth):
+                    count *= size
+            total += count
         return total
 
 
