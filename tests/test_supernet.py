@@ -373,6 +373,18 @@ def test_a_finished_scoring_phase_does_not_read_the_supernet_again_for_finalists
     assert result.stopped is None and [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
+def test_finalists_that_start_otherwise_than_the_studys_first_are_told_they_share_its_leaderboard(workdir, capsys):
+    raw = spec_raw("init-changed", n_subnets=3)
+    run_supernet_search(load_spec(raw), progress=False)
+    assert "note:" not in capsys.readouterr().err
+    raw["search"]["supernet"].update(finalists=2, finalists_init="inherited")  # it was accepted without a word
+    result = run_supernet_search(load_spec(raw), progress=False)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert ("note: search.supernet.finalists_init inherited differs from study 'init-changed', whose first finalists "
+            "started from scratch: this worker's finalists join the same leaderboard; set a new search.study_name to "
+            "keep them apart") in capsys.readouterr().err
+
+
 def test_after_a_stop_the_scores_line_counts_what_is_scored_so_far_and_more_supernet_epochs_get_a_note(workdir):
     from vit_search.search.supernet import outcome_lines
 

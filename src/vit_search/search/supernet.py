@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ TRAINED = "vit_search:supernet_trained"
 OWNER = "vit_search:supernet_owner"
 LOGGED = "vit_search:subnets_logged"
 TRAINED_EPOCHS = "vit_search:supernet_epochs"  # the epochs phase 1 trained, set with TRAINED
+FINALISTS_INIT = "vit_search:finalists_init"  # how the study's first finalists started
 
 
 def _phase_spec(spec: Spec, study_name: str, n_trials: int) -> Spec:
@@ -125,6 +128,7 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
             runner = FinalistRunner(finals_spec, finals, runs, scores, space, weights, root / "finalists", stop, lines)
             with study_lock(url, name):
                 target = runner.enqueue_finalists()
+                _check_finalists_init(finals, search.supernet.finalists_init)
 
             def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
                 if lines:
@@ -394,6 +398,18 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
             tracker.log_start(t.user_attrs.get("parameters", 0), t.user_attrs.get("flops", 0), "none")
             tracker.log_metrics({f"inherited_{k}": t.user_attrs[k] for k in ("val_accuracy", "val_loss")})
     return min(top, len(trials))
+
+
+def _check_finalists_init(finals: StudyHandle, init: str) -> None:
+    """Record how the study's finalists start; where this worker's start otherwise, say so (once, as for the
+    values every trial shares): its finalists join a leaderboard of finalists that started another way."""
+    first = finals.attr(FINALISTS_INIT)
+    if first is None:
+        finals.set_attr(FINALISTS_INIT, init)
+    elif first != init and os.environ.get("VIT_SEARCH_WORKER", "0") == "0":
+        print(f"note: search.supernet.finalists_init {init} differs from study '{finals.study.study_name}', whose "
+              f"first finalists started from {first}: this worker's finalists join the same leaderboard; set a new "
+              f"search.study_name to keep them apart", file=sys.stderr)
 
 
 def inherited_file(folder: Path, number: int) -> Path:
