@@ -4,6 +4,7 @@ servers that may not answer; and whether a download's host answers at all."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sqlite3
 from pathlib import Path
@@ -44,7 +45,32 @@ def in_memory_sqlite(url: str) -> bool:
     return database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory"
 
 
-def sqlite_problem(path: Path) -> str | None:
+SQLITE_TIMEOUT = 60.0
+"""How long a connection to a SQLite file (a study's storage, MLflow's store) waits for a lock another one
+holds, unless its URL says (``sqlite:///optuna.db?timeout=5``, in seconds): several local workers write one file."""
+
+
+@functools.lru_cache(maxsize=None)  # workers check before every trial's lock: parse once
+def sqlite_timeout(url: str) -> float:
+    """The seconds a SQLite URL's connections wait for a lock: the URL's ``timeout``, else SQLITE_TIMEOUT."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return float(make_url(url).query["timeout"])  # type: ignore[arg-type]
+    except Exception:  # none given, or not one number (SQLAlchemy refuses that one when it connects)
+        return SQLITE_TIMEOUT
+
+
+class SqliteLocked(Exception):
+    """A SQLite file whose lock another connection (another process, most often) held for all of ``waited``
+    seconds: a whole file, that the same command can use once the lock is let go."""
+
+    def __init__(self, path: Path, waited: float, said: str) -> None:
+        super().__init__(f"{path}: locked by another process (waited {waited:g} s; {said})")
+        self.path, self.waited, self.said = path, waited, said
+
+
+def sqlite_problem(path: Path, timeout: float = 60.0, raise_locked: bool = False) -> str | None:
     """Why an existing, non-empty file is no usable SQLite database (None: it is one, or absent or empty).
 
     Reads the header and the schema through a read-only connection: a garbage or truncated file is
@@ -52,20 +78,51 @@ def sqlite_problem(path: Path) -> str | None:
     would drop the locks that this process's connections hold on it (POSIX locks belong to the
     process), and in WAL mode another process could then take itself for the last user and reset
     the log under them, damaging the file.
+
+    A lock held by another connection is waited for, ``timeout`` seconds at most. One held all that time
+    (SQLite's "database is locked") is no damage: None, the file left to whoever opens it next, or
+    :class:`SqliteLocked` with ``raise_locked``, for a caller that says so at once rather than wait again.
     """
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
     except sqlite3.Error as err:
         return f"an unreadable SQLite database ({err})"
     try:
         connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as err:
+        if sqlite_busy(err):  # an OperationalError, itself a DatabaseError: the file is whole
+            if raise_locked:
+                raise SqliteLocked(path, timeout, str(err)) from None
+            return None
         return "not a SQLite database" if "file is not a database" in str(err) else f"a damaged SQLite database ({err})"
     finally:
         connection.close()
     return None
+
+
+def _sqlite_errors(err: BaseException) -> Iterator[sqlite3.Error]:
+    """The sqlite3 errors in ``err``'s chain (SQLAlchemy keeps the driver's as ``orig``)."""
+    for cause in error_chain(err):
+        for error in (cause, getattr(cause, "orig", None)):
+            if isinstance(error, sqlite3.Error):
+                yield error
+
+
+def sqlite_busy(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, is SQLite's "database is locked" (SQLITE_BUSY): another
+    connection held the file's lock for all of the connection's busy timeout."""
+    return any(getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY") or "database is locked" in str(error)
+               for error in _sqlite_errors(err))
+
+
+def sqlite_read_only(err: BaseException) -> str | None:
+    """SQLite's words when ``err``, or an error it was raised from, says the file cannot be written
+    ("attempt to write a readonly database": its permissions, ``chattr +i``, a read-only mount), else None."""
+    # Not SQLITE_READONLY_DBMOVED, in the same words: a file removed or replaced under an open connection.
+    return next((str(error) for error in _sqlite_errors(err) if getattr(error, "sqlite_errorname", "") !=
+                 "SQLITE_READONLY_DBMOVED" and "readonly database" in str(error)), None)
 
 
 def database_problem(url: str, timeout: float = 5.0) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import RunFailed
-from .files import disk_full, error_chain, in_memory_sqlite, sqlite_problem, symlink_loop
+from .files import SqliteLocked, disk_full, error_chain, in_memory_sqlite, sqlite_problem, sqlite_timeout, symlink_loop
 from .redaction import redact, redact_in, scrub
 from .schema import Spec
 from .sqlite_wal import use_wal
@@ -29,6 +29,11 @@ from .stopping import Terminated
 from .tracking_store import (  # noqa: F401  (the checks are this module's too)
     HTTP_RETRY_DEFAULTS, TrackingError, bound_http_retries, server_problem, source_store_problem,
 )
+
+class StoreLocked(RunFailed):
+    """A SQLite MLflow store that another process held locked for all of the wait: one line, exit 1 (the file is
+    whole, and the same command goes on once the lock is let go)."""
+
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
@@ -378,7 +383,7 @@ def check_store(spec: Spec) -> None:
         raise TrackingError(f"{problem}; {fix} (or point MLFLOW_TRACKING_URI at a store that answers), then run the "
                             f"command again")
     if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
         if symlink_loop(path):  # else MLflow retries opening it for minutes
             raise TrackingError(f"{path}: its symbolic links form a loop, not MLflow's store file; point the link at a "
                                 f"file, or set MLFLOW_TRACKING_URI to another store")
@@ -389,7 +394,12 @@ def check_store(spec: Spec) -> None:
         if in_the_way is not None:
             raise TrackingError(f"{path}: its folder cannot be made ({in_the_way} is a file); set MLFLOW_TRACKING_URI "
                                 f"to a store in a folder that can be written")
-        problem = sqlite_problem(path)
+        try:
+            problem = sqlite_problem(path, sqlite_timeout(uri), raise_locked=True)
+        except SqliteLocked as err:  # whole, and in use: moving it away would harm whoever holds it
+            raise StoreLocked(f"MLflow store {redact(uri)}: the file is locked by another process (waited "
+                              f"{err.waited:g} s); stop that process (or wait for it), then run the same command") \
+                from None
         if problem:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
                                 f"another store")
@@ -399,7 +409,7 @@ def check_store(spec: Spec) -> None:
     try:  # where MLflow refuses a store it has none for: an unknown scheme, its retired file store (a plain path)
         with _made_by_one(uri), _new_store_removed_on_failure(uri):
             if uri.startswith("sqlite:///"):
-                use_wal(Path(uri.removeprefix("sqlite:///")))
+                use_wal(path, sqlite_timeout(uri))
             mlflow.MlflowClient(tracking_uri=uri)  # makes a new SQLite store's tables
     except mlflow.exceptions.MlflowException as err:
         raise refused(err, uri) from None

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RunFailed, UserError
-from ..files import database_problem, disk_full, driver_said, in_memory_sqlite, sqlite_problem, symlink_loop
+from ..files import (
+    SqliteLocked, database_problem, disk_full, driver_said, in_memory_sqlite, sqlite_busy, sqlite_problem, sqlite_read_only,
+    sqlite_timeout, symlink_loop,
+)
 from ..redaction import redact, redact_in  # noqa: F401  (storage messages and tags use it from here too)
 from ..sqlite_wal import use_wal
 
@@ -50,6 +53,11 @@ class StudyMismatch(StorageError):
 
 class StorageLost(RunFailed):
     """The study's database stopped answering while a worker ran: one line, the CLI exits 1."""
+
+
+class StorageLocked(RunFailed):
+    """A SQLite storage file that another process held locked for all of the wait: one line, the CLI exits 1 (the
+    file is whole, and the same command goes on once the lock is let go)."""
 
 
 STORAGE_ENV = "VIT_SEARCH_STORAGE"
@@ -145,9 +153,10 @@ def open_storage(url: str) -> Any:
                 return optuna.storages.JournalStorage(JournalRedisBackend(url))
         engine_kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            use_wal(storage_file(url) or Path(url))  # check_url took only sqlite:/// files
+            timeout = sqlite_timeout(url)
+            use_wal(storage_file(url) or Path(url), timeout)  # check_url took only sqlite:/// files
             # Several local workers write one file: wait for the lock instead of failing at once.
-            engine_kwargs = {"connect_args": {"timeout": 60}}
+            engine_kwargs = {"connect_args": {"timeout": timeout}}
         else:
             engine_kwargs = {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -157,7 +166,7 @@ def open_storage(url: str) -> Any:
                            f"another --storage") from None
     except Exception as err:  # SQLAlchemy or Redis: a file that is not a database, a server that refuses us
         if type(err).__module__.startswith(("sqlalchemy", "redis")):
-            raise StorageError(_cannot_open(url, err)) from None
+            raise file_fault(url, err) or StorageError(_cannot_open(url, err)) from None
         raise
 
 
@@ -200,17 +209,42 @@ def check_server(url: str) -> None:
 _NO_SPACE = "storage '{url}': no space left on its disk; free space, or pass another --storage"
 
 
+def _locked(url: str) -> StorageLocked:
+    return StorageLocked(f"storage '{redact(url)}': the file is locked by another process (waited "
+                         f"{sqlite_timeout(url):g} s); stop that process (or wait for it), then run the same command")
+
+
+def file_fault(url: str, err: BaseException) -> StorageError | StorageLocked | None:
+    """The one line for ``err`` when it is a fault of the storage's file met while the study is opened or made
+    (None: another error): a full disk under it (StorageError), a lock another process held for all of the wait
+    (StorageLocked: run-time, exit 1), a SQLite file that cannot be written (StorageError: the user's to mend,
+    as a folder that takes no files is)."""
+    if disk_full(err):
+        return StorageError(_NO_SPACE.format(url=redact(url)))
+    if not url.startswith("sqlite"):
+        return None
+    if sqlite_busy(err):
+        return _locked(url)
+    read_only = sqlite_read_only(err)
+    if read_only:
+        return StorageError(f"storage '{redact(url)}': the file cannot be written ({read_only[:160]}); make it "
+                            f"writable (its permissions, chattr -i, a read-write mount), or pass another --storage")
+    return None
+
+
 @contextmanager
-def full_disk_said(url: str) -> Iterator[None]:
-    """A full disk under the storage's file, met while the study is opened or made: one line (StorageError)."""
+def file_faults_said(url: str) -> Iterator[None]:
+    """A fault of the storage's file met while the study is opened or made (see :func:`file_fault`): one line.
+    Optuna says each as "An exception is raised during the commit ... invalid data", its driver's error inside."""
     try:
         yield
-    except StorageError:
+    except (StorageError, StorageLocked):
         raise
     except Exception as err:
-        if not disk_full(err):
+        fault = file_fault(url, err)
+        if fault is None:
             raise
-        raise StorageError(_NO_SPACE.format(url=redact(url))) from None
+        raise fault from None
 
 
 def check_file(url: str) -> None:
@@ -244,7 +278,10 @@ def check_file(url: str) -> None:
                            f"pass a --storage in a folder that can be written") from None
     if not url.startswith("sqlite:///"):
         return
-    problem = sqlite_problem(path)
+    try:
+        problem = sqlite_problem(path, sqlite_timeout(url), raise_locked=True)
+    except SqliteLocked:  # whole, and in use: moving it away would harm whoever holds it
+        raise _locked(url) from None
     if problem:
         raise StorageError(f"{path}: {problem}, not an Optuna storage; move it away, or pass another --storage")
 

@@ -32,7 +32,7 @@ from .grid import Grid
 from .samplers import PRUNERS, SAMPLERS
 from .space import fill, parse_space, sample
 from .storage import (
-    STORAGE_ENV, StorageError, StorageLost, StudyMismatch, default_storage_url, full_disk_said, open_storage, redact,
+    STORAGE_ENV, StorageError, StorageLost, StudyMismatch, default_storage_url, file_faults_said, open_storage, redact,
     storage_file, study_lock,
 )
 
@@ -260,7 +260,8 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     ``differs`` holds the spec's shared values that differ from the study's (:mod:`.fixed`).
     Raises StudyMismatch when the stored study has other directions than the spec's, and
     StorageError for a storage URL that cannot be used, or (``create=False``) that holds no such
-    study: a mistyped storage then leaves nothing behind.
+    study: a mistyped storage then leaves nothing behind. A SQLite file that another process holds
+    locked past the wait is StorageLocked (exit 1), one that cannot be written StorageError.
     """
     search = spec.search
     assert search is not None
@@ -271,7 +272,7 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     path = storage_file(url)
     if not create and path is not None and (not path.exists() or path.stat().st_size == 0):
         raise StorageError(missing)  # an empty file holds no study, and must not become a database here
-    with full_disk_said(url):
+    with file_faults_said(url):
         storage = open_storage(url)
         stored = _stored_directions(storage, name)
     if stored is None and not create:
@@ -285,7 +286,7 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     sampler = make_sampler(spec)
     # Pruning needs one value per step: Optuna prunes single-objective studies only.
     pruner = make_pruner(search.pruner if len(directions) == 1 else "none", spec.train.epochs)
-    with full_disk_said(url):
+    with file_faults_said(url):
         study = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions,
             load_if_exists=True,
