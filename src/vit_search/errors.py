@@ -60,3 +60,13 @@ class UnreadableCheckpoint(CheckpointError):
 
 class RunFailed(RuntimeError):
     """A run or a study that cannot go on, for a reason one line says (exit code 1)."""
+
+
+class FileLocked(RunFailed):
+    """A SQLite file (a study's storage, MLflow's store) that another process held locked for all of the wait:
+    one line, exit 1 (the file is whole, and the same command goes on once the lock is let go). ``what`` names
+    the file's use and place (``storage 'sqlite:///optuna.db'``)."""
+
+    def __init__(self, what: str, waited: float) -> None:
+        super().__init__(f"{what}: the file is locked by another process (waited {waited:g} s); stop that process "
+                         f"(or wait for it), then run the same command")

@@ -70,7 +70,7 @@ class SqliteLocked(Exception):
         self.path, self.waited, self.said = path, waited, said
 
 
-def sqlite_problem(path: Path, timeout: float = 60.0, raise_locked: bool = False) -> str | None:
+def sqlite_problem(path: Path, timeout: float = SQLITE_TIMEOUT, raise_locked: bool = False) -> str | None:
     """Why an existing, non-empty file is no usable SQLite database (None: it is one, or absent or empty).
 
     Reads the header and the schema through a read-only connection: a garbage or truncated file is

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .errors import RunFailed
+from .errors import FileLocked, RunFailed
 from .files import SqliteLocked, disk_full, error_chain, in_memory_sqlite, sqlite_problem, sqlite_timeout, symlink_loop
 from .redaction import redact, redact_in, scrub
 from .schema import Spec
@@ -29,11 +29,6 @@ from .stopping import Terminated
 from .tracking_store import (  # noqa: F401  (the checks are this module's too)
     HTTP_RETRY_DEFAULTS, TrackingError, bound_http_retries, server_problem, source_store_problem,
 )
-
-class StoreLocked(RunFailed):
-    """A SQLite MLflow store that another process held locked for all of the wait: one line, exit 1 (the file is
-    whole, and the same command goes on once the lock is let go)."""
-
 
 MODEL_ARTIFACTS = "model"  # the folder of a run's weights and the spec that builds them
 STATE_DICT_FILE, SPEC_FILE = "state_dict.pt", "spec.yaml"
@@ -397,9 +392,7 @@ def check_store(spec: Spec) -> None:
         try:
             problem = sqlite_problem(path, sqlite_timeout(uri), raise_locked=True)
         except SqliteLocked as err:  # whole, and in use: moving it away would harm whoever holds it
-            raise StoreLocked(f"MLflow store {redact(uri)}: the file is locked by another process (waited "
-                              f"{err.waited:g} s); stop that process (or wait for it), then run the same command") \
-                from None
+            raise FileLocked(f"MLflow store {redact(uri)}", err.waited) from None
         if problem:
             raise TrackingError(f"{path}: {problem}, not MLflow's store; move it away, or set MLFLOW_TRACKING_URI to "
                                 f"another store")

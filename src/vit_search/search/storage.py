@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import RunFailed, UserError
+from ..errors import FileLocked, RunFailed, UserError
 from ..files import (
     SqliteLocked, database_problem, disk_full, driver_said, in_memory_sqlite, sqlite_busy, sqlite_problem, sqlite_read_only,
     sqlite_timeout, symlink_loop,
@@ -53,11 +53,6 @@ class StudyMismatch(StorageError):
 
 class StorageLost(RunFailed):
     """The study's database stopped answering while a worker ran: one line, the CLI exits 1."""
-
-
-class StorageLocked(RunFailed):
-    """A SQLite storage file that another process held locked for all of the wait: one line, the CLI exits 1 (the
-    file is whole, and the same command goes on once the lock is let go)."""
 
 
 STORAGE_ENV = "VIT_SEARCH_STORAGE"
@@ -209,15 +204,14 @@ def check_server(url: str) -> None:
 _NO_SPACE = "storage '{url}': no space left on its disk; free space, or pass another --storage"
 
 
-def _locked(url: str) -> StorageLocked:
-    return StorageLocked(f"storage '{redact(url)}': the file is locked by another process (waited "
-                         f"{sqlite_timeout(url):g} s); stop that process (or wait for it), then run the same command")
+def _locked(url: str) -> FileLocked:
+    return FileLocked(f"storage '{redact(url)}'", sqlite_timeout(url))
 
 
-def file_fault(url: str, err: BaseException) -> StorageError | StorageLocked | None:
+def file_fault(url: str, err: BaseException) -> StorageError | FileLocked | None:
     """The one line for ``err`` when it is a fault of the storage's file met while the study is opened or made
     (None: another error): a full disk under it (StorageError), a lock another process held for all of the wait
-    (StorageLocked: run-time, exit 1), a SQLite file that cannot be written (StorageError: the user's to mend,
+    (FileLocked: run-time, exit 1), a SQLite file that cannot be written (StorageError: the user's to mend,
     as a folder that takes no files is)."""
     if disk_full(err):
         return StorageError(_NO_SPACE.format(url=redact(url)))
@@ -238,7 +232,7 @@ def file_faults_said(url: str) -> Iterator[None]:
     Optuna says each as "An exception is raised during the commit ... invalid data", its driver's error inside."""
     try:
         yield
-    except (StorageError, StorageLocked):
+    except (StorageError, FileLocked):
         raise
     except Exception as err:
         fault = file_fault(url, err)

@@ -261,7 +261,7 @@ def open_study(spec: Spec, storage_url: str | None = None, create: bool = True) 
     Raises StudyMismatch when the stored study has other directions than the spec's, and
     StorageError for a storage URL that cannot be used, or (``create=False``) that holds no such
     study: a mistyped storage then leaves nothing behind. A SQLite file that another process holds
-    locked past the wait is StorageLocked (exit 1), one that cannot be written StorageError.
+    locked past the wait is FileLocked (exit 1), one that cannot be written StorageError.
     """
     search = spec.search
     assert search is not None
