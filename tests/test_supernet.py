@@ -344,6 +344,18 @@ def test_a_damaged_supernet_or_an_unwritable_inherited_file_queues_the_finalist_
     assert result.stopped is None and sum(t.state == TrialState.COMPLETE for t in result.study.get_trials()) == 3
     assert _parent_run(result.study).info.status == "FINISHED"
 
+    # A space widened since phase 1, more subnets to score: the supernet on disk is another model's (it was a
+    # RuntimeError of torch's, exit 1).
+    from vit_search.errors import CheckpointMismatch
+
+    raw["search"]["supernet"]["n_subnets"] = 4
+    raw["search"]["space"]["model.dim"] = {"choice": [16, 64]}
+    with pytest.raises(CheckpointMismatch) as refused:
+        run_supernet_search(load_spec(raw), progress=False)
+    assert str(refused.value).startswith(
+        f"{weights}: the study's supernet was trained for another search.space or model (size mismatch for ")
+    assert "run with the spec it was trained with, or give the study a new search.study_name" in str(refused.value)
+
 
 def test_a_damaged_checkpoint_of_a_stopped_phase_1_names_the_way_out_of_a_study_and_ends_its_parent_run(workdir):
     from vit_search.errors import UnreadableCheckpoint
