@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from optuna.trial import FrozenTrial
 
@@ -73,16 +73,21 @@ LAUNCH = "vit_search:num_processes"  # the processes a study's first trials each
 def check_launch(handle: Any, num_processes: int) -> None:
     """Record how many processes the study's trials train on (``accelerate launch``: each takes a batch of
     ``train.batch_size``, so a step's batch is theirs together); where this worker's differ from the study's
-    first, say so, once, as :func:`say_joining` does: its trials join the leaderboard at another batch. Call
-    under the study's lock."""
-    first = handle.attr(LAUNCH)
+    first, say so: its trials join the leaderboard at another batch. Call under the study's lock."""
+    record_or_tell(handle, LAUNCH, num_processes, lambda first: (
+        f"note: this worker trains each trial on {_processes(num_processes)}, study '{handle.study.study_name}''s "
+        f"first trials on {first}: a step takes train.batch_size images on each, so its trials join the same "
+        f"leaderboard at another batch; set a new search.study_name to keep them apart"))
+
+
+def record_or_tell(handle: Any, key: str, value: Any, note: Callable[[Any], str]) -> None:
+    """Record ``value`` as the study attribute ``key`` where it has none; where it holds another, print
+    ``note(first)`` (stderr), once for a ``--jobs`` command, as :func:`say_joining` does. Call under the lock."""
+    first = handle.attr(key)
     if first is None:
-        handle.set_attr(LAUNCH, num_processes)
-    elif first != num_processes and os.environ.get("VIT_SEARCH_WORKER", "0") == "0":
-        print(f"note: this worker trains each trial on {_processes(num_processes)}, study "
-              f"'{handle.study.study_name}''s first trials on {first}: a step takes train.batch_size images on each, "
-              f"so its trials join the same leaderboard at another batch; set a new search.study_name to keep them "
-              f"apart", file=sys.stderr)
+        handle.set_attr(key, value)
+    elif first != value and os.environ.get("VIT_SEARCH_WORKER", "0") == "0":
+        print(note(first), file=sys.stderr)
 
 
 def _processes(count: int) -> str:

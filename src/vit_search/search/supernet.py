@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from ..schema import Spec
 from ..spec import SpecError, load_spec
 from ..stopping import interruption, requests_set
 from ..tracking import check_store
-from .fixed import SHARED_VALUES, say_joining
+from .fixed import SHARED_VALUES, record_or_tell, say_joining
 from .run import Infeasible, SearchResult, TrialRunner, check_constraints, checkpoint_root, storage_faults_in_one_line
 from .space import parse_space, to_params
 from .storage import check_file, check_server, check_url, study_lock
@@ -401,15 +399,12 @@ def _log_scores(handle: StudyHandle, spec: Spec, runs: StudyRuns, top: int) -> i
 
 
 def _check_finalists_init(finals: StudyHandle, init: str) -> None:
-    """Record how the study's finalists start; where this worker's start otherwise, say so (once, as for the
-    values every trial shares): its finalists join a leaderboard of finalists that started another way."""
-    first = finals.attr(FINALISTS_INIT)
-    if first is None:
-        finals.set_attr(FINALISTS_INIT, init)
-    elif first != init and os.environ.get("VIT_SEARCH_WORKER", "0") == "0":
-        print(f"note: search.supernet.finalists_init {init} differs from study '{finals.study.study_name}', whose "
-              f"first finalists started from {first}: this worker's finalists join the same leaderboard; set a new "
-              f"search.study_name to keep them apart", file=sys.stderr)
+    """Record how the study's finalists start; where this worker's start otherwise, say so (as for the values
+    every trial shares): its finalists join a leaderboard of finalists that started another way."""
+    record_or_tell(finals, FINALISTS_INIT, init, lambda first: (
+        f"note: search.supernet.finalists_init {init} differs from study '{finals.study.study_name}', whose first "
+        f"finalists started from {first}: this worker's finalists join the same leaderboard; set a new "
+        f"search.study_name to keep them apart"))
 
 
 def inherited_file(folder: Path, number: int) -> Path:
