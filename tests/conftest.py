@@ -227,6 +227,19 @@ def two_process_launch(*args: str) -> list[str]:
             "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
 
 
+def launched_pid(mark: str, rank: str) -> int | None:
+    """The pid of the launched process of local rank ``rank`` whose environment holds ``mark`` (``NAME=VALUE``, set
+    by the test for its launch alone); None while it has not started."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if mark.encode() in variables and f"LOCAL_RANK={rank}".encode() in variables:
+            return int(environ.parent.name)
+    return None
+
+
 def stopped_at_first_checkpoint(argv: list[str], checkpoint: Path, signum: int, cwd: Path, env: dict[str, str],
                                 wait_seconds: float = 120) -> subprocess.CompletedProcess:
     """``argv`` started, then sent ``signum`` once ``checkpoint`` is on disk (training under way); returns the

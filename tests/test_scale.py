@@ -27,7 +27,7 @@ from vit_search.search.study import WORKER, _worker_dead, _worker_id
 from vit_search.spec import load_spec
 from vit_search.train import train
 
-from conftest import trials_watch, two_process_launch
+from conftest import launched_pid, trials_watch, two_process_launch
 from test_study import STUDY, study_raw
 
 
@@ -464,6 +464,29 @@ def test_a_launched_trial_that_fails_on_one_other_process_alone_stops_in_bounded
     assert all("another process of the launch stopped" in e for e in errors[1:]), errors
     trials = optuna.load_study(study_name="rank1-fails", storage=raw["search"]["storage"]).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING], [t.user_attrs for t in trials]
+
+
+@pytest.mark.slow
+def test_a_launched_study_whose_main_process_is_killed_does_not_say_the_main_process_queues_its_trial(workdir):
+    spec_path = workdir / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(study_raw("main-killed", n_trials=1)))
+    mark = f"VIT_SEARCH_TEST_LAUNCH={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, mark.split("=")[0]: mark.split("=")[1]}
+    proc = subprocess.Popen(two_process_launch("-m", "vit_search", "run", str(spec_path), "--set", "train.epochs=300"),
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "runs" / "main-killed" / "trial-0" / "checkpoint.pt").exists():  # training on both
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(launched_pid(mark, "0"), signal.SIGKILL)
+    err = proc.communicate(timeout=300)[1]
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    # The other process met the broken collective and said the main process would queue the trial again (it was
+    # dead), or the launcher's SIGTERM came first and it said nothing: either way, no promise of a dead process.
+    assert said in ([], ["error: process 1 of the launch: another process of the launch stopped (its connection to "
+                         "this one was lost); run the same command to go on (its trial is queued again then)"]), err[-3000:]
+    trials = optuna.load_study(study_name="main-killed", storage=study_raw("main-killed")["search"]["storage"]).get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING]  # the next worker fails it as a dead worker's, and retries it
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from vit_search.spec import load_spec
 from vit_search.tracking import load_model
 from vit_search.train import TrainingDiverged, train
 
-from conftest import stopped_at_first_checkpoint, two_process_launch
+from conftest import launched_pid, stopped_at_first_checkpoint, two_process_launch
 
 TINY = {
     "name": "tiny",
@@ -419,18 +419,6 @@ def test_two_process_accelerate_launch_trains_data_parallel_logs_once_and_resume
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
-def _launched(mark: str, rank: str) -> int | None:
-    """The pid of the launched process of rank ``rank`` whose environment holds ``mark`` (None: not yet started)."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            variables = environ.read_bytes().split(b"\0")
-        except OSError:  # gone, or not ours
-            continue
-        if mark.encode() in variables and f"LOCAL_RANK={rank}".encode() in variables:
-            return int(environ.parent.name)
-    return None
-
-
 @pytest.mark.slow
 def test_a_launch_whose_other_process_is_killed_ends_in_one_line_and_leaves_no_run_running(workdir, sqlite_uri):
     raw = {**TINY, "tracking": {"experiment": "peer"}, "train": {**TINY["train"], "epochs": 500}}
@@ -441,10 +429,10 @@ def test_a_launch_whose_other_process_is_killed_ends_in_one_line_and_leaves_no_r
     proc = subprocess.Popen(two_process_launch("-m", "vit_search", "train", str(spec_path)), cwd=workdir, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() or _launched(mark, "1") is None:  # training on both
+    while not checkpoint.exists() or launched_pid(mark, "1") is None:  # training on both
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    os.kill(_launched(mark, "1"), signal.SIGKILL)  # the OOM killer's way
+    os.kill(launched_pid(mark, "1"), signal.SIGKILL)  # the OOM killer's way
     err = proc.communicate(timeout=300)[1]
     (run,) = mlflow.search_runs(experiment_names=["peer"], output_format="list")
     # It was left RUNNING, tagged with gloo's text (a source path, a port, "GLHF!"), and the line said SIGTERM: the

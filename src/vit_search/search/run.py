@@ -474,9 +474,12 @@ def _follow_trials() -> SearchResult:
             from ..redaction import scrub
 
             rank = os.environ.get("RANK", "?")
-            print(scrub(f"error: process {rank} of the launch: {type(err).__name__}: "
-                        f"{(str(err).strip().splitlines() or [''])[0][:300]}; it stops, and the main process queues "
-                        f"the trial again"), file=sys.stderr, flush=True)
+            if isinstance(err, LaunchBroken):  # the main process is gone (killed): the next worker queues it again
+                said = f"{err.what}; run the same command to go on (its trial is queued again then)"
+            else:
+                said = (f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}; it stops, and the "
+                        f"main process queues the trial again")
+            print(scrub(f"error: process {rank} of the launch: {said}"), file=sys.stderr, flush=True)
             os._exit(1)
         train_seconds += time.perf_counter() - began
 
