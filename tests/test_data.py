@@ -783,3 +783,45 @@ def test_a_split_that_leaves_no_image_names_its_key_not_scikit_learns_words():
                                  "set data.test_fraction so that both keep at least one image, or add images")
     with pytest.raises(DataError, match="that share of 1 image leaves one side with none"):  # not "1 images"
         stratified_split(np.zeros(1), 0.5, seed=0)
+
+
+def test_digits_and_their_splits_are_scikit_learns_to_the_index_without_importing_it():
+    # Importing sklearn.model_selection cost every process that read a data set 1.5-2 s; a split of our own must
+    # still be scikit-learn's, or a study resumed under this version would validate on other images.
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split as theirs
+
+    from vit_search.data.sources import _digits
+    from vit_search.data.splits import train_test_split as ours
+
+    images, labels = _digits()
+    digits = load_digits()
+    assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+    assert (images.dtype, labels.dtype) == (digits.images.dtype, digits.target.dtype)
+    rng = np.random.default_rng(0)
+    cases = [(digits.target, share, seed) for share in (0.1, 0.15, 0.2) for seed in (0, 1, 2**32 - 1)]
+    for _ in range(800):  # small sets, few or many classes, shares and counts, the sizes it refuses included
+        count, classes = int(rng.integers(0, 60)), int(rng.integers(1, 8))
+        size = float(rng.choice([0.05, 0.1, 0.25, 0.5, 0.95])) if rng.random() < 0.8 else int(rng.integers(-1, count + 2))
+        cases.append((rng.integers(0, classes, count), size, int(rng.integers(0, 2**32))))
+    for target, size, seed in cases:
+        index = np.arange(len(target))
+        for stratify in (target, None):
+            try:
+                expected = [np.sort(side) for side in theirs(index, test_size=size, stratify=stratify, random_state=seed)]
+            except ValueError:
+                with pytest.raises(ValueError):
+                    ours(index, size, seed, stratify=stratify)
+                continue
+            got = [np.sort(side) for side in ours(index, size, seed, stratify=stratify)]
+            assert all(np.array_equal(a, b) for a, b in zip(expected, got)), (len(target), size, seed)
+    # And no process of ours imports scikit-learn to read digits.
+    code = ("import sys; from vit_search.data.loading import load_data; from vit_search.spec import load_spec; "
+            "load_data(load_spec({'name': 'digits', 'data': {'dataset': 'digits', 'image_size': 8}, 'model': {'dim': 16, "
+            "'depth': 1, 'patch_embed': {'type': 'conv', 'patch_size': 4}, 'attention': {'type': 'sdpa', 'heads': 2}}}).data, "
+            "0); "
+            "print(sorted(m for m in sys.modules if m.startswith('sklearn')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -494,7 +494,6 @@ def _wait_for_the_command(args: argparse.Namespace) -> bool:
     the spec and makes the stores, then take its word (the storage, by environment, and the ``--set``
     overrides); False when it sent none (it refused the input, and said why)."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import sklearn.model_selection  # noqa: F401  (the data's splits)
     import torch
     import torch._dynamo  # noqa: F401  (the first backward imports it: 1-2 s)
 

@@ -2,9 +2,10 @@
 
 Each source reads its images and splits them train/val/test (seeded, stratified). In-memory
 sources return ``(images, labels)`` tensors per split; ``imagefolder`` returns a dataset of files
-and the indices of each split, decoded later (see :mod:`.loading`). torch, torchvision and
-scikit-learn are imported when a source is read, not when the table is: a spec validates without
-them. Adding a data set is an entry in ``DATASETS`` and its reader.
+and the indices of each split, decoded later (see :mod:`.loading`). torch and torchvision are
+imported when a source is read, not when the table is: a spec validates without them. scikit-learn
+is never imported: its digits file is read as it reads it, and its splits drawn as it draws them
+(:mod:`.splits`). Adding a data set is an entry in ``DATASETS`` and its reader.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import DataError
+from .splits import train_test_split
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -57,26 +59,23 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int,
                      key: str = "data.val_fraction") -> tuple[np.ndarray, np.ndarray]:
     """Sorted indices (kept, held out) with ``fraction`` (the spec's ``key``) held out, class shares kept;
     same seed, same split. The images of a class that has only one stay on the kept side."""
-    from sklearn.model_selection import train_test_split
-
     index = np.arange(len(labels))
     state = seed % 2**32
     inverse = np.unique(labels, return_inverse=True)[1].reshape(-1)
     single = np.bincount(inverse)[inverse] == 1 if len(labels) else np.zeros(0, dtype=bool)
     try:
         if not single.any():
-            kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=state)
+            kept, held = train_test_split(index, fraction, state, stratify=labels)
         else:
             # A class of one image cannot be on both sides, and would turn stratification off for every class:
             # it is kept, and the others are stratified, as many held out as the share of all of them says.
             held_count = math.ceil(fraction * len(labels))  # scikit-learn's count for a share
-            kept, held = train_test_split(index[~single], test_size=held_count, stratify=labels[~single],
-                                          random_state=state)
+            kept, held = train_test_split(index[~single], held_count, state, stratify=labels[~single])
             kept = np.concatenate([kept, index[single]])
     except ValueError:
         # Fewer held-out (or kept) slots than classes, or no class of two images: shuffle unstratified.
         try:
-            kept, held = train_test_split(index, test_size=fraction, random_state=state)
+            kept, held = train_test_split(index, fraction, state)
         except ValueError:  # scikit-learn's words are its own (test_size, train_size): said in the spec's
             raise DataError(f"{key} {fraction}: holding out that share of {_images(len(labels))} leaves one side "
                             f"with none; set {key} so that both keep at least one image, or add images") from None
@@ -108,14 +107,27 @@ def _three_way(labels: np.ndarray, spec: "DataSpec", seed: int) -> tuple[np.ndar
 def read_digits(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
     """scikit-learn's 8x8 digits (1,797 images, 17 grey levels), shipped with it: works offline."""
     import torch
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # 17 grey levels, 0..16
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
-    parts = _three_way(digits.target, spec, seed)
+    pixels, target = _digits()
+    images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16  # 17 grey levels, 0..16
+    labels = torch.as_tensor(target, dtype=torch.int64)
+    parts = _three_way(target, spec, seed)
     arrays = {name: (images[i], labels[i]) for name, i in zip(("train", "val", "test"), parts)}
     return arrays, [str(d) for d in range(10)]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8), labels) as ``sklearn.datasets.load_digits`` reads them, from the file scikit-learn
+    ships, without importing it (about 1.5 s: most of scikit-learn comes with ``sklearn.datasets``)."""
+    import gzip
+    from importlib.util import find_spec
+
+    found = find_spec("sklearn")  # where the package is, its code not run
+    if found is None or not found.submodule_search_locations:
+        raise DataError("data.dataset digits: scikit-learn, which ships it, is not installed; pip install scikit-learn")
+    with gzip.open(Path(found.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz", "rt") as rows:
+        table = np.loadtxt(rows, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 
 def read_synthetic(spec: "DataSpec", seed: int) -> tuple[Arrays, list[str]]:
