@@ -206,8 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _prepare_weights(spec)
     # With --resume and no checkpoint to continue, train() says so once nothing can refuse the run any more.
     lines = EpochLines(spec.name, spec.train.epochs) if wanted(args.quiet) else None
-    # Diverged (TrainingFailed): main() says it, once under a launch.
-    try:
+    try:  # diverged (TrainingFailed): main() says it, once under a launch
         result = train(spec, resume=args.resume, checkpoint_dir=args.checkpoint_dir, on_epoch=lines,
                        progress=not args.quiet)
     except CheckpointNotWritten as err:  # the folder's last checkpoint is whole: mended there, the run goes on
@@ -806,8 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         if args.command == "ui":  # stopping is how a UI ends, its server started or not
             return 0
-        if isinstance(err.__context__, RunFailed):  # the stop came as it failed (a launcher stops the others of a
-            _say_error(err.__context__)  # launch once one died): what happened is the failure
+        if type(err.__context__).__name__ == "LaunchBroken":  # the launcher's stop, sent to the others once one
+            _say_error(err.__context__)  # process died, came as this one failed on it: what happened is the death
             _leave_process_group(together=False)
             return 1
         if not _repeats_the_main_process() and jobs_worker() is None:  # a --jobs command says it once, for all
