@@ -411,24 +411,22 @@ def test_check_space_points_at_an_enqueued_key_outside_the_space(write_spec):
                         f"search.space; search.space is empty: add it there, or leave it out here"]
 
 
-def test_check_space_refuses_an_enqueued_yes_no_for_a_choice_of_numbers(write_spec):
+@pytest.mark.parametrize("other, enqueued, said", [
     # To Python, true is 1: it trained heads 1. A yes/no stays one where the choices are yes/no.
-    text = study_text("model.attention.heads: {choice: [1, 2, 4]}\nmodel.attention.qk_norm: {choice: [true, false]}\n",
-                      "enqueue:\n  - {model.attention.qk_norm: false}\n  - {model.attention.heads: true}\n")
-    path, problems = check(write_spec, text)
-    assert problems == [f"{path}:{line_of(text, 'heads: true')}: search.enqueue.1.model.attention.heads: True is a "
-                        f"yes/no value, not one of its choices (1, 2, 4); enqueue a value search.space."
-                        f"model.attention.heads can draw"]
-
-
-def test_check_space_refuses_an_enqueued_decimal_for_a_choice_of_integers(write_spec):
+    ("model.attention.qk_norm: {choice: [true, false]}", "{model.attention.qk_norm: false}",
+     "true: True is a yes/no value, not one of its choices (1, 2, 4)"),
     # 2.0 trained heads 2 while the spec said 2.0; a decimal for a choice of decimals stays accepted.
-    text = study_text("model.attention.heads: {choice: [1, 2, 4]}\ntrain.lr: {choice: [0.001, 0.01]}\n",
-                      "enqueue:\n  - {train.lr: 0.01}\n  - {model.attention.heads: 2.0}\n")
+    ("train.lr: {choice: [0.001, 0.01]}", "{train.lr: 0.01}",
+     "2.0: 2.0 is a decimal number; its choices are integers (1, 2, 4)"),
+], ids=["yes-no", "decimal"])
+def test_check_space_refuses_an_enqueued_value_of_another_kind_than_a_choice_of_integers(write_spec, other, enqueued,
+                                                                                        said):
+    value, reason = said.split(": ", 1)
+    text = study_text(f"model.attention.heads: {{choice: [1, 2, 4]}}\n{other}\n",
+                      f"enqueue:\n  - {enqueued}\n  - {{model.attention.heads: {value}}}\n")
     path, problems = check(write_spec, text)
-    assert problems == [f"{path}:{line_of(text, 'heads: 2.0')}: search.enqueue.1.model.attention.heads: 2.0 is a "
-                        f"decimal number; its choices are integers (1, 2, 4); enqueue a value search.space."
-                        f"model.attention.heads can draw"]
+    assert problems == [f"{path}:{line_of(text, f'heads: {value}')}: search.enqueue.1.model.attention.heads: {reason}; "
+                        f"enqueue a value search.space.model.attention.heads can draw"]
 
 
 def test_check_space_reports_malformed_entries_at_their_line_one_each(write_spec):
