@@ -447,6 +447,18 @@ def test_a_launch_whose_other_process_is_killed_ends_in_one_line_and_leaves_no_r
         assert run.info.status == "FAILED" and run.data.tags["error"].startswith("LaunchBroken: another process")
 
 
+def test_a_run_a_stop_left_active_at_exit_ends_killed_not_finished(workdir, sqlite_uri):
+    # MLflow's own exit hook ends an active run FINISHED: a launcher's SIGTERM that cut the recording of a run's
+    # error short left a run of 3 epochs out of 500 FINISHED.
+    # A run started as Tracker.run starts one (which registers the hook), never ended: as after such a cut.
+    code = ("import mlflow; from vit_search.tracking import _left_runs_killed_at_exit; "
+            "mlflow.set_experiment('left-active'); _left_runs_killed_at_exit(); mlflow.start_run()")
+    subprocess.run([sys.executable, "-c", code], cwd=workdir, check=True, timeout=120,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri})
+    (run,) = mlflow.search_runs(experiment_names=["left-active"], output_format="list")
+    assert run.info.status == "KILLED"
+
+
 def test_bad_input_under_accelerate_launch_is_said_once_before_anything_starts(workdir, sqlite_uri):
     write_yaml(workdir / "bad.yaml", {**TINY, "model": {**TINY["model"], "dim": 31}})
     result = subprocess.run(two_process_launch("-m", "vit_search", "train", "bad.yaml"), cwd=workdir,

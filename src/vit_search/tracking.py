@@ -6,6 +6,8 @@ the spec's ``tracking.uri`` names one and the environment does not. Only the mai
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import logging
@@ -25,7 +27,7 @@ from .files import SqliteLocked, disk_full, error_chain, in_memory_sqlite, sqlit
 from .redaction import redact, redact_in, scrub
 from .schema import Spec
 from .sqlite_wal import use_wal
-from .stopping import Terminated
+from .stopping import Terminated, signals_held
 from .tracking_store import (  # noqa: F401  (the checks are this module's too)
     HTTP_RETRY_DEFAULTS, TrackingError, bound_http_retries, server_problem, source_store_problem,
 )
@@ -473,6 +475,27 @@ def _git_commit(path: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+_EXIT_HOOK: list[bool] = []  # registered once per process
+
+
+def _left_runs_killed_at_exit() -> None:
+    """MLflow ends a run still active when the process exits FINISHED (its own exit hook): a run that a stop cut
+    short before it was ended would read as whole. Registered after MLflow's, this hook runs first (the last
+    registered runs first) and ends such a run KILLED."""
+    if _EXIT_HOOK:
+        return
+    _EXIT_HOOK.append(True)
+
+    def end_left_run_killed() -> None:
+        import mlflow
+
+        with contextlib.suppress(Exception):
+            while mlflow.active_run() is not None:
+                mlflow.end_run(status="KILLED")
+
+    atexit.register(end_left_run_killed)
+
+
 class Tracker:
     """One MLflow run's bookkeeping; every method is a no-op when tracking is off."""
 
@@ -512,22 +535,29 @@ class Tracker:
             if run_id is not None and "error" in active.data.tags:
                 # Resumed: why it stopped before (interrupted, a lost peer) no longer holds; a new stop tags it anew.
                 mlflow.MlflowClient().delete_tag(run_id, "error")
+            _left_runs_killed_at_exit()
             try:
                 yield self
             except KeyboardInterrupt as err:
-                if server_problem() is None:  # else MLflow's retries would hold up the stop; a resume sets it right
-                    # As a study's trial says it (search/study.py), so that either kind of run reads the same.
-                    self._end_quietly("KILLED", f"interrupted ({'SIGTERM' if isinstance(err, Terminated) else 'Ctrl-C'})")
+                # Whole, or a second stop (a launcher's SIGTERM once another process died) left the run active, for
+                # MLflow's exit hook to end FINISHED; a held signal is delivered as the block ends.
+                with signals_held():
+                    if server_problem() is None:  # else MLflow's retries would hold up the stop; a resume sets it right
+                        # As a study's trial says it (search/study.py), so that either kind of run reads the same.
+                        how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+                        self._end_quietly("KILLED", f"interrupted ({how})")
                 raise
             except BaseException as err:
-                lost = server_problem()
-                if lost is None:
-                    from optuna import TrialPruned
+                with signals_held():
+                    lost = server_problem()
+                    if lost is None:
+                        from optuna import TrialPruned
 
-                    if isinstance(err, TrialPruned):  # no error: the study tags it with its pruned_reason
-                        self._end_quietly("KILLED", None)
-                    else:
-                        self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
+                        if isinstance(err, TrialPruned):  # no error: the study tags it with its pruned_reason
+                            self._end_quietly("KILLED", None)
+                        else:
+                            self._end_quietly("FAILED", f"{type(err).__name__}: {err}"[:5000])
+                if lost is None:
                     raise
                 # Nothing more reaches the store: the run stays RUNNING there, and --resume continues it.
                 raise TrackingLost(lost, "start the server, then run the same command with --resume") from err
@@ -538,20 +568,15 @@ class Tracker:
         """End the run on an error (tagged ``error`` unless None) without hiding that error under MLflow's own."""
         import mlflow
 
-        from .stopping import signals_held
-
-        # Whole, or a launcher's SIGTERM (sent as soon as another process of the launch died) left the run RUNNING
-        # with the tag half-said; the held signal is delivered as the block ends.
-        with signals_held():
-            try:
-                if error is not None:
-                    mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
-            except Exception:
-                pass  # the error being raised says more; a study reconciles the run's state later
-            try:
-                mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
-            except Exception:
-                pass
+        try:
+            if error is not None:
+                mlflow.set_tag("error", scrub(error))  # a message repeating a URL: no password in the tag
+        except Exception:
+            pass  # the error being raised says more; a study reconciles the run's state later
+        try:
+            mlflow.end_run(status=status)  # leaves this process's run stack first, then tells the store
+        except Exception:
+            pass
 
     def log_start(self, parameters: int, flops: int, device: str, extra_tags: Mapping[str, str] | None = None,
                   trainable: int | None = None) -> None:
