@@ -40,22 +40,20 @@ class CheckpointError(UserError):
     """A checkpoint folder that cannot be written, or a checkpoint that cannot be resumed from."""
 
 
-class CheckpointMismatch(CheckpointError):
-    """A readable checkpoint that this spec cannot continue: another model, or other training values.
-    ``what`` is the mismatch alone, for a caller whose way out differs from ``fix``."""
+class _CheckpointProblem(CheckpointError):
+    """A checkpoint error said as ``what``; ``fix``: ``what`` alone kept for a caller whose way out differs."""
 
     def __init__(self, what: str, fix: str) -> None:
         super().__init__(f"{what}; {fix}")
         self.what = what
 
 
-class UnreadableCheckpoint(CheckpointError):
-    """A checkpoint file that is gone, damaged or not vit-search's. ``what`` is that alone, for a caller whose
-    way out differs from ``fix``."""
+class CheckpointMismatch(_CheckpointProblem):
+    """A readable checkpoint that this spec cannot continue: another model, or other training values."""
 
-    def __init__(self, what: str, fix: str) -> None:
-        super().__init__(f"{what}; {fix}")
-        self.what = what
+
+class UnreadableCheckpoint(_CheckpointProblem):
+    """A checkpoint file that is gone, damaged or not vit-search's."""
 
 
 class RunFailed(RuntimeError):
