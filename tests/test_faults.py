@@ -1253,6 +1253,45 @@ def test_a_tracking_servers_full_artifact_disk_mid_study_is_one_line_the_trial_i
         kill_group(server)
 
 
+def test_a_tracking_server_error_met_while_it_was_down_is_an_outage_though_it_answers_again(mlflow_server, monkeypatch):
+    # A server killed and back within an epoch: the trial's metrics, written meanwhile, failed with this error, and
+    # the health check made after it found the server up, so the trial failed for good as if its own fault.
+    from mlflow.exceptions import MlflowException
+
+    from conftest import free_port
+    from vit_search.tracking_store import store_fault
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as met:  # what MLflow raised while nothing answered on its port
+        MlflowClient(f"http://127.0.0.1:{free_port()}").get_experiment("0")
+    assert store_fault(met.value, mlflow_server) == (
+        f"MLflow tracking server {mlflow_server} did not answer for a while (ConnectionError; it may answer again now)",
+        "check that it stays up")
+    assert store_fault(ValueError("a trial's own error"), mlflow_server) is None
+
+
+def test_a_tracking_server_gone_as_a_study_makes_its_parent_run_is_one_line(mlflow_server, workdir, monkeypatch):
+    # It was MLflow's "API request to ... failed with exception HTTPConnectionPool(...)" as a fault of ours (exit 1).
+    import mlflow
+
+    from conftest import free_port
+    from vit_search.errors import RunFailed
+    from vit_search.search.study import open_study
+    from vit_search.search.study_runs import StudyRuns
+    from vit_search.spec import load_spec
+
+    spec = load_spec({**study_raw("parent-gone"), "tracking": {"uri": mlflow_server, "experiment": "parent-gone"}})
+    runs = StudyRuns(spec, open_study(spec))  # the store checked and the experiment made: then the server is gone
+    gone = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(gone)
+    runs.client = MlflowClient(gone)
+    with pytest.raises(RunFailed) as said:
+        runs.create_parent()
+    assert re.fullmatch(rf"MLflow tracking server {gone} does not answer \(.*\): the study's MLflow parent run was "
+                        rf"not made; start the server, then run the same command", str(said.value)), str(said.value)
+
+
 @pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_trial_is_one_line_the_trial_is_queued_and_a_rerun_agrees(workdir, tmp_path,
                                                                                                    in_process):

@@ -150,3 +150,74 @@ def test_an_mlflow_store_another_process_holds_locked_is_one_line_after_one_wait
     assert one_line(result, code=1) == (f"error: MLflow store {uri}: the file is locked by another process (waited "
                                         f"1 s); stop that process (or wait for it), then run the same command")
     assert took < 15 and not (tmp_path / "runs").exists()  # one wait, and nothing trained
+
+
+# Another process's writer lock on the file, held for argv[2] seconds (0: until killed), then let go.
+HOLD_FOR = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]) or 600)
+connection.execute("ROLLBACK")
+"""
+
+
+def locked_mid_trial(argv: list[str], path: Path, seconds: float, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``argv`` (a study of long trials) and hold ``path`` locked from its trial 0's second epoch, for
+    ``seconds`` (0: until the command ends); returns its exit code and its last stderr line."""
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env, "VIT_SEARCH_LOG_SECONDS": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:  # the epoch lines, one an epoch
+            if line.startswith("trial 0 epoch 2/"):
+                holder = subprocess.Popen([sys.executable, "-c", HOLD_FOR, str(path), str(seconds)],
+                                          stdout=subprocess.PIPE, text=True)
+                assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+                break
+        assert holder is not None, "the trial never reached its second epoch"
+        proc.stdout.read()
+        err = proc.stderr.read()
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        if holder is not None:
+            holder.kill()
+            holder.wait(timeout=30)
+    assert "Traceback" not in err, err[-2000:]
+    return code, (err.strip().splitlines() or [""])[-1]
+
+
+def test_a_study_file_locked_past_its_wait_mid_trial_stops_the_worker_with_the_trial_queued_again(stored):
+    # It was `trial 0 failed: ReportNotStored ... retried when the study resumes`, then the worker went on and
+    # the study ended (exit 0) with the trial FAILED for good: once the lock was let go, nothing retried it.
+    spec, path = stored
+    url = f"sqlite:///{path}?timeout=3"
+    argv = [sys.executable, "-m", "vit_search", "run", str(spec), "--storage", url, "--n-trials", "1",
+            "--set", "train.epochs=200"]
+    # Let go before the trial's failure waits out its own 3 s: its report failed, and the worker can write again.
+    code, line = locked_mid_trial(argv, path, 5, spec.parent, {})
+    assert code == 1 and line == (f"error: storage '{url}': the file is locked by another process (waited 3 s); stop "
+                                  f"that process (or wait for it), then run the same command (trial 0 is queued again)")
+    states = [t.state for t in optuna.load_study(study_name="held", storage=f"sqlite:///{path}").get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
+def test_an_mlflow_store_locked_mid_trial_stops_the_worker_with_the_trial_queued_again(tmp_path, monkeypatch):
+    # It was the trial failed for good with MLflow's SQL text as its error (exit 1 as a fault of ours, or the
+    # next trial met the same lock): the lock is the store's, which no trial gets past.
+    monkeypatch.chdir(tmp_path)
+    raw = {**study_raw("held", n_trials=1), "tracking": {"experiment": "held", "plots": False}}
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    store = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{store}?timeout=2"
+    argv = [sys.executable, "-m", "vit_search", "run", str(spec), "--set", "train.epochs=200"]
+    code, line = locked_mid_trial(argv, store, 0, tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert code == 1 and line == (f"error: MLflow store {uri}: the file is locked by another process (waited 2 s): "
+                                  f"trial 0 is queued again; stop that process (or wait for it), then run the same "
+                                  f"command to resume")
+    states = [t.state for t in optuna.load_study(study_name="held", storage=raw["search"]["storage"]).get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]

@@ -976,3 +976,19 @@ def test_best_prints_the_top_n_completed_trials_best_first(workdir, capsys):
     assert [line.split() for line in lines[3:5]] == [["1", "0.9000", "0.8900", "2,000", "2"],
                                                     ["3", "0.8000", "0.7900", "4,000", "4"]]
     assert len(lines) > 5 and "  depth: 2" in lines[5:]  # the best trial's spec follows the table
+
+
+def test_a_parent_run_a_start_left_unnamed_is_deleted_by_the_next_start_not_left_running(workdir):
+    # A start whose tracking server went away between making the parent run and naming it in the study left
+    # that run RUNNING for ever, beside the one the next start made (both named after the study).
+    from vit_search.search.study_runs import PENDING_TAG
+
+    raw = study_raw("orphan", n_trials=1)
+    client = MlflowClient()
+    experiment = client.create_experiment("orphan")
+    orphan = client.create_run(experiment, run_name="orphan", tags={
+        PENDING_TAG: "1", "optuna.study_name": "orphan", "optuna.storage": raw["search"]["storage"]}).info.run_id
+    run_search(load_spec(raw), progress=False)
+    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
+    (parent,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and PENDING_TAG not in parent.data.tags

@@ -81,6 +81,46 @@ def server_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
     return f"MLflow tracking server {redact(uri)} does not answer ({reason[:120]})"
 
 
+def store_fault(err: BaseException, uri: str | None = None) -> tuple[str, str] | None:
+    """What ``err`` says of the MLflow store at ``uri`` (default: the current one) that no trial could get
+    past, and what to do, even where the store answers again by now: its SQLite file held locked by another
+    process past its wait, or its tracking server not reached (refused, timed out; MLflow's retries spent).
+    None for any other error."""
+    from .files import sqlite_busy, sqlite_timeout
+
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    chain = list(_raised_from(err))
+    if uri.startswith("sqlite:") and sqlite_busy(err):
+        from mlflow.exceptions import MlflowException
+
+        if not any(isinstance(error, MlflowException) for error in chain):  # another SQLite file's (Optuna's storage)
+            return None
+        return (f"MLflow store {redact(uri)}: the file is locked by another process (waited {sqlite_timeout(uri):g} s)",
+                "stop that process (or wait for it)")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    for error in chain:  # MLflow raises its own error while handling requests' (the cause is its context)
+        if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return (f"MLflow tracking server {redact(uri)} did not answer for a while ({type(error).__name__}; it may "
+                    f"answer again now)", "check that it stays up")
+    return None
+
+
+def _raised_from(err: BaseException):
+    """``err`` and the errors it was raised from, or while handling, each once."""
+    seen: set[int] = set()
+    error: BaseException | None = err
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def source_store_problem(uri: str) -> str | None:
     """Why the MLflow store at ``uri`` cannot hold a run to read weights from, said as a sentence about it
     without the fix (None: it may): an in-memory database, a SQLite file that is not there (MLflow would

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from ..checkpoints import CheckpointNotWritten, check_writable
 from ..errors import RunFailed, UserError
+from ..files import sqlite_busy
 from ..log_lines import EpochLines, both, say, trial_line
 from ..model.cost import model_cost
 from ..performance import RunSeconds, cpu_only
@@ -33,13 +34,13 @@ from ..spec import SpecError, load_spec
 from ..stopping import TRIAL_SLOT, requests_set
 from ..tracking import TrackingDiskFull, check_store, full_disk_in_one_line
 from ..train import LaunchBroken, peer_lost, train
-from .epoch_reports import reporter
+from .epoch_reports import ReportNotStored, reporter
 from .fixed import SHARED_VALUES, check_launch, say_joining
 from .leaderboard import trial_run_name
 from .space import parse_space, to_params
 from .storage import (
-    StorageLost, check_file, check_server, check_url, disk_full, driver_said, redact, redact_in, storage_problem,
-    study_lock,
+    StorageLost, check_file, check_server, check_url, disk_full, driver_said, locked, redact, redact_in,
+    storage_problem, study_lock,
 )
 from .study import (
     StopWorker, StudyHandle, WorkerReport, counted, interrupt_own_trials, objective_values, open_study, sample_spec,
@@ -381,6 +382,8 @@ class TrialRunner:
                 raise  # it may follow from this trial's values: the study goes on
             raise StopWorker(f"{err} (trial {trial.number} is queued again)", exit_code=2) from err
         except Exception as err:
+            if isinstance(err, ReportNotStored) and sqlite_busy(err):  # held past its wait: every trial would wait so
+                raise StopWorker(f"{locked(self.handle.url)} (trial {trial.number} is queued again)") from err
             if self.runs.lost or self.runs.outage(err):  # MLflow can take no more: every trial would fail to log
                 raise StopWorker(f"{self.runs.lost}: trial {trial.number} is queued again; {self.runs.remedy}, then "
                                  f"run the same command to resume") from err

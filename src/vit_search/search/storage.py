@@ -204,7 +204,8 @@ def check_server(url: str) -> None:
 _NO_SPACE = "storage '{url}': no space left on its disk; free space, or pass another --storage"
 
 
-def _locked(url: str) -> FileLocked:
+def locked(url: str) -> FileLocked:
+    """The one line for the study's SQLite file held locked by another process past its wait."""
     return FileLocked(f"storage '{redact(url)}'", sqlite_timeout(url))
 
 
@@ -218,7 +219,7 @@ def file_fault(url: str, err: BaseException) -> StorageError | FileLocked | None
     if not url.startswith("sqlite"):
         return None
     if sqlite_busy(err):
-        return _locked(url)
+        return locked(url)
     read_only = sqlite_read_only(err)
     if read_only:
         return StorageError(f"storage '{redact(url)}': the file cannot be written ({read_only[:160]}); make it "
@@ -275,7 +276,7 @@ def check_file(url: str) -> None:
     try:
         problem = sqlite_problem(path, sqlite_timeout(url), raise_locked=True)
     except SqliteLocked:  # whole, and in use: moving it away would harm whoever holds it
-        raise _locked(url) from None
+        raise locked(url) from None
     if problem:
         raise StorageError(f"{path}: {problem}, not an Optuna storage; move it away, or pass another --storage")
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from ..redaction import scrub
 from ..schema import Spec
 from ..tracking import (Tracker, TrackingError, full_disk_in_one_line, mlflow_disk_full, run_lifecycle, use_experiment,
@@ -27,6 +27,7 @@ from .study import PARENT_RUN, StudyHandle
 
 STATE_TAG = "trial.state"
 ERROR_TAG = "error"  # why a run stopped: a trial's failure, or the study's storage lost
+PENDING_TAG = "vit_search.parent_pending"  # a parent run made, not yet the study's (create_parent)
 
 
 class StudyRuns:
@@ -52,14 +53,20 @@ class StudyRuns:
         self.remedy = "start the server"
 
     def outage(self, err: BaseException | None = None) -> str | None:
-        """Why MLflow can take nothing more now: ``err`` says its disk is full, or its tracking server
-        does not answer (None: it can, or the store is no server)."""
+        """Why MLflow can take nothing more now: ``err`` says its disk is full, its SQLite file locked, or
+        its tracking server not reached, or the server does not answer now (None: it can)."""
         if not self.enabled:
             return None
         from ..tracking import server_problem
+        from ..tracking_store import store_fault
 
         full = mlflow_disk_full(err) if err is not None else None
-        self.lost, self.remedy = (full, "free space") if full else (server_problem(), "start the server")
+        if full:
+            self.lost, self.remedy = full, "free space"
+        else:
+            self.lost, self.remedy = server_problem(), "start the server"
+        if self.lost is None and err is not None:  # locked past its wait; a server gone and back since the error
+            self.lost, self.remedy = store_fault(err) or (None, self.remedy)
         return self.lost
 
     @property
@@ -86,23 +93,33 @@ class StudyRuns:
         return {**self.study_tags(), "optuna.trial_number": str(number), "search.keys": ",".join(searched)}
 
     def create_parent(self) -> None:
-        """Make the study's parent run; once per study, under the study lock."""
+        """Make the study's parent run; once per study, under the study lock. A tracking server that goes away
+        meanwhile (or a locked store file) is one line; the run it left half made is deleted by the next start."""
         if not self.enabled:
             return
         name = self.handle.study.study_name
-        parent = self.client.create_run(self.experiment_id, run_name=name, tags={
-            **self.spec.tracking.tags, **self.study_tags(), "optuna.storage": redact(self.handle.url),
-            "mlflow.runName": name})
+        # Tagged until the study names it: a run that a start left so (its store went away before it could be
+        # named, or deleted) is not the study's, and the next start deletes it rather than leave it RUNNING.
+        pending = {PENDING_TAG: "1", "optuna.study_name": name, "optuna.storage": redact(self.handle.url)}
+        parent = None
         try:
+            for orphan in self.client.search_runs([self.experiment_id], filter_string=" and ".join(
+                    f"tags.`{key}` = {filter_value(value)}" for key, value in pending.items())):
+                self.client.delete_run(orphan.info.run_id)
+            parent = self.client.create_run(self.experiment_id, run_name=name, tags={
+                **self.spec.tracking.tags, **self.study_tags(), **pending, "mlflow.runName": name})
             self.client.log_text(parent.info.run_id, self.spec.to_yaml(), "study.yaml")
-        except BaseException:
-            # The study does not name this run yet, so the next start makes another: this one would
-            # stay RUNNING for ever beside it.
-            with contextlib.suppress(Exception):
-                self.client.delete_run(parent.info.run_id)
-            raise
-        self.handle.set_attr(PARENT_RUN, parent.info.run_id)
-        self._parent = parent.info.run_id
+            self.handle.set_attr(PARENT_RUN, parent.info.run_id)
+            self._parent = parent.info.run_id
+            self.client.delete_tag(parent.info.run_id, PENDING_TAG)
+        except Exception as err:
+            if parent is not None and self._parent is None:  # not the study's: gone now, or at the next start
+                with contextlib.suppress(Exception):
+                    self.client.delete_run(parent.info.run_id)
+            if not self.outage(err):
+                raise
+            raise RunFailed(f"{self.lost}: the study's MLflow parent run was not made; {self.remedy}, then run the "
+                            f"same command") from None
 
     def _check_parent(self) -> None:
         """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
