@@ -232,7 +232,10 @@ def test_a_supernet_study_under_jobs_with_packed_trials_is_refused_once_before_t
     assert not (workdir / "optuna.db").exists()
 
 
-def test_ctrl_c_in_phase_1_says_what_stops_and_how_to_go_on(workdir):
+@pytest.mark.parametrize("signum, code, how, then", [
+    (signal.SIGINT, 130, "Ctrl-C", "(Ctrl-C again to stop at once)"),
+    (signal.SIGTERM, 143, "SIGTERM", "(SIGKILL to stop at once)")], ids=["ctrl-c", "sigterm"])
+def test_a_stop_in_phase_1_says_what_stops_and_how_to_go_on(workdir, signum, code, how, then):
     path, storage = write(workdir, "stopped1", epochs=500)
     checkpoint = workdir / "runs" / "stopped1" / "supernet" / "checkpoint.pt"
     proc = start(path, workdir)
@@ -240,10 +243,11 @@ def test_ctrl_c_in_phase_1_says_what_stops_and_how_to_go_on(workdir):
     while not checkpoint.exists():  # phase 1 trains, epoch after epoch
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert err.strip().splitlines()[-2:] == [
-        "stopping (Ctrl-C): the supernet, a subnet being scored or a finalist in training ends after its current step "
-        "(Ctrl-C again to stop at once)",
-        "interrupted; run the same command to go on"], err[-3000:]
+        f"stopping ({how}): the supernet, a subnet being scored or a finalist in training ends after its current step "
+        f"{then}",
+        "interrupted; run the same command to go on" if signum == signal.SIGINT else
+        "terminated (SIGTERM); run the same command to go on"], err[-3000:]
