@@ -3,6 +3,8 @@ constraints, finalists and the export round trip, a plugin's elastic block; real
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import sys
@@ -284,8 +286,11 @@ def test_finalists_are_trained_in_full_whatever_pruner_the_spec_names(workdir):
     assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
-def test_a_failed_finalists_checkpoint_and_inherited_weights_are_removed_as_a_trials_are(workdir, monkeypatch):
+@pytest.mark.parametrize("second_stop", [False, True], ids=["failed", "second-ctrl-c-as-its-run-is-marked"])
+def test_a_failed_finalists_checkpoint_and_inherited_weights_are_removed_as_a_trials_are(workdir, monkeypatch,
+                                                                                          second_stop):
     import vit_search.search.run as run_module
+    from vit_search.search.study_runs import StudyRuns
 
     real_train = run_module.train
 
@@ -293,9 +298,16 @@ def test_a_failed_finalists_checkpoint_and_inherited_weights_are_removed_as_a_tr
         real_train(spec, **kwargs)
         raise RuntimeError("the finalist fails after training")
 
+    def cut_short(self, parent, frozen):  # a second Ctrl-C lands as the failed finalist's run is marked (it once
+        raise KeyboardInterrupt           # left its files on disk for good: its retry trains under another number)
+
     monkeypatch.setattr(run_module, "train", train_then_fail)
-    result = run_supernet_search(load_spec(spec_raw("failing", finalists_init="inherited", n_subnets=3)), progress=False)
-    (finalist,) = result.study.get_trials()
+    if second_stop:
+        monkeypatch.setattr(StudyRuns, "_record_trial_end", cut_short)
+    spec = load_spec(spec_raw("failing", finalists_init="inherited", n_subnets=3))
+    with pytest.raises(KeyboardInterrupt) if second_stop else contextlib.nullcontext():
+        run_supernet_search(spec, progress=False)
+    (finalist,) = optuna.load_study(study_name="failing", storage=spec.search.storage).get_trials()
     assert finalist.state == TrialState.FAIL and "the finalist fails" in finalist.user_attrs["error"]
     assert sorted(p.name for p in (workdir / "runs" / "failing" / "finalists").iterdir()) == []
 

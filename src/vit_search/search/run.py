@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -125,10 +124,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         bar.update(handle.study, frozen)
         if lines:
             say(trial_line(frozen, runs.metrics))
-        runs.record_trial_end(frozen)
-        if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
-            # Never read again (a retry trains afresh, under its own number): on a full disk, the space to go on.
-            shutil.rmtree(root / f"trial-{frozen.number}", ignore_errors=True)
+        runs.record_trial_end(frozen, leftovers=(root / f"trial-{frozen.number}",))
 
     # Filled in as each runner's loop goes: what a slot left behind mid-step (a second Ctrl-C) had done.
     so_far = {runner: WorkerReport(handle.study.study_name, url) for runner in runners}

@@ -15,10 +15,8 @@ the others wait for it.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -131,12 +129,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
             def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
                 if lines:
                     say(trial_line(frozen, runs.metrics))
-                runs.record_trial_end(frozen)
-                if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
-                    # As for trials: never read again (a retry trains afresh under its own number).
-                    shutil.rmtree(root / "finalists" / f"trial-{frozen.number}", ignore_errors=True)
-                    with contextlib.suppress(OSError):  # a leftover, never read again: what is there stays
-                        inherited_file(root / "finalists", frozen.number).unlink(missing_ok=True)
+                runs.record_trial_end(frozen, leftovers=(root / "finalists" / f"trial-{frozen.number}",
+                                                         inherited_file(root / "finalists", frozen.number)))
 
             report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
                                  heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
