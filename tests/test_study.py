@@ -992,3 +992,19 @@ def test_a_parent_run_a_start_left_unnamed_is_deleted_by_the_next_start_not_left
     assert client.get_run(orphan).info.lifecycle_stage == "deleted"
     (parent,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED" and PENDING_TAG not in parent.data.tags
+
+
+def test_a_stop_that_lands_while_a_trial_is_drawn_queues_it_again_rather_than_leave_it_running(workdir):
+    # A second Ctrl-C (which raises at once) met a supernet's phase 2 drawing its next subnet in 2 of 3 tries: the
+    # trial stayed RUNNING, to be failed as a dead worker's by the next start, one of its two retries spent.
+    from vit_search.search.study import RETRIED, open_study, worker_loop
+
+    handle = open_study(load_spec(study_raw("stopped-drawing", n_trials=1)))
+
+    def draw(trial):
+        raise KeyboardInterrupt
+
+    report = worker_loop(handle, 1, draw, lambda trial, drawn: [0.5], heartbeat=0.1)
+    trials = handle.study.get_trials()
+    assert report.interrupted and [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["error"] == "interrupted (Ctrl-C)" and trials[0].system_attrs.get(RETRIED)

@@ -432,8 +432,8 @@ def worker_loop(
                 handle.set_trial_attr(trial.number, HEARTBEAT, time.time())
                 try:
                     drawn = draw(trial)
-                except Exception as err:  # raised again below, where every trial's end is handled
-                    draw_error = err
+                except (Exception, KeyboardInterrupt) as err:  # raised again below, where every trial's end is
+                    draw_error = err  # handled: a second Ctrl-C here (a long draw) left the trial RUNNING, a retry spent
         if trial is None:
             # Trials in other processes end unannounced: look again soon (at a study's tail every idle
             # worker waits here; a 2 s poll cost each `--jobs` worker up to 2 s of the study's wall).
