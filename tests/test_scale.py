@@ -173,7 +173,7 @@ def test_interrupted_workers_exit_130_refusing_ones_2_and_only_dead_ones_exit_1(
     assert jobs_exit_code([-signal.SIGTERM, 130], interrupted=False) == (143, None)
     assert jobs_exit_code([2, 2], interrupted=False) == (2, None)  # each refused the input and said why
     assert jobs_exit_code([0, -9], interrupted=False) == (
-        1, "worker 1 exited -9 (its trials were failed and retried by the others)")
+        1, "worker 1 exited -9 (any trial it was training was failed and retried by the others)")
     assert jobs_exit_code([1, 1], interrupted=False) == (  # none went on to retry anything (a full disk, say)
         1, "worker 0 exited 1; worker 1 exited 1 (their trials are queued again: mend what each said, then run the "
            "same command)")

@@ -174,5 +174,5 @@ def jobs_exit_code(codes: list[int], interrupted: bool) -> tuple[int, str | None
     if failed and len(failed) == len(codes):  # none went on: what each was training waits for the next run
         return 1, "; ".join(failed) + " (their trials are queued again: mend what each said, then run the same command)"
     if failed:
-        return 1, "; ".join(failed) + " (its trials were failed and retried by the others)"
+        return 1, "; ".join(failed) + " (any trial it was training was failed and retried by the others)"
     return 0, None
