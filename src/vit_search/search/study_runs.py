@@ -105,7 +105,8 @@ class StudyRuns:
         parent = None
         try:
             for orphan in self.client.search_runs([self.experiment_id], filter_string=" and ".join(
-                    f"tags.`{key}` = {filter_value(value)}" for key, value in pending.items())):
+                    [f"tags.`{key}` = {filter_value(value)}" for key, value in pending.items()] +
+                    ["attributes.status = 'RUNNING'"])):
                 self.client.delete_run(orphan.info.run_id)
             parent = self.client.create_run(self.experiment_id, run_name=name, tags={
                 **self.spec.tracking.tags, **self.study_tags(), **pending, "mlflow.runName": name})
@@ -119,8 +120,9 @@ class StudyRuns:
                     self.client.delete_run(parent.info.run_id)
             if not self.outage(err):
                 raise
-            raise RunFailed(f"{self.lost}: the study's MLflow parent run was not made; {self.remedy}, then run the "
-                            f"same command") from None
+            made = "was not made" if self._parent is None else f"{self._parent} is not marked whole"
+            raise RunFailed(f"{self.lost}: the study's MLflow parent run {made}; {self.remedy}, then run the same "
+                            f"command") from None
 
     def _check_parent(self) -> None:
         """Refuse a study whose parent run this MLflow store does not hold (TrackingError): it was
