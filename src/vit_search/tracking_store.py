@@ -86,13 +86,13 @@ def store_fault(err: BaseException, uri: str | None = None) -> tuple[str, str] |
     past, and what to do, even where the store answers again by now: its SQLite file held locked by another
     process past its wait, or its tracking server not reached (refused, timed out; MLflow's retries spent).
     None for any other error."""
-    from .files import sqlite_busy, sqlite_timeout
+    from .files import error_chain, sqlite_busy, sqlite_timeout
 
     if uri is None:
         import mlflow
 
         uri = mlflow.get_tracking_uri()
-    chain = list(_raised_from(err))
+    chain = list(error_chain(err))
     if uri.startswith("sqlite:") and sqlite_busy(err):
         from mlflow.exceptions import MlflowException
 
@@ -109,16 +109,6 @@ def store_fault(err: BaseException, uri: str | None = None) -> tuple[str, str] |
             return (f"MLflow tracking server {redact(uri)} did not answer for a while ({type(error).__name__}; it may "
                     f"answer again now)", "check that it stays up")
     return None
-
-
-def _raised_from(err: BaseException):
-    """``err`` and the errors it was raised from, or while handling, each once."""
-    seen: set[int] = set()
-    error: BaseException | None = err
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def source_store_problem(uri: str) -> str | None:
