@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .files import database_problem, in_memory_sqlite, sqlite_problem, symlink_loop
+from .files import (
+    database_problem, error_chain, in_memory_sqlite, sqlite_busy, sqlite_problem, sqlite_timeout, symlink_loop,
+)
 from .redaction import redact, redact_in
 
 # MLflow retries an unreachable server for minutes per request by default (7 retries, backoff
@@ -86,8 +88,6 @@ def store_fault(err: BaseException, uri: str | None = None) -> tuple[str, str] |
     past, and what to do, even where the store answers again by now: its SQLite file held locked by another
     process past its wait, or its tracking server not reached (refused, timed out; MLflow's retries spent).
     None for any other error."""
-    from .files import error_chain, sqlite_busy, sqlite_timeout
-
     if uri is None:
         import mlflow
 
