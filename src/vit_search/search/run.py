@@ -124,7 +124,7 @@ def run_search(spec: Spec, storage: str | None = None, progress: bool = True, tr
         bar.update(handle.study, frozen)
         if lines:
             say(trial_line(frozen, runs.metrics))
-        runs.record_trial_end(frozen, leftovers=(root / f"trial-{frozen.number}",))
+        runs.record_trial_end(frozen, folder=root / f"trial-{frozen.number}")
 
     # Filled in as each runner's loop goes: what a slot left behind mid-step (a second Ctrl-C) had done.
     so_far = {runner: WorkerReport(handle.study.study_name, url) for runner in runners}

@@ -206,11 +206,11 @@ class StudyRuns:
             tracker.log_start(parameters, flops, "none")
         return tracker.run_id
 
-    def record_trial_end(self, frozen: FrozenTrial, leftovers: tuple[Path, ...] = ()) -> None:
+    def record_trial_end(self, frozen: FrozenTrial, folder: Path | None = None, files: tuple[Path, ...] = ()) -> None:
         """Mark a trial's run with its Optuna state (pruned runs end KILLED, dead workers' FAILED), and
         name it with its searched values and score. On a full MLflow disk, or a tracking server that stopped
         answering, this worker stops writing to MLflow (its next trial then stops it, in the one line that
-        says which) and a resumed study marks the run. ``leftovers``, the trial's files (folders or files), are
+        says which) and a resumed study marks the run. The trial's checkpoint ``folder`` and its ``files`` are
         removed when it failed or was pruned: never read again (a retry trains afresh under its own number),
         and on a full disk the space to go on; removed even when a second Ctrl-C cuts the marking short."""
         try:
@@ -224,12 +224,11 @@ class StudyRuns:
                     raise
         finally:
             if frozen.state in (TrialState.FAIL, TrialState.PRUNED):
-                for path in leftovers:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(OSError):  # what is there stays: nothing reads it
-                            path.unlink(missing_ok=True)
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                for path in files:
+                    with contextlib.suppress(OSError):  # not a file (a folder in its place): what is there stays
+                        path.unlink(missing_ok=True)
 
     def _record_trial_end(self, parent: str, frozen: FrozenTrial) -> None:
         runs = self.client.search_runs(

@@ -129,8 +129,8 @@ def run_supernet_search(spec: Spec, storage: str | None = None, progress: bool =
             def trial_end(frozen: optuna.trial.FrozenTrial) -> None:
                 if lines:
                     say(trial_line(frozen, runs.metrics))
-                runs.record_trial_end(frozen, leftovers=(root / "finalists" / f"trial-{frozen.number}",
-                                                         inherited_file(root / "finalists", frozen.number)))
+                runs.record_trial_end(frozen, folder=root / "finalists" / f"trial-{frozen.number}",
+                                      files=(inherited_file(root / "finalists", frozen.number),))
 
             report = worker_loop(finals, target, runner.draw, runner.run, timeout=search.timeout,
                                  heartbeat=search.heartbeat_seconds, grace=search.grace_seconds,
